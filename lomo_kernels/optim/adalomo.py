@@ -1,0 +1,92 @@
+"""``AdaLomo``: LOMO with Adafactor-style factored second moments and grouped update
+normalisation (Lv et al. 2023, "AdaLomo: Low-memory Optimization with Adaptive Learning Rate"),
+a drop-in replacement for ``lomo_optim.AdaLomo``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ._base import InBackwardOptimizer
+
+
+class AdaLomo(InBackwardOptimizer):
+    """AdaLomo, fused into the backward pass (SPEC.md).
+
+    Arguments, defaults and semantics as ``lomo_optim.AdaLomo`` 0.1.1:
+
+    model: an ``nn.Module`` (its trainable parameters) or an iterable of parameters / param groups.
+    lr: learning rate (default 1e-3), relative: scaled by ``max(eps[1], rms(p))``; read from
+        ``param_groups`` at every update.
+    loss_scale: static loss scale (default 2**10): the loss is multiplied by it, the gradient
+        divided. 0 or None: off.
+    eps: ``(eps1, eps2)`` = (1e-30, 1e-3): added to ``g*g``; the floor of the parameter RMS.
+    clip_threshold: grouped update normalisation threshold on ``rms(u)`` (default 1.0).
+    decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8).
+    clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before ``fused_backward``;
+        applied only once ``grad_norm`` has run, as in lomo-optim. Must be positive. None: off.
+    clip_grad_value: clamp every gradient element to ``[-v, v]``. None or <= 0: off.
+    weight_decay: decoupled weight decay, scaled by the relative step size (default 0).
+
+    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed`` as in ``Lomo``.
+
+    State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
+    ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
+    ``exp_avg_sq`` (0-d and 1-d parameters).
+    """
+
+    _name = "AdaLomo"
+    _op = "adalomo_update_"
+
+    def __init__(
+        self,
+        model,
+        lr=1e-3,
+        loss_scale=2**10,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        clip_grad_norm=None,
+        clip_grad_value=None,
+        weight_decay=0.0,
+        *,
+        backend="auto",
+        rounding="nearest",
+        seed=0,
+    ):
+        if loss_scale is not None and loss_scale < 0:
+            raise ValueError(f"AdaLomo: loss_scale must be >= 0, got {loss_scale}")
+        if len(eps) != 2 or eps[0] < 0 or eps[1] < 0:
+            raise ValueError(f"AdaLomo: eps must be a pair of non-negative floats, got {eps}")
+        if clip_threshold <= 0:
+            raise ValueError(f"AdaLomo: clip_threshold must be > 0, got {clip_threshold}")
+        self.loss_scale = loss_scale
+        defaults = dict(
+            lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
+            weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+        )
+        super().__init__(
+            model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
+            seed=seed,
+        )
+
+    def _loss_scale(self) -> float:
+        return float(self.loss_scale) if self.loss_scale else 1.0
+
+    def _update(self, p, g, group, state, seed) -> None:
+        if not state:
+            state["step"] = 0
+            for name, shape in ops.adalomo_state_shapes(p.shape).items():
+                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        t = state["step"]
+        eps1, eps2 = group["eps"]
+        cgv = group["clip_grad_value"]
+        self._impl(p.device)(
+            p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
+            state.get("exp_avg_sq"), self._clip_coef_on(p.device), self._device_flag(p.device),
+            float(group["lr"]), float(group["weight_decay"]), self._loss_scale(),
+            float(cgv) if cgv is not None and cgv > 0 else 0.0,
+            self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
+            float(group["clip_threshold"]), self.rounding, seed, t,
+        )

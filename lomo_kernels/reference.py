@@ -1,0 +1,240 @@
+"""Pure-PyTorch reference of every lomo_kernels op: the oracle every backend is tested against.
+
+It computes exactly what SPEC.md specifies, step by step in the order ``lomo-optim`` 0.1.1 uses,
+so that with ``rounding="nearest"`` it reproduces ``lomo_optim.Lomo`` / ``lomo_optim.AdaLomo``.
+It is readable, not fast: it allocates fp32 copies of the parameter and gradient (the very thing
+the fused kernels avoid).
+
+Host-side scalars (``1 - lr * weight_decay``, ``-lr``, ``beta``, ``1 - beta``) are computed in
+float64 from the Python arguments and rounded once to float32, as ``lomo-optim``'s Python code
+does; every backend follows that convention.
+
+Where this deviates from ``lomo-optim`` (and SPEC.md), on purpose:
+  * non-finite gradient elements never reach the parameter. LOMO leaves each element whose
+    gradient is NaN/Inf unchanged; AdaLomo leaves the whole parameter and its state unchanged
+    (its statistics would be poisoned). Either way ``found_inf`` (if given) is set to 1.
+    ``lomo-optim`` writes NaN into the parameter.
+  * parameters of more than two dimensions are factored over their last two dimensions (SPEC.md);
+    ``lomo-optim`` crashes on them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "lomo_update_",
+    "adalomo_update_",
+    "round_to_dtype",
+    "random_bits",
+    "rounding_key",
+    "mix32",
+]
+
+_M32 = 0xFFFFFFFF
+# lowbias32 multipliers (C. Wellons, "Prospecting for hash functions", 2018).
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic rounding: the counter-based hash, written out once.
+#
+#   mix32(x)      = lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
+#                   x ^= x >> 16                        (all arithmetic modulo 2**32)
+#   key           = mix32((seed mod 2**32) ^ mix32(step mod 2**32))            (host, per call)
+#   bits(i)       = mix32((i mod 2**32) ^ mix32((i >> 32) ^ key))      (i: flat element index)
+#
+# bf16:  r16 = bits >> 16; b = fp32 bit pattern of x; b = (b + r16) & 0xFFFF0000; the result is
+#        that bit pattern (exactly representable in bf16). NaN stays NaN (rounded to nearest).
+# fp16:  a = |x|; e = (bits(a) >> 23) - 127; k = max(e - 10, -24)  (the fp16 grid spacing 2**k);
+#        q = a * 2**-k (exact); f = floor(q); up = (bits >> 8) * 2**-24 < q - f (both exact);
+#        y = min((f + up) * 2**k, 65504) with the sign of x. |x| >= 65520 and NaN round to
+#        nearest (Inf), as `tensor.to` does: stochastic rounding never turns a value that rounds
+#        to a finite fp16 into Inf.
+# Both give E[y] = x (unbiased) and every backend computes them bit for bit the same.
+# ---------------------------------------------------------------------------------------------
+
+
+def mix32(x: int) -> int:
+    """lowbias32 on a Python int (host side)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _MUL1) & _M32
+    x ^= x >> 15
+    x = (x * _MUL2) & _M32
+    x ^= x >> 16
+    return x
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """Per-call key of the stochastic-rounding hash (host side, identical in every backend)."""
+    return mix32((seed & _M32) ^ mix32(step & _M32))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for int64 tensors holding values < 2**32, without int64 overflow:
+    # split c into 16-bit halves so every partial product stays below 2**48.
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL2)
+    return x ^ (x >> 16)
+
+
+def random_bits(numel: int, seed: int, step: int, device=None) -> torch.Tensor:
+    """The 32 random bits of every element index ``0 .. numel-1``, as int64 in [0, 2**32)."""
+    key = rounding_key(seed, step)
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    hi = _mix32_t((i >> 32) ^ key)
+    return _mix32_t((i & _M32) ^ hi)
+
+
+def _sr_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    b = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    b = (b + (bits >> 16)) & 0xFFFF0000
+    b = torch.where(b >= 2**31, b - 2**32, b).to(torch.int32)
+    y = b.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), y)
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    # 2**k as float32 built from its bit pattern (exact for -126 <= k <= 127).
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def _sr_fp16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    e = ((a.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.int64) - 127
+    k = torch.clamp(e - 10, min=-24, max=100)
+    q = a * _pow2(-k)
+    f = torch.floor(q)
+    r = (bits >> 8).to(torch.float32) * 2.0**-24
+    y = (f + (r < q - f).to(torch.float32)) * _pow2(k)
+    y = torch.clamp(y, max=65504.0).copysign(x)
+    nearest = x.to(torch.float16)
+    return torch.where(torch.isnan(x) | (a >= 65520.0), nearest, y.to(torch.float16))
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int, step: int):
+    """Round the fp32 tensor ``x`` to ``dtype`` (nearest-even, or stochastic: see above)."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "nearest" or dtype == torch.float32:
+        return x.to(dtype)
+    bits = random_bits(x.numel(), seed, step, x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        return _sr_bf16(x, bits)
+    if dtype == torch.float16:
+        return _sr_fp16(x, bits)
+    raise TypeError(f"stochastic rounding needs a float16 or bfloat16 target, got {dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared preprocessing (SPEC.md "Gradient preprocessing"), in lomo-optim's order.
+# ---------------------------------------------------------------------------------------------
+
+
+def _f32(v: float) -> float:
+    """Round a host float64 scalar to the nearest float32 (the value a kernel receives)."""
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def _preprocess(g, loss_scale, clip_grad_value, clip_coef):
+    g32 = g.to(torch.float32)
+    if loss_scale != 1.0:
+        g32 = g32 / _f32(loss_scale)
+    if clip_grad_value > 0:
+        g32 = g32.clamp(-_f32(clip_grad_value), _f32(clip_grad_value))
+    if clip_coef is not None:
+        g32 = g32 * clip_coef.to(torch.float32)
+    return g32
+
+
+def _mark_found_inf(found_inf, bad: torch.Tensor):
+    if found_inf is not None:
+        found_inf.copy_(torch.maximum(found_inf, bad.any().to(found_inf.dtype)).view_as(found_inf))
+
+
+# ---------------------------------------------------------------------------------------------
+# LOMO
+# ---------------------------------------------------------------------------------------------
+
+
+def lomo_update_(
+    param, grad, clip_coef, found_inf, lr, weight_decay, loss_scale, clip_grad_value,
+    rounding, seed, step,
+):
+    """p = p * (1 - lr * weight_decay) - lr * g, with g preprocessed (SPEC.md), in place."""
+    if param.numel() == 0:
+        return
+    g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
+    p32 = param.to(torch.float32)
+    new = p32
+    if weight_decay != 0.0:
+        new = new * _f32(1.0 - lr * weight_decay)
+    new = torch.add(new, g32, alpha=-lr)  # one fused multiply-add per element, as lomo-optim
+    out = round_to_dtype(new, param.dtype, rounding, seed, step)
+    finite = torch.isfinite(grad)
+    param.copy_(torch.where(finite, out, param))
+    _mark_found_inf(found_inf, ~finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLomo
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+
+
+def adalomo_update_(
+    param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf,
+    lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
+    rounding, seed, step,
+):
+    """One AdaLomo update of ``param`` in place (SPEC.md), with its second-moment state.
+
+    Factored (``param.dim() >= 2``): ``exp_avg_sq_row`` (shape ``param.shape[:-1]``) and
+    ``exp_avg_sq_col`` (shape ``param.shape[:-2] + param.shape[-1:]``), ``exp_avg_sq`` None.
+    Unfactored (``param.dim() <= 1``): ``exp_avg_sq`` (shape of ``param``), the others None.
+    All state is float32. ``beta`` is the host-computed ``1 - t ** decay``.
+    """
+    if param.numel() == 0:
+        return
+    g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
+    bad = ~torch.isfinite(grad)
+    ok = ~bad.any()
+    sq = g32 * g32 + _f32(eps1)
+    b, omb = _f32(beta), _f32(1.0 - beta)
+    if exp_avg_sq_row is not None:
+        row = torch.add(exp_avg_sq_row * b, sq.mean(dim=-1), alpha=omb)
+        col = torch.add(exp_avg_sq_col * b, sq.mean(dim=-2), alpha=omb)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        c_factor = col.unsqueeze(-2).rsqrt()
+        u = (r_factor * c_factor) * g32
+        exp_avg_sq_row.copy_(torch.where(ok, row, exp_avg_sq_row))
+        exp_avg_sq_col.copy_(torch.where(ok, col, exp_avg_sq_col))
+    else:
+        v = torch.add(exp_avg_sq * b, sq, alpha=omb)
+        u = v.rsqrt() * g32
+        exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
+    u = u / (_rms(u) / _f32(clip_threshold)).clamp(min=1.0)
+    p32 = param.to(torch.float32)
+    lr_t = _f32(lr) * _rms(p32).clamp(min=_f32(eps2))  # rms(p) before the update, on device
+    new = p32
+    if weight_decay != 0.0:
+        new = new * (1.0 - lr_t * _f32(weight_decay))
+    new = new - lr_t * u
+    out = round_to_dtype(new, param.dtype, rounding, seed, step)
+    param.copy_(torch.where(ok, out, param))
+    _mark_found_inf(found_inf, bad)
