@@ -66,8 +66,9 @@ class InBackwardOptimizer(Optimizer):
         self._mode = "update"
         self._in_fused = False
         self._skip_next = False
-        self._task_id = None  # graph task of the backward the hooks last saw
-        self._plain_backwards = 0  # plain loss.backward() updates since the last step()
+        self._active_tasks = set()  # autograd graph tasks running that our hooks have seen
+        self._token = 0  # the step number, advanced by step() and fused_backward()
+        self._stamp = {}  # param -> token of its last update (catches a second gradient)
         self._grad_norms = []
         self._found_inf = {}  # device -> 1-element float32 flag
         self._clip_coefs = {}  # device -> clip_coef on that device
@@ -132,60 +133,66 @@ class InBackwardOptimizer(Optimizer):
     # ------------------------------------------------------------------ the hook
     def _hook(self, p) -> None:
         tid = _current_task_id()
-        if tid != self._task_id:
-            self._begin_backward(tid)
+        if tid not in self._active_tasks:
+            self._begin_task(tid)
         g = p.grad
         p.grad = None
         if g is None or self._mode == "skip" or p.numel() == 0:
             return
         if self._mode == "norm":
             n = torch.linalg.vector_norm(g, dtype=torch.float32)
-            self._grad_norms.append(n / self._loss_scale() if self._loss_scale() != 1.0 else n)
+            s = self._loss_scale()
+            self._grad_norms.append(n / s if s != 1.0 else n)
             return
+        if self._stamp.get(p) == self._token:
+            raise RuntimeError(
+                f"{self._name}: parameter {self._pname(p)} received a second gradient before "
+                "optimizer.step(). The update happens inside backward and frees each gradient, so "
+                "gradient accumulation cannot work (set gradient_accumulation_steps=1): call "
+                "optimizer.step() (a no-op that marks the step boundary) after every "
+                "loss.backward(), or use fused_backward(loss, lr). (A weight shared between "
+                "reentrant checkpoint segments also gets its gradient in pieces: use "
+                "torch.utils.checkpoint(..., use_reentrant=False).)"
+            )
+        self._stamp[p] = self._token
         if not g.is_contiguous():
             g = g.contiguous()
         group = self.param_groups[self._where[p][0]]
         with torch.no_grad():
             self._update(p.data, g, group, self.state[p], self._param_seed(p))
 
-    def _begin_backward(self, tid) -> None:
-        """The first hook of a backward: the checks that must pass before anything changes."""
-        if self._mode == "update" and not self._in_fused:
-            if self._plain_backwards >= 1:
-                raise RuntimeError(
-                    f"{self._name}: a second backward before optimizer.step(). The update happens "
-                    "inside backward and frees each gradient, so gradient accumulation cannot work "
-                    "(set gradient_accumulation_steps=1). Call optimizer.step() (a no-op that marks "
-                    "the step boundary) after every loss.backward(), or use fused_backward(loss, lr)."
-                )
+    def _begin_task(self, tid) -> None:
+        """First hook of a graph task (a backward, or one nested in it by reentrant checkpointing):
+        the checks that must pass before anything changes, and the end-of-backward callback."""
+        if self._mode == "update":
             self._check_clip()
             self._check_before_update()
-        self._task_id = tid
-        if self._mode == "update":
-            for t in self._found_inf.values():
-                t.zero_()
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        self._active_tasks.add(tid)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_task(tid))
 
     def _check_before_update(self) -> None:
         for group in self.param_groups:
             if group["lr"] < 0:
                 raise ValueError(f"{self._name}: lr must be >= 0, got {group['lr']}")
 
-    def _end_backward(self) -> None:
-        if self._mode == "update" and not self._in_fused:
-            self._plain_backwards += 1
-            self._after_update()
+    def _end_task(self, tid) -> None:
+        self._active_tasks.discard(tid)
+        if not self._active_tasks and self._mode == "update" and not self._in_fused:
+            self._after_update()  # the end of a plain loss.backward()
 
     def _after_update(self) -> bool:
         """After an updating backward: one look at the device overflow flags. True if clean."""
-        found = any(bool(t.item()) for t in self._found_inf.values())
+        flags = [t for t in self._found_inf.values()]
+        found = any(bool(t.item()) for t in flags)
+        for t in flags:
+            t.zero_()
         if found:
             if self.loss_scaler is not None:
                 self.loss_scaler.update_scale(overflow=True)
             else:
                 warnings.warn(
                     f"{self._name}: NaN/Inf gradients in this backward; the affected values were "
-                    "left unchanged (see lomo_kernels docs, 'Non-finite gradients')",
+                    "left unchanged (see lomo_kernels README, 'Non-finite gradients')",
                     NonFiniteGradientWarning,
                     stacklevel=3,
                 )
@@ -218,9 +225,11 @@ class InBackwardOptimizer(Optimizer):
                 raise ValueError(f"{self._name}: lr must be >= 0, got {lr}")
             for group in self.param_groups:
                 group["lr"] = lr
-        self._check_clip()
-        self._check_before_update()
         skip, self._skip_next = self._skip_next, False
+        if not skip:
+            self._check_clip()
+            self._check_before_update()
+        self._token += 1
         self._mode = "skip" if skip else "update"
         self._in_fused = True
         try:
@@ -228,9 +237,10 @@ class InBackwardOptimizer(Optimizer):
         finally:
             self._in_fused = False
             self._mode = "update"
-        self._plain_backwards = 0
+            self._active_tasks.clear()
         if not skip:
             self._after_update()
+        self.step()  # marks the step boundary (and tells LR schedulers a step was taken)
 
     def _check_clip(self) -> None:
         """Lomo requires grad_norm() before an update when clip_grad_norm is set."""
@@ -252,6 +262,7 @@ class InBackwardOptimizer(Optimizer):
             self._scaled(loss).backward(retain_graph=True)
         finally:
             self._mode = "update"
+            self._active_tasks.clear()
         norms = self._grad_norms
         self._grad_norms = []
         if not norms:
@@ -282,7 +293,8 @@ class InBackwardOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._plain_backwards = 0
+        self._token += 1
+        self._active_tasks.clear()  # step() runs outside any backward
         return loss
 
     # ------------------------------------------------------------------ state

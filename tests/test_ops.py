@@ -1,0 +1,136 @@
+"""Op contracts: torch.library registration (opcheck), argument checks, backend resolution."""
+
+import pytest
+import torch
+
+import lomo_kernels
+from lomo_kernels import ops, reference
+
+
+def _lomo_args(shape=(37, 129), dtype=torch.bfloat16, coef=True, found=True):
+    p = torch.randn(shape).to(dtype)
+    g = torch.randn(shape).to(dtype)
+    return (p, g, torch.tensor(0.5) if coef else None, torch.zeros(1) if found else None,
+            1e-2, 0.1, 4.0, 0.8, "nearest", 3, 5)
+
+
+def _adalomo_args(shape=(37, 129), dtype=torch.bfloat16, rounding="nearest"):
+    p = torch.randn(shape).to(dtype)
+    g = torch.randn(shape).to(dtype)
+    st = ops.adalomo_state_shapes(shape)
+    row = torch.rand(st["exp_avg_sq_row"]) + 0.1 if "exp_avg_sq_row" in st else None
+    col = torch.rand(st["exp_avg_sq_col"]) + 0.1 if "exp_avg_sq_col" in st else None
+    v = torch.rand(st["exp_avg_sq"]) + 0.1 if "exp_avg_sq" in st else None
+    return (p, g, row, col, v, torch.tensor(0.5), torch.zeros(1), 1e-2, 0.1, 4.0, 0.8, 0.4,
+            1e-30, 1e-3, 1.0, rounding, 3, 5)
+
+
+@pytest.mark.parametrize("shape", [(7,), (37, 129), (3, 5, 9)])
+@pytest.mark.parametrize("coef", [True, False])
+def test_opcheck_lomo_update(shape, coef):
+    torch.library.opcheck(torch.ops.lomo_kernels.lomo_update_, _lomo_args(shape, coef=coef, found=coef))
+
+
+@pytest.mark.parametrize("shape", [(7,), (37, 129), (3, 5, 9)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_opcheck_adalomo_update(shape, rounding):
+    torch.library.opcheck(torch.ops.lomo_kernels.adalomo_update_, _adalomo_args(shape, rounding=rounding))
+
+
+def test_dispatcher_op_matches_reference():
+    a = _lomo_args(dtype=torch.float32)
+    b = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a)
+    torch.ops.lomo_kernels.lomo_update_(*a)
+    reference.lomo_update_(*b)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+
+
+def test_available_backends_reports_every_backend():
+    info = lomo_kernels.available_backends()
+    assert set(info) == {"native", "triton", "torch"}
+    assert info["torch"] == "loaded"
+    for name, status in info.items():
+        assert status == "loaded" or status.startswith(("loaded", "unavailable: "))
+
+
+def test_resolve_backend():
+    assert ops.resolve_backend("torch", "cpu") == "torch"
+    assert ops.resolve_backend("auto", "cpu") in ("native", "torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.resolve_backend("cuda", "cpu")
+    if not ops.available_backends()["native"].startswith("loaded"):
+        with pytest.raises(RuntimeError, match="backend 'native' cannot run on cpu"):
+            ops.resolve_backend("native", "cpu")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu"):
+        ops.resolve_backend("triton", "cpu")
+
+
+# ---------------------------------------------------------------- checked entry points
+
+
+def _call_lomo(p, g, **kw):
+    ops.lomo_update_(p, g, lr=0.1, backend="torch", **kw)
+
+
+def test_bad_inputs_are_rejected_before_anything_changes():
+    p = torch.randn(4, 6)
+    before = p.clone()
+    cases = [
+        (dict(g=torch.randn(4, 6).double()), TypeError, "grad dtype"),
+        (dict(g=torch.randn(6, 4)), ValueError, "grad shape"),
+        (dict(g=torch.randn(6, 4).t()), ValueError, "contiguous"),
+        (dict(g=torch.randn(4, 6), rounding="up"), ValueError, "rounding"),
+        (dict(g=torch.randn(4, 6), clip_coef=torch.tensor(1.0).double()), ValueError, "clip_coef"),
+        (dict(g=torch.randn(4, 6), found_inf=torch.zeros(2)), ValueError, "found_inf"),
+    ]
+    for kw, exc, msg in cases:
+        g = kw.pop("g")
+        with pytest.raises(exc, match=msg):
+            _call_lomo(p, g, **kw)
+        assert torch.equal(p, before)
+    with pytest.raises(TypeError, match="param dtype"):
+        _call_lomo(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="param dtype"):
+        _call_lomo(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="param must be contiguous|param and grad must be contiguous"):
+        q = torch.randn(6, 4).t()
+        _call_lomo(q, torch.randn(6, 4).t())
+
+
+def test_adalomo_state_is_checked():
+    p, g = torch.randn(5, 7), torch.randn(5, 7)
+    row, col = torch.zeros(5), torch.zeros(7)
+    with pytest.raises(ValueError, match="exp_avg_sq_row is required"):
+        ops.adalomo_update_(p, g, exp_avg_sq_col=col, lr=0.1, beta=0.0, backend="torch")
+    with pytest.raises(ValueError, match="exp_avg_sq_col must be float32 of shape"):
+        ops.adalomo_update_(p, g, exp_avg_sq_row=row, exp_avg_sq_col=torch.zeros(5), lr=0.1,
+                            beta=0.0, backend="torch")
+    with pytest.raises(ValueError, match="exp_avg_sq must be None"):
+        ops.adalomo_update_(p, g, exp_avg_sq_row=row, exp_avg_sq_col=col,
+                            exp_avg_sq=torch.zeros(5, 7), lr=0.1, beta=0.0, backend="torch")
+    with pytest.raises(ValueError, match="exp_avg_sq_row must be float32"):
+        ops.adalomo_update_(p, g, exp_avg_sq_row=row.half(), exp_avg_sq_col=col, lr=0.1, beta=0.0,
+                            backend="torch")
+    p0 = p.clone()
+    ops.adalomo_update_(p, g, exp_avg_sq_row=row, exp_avg_sq_col=col, lr=0.1, beta=0.0,
+                        backend="torch")
+    assert not torch.equal(p, p0) and row.min() > 0 and col.min() > 0
+
+
+def test_state_shapes():
+    assert ops.adalomo_state_shapes((4, 5)) == {"exp_avg_sq_row": (4,), "exp_avg_sq_col": (5,)}
+    assert ops.adalomo_state_shapes((2, 4, 5)) == {
+        "exp_avg_sq_row": (2, 4), "exp_avg_sq_col": (2, 5)}
+    assert ops.adalomo_state_shapes((9,)) == {"exp_avg_sq": (9,)}
+    assert ops.adalomo_state_shapes(()) == {"exp_avg_sq": ()}
+
+
+def test_empty_parameters_are_a_no_op():
+    p, g = torch.zeros(0, 3), torch.zeros(0, 3)
+    ops.lomo_update_(p, g, lr=0.1, backend="torch")
+    ops.adalomo_update_(p, g, exp_avg_sq_row=torch.zeros(0), exp_avg_sq_col=torch.zeros(3),
+                        lr=0.1, beta=0.0, backend="torch")
