@@ -41,10 +41,7 @@ def test_plain_backward_equals_fused_backward(cls):
     for seed in range(3):
         x, y = data(seed=seed)
         o1.fused_backward(loss_of(m1, x, y), 0.01)
-        loss = loss_of(m2, x, y)
-        if cls is AdaLomo:  # fused_backward scales the loss; a plain backward must too
-            loss = loss * 1024
-        loss.backward()
+        loss_of(m2, x, y).backward()  # unscaled: the hooks divide by nothing
         o2.step()
         for a, b in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(a, b)

@@ -65,6 +65,7 @@ class InBackwardOptimizer(Optimizer):
         self.loss_scaler = None  # DynamicLossScaler for fp16 LOMO
         self._mode = "update"
         self._in_fused = False
+        self._active_scale = 1.0  # the loss scale of the backward running now
         self._skip_next = False
         self._active_tasks = set()  # autograd graph tasks running that our hooks have seen
         self._token = 0  # the step number, advanced by step() and fused_backward()
@@ -141,7 +142,7 @@ class InBackwardOptimizer(Optimizer):
             return
         if self._mode == "norm":
             n = torch.linalg.vector_norm(g, dtype=torch.float32)
-            s = self._loss_scale()
+            s = self._active_scale
             self._grad_norms.append(n / s if s != 1.0 else n)
             return
         if self._stamp.get(p) == self._token:
@@ -214,7 +215,9 @@ class InBackwardOptimizer(Optimizer):
             raise ValueError(f"{self._name}: loss must be a scalar, got shape {tuple(loss.shape)}")
 
     def _scaled(self, loss):
-        s = self._loss_scale()
+        """The loss our backward differentiates; the hooks divide by the same scale. (A plain
+        loss.backward() is not scaled, so its hooks divide by nothing.)"""
+        s = self._active_scale = self._loss_scale()
         return loss * s if s != 1.0 else loss
 
     def fused_backward(self, loss, lr=None) -> None:
@@ -237,6 +240,7 @@ class InBackwardOptimizer(Optimizer):
         finally:
             self._in_fused = False
             self._mode = "update"
+            self._active_scale = 1.0
             self._active_tasks.clear()
         if not skip:
             self._after_update()
@@ -262,6 +266,7 @@ class InBackwardOptimizer(Optimizer):
             self._scaled(loss).backward(retain_graph=True)
         finally:
             self._mode = "update"
+            self._active_scale = 1.0
             self._active_tasks.clear()
         norms = self._grad_norms
         self._grad_norms = []

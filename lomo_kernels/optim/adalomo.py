@@ -85,7 +85,7 @@ class AdaLomo(InBackwardOptimizer):
         self._impl(p.device)(
             p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"), self._clip_coef_on(p.device), self._device_flag(p.device),
-            float(group["lr"]), float(group["weight_decay"]), self._loss_scale(),
+            float(group["lr"]), float(group["weight_decay"]), self._active_scale,
             float(cgv) if cgv is not None and cgv > 0 else 0.0,
             self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
             float(group["clip_threshold"]), self.rounding, seed, t,

@@ -85,7 +85,7 @@ class Lomo(InBackwardOptimizer):
         cgv = group["clip_grad_value"]
         self._impl(p.device)(
             p, g, self._clip_coef_on(p.device), self._device_flag(p.device), float(group["lr"]),
-            float(group["weight_decay"]), float(self._loss_scale()),
+            float(group["weight_decay"]), self._active_scale,
             float(cgv) if cgv is not None and cgv > 0 else 0.0, self.rounding, seed, state["step"],
         )
 
