@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FORCE = os.environ.get("LOMO_KERNELS_FORCE_BUILD", "0") == "1"
 SKIP_CUDA = os.environ.get("LOMO_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200, PTX for newer GPUs
+# --fmad=false: like -ffp-contract=off for the host, the kernels call fmaf where torch fuses.
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--fmad=false"]
 
 
 def _log(msg: str) -> None:
@@ -100,7 +102,10 @@ def _extensions():
         with_cuda = False
 
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
-    cxx = ["-O3", "-std=c++17", *openmp]
+    # C++20: the headers of recent torch releases need it. No fast-math: the kernels must round
+    # like torch. -ffp-contract=off keeps a*b+c two roundings unless the code asks for fma (the
+    # reference's torch.add(x, y, alpha) is one fma); -fno-math-errno lets sqrt vectorise.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", *openmp]
     include_dirs = [os.path.join(HERE, "csrc")]
     # Some headers torch includes (cusparse.h, ...) live in the nvidia pip wheels, not the toolkit.
     for site in sys.path:
@@ -126,7 +131,7 @@ def _extensions():
             sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
             extra_link_args=openmp,
         )
     else:

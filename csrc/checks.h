@@ -1,0 +1,94 @@
+// Argument checks shared by the CPU and CUDA entry points. Every message names the argument, so
+// a wrong call fails with "lomo_update_: grad must be contiguous", not with a crash in a kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string_view>
+
+#define LOMO_CHECK_DEVICE_TYPE(op, x, dev_type)                                              \
+  TORCH_CHECK((x).device().type() == (dev_type), op, ": " #x " must be a ", (dev_type),     \
+              " tensor, got one on ", (x).device())
+#define CHECK_CPU(op, x) LOMO_CHECK_DEVICE_TYPE(op, x, c10::DeviceType::CPU)
+#define CHECK_CUDA(op, x) LOMO_CHECK_DEVICE_TYPE(op, x, c10::DeviceType::CUDA)
+#define CHECK_CONTIGUOUS(op, x) TORCH_CHECK((x).is_contiguous(), op, ": " #x " must be contiguous")
+#define CHECK_FLOAT32(op, x)                                                                 \
+  TORCH_CHECK((x).scalar_type() == at::kFloat, op, ": " #x " must be float32, got ",        \
+              (x).scalar_type())
+
+namespace lomo {
+
+// True for "stochastic", false for "nearest"; anything else is an error.
+inline bool parse_rounding(const char* op, std::string_view rounding) {
+  TORCH_CHECK(rounding == "nearest" || rounding == "stochastic", op,
+              ": rounding must be 'nearest' or 'stochastic', got '", std::string(rounding), "'");
+  return rounding == "stochastic";
+}
+
+// param/grad: same supported dtype, shape and device, contiguous. clip_coef / found_inf: one
+// float32 element on param's device.
+inline void check_common(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                         const std::optional<at::Tensor>& clip_coef,
+                         const std::optional<at::Tensor>& found_inf) {
+  auto dt = param.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": param must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(grad.scalar_type() == dt, op, ": grad dtype ", grad.scalar_type(),
+              " does not match param dtype ", dt);
+  TORCH_CHECK(grad.sizes() == param.sizes(), op, ": grad shape ", grad.sizes(),
+              " != param shape ", param.sizes());
+  TORCH_CHECK(grad.device() == param.device(), op, ": grad is on ", grad.device(),
+              ", param on ", param.device());
+  CHECK_CONTIGUOUS(op, param);
+  CHECK_CONTIGUOUS(op, grad);
+  if (clip_coef.has_value()) {
+    const at::Tensor& c = *clip_coef;
+    TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kFloat && c.device() == param.device(),
+                op, ": clip_coef must be a 1-element float32 tensor on ", param.device(), ", got ",
+                c.scalar_type(), " ", c.sizes(), " on ", c.device());
+  }
+  if (found_inf.has_value()) {
+    const at::Tensor& f = *found_inf;
+    TORCH_CHECK(f.numel() == 1 && f.scalar_type() == at::kFloat && f.device() == param.device(),
+                op, ": found_inf must be a 1-element float32 tensor on ", param.device(), ", got ",
+                f.scalar_type(), " ", f.sizes(), " on ", f.device());
+  }
+}
+
+// AdaLomo state: factored (row, col) for dim >= 2, unfactored (v) otherwise, float32 contiguous
+// of the documented shapes on param's device.
+inline void check_adalomo_state(const at::Tensor& param,
+                                const std::optional<at::Tensor>& row,
+                                const std::optional<at::Tensor>& col,
+                                const std::optional<at::Tensor>& v) {
+  constexpr const char* op = "adalomo_update_";
+  auto check = [&](const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape) {
+    TORCH_CHECK(t.has_value(), op, ": ", name, " is required for a ", param.dim(),
+                "-d parameter");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == shape &&
+                    t->device() == param.device(),
+                op, ": ", name, " must be float32 of shape ", shape, " on ", param.device(),
+                ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  auto none = [&](const char* name, const std::optional<at::Tensor>& t) {
+    TORCH_CHECK(!t.has_value(), op, ": ", name, " must be None for a ", param.dim(),
+                "-d parameter");
+  };
+  auto sizes = param.sizes();
+  if (param.dim() >= 2) {
+    std::vector<int64_t> col_shape(sizes.begin(), sizes.end() - 2);
+    col_shape.push_back(sizes.back());
+    check("exp_avg_sq_row", row, sizes.slice(0, sizes.size() - 1));
+    check("exp_avg_sq_col", col, col_shape);
+    none("exp_avg_sq", v);
+  } else {
+    check("exp_avg_sq", v, sizes);
+    none("exp_avg_sq_row", row);
+    none("exp_avg_sq_col", col);
+  }
+}
+
+}  // namespace lomo

@@ -1,0 +1,58 @@
+// CUDA helpers: 16-byte vector loads/stores and deterministic block reductions.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include "rounding.h"
+
+namespace lomo {
+namespace cuda {
+
+constexpr int kThreads = 256;  // every kernel here assumes blockDim.x == kThreads
+
+// N = 16 / sizeof(S) consecutive elements: one 128-bit load or store.
+template <typename S>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(S);
+  S v[N];
+};
+
+template <typename S>
+__device__ __forceinline__ Pack<S> load_pack(const S* p) {
+  return *reinterpret_cast<const Pack<S>*>(p);
+}
+template <typename S>
+__device__ __forceinline__ void store_pack(S* p, const Pack<S>& x) {
+  *reinterpret_cast<Pack<S>*>(p) = x;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Butterfly sum over a warp: every lane gets the same value, the tree is fixed.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in every
+// thread. Fixed tree: warps, then warp 0 over the warp sums in order. `smem` holds 32 T.
+template <typename T>
+__device__ __forceinline__ T block_sum(T x, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  x = warp_sum(x);
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  T y = lane < nwarps ? smem[lane] : T(0);
+  return warp_sum(y);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace lomo

@@ -1,0 +1,34 @@
+// The C++ kernels of the lomo_kernels ops. Their signatures mirror the schemas declared once in
+// lomo_kernels/ops.py (torch.library.define); ops.cpp registers them with TORCH_LIBRARY_IMPL.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+namespace lomo {
+
+#define LOMO_UPDATE_PARAMS                                                                   \
+  at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &clip_coef,    \
+      const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
+      double loss_scale, double clip_grad_value, std::string_view rounding, int64_t seed,     \
+      int64_t step
+
+#define ADALOMO_UPDATE_PARAMS                                                                \
+  at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &exp_avg_sq_row, \
+      const std::optional<at::Tensor> &exp_avg_sq_col,                                       \
+      const std::optional<at::Tensor> &exp_avg_sq, const std::optional<at::Tensor> &clip_coef, \
+      const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
+      double loss_scale, double clip_grad_value, double beta, double eps1, double eps2,      \
+      double clip_threshold, std::string_view rounding, int64_t seed, int64_t step
+
+void lomo_update_cpu(LOMO_UPDATE_PARAMS);
+void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
+
+#ifdef LOMO_KERNELS_WITH_CUDA
+void lomo_update_cuda(LOMO_UPDATE_PARAMS);
+void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS);
+#endif
+
+}  // namespace lomo

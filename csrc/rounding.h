@@ -1,0 +1,183 @@
+// Up/down-casts between fp32 and the stored dtypes, and the stochastic-rounding hash.
+//
+// Host and device share these definitions so every native kernel rounds bit for bit like
+// lomo_kernels/reference.py (round_to_dtype, random_bits). Everything is branch-free integer and
+// fp32 arithmetic so that the CPU loops auto-vectorise; nothing here depends on the FP rounding
+// mode except the fp32 additions used as exact "round to the fp16 subnormal grid" steps.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define LOMO_HD __host__ __device__ __forceinline__
+#else
+#define LOMO_HD inline __attribute__((always_inline))
+#endif
+
+namespace lomo {
+
+// Storage formats of a parameter; math is always fp32.
+enum class Fmt { F32, F16, BF16 };
+
+template <Fmt F> struct StorageOf { using type = uint16_t; };
+template <> struct StorageOf<Fmt::F32> { using type = float; };
+template <Fmt F> using storage_t = typename StorageOf<F>::type;
+
+LOMO_HD uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+#endif
+}
+
+LOMO_HD float f32_from_bits(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+#endif
+}
+
+// Finite test on the bit pattern: independent of -ffinite-math style assumptions.
+LOMO_HD bool is_finite_f32(float x) { return (f32_bits(x) & 0x7F800000u) != 0x7F800000u; }
+
+// ------------------------------------------------------------------------------------------
+// The hash (reference.py): lowbias32, key = mix32(seed ^ mix32(step)),
+// bits(i) = mix32(lo32(i) ^ mix32(hi32(i) ^ key)). The high half is hoisted by callers (it is
+// constant over any run of indices that does not cross a multiple of 2**32).
+// ------------------------------------------------------------------------------------------
+LOMO_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+LOMO_HD uint32_t hash_high_key(uint32_t key, uint64_t i) {
+  return mix32(static_cast<uint32_t>(i >> 32) ^ key);
+}
+
+LOMO_HD uint32_t random_bits(uint32_t key, uint64_t i) {
+  return mix32(static_cast<uint32_t>(i) ^ hash_high_key(key, i));
+}
+
+inline uint32_t rounding_key(int64_t seed, int64_t step) {
+  // Python's `x & 0xFFFFFFFF` on a negative int is the two's complement low word, as here.
+  return mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)) ^
+               mix32(static_cast<uint32_t>(static_cast<uint64_t>(step))));
+}
+
+// ------------------------------------------------------------------------------------------
+// bf16
+// ------------------------------------------------------------------------------------------
+LOMO_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even, as tensor.to(torch.bfloat16); NaN -> canonical quiet NaN.
+LOMO_HD uint16_t f32_to_bf16_nearest(float x) {
+  uint32_t b = f32_bits(x);
+  uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
+}
+
+// Add 16 random low bits and truncate (reference._sr_bf16). NaN rounds to nearest.
+LOMO_HD uint16_t f32_to_bf16_stochastic(float x, uint32_t bits) {
+  uint32_t b = f32_bits(x);
+  uint32_t r = (b + (bits >> 16)) >> 16;
+  return (b & 0x7FFFFFFFu) > 0x7F800000u ? f32_to_bf16_nearest(x) : static_cast<uint16_t>(r);
+}
+
+// ------------------------------------------------------------------------------------------
+// fp16 (IEEE binary16)
+// ------------------------------------------------------------------------------------------
+LOMO_HD float f16_to_f32(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t em = h & 0x7FFFu;
+  // normal: rebias the exponent by 127-15; Inf/NaN: exponent field all ones.
+  uint32_t normal = (em << 13) + (em >= 0x7C00u ? 0x70000000u : 0x38000000u);
+  // subnormal/zero: em * 2**-24, exact as (0.5 + em * 2**-24) - 0.5 in fp32.
+  float sub = f32_from_bits(0x3F000000u + em) - 0.5f;
+  return f32_from_bits(sign | (em < 0x0400u ? f32_bits(sub) : normal));
+#endif
+}
+
+// Round to nearest even, as tensor.to(torch.float16).
+LOMO_HD uint16_t f32_to_f16_nearest(float x) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(x));
+#else
+  uint32_t b = f32_bits(x);
+  uint32_t sign = (b >> 16) & 0x8000u;
+  uint32_t a = b & 0x7FFFFFFFu;
+  // |x| < 2**-14 (fp16 subnormal range): adding 0.5 rounds |x| to a multiple of 2**-24 (the ulp
+  // of 0.5 in fp32), i.e. to the fp16 subnormal grid, with the FPU's round-to-nearest-even.
+  uint32_t sub = f32_bits(f32_from_bits(a) + 0.5f) - 0x3F000000u;
+  // normal: drop 13 mantissa bits with round-to-nearest-even, rebias the exponent (127 -> 15).
+  uint32_t nor = (a + 0x0FFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  uint32_t h = a < 0x38800000u ? sub : nor;
+  h = a >= 0x477FF000u ? 0x7C00u : h;  // |x| >= 65520 rounds to Inf
+  h = a > 0x7F800000u ? 0x7E00u : h;   // NaN
+  return static_cast<uint16_t>(sign | h);
+#endif
+}
+
+// 2**k as fp32 from its bit pattern (exact for -126 <= k <= 127).
+LOMO_HD float pow2i(int32_t k) { return f32_from_bits(static_cast<uint32_t>(k + 127) << 23); }
+
+// reference._sr_fp16: the fp16 grid spacing at |x| is 2**k, k = max(e - 10, -24); round |x| / 2**k
+// down or up with probability given by its fraction, using 24 random bits. All steps are exact.
+LOMO_HD uint16_t f32_to_f16_stochastic(float x, uint32_t bits) {
+  uint32_t b = f32_bits(x);
+  uint32_t a_bits = b & 0x7FFFFFFFu;
+  float a = f32_from_bits(a_bits);
+  int32_t e = static_cast<int32_t>(a_bits >> 23) - 127;
+  int32_t k = e - 10 < -24 ? -24 : (e - 10 > 100 ? 100 : e - 10);
+  float q = a * pow2i(-k);
+  // q < 2**11 whenever the result is used; the guard keeps the int conversion defined for Inf/NaN.
+  q = a < 65520.0f ? q : 0.0f;
+  float f = static_cast<float>(static_cast<int32_t>(q));  // floor (q >= 0)
+  float r = static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;  // * 2**-24
+  float y = (f + (r < q - f ? 1.0f : 0.0f)) * pow2i(k);
+  y = y < 65504.0f ? y : 65504.0f;
+  uint16_t sr = static_cast<uint16_t>(((b >> 16) & 0x8000u) | f32_to_f16_nearest(y));  // y exact
+  // NaN and |x| >= 65520 round to nearest (NaN / Inf) as tensor.to does.
+  return a < 65520.0f ? sr : f32_to_f16_nearest(x);
+}
+
+// ------------------------------------------------------------------------------------------
+// Format-generic load (upcast) and store (downcast).
+// ------------------------------------------------------------------------------------------
+template <Fmt F> LOMO_HD float to_f32(storage_t<F> v);
+template <> LOMO_HD float to_f32<Fmt::F32>(float v) { return v; }
+template <> LOMO_HD float to_f32<Fmt::F16>(uint16_t v) { return f16_to_f32(v); }
+template <> LOMO_HD float to_f32<Fmt::BF16>(uint16_t v) { return bf16_to_f32(v); }
+
+// `bits` is only read for stochastic rounding of fp16/bf16 (fp32 stores are exact).
+template <Fmt F, bool SR> LOMO_HD storage_t<F> from_f32(float x, uint32_t bits);
+template <> LOMO_HD float from_f32<Fmt::F32, false>(float x, uint32_t) { return x; }
+template <> LOMO_HD float from_f32<Fmt::F32, true>(float x, uint32_t) { return x; }
+template <> LOMO_HD uint16_t from_f32<Fmt::F16, false>(float x, uint32_t) {
+  return f32_to_f16_nearest(x);
+}
+template <> LOMO_HD uint16_t from_f32<Fmt::F16, true>(float x, uint32_t bits) {
+  return f32_to_f16_stochastic(x, bits);
+}
+template <> LOMO_HD uint16_t from_f32<Fmt::BF16, false>(float x, uint32_t) {
+  return f32_to_bf16_nearest(x);
+}
+template <> LOMO_HD uint16_t from_f32<Fmt::BF16, true>(float x, uint32_t bits) {
+  return f32_to_bf16_stochastic(x, bits);
+}
+
+}  // namespace lomo

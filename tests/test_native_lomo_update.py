@@ -1,0 +1,335 @@
+"""The native (C++/CUDA) LOMO kernel against the reference and a float64 evaluation.
+
+Once ``lomo_kernels._C`` is loaded, ``torch.ops.lomo_kernels.lomo_update_`` runs the C++ kernel for
+CPU tensors and the CUDA kernel for CUDA tensors (the reference is only the fallback), so these
+tests call the op directly. The oracle always runs on CPU copies.
+
+On CPU the kernel is bitwise equal to the reference (the same fp32 operations: a division by the
+loss scale, one fma for ``torch.add(p, g, alpha=-lr)``, the same hash). On CUDA the reference runs
+torch's CUDA kernels, which divide by a scalar as a multiplication by its reciprocal, so there the
+contract is SPEC.md's tolerances.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ODD_SIZES, requires_cuda, requires_native, ulp_distance
+
+import lomo_kernels
+from lomo_kernels import ops, reference
+
+pytestmark = requires_native
+
+OP = torch.ops.lomo_kernels.lomo_update_
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(n,) for n in ODD_SIZES] + [(1, 4097), (4097, 1), (37, 129), (3, 17, 33), ()]
+HYPER = {
+    "plain": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None),
+    "all": dict(lr=3e-3, wd=0.1, ls=1000.0, cgv=0.7, coef=0.37),  # non-power-of-two loss scale
+    "pow2_scale": dict(lr=3e-2, wd=0.01, ls=1024.0, cgv=0.0, coef=None),
+}
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def _rand(shape, dtype, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def _args(h, device, rounding="nearest", seed=11, step=3, found_inf=None):
+    coef = None if h["coef"] is None else torch.tensor(h["coef"], device=device)
+    return (coef, found_inf, h["lr"], h["wd"], h["ls"], h["cgv"], rounding, seed, step)
+
+
+def _f64_lomo(p, g, h):
+    """SPEC.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
+    f32 = reference._f32
+    g = g.double()
+    if h["ls"] != 1.0:
+        g = g / f32(h["ls"])
+    if h["cgv"] > 0:
+        g = g.clamp(-f32(h["cgv"]), f32(h["cgv"]))
+    if h["coef"] is not None:
+        g = g * f32(h["coef"])
+    a, b = p.double() * f32(1 - h["lr"] * h["wd"]), f32(-h["lr"]) * g
+    return a + b, a.abs() + b.abs()
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _run_both(p0, g, h, device, rounding="nearest"):
+    out = p0.to(device, copy=True)
+    OP(out, g.to(device), *_args(h, device, rounding))
+    ref = p0.clone()
+    reference.lomo_update_(ref, g, *_args(h, "cpu", rounding))
+    return out.cpu(), ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hname", list(HYPER))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_and_float64(dtype, shape, hname, device):
+    h = HYPER[hname]
+    p0, g = _rand(shape, dtype, seed=1), _rand(shape, dtype, scale=3.0, seed=2)
+    out, ref = _run_both(p0, g, h, device)
+    want, size = _f64_lomo(p0, g, h)
+    assert p0.numel() < 100 or not torch.equal(out, p0)  # it did update
+    if device == "cpu":
+        assert torch.equal(_bits(out), _bits(ref))
+    if dtype == torch.float32:
+        # relative 1e-5 of the terms (cancellation makes a pointwise relative error meaningless)
+        assert ((out.double() - want).abs() <= 1e-5 * size + 1e-30).all()
+        assert ((out.double() - ref.double()).abs() <= 1e-6 * size + 1e-30).all()
+    else:
+        assert ulp_distance(out, ref).max().item() <= 1
+        assert ulp_distance(out, want.to(dtype)).max().item() <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(278011,), (37, 129), (1,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stochastic_rounding_bitwise_equal_to_reference(dtype, shape, device):
+    h = HYPER["all"]
+    p0, g = _rand(shape, dtype, seed=3), _rand(shape, dtype, scale=3.0, seed=4)
+    out, ref = _run_both(p0, g, h, device, rounding="stochastic")
+    near, _ = _run_both(p0, g, h, device, rounding="nearest")
+    assert torch.equal(_bits(out), _bits(ref))
+    assert ulp_distance(out, near).max().item() <= 1
+    if p0.numel() > 1000:
+        assert not torch.equal(out, near)  # some elements rounded the other way
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stochastic_rounding_is_unbiased_and_keeps_tiny_updates(dtype, device):
+    # p = 1 and decay 1 - 1e-4: p * decay is not representable, the nearest value is 1 again
+    # (the update is lost), stochastic rounding lands on the two neighbours with the right odds.
+    n, wd, lr = 1 << 16, 1e-3, 0.1
+    p = torch.ones(n, dtype=dtype, device=device)
+    g = torch.zeros(n, dtype=dtype, device=device)
+    near = p.clone()
+    OP(near, g, None, None, lr, wd, 1.0, 0.0, "nearest", 0, 1)
+    assert (near == 1).all()
+    x = float(torch.tensor(1 - lr * wd, dtype=torch.float32))
+    means = []
+    for step in range(1, 5):
+        out = p.clone()
+        OP(out, g, None, None, lr, wd, 1.0, 0.0, "stochastic", 7, step)
+        lo = float(out.min())
+        assert set(out.unique().tolist()) <= {lo, 1.0} and lo < x < 1.0
+        means.append(out.double().mean().item())
+    mean, prob = sum(means) / len(means), (1.0 - x) / (1.0 - lo)  # P(round down)
+    sigma = (1.0 - lo) * (prob * (1 - prob) / (n * len(means))) ** 0.5
+    assert abs(mean - x) < 5 * sigma
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_gradients_keep_the_parameter(dtype, device):
+    h = HYPER["all"]
+    p0, g = _rand((4097,), dtype, seed=5), _rand((4097,), dtype, seed=6)
+    bad = torch.tensor([0, 9, 4000, 4096])
+    g[bad] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    found = torch.zeros(1, device=device)
+    out = p0.to(device, copy=True)
+    OP(out, g.to(device), *_args(h, device, found_inf=found))
+    ref = p0.clone()
+    ref_found = torch.zeros(1)
+    reference.lomo_update_(ref, g, *_args(h, "cpu", found_inf=ref_found))
+    out = out.cpu()
+    assert found.item() == 1.0 and ref_found.item() == 1.0
+    assert torch.equal(_bits(out[bad]), _bits(p0[bad]))
+    good = torch.ones(4097, dtype=torch.bool)
+    good[bad] = False
+    assert not torch.equal(out[good], p0[good])
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    else:
+        assert ulp_distance(out, ref).max().item() <= (0 if device == "cpu" else 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_is_only_ever_set(device):
+    p, g = _rand((100,), torch.float32).to(device), _rand((100,), torch.float32).to(device)
+    found = torch.zeros(1, device=device)
+    OP(p, g, None, found, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1)
+    assert found.item() == 0.0  # finite gradients: untouched
+    found.fill_(1.0)
+    OP(p, g, None, found, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1)
+    assert found.item() == 1.0  # never cleared by the kernel
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_is_a_no_op(dtype, device):
+    for shape in [(0,), (3, 0), (0, 5)]:
+        p = torch.empty(shape, dtype=dtype, device=device)
+        found = torch.zeros(1, device=device)
+        OP(p, torch.empty_like(p), None, found, 1e-2, 0.0, 1.0, 0.0, "stochastic", 0, 1)
+        assert found.item() == 0.0 and p.shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unaligned_views_take_the_scalar_path(device):
+    # storage offsets of 1..7 elements defeat the 16-byte vector loads; the results must not care
+    base_p, base_g = _rand((4200,), torch.bfloat16, seed=8), _rand((4200,), torch.bfloat16, seed=9)
+    h = HYPER["all"]
+    for off in range(1, 8):
+        p0, g = base_p[off : off + 4097], base_g[off : off + 4097]
+        out = base_p.to(device, copy=True)[off : off + 4097]
+        OP(out, g.to(device), *_args(h, device, "stochastic"))
+        ref = p0.clone()
+        reference.lomo_update_(ref, g, *_args(h, "cpu", "stochastic"))
+        assert torch.equal(_bits(out.cpu()), _bits(ref))
+
+
+def test_same_result_with_one_and_two_threads():
+    h = HYPER["all"]
+    p0, g = _rand((513, 1031), torch.bfloat16, seed=10), _rand((513, 1031), torch.bfloat16, seed=11)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = p0.clone()
+            OP(out, g, *_args(h, "cpu", "stochastic"))
+            outs.append(out)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+
+
+_ISA_SCRIPT = """
+import torch, lomo_kernels
+from lomo_kernels import ops
+torch.manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for rounding in ("nearest", "stochastic"):
+        p = torch.randn(70001).to(dtype); g = (torch.randn(70001) * 3).to(dtype)
+        torch.ops.lomo_kernels.lomo_update_(p, g, torch.tensor(0.37), None, 3e-3, 0.1, 1000.0,
+                                            0.7, rounding, 5, 2)
+        out.append(p.float())
+torch.save(torch.cat(out), {path!r})
+"""
+
+
+def test_every_cpu_clone_rounds_the_same(tmp_path):
+    # The baseline, AVX2 and AVX-512 clones of the CPU loops (LOMO_KERNELS_CPU_ISA caps the
+    # choice) must give bitwise the same parameters; the baseline uses libm's fma.
+    results = {}
+    for isa in ("base", "avx2", "default"):
+        path = str(tmp_path / f"{isa}.pt")
+        env = dict(os.environ)
+        env.pop("LOMO_KERNELS_CPU_ISA", None)
+        if isa != "default":
+            env["LOMO_KERNELS_CPU_ISA"] = isa
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(path=path)], env=env, check=True)
+        results[isa] = torch.load(path)
+    assert torch.equal(results["base"].view(torch.int32), results["default"].view(torch.int32))
+    assert torch.equal(results["avx2"].view(torch.int32), results["default"].view(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype, device):
+    p, g = _rand((37, 129), dtype).to(device), _rand((37, 129), dtype, seed=1).to(device)
+    found = torch.zeros(1, device=device)
+    coef = torch.tensor(0.5, device=device)
+    torch.library.opcheck(OP, (p, g, coef, found, 1e-2, 0.1, 2.0, 0.5, "stochastic", 1, 2))
+    torch.library.opcheck(OP, (p, g, None, None, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    p = torch.zeros(4, 6, device=device)
+    g = torch.zeros(4, 6, device=device)
+    ok = (None, None, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1)
+    cases = [
+        ((p, g.t().contiguous().t()), ok, "grad must be contiguous"),
+        ((p.t(), g.t()), ok, "param must be contiguous"),
+        ((p, g.half()), ok, "grad dtype"),
+        ((p, g[:3]), ok, "grad shape"),
+        ((p.int(), g.int()), ok, "param must be float32, float16 or bfloat16"),
+        ((p, g), ok[:6] + ("up",) + ok[7:], "rounding must be 'nearest' or 'stochastic'"),
+        ((p, g), (torch.zeros(2, device=device),) + ok[1:], "clip_coef must be a 1-element"),
+        ((p, g), (None, torch.zeros(1, dtype=torch.float64, device=device)) + ok[2:],
+         "found_inf must be a 1-element float32"),
+    ]
+    for tensors, rest, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            OP(*tensors, *rest)
+
+
+@requires_cuda
+def test_cuda_rejects_mixed_devices():
+    p = torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match="grad is on"):
+        OP(p, torch.zeros(8), None, None, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1)
+    with pytest.raises(RuntimeError, match="clip_coef must be"):
+        OP(p, torch.zeros(8, device="cuda"), torch.tensor(1.0), None, 1e-2, 0.0, 1.0, 0.0,
+           "nearest", 0, 1)
+
+
+def _lomo_run(backend, dtype, rounding, steps=6):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(33, 65), torch.nn.GELU(), torch.nn.LayerNorm(65), torch.nn.Linear(65, 7)
+    ).to(dtype)
+    opt = lomo_kernels.Lomo(model, lr=1e-2, weight_decay=0.01, clip_grad_value=0.5,
+                            backend=backend, rounding=rounding, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 33, generator=gen).to(dtype)
+        y = torch.randn(16, 7, generator=gen).to(dtype)
+        loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        opt.fused_backward(loss, lr=1e-2)
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_optimizer_native_matches_torch_backend(dtype, rounding):
+    l_nat, p_nat = _lomo_run("native", dtype, rounding)
+    l_ref, p_ref = _lomo_run("torch", dtype, rounding)
+    assert l_nat == l_ref  # bitwise equal updates on CPU give the same run
+    for a, b in zip(p_nat, p_ref):
+        assert torch.equal(_bits(a), _bits(b))
+    assert l_nat[-1] < l_nat[0]
+
+
+@requires_cuda
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_cuda_beyond_2_pow_32_elements(rounding):
+    # 2**32 + 4101 bf16 elements (8 GiB each for p and g): 64-bit offsets, and the hash's high
+    # half changes at 2**32. Check the last 8198 elements against the reference's formulas.
+    n = 2**32 + 4101
+    try:
+        p = torch.randn(n // 4096 + 1, 4096, device="cuda").to(torch.bfloat16).view(-1)[:n]
+        g = torch.randn_like(p)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for 2 x 8 GiB")
+    lo = n - 8198
+    p_tail, g_tail = p[lo:].cpu(), g[lo:].cpu()
+    OP(p, g, None, None, 1e-2, 0.1, 1.0, 0.0, rounding, 5, 9)
+    new = p_tail.float() * reference._f32(1 - 0.01 * 0.1)
+    new = torch.add(new, g_tail.float(), alpha=-1e-2)
+    if rounding == "nearest":
+        want = new.to(torch.bfloat16)
+    else:
+        i = torch.arange(lo, n, dtype=torch.int64)
+        key = reference.rounding_key(5, 9)
+        bits = reference._mix32_t((i & 0xFFFFFFFF) ^ reference._mix32_t((i >> 32) ^ key))
+        want = reference._sr_bf16(new, bits)
+    assert ulp_distance(p[lo:].cpu(), want).max().item() <= 1
+    assert (p[lo:].cpu() != p_tail).any()
+    del p, g
+    torch.cuda.empty_cache()
