@@ -197,6 +197,7 @@ setup(
             "hypothesis",
             "lomo-optim==0.1.1",
             "transformers",
+            "accelerate>=1.1",  # transformers.Trainer needs it (tests/test_trainer.py)
         ],
         "bench": ["matplotlib", "lomo-optim==0.1.1", "transformers"],
     },

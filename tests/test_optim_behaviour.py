@@ -254,6 +254,22 @@ def test_lomo_requires_grad_norm_when_clipping():
         Lomo(m, lr=0.1).grad_norm(loss_of(m, x, y))
 
 
+def test_clip_grad_norm_with_a_plain_backward_is_explained():
+    m = mlp()
+    x, y = data()
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
+        Lomo(m, lr=0.1, clip_grad_norm=1.0)
+        loss_of(m, x, y).backward()
+    m = mlp()
+    opt = AdaLomo(m, lr=0.1, clip_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="training proceeds unclipped"):
+        loss_of(m, x, y).backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loss_of(m, x, y).backward()  # said once
+
+
 def test_grad_norm_is_the_global_norm_and_clips():
     m, ref = mlp(), mlp()
     opt = Lomo(m, lr=0.1, clip_grad_norm=0.01)

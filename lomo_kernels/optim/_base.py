@@ -166,7 +166,7 @@ class InBackwardOptimizer(Optimizer):
         """First hook of a graph task (a backward, or one nested in it by reentrant checkpointing):
         the checks that must pass before anything changes, and the end-of-backward callback."""
         if self._mode == "update":
-            self._check_clip()
+            self._check_clip(plain=not self._in_fused)
             self._check_before_update()
         self._active_tasks.add(tid)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_task(tid))
@@ -230,7 +230,7 @@ class InBackwardOptimizer(Optimizer):
                 group["lr"] = lr
         skip, self._skip_next = self._skip_next, False
         if not skip:
-            self._check_clip()
+            self._check_clip(plain=False)
             self._check_before_update()
         self._token += 1
         self._mode = "skip" if skip else "update"
@@ -246,7 +246,7 @@ class InBackwardOptimizer(Optimizer):
             self._after_update()
         self.step()  # marks the step boundary (and tells LR schedulers a step was taken)
 
-    def _check_clip(self) -> None:
+    def _check_clip(self, plain: bool) -> None:
         """Lomo requires grad_norm() before an update when clip_grad_norm is set."""
 
     def grad_norm(self, loss):

@@ -4,6 +4,8 @@ a drop-in replacement for ``lomo_optim.AdaLomo``."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import ops
@@ -61,6 +63,7 @@ class AdaLomo(InBackwardOptimizer):
         if clip_threshold <= 0:
             raise ValueError(f"AdaLomo: clip_threshold must be > 0, got {clip_threshold}")
         self.loss_scale = loss_scale
+        self._warned_unclipped = False
         defaults = dict(
             lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
             weight_decay=weight_decay, clip_grad_value=clip_grad_value,
@@ -69,6 +72,20 @@ class AdaLomo(InBackwardOptimizer):
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed,
         )
+
+    def _check_clip(self, plain: bool) -> None:
+        # As in lomo-optim, clipping applies once grad_norm() has run. A plain loss.backward()
+        # never runs it: say so once rather than silently train unclipped.
+        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
+                and not self._warned_unclipped):
+            self._warned_unclipped = True
+            warnings.warn(
+                "AdaLomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
+                "clipping (it needs optimizer.grad_norm(loss) before optimizer.fused_backward(loss, "
+                "lr)); training proceeds unclipped. Use clip_grad_value instead.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0

@@ -73,8 +73,16 @@ class Lomo(InBackwardOptimizer):
     def _loss_scale(self) -> float:
         return 1.0 if self.loss_scaler is None else self.loss_scaler.loss_scale
 
-    def _check_clip(self) -> None:
+    def _check_clip(self, plain: bool) -> None:
         if self.clip_grad_norm is not None and self.clip_coef is None:
+            if plain:
+                raise ValueError(
+                    "Lomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
+                    "clipping (it needs two backward passes: optimizer.grad_norm(loss), then "
+                    "optimizer.fused_backward(loss, lr)). Use clip_grad_value, or drop "
+                    "clip_grad_norm, when the training loop (e.g. transformers.Trainer) calls "
+                    "backward itself."
+                )
             raise ValueError(
                 "clip_grad_norm is not None, but clip_coef is None. "
                 "Please call optimizer.grad_norm() before optimizer.fused_backward()."

@@ -1,0 +1,158 @@
+"""Using ``Lomo`` / ``AdaLomo`` with the Hugging Face ``transformers.Trainer``.
+
+The optimizers update every parameter inside ``loss.backward()`` (post-accumulate-grad hooks) and
+free each gradient at once; ``optimizer.step()`` is a no-op that marks the step boundary and the
+learning rate is read from ``param_groups`` at every update. That is exactly the interface the
+``Trainer`` drives, so an instance passed through ``optimizers=`` just works::
+
+    from transformers import Trainer, TrainingArguments
+    from lomo_kernels.hf import make_trainer_optimizers
+
+    args = TrainingArguments(
+        output_dir="out", learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=100,
+        max_steps=1000, per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,   # required: the update happens inside each backward
+        max_grad_norm=0.0,               # Trainer's clipping sees no gradients (they are freed)
+        bf16=True,                       # or bf16/fp16 *parameters*; never fp16=True (GradScaler)
+    )
+    optimizer, scheduler = make_trainer_optimizers(model, args, "adalomo", clip_grad_value=1.0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(optimizer, scheduler))
+    trainer.train()
+
+or, without the helper, ``optimizers=(AdaLomo(model, lr=args.learning_rate), None)``: the Trainer
+then builds its usual scheduler (``lr_scheduler_type``, warm-up) on our optimizer, and that
+scheduler drives the lr of the in-backward updates.
+
+What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.x):
+
+* ``gradient_accumulation_steps > 1``: the first micro-batch's backward already updated every
+  parameter; the second backward before ``optimizer.step()`` raises the optimizer's
+  ``RuntimeError: ... received a second gradient before optimizer.step() ... gradient
+  accumulation cannot work (set gradient_accumulation_steps=1) ...`` after the first micro-batch
+  has been applied. ``make_trainer_optimizers`` refuses such arguments up front.
+* ``max_grad_norm > 0`` (the Trainer's default 1.0): ``clip_grad_norm_`` runs after the backward,
+  on parameters whose gradients are already applied and freed (``p.grad is None``): it clips
+  nothing and reports a norm of 0 (the logged ``grad_norm`` is 0.0 whatever ``max_grad_norm``
+  is: the Trainer computes it from ``p.grad``, which is None). Set
+  ``max_grad_norm=0`` and use the optimizer's ``clip_grad_value`` (element clipping inside the
+  update, works with a plain backward). Global-norm clipping needs two backward passes
+  (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
+  loop does not do; the optimizer's own ``clip_grad_norm`` must stay None in the Trainer
+  (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
+* ``fp16=True`` (AMP with a ``GradScaler``): the scaler multiplies the loss, our hooks see the
+  scaled gradient and do not know the scale (``Lomo`` would step 65536x too far), and
+  ``GradScaler.step`` then fails with "No inf checks were recorded for this optimizer" (both seen
+  with ``torch.amp.GradScaler("cpu")``; on CPU the Trainer's fp16 AMP is off, so the Trainer path
+  itself is untested without a GPU). Use ``bf16=True``, or fp16/bf16 parameters
+  (``from_pretrained(..., dtype=torch.bfloat16)``) without AMP. Refused by the helper.
+* ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5) needs
+  non-reentrant checkpointing where a weight is shared between checkpointed segments (it would
+  get its gradient in pieces, which the optimizer refuses): the default of transformers >= 5;
+  older versions: ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+* transformers' built-in ``optim="lomo"`` / ``"adalomo"`` import ``lomo_optim``; ours is passed
+  through ``optimizers=`` instead and is driven by a plain ``backward`` (no ``learning_rate``
+  argument to ``accelerator.backward``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from .optim import AdaLomo, Lomo
+
+__all__ = ["make_trainer_optimizers", "check_training_args"]
+
+
+def check_training_args(args, *, strict: bool = True) -> None:
+    """Refuse ``TrainingArguments`` that cannot work with in-backward updates (see module doc).
+
+    ``strict=False`` turns the ``max_grad_norm`` error into a warning (the run works, but no
+    clipping happens and the logged ``grad_norm`` is 0)."""
+    gas = getattr(args, "gradient_accumulation_steps", 1) or 1
+    if gas > 1:
+        raise ValueError(
+            f"gradient_accumulation_steps={gas}: Lomo/AdaLomo update each parameter inside the "
+            "backward pass and free its gradient, so gradients cannot be accumulated over "
+            "micro-batches. Set gradient_accumulation_steps=1 (use a larger "
+            "per_device_train_batch_size, with gradient checkpointing if memory is short)."
+        )
+    if getattr(args, "fp16", False):
+        raise ValueError(
+            "fp16=True (AMP with a GradScaler) does not work with in-backward updates: the "
+            "scaler's loss scale never reaches the update and GradScaler.step finds no gradient. "
+            "Use bf16=True, or fp16/bf16 parameters without AMP."
+        )
+    mgn = getattr(args, "max_grad_norm", 0) or 0
+    if mgn > 0:
+        msg = (
+            f"max_grad_norm={mgn}: the Trainer clips gradients after backward, when Lomo/AdaLomo "
+            "have already applied and freed them: nothing is clipped and the logged grad_norm "
+            "is 0. Set max_grad_norm=0 and use the optimizer's clip_grad_value instead."
+        )
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
+                            lr: float | None = None, num_training_steps: int | None = None,
+                            strict: bool = True, **optimizer_kwargs):
+    """``(optimizer, scheduler)`` for ``Trainer(..., optimizers=(optimizer, scheduler))``.
+
+    model: the model the Trainer trains (its trainable parameters get the hooks).
+    args: the ``TrainingArguments`` (checked by ``check_training_args``; its ``learning_rate``,
+        ``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs`` and ``max_steps`` build
+        the scheduler). None: no checks, no scheduler.
+    optimizer: ``"adalomo"`` or ``"lomo"`` (or an already-built ``Lomo`` / ``AdaLomo``).
+    lr: the base lr (default ``args.learning_rate``; AdaLomo's is relative to ``rms(p)``).
+    num_training_steps: for the scheduler when ``args.max_steps`` is not set. If neither is
+        known the scheduler is None and the Trainer builds its own (same type) in ``train()``.
+    strict: False turns a ``max_grad_norm > 0`` error into a warning.
+    optimizer_kwargs: passed to the optimizer (``clip_grad_value``, ``weight_decay``,
+        ``backend``, ``rounding``, ``seed``, ...). ``clip_grad_norm`` is refused: it needs the
+        two-pass ``grad_norm`` + ``fused_backward`` loop, which the Trainer does not run.
+
+    Example::
+
+        args = TrainingArguments("out", learning_rate=1e-3, max_steps=1000, max_grad_norm=0,
+                                 lr_scheduler_type="cosine", warmup_steps=50)
+        opt, sched = make_trainer_optimizers(model, args, "adalomo", clip_grad_value=1.0)
+        Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched)).train()
+    """
+    if args is not None:
+        check_training_args(args, strict=strict)
+    if optimizer_kwargs.get("clip_grad_norm") is not None:
+        raise ValueError(
+            "clip_grad_norm needs two backward passes per step (optimizer.grad_norm(loss), then "
+            "optimizer.fused_backward(loss)), which Trainer does not run; use clip_grad_value, "
+            "or a custom loop (see lomo_kernels.finetune)."
+        )
+    if lr is None:
+        lr = args.learning_rate if args is not None else 1e-3
+    if isinstance(optimizer, (Lomo, AdaLomo)):
+        opt = optimizer
+    elif optimizer == "adalomo":
+        opt = AdaLomo(model, lr=lr, **optimizer_kwargs)
+    elif optimizer == "lomo":
+        opt = Lomo(model, lr=lr, **optimizer_kwargs)
+    else:
+        raise ValueError(
+            f"optimizer must be 'adalomo', 'lomo' or a Lomo/AdaLomo instance, got {optimizer!r}"
+        )
+
+    scheduler = None
+    if args is not None:
+        steps = num_training_steps
+        if steps is None and getattr(args, "max_steps", -1) and args.max_steps > 0:
+            steps = args.max_steps
+        if steps is not None:
+            from transformers import get_scheduler
+
+            scheduler = get_scheduler(
+                args.lr_scheduler_type,
+                optimizer=opt,
+                num_warmup_steps=args.get_warmup_steps(steps),
+                num_training_steps=steps,
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
+    return opt, scheduler

@@ -1,0 +1,277 @@
+"""Lomo / AdaLomo driven by ``transformers.Trainer`` (plain backward + no-op step + scheduler).
+
+The Trainer needs ``accelerate`` (``TrainingArguments`` refuses to start without it): the
+Trainer tests are skipped, with that reason, where it is not installed; the helper's argument
+checks run everywhere.
+"""
+
+import copy
+import dataclasses
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lomo_kernels import AdaLomo, Lomo  # noqa: E402
+from lomo_kernels.finetune import build_config, build_model  # noqa: E402
+from lomo_kernels.hf import check_training_args, make_trainer_optimizers  # noqa: E402
+
+try:
+    import accelerate  # noqa: F401
+
+    HAVE_ACCELERATE = True
+except ImportError:
+    HAVE_ACCELERATE = False
+
+requires_accelerate = pytest.mark.skipif(
+    not HAVE_ACCELERATE,
+    reason="transformers.Trainer needs accelerate>=1.1 (pip install accelerate)",
+)
+
+SEQ, N = 24, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster and steadier than OpenMP threads on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)  # N samples, one batch of all of them per step: every step sees the same data
+
+
+def _model(seed=0):
+    return build_model(build_config("tiny", num_hidden_layers=2), seed=seed)
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(N):
+        x = torch.randint(0, 256, (SEQ,), generator=g)
+        out.append({"input_ids": x, "labels": x.clone()})
+    return out
+
+
+def _batch(data):
+    return torch.stack([d["input_ids"] for d in data])
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3,
+                per_device_train_batch_size=N, learning_rate=1e-2, save_strategy="no",
+                logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant",
+                max_grad_norm=0.0, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+class _LrLog(transformers.TrainerCallback):
+    """The lr in param_groups when each step begins: the lr its in-backward update uses."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.lrs, self.logs = optimizer, [], []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+
+def _replay(model, data, cls, lrs, **opt_kw):
+    """The same steps with fused_backward(loss, lr) in a plain loop."""
+    opt = cls(model, lr=lrs[0], **opt_kw)
+    x = _batch(data)
+    for lr in lrs:
+        opt.fused_backward(model(input_ids=x, labels=x).loss, lr)
+    return model
+
+
+def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=n)
+
+
+@requires_accelerate
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(AdaLomo, {}), (Lomo, {}), (AdaLomo, {"clip_grad_value": 1e-4}),
+     (AdaLomo, {"weight_decay": 0.1})],
+    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd"],
+)
+def test_trainer_updates_like_fused_backward(tmp_path, cls, kw):
+    model, data = _model(), _data()
+    ref = copy.deepcopy(model)
+    init = copy.deepcopy(model)
+    opt = cls(model, lr=1e-2, **kw)
+    log = _LrLog(opt)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=data,
+                                   optimizers=(opt, None), callbacks=[log])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert log.lrs == [1e-2] * 3
+    _replay(ref, data, cls, log.lrs, **kw)
+    _assert_same_params(model, ref)
+    moved = sum(not torch.equal(a, b) for a, b in zip(init.parameters(), model.parameters()))
+    assert moved == len(list(model.parameters()))  # every parameter was updated
+
+
+@requires_accelerate
+def test_trainer_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    """Trainer's (activation|gradient)_checkpointing (non-reentrant by default in transformers >= 5)
+    gives the
+    in-backward updates the same full gradients; bf16 autocast runs (no loss scaler)."""
+    model, data = _model(), _data()
+    ref = copy.deepcopy(model)
+    opt = AdaLomo(model, lr=1e-2)
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = _args(tmp_path, **{key: True})
+    transformers.Trainer(model=model, args=args, train_dataset=data,
+                         optimizers=(opt, None)).train()
+    _replay(ref, data, AdaLomo, [1e-2] * 3)
+    _assert_same_params(model, ref)
+    model = _model()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, bf16=True, max_steps=2),
+                                   train_dataset=data, optimizers=(AdaLomo(model, lr=1e-2), None))
+    trainer.train()
+    assert trainer.accelerator.scaler is None and trainer.state.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@requires_accelerate
+@pytest.mark.parametrize("use_helper", [True, False], ids=["helper", "trainer-scheduler"])
+def test_scheduler_drives_the_lr(tmp_path, use_helper):
+    args = _args(tmp_path, max_steps=4, lr_scheduler_type="linear", warmup_steps=2)
+    model, data = _model(), _data()
+    ref = copy.deepcopy(model)
+    if use_helper:
+        opt, sched = make_trainer_optimizers(model, args, "adalomo")
+        assert sched is not None
+    else:
+        opt, sched = AdaLomo(model, lr=args.learning_rate), None  # the Trainer builds one
+    log = _LrLog(opt)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizers=(opt, sched), callbacks=[log])
+    trainer.train()
+    # linear warm-up over 2 steps, then linear decay to 0 at step 4
+    assert log.lrs == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
+    logged = [e["learning_rate"] for e in log.logs if "learning_rate" in e]
+    assert logged == pytest.approx(log.lrs)
+    _replay(ref, data, AdaLomo, log.lrs)
+    _assert_same_params(model, ref)
+
+
+@requires_accelerate
+def test_gradient_accumulation_raises_clearly(tmp_path):
+    model, data = _model(), _data()
+    opt = AdaLomo(model, lr=1e-2)
+    args = _args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match=r"second gradient before optimizer\.step\(\)") as e:
+        trainer.train()
+    assert "gradient_accumulation_steps=1" in str(e.value)
+    # the helper refuses it before anything runs
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+        make_trainer_optimizers(_model(), args)
+
+
+@requires_accelerate
+def test_max_grad_norm_clips_nothing(tmp_path):
+    """Trainer's clip_grad_norm_ runs after the in-backward updates freed every gradient: it
+    clips nothing and reports 0. Same parameters as without it; logged grad_norm 0.0."""
+    data = _data()
+    models = {}
+    for mgn in (0.0, 1e-6):  # a tiny max norm would change everything if it acted
+        model = _model()
+        opt = AdaLomo(model, lr=1e-2)
+        log = _LrLog(opt)
+        trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_grad_norm=mgn),
+                                       train_dataset=data, optimizers=(opt, None), callbacks=[log])
+        trainer.train()
+        models[mgn] = model
+        if mgn:
+            norms = [e["grad_norm"] for e in log.logs if "grad_norm" in e]
+            assert norms and all(float(n) == 0.0 for n in norms)
+    _assert_same_params(models[0.0], models[1e-6], rtol=0, atol=0)
+
+
+@requires_accelerate
+def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path):
+    model = _model()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
+                                   optimizers=(Lomo(model, lr=1e-2, clip_grad_norm=1.0), None))
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
+        trainer.train()
+
+
+def test_helper_checks_arguments():
+    ns = types.SimpleNamespace
+    ok = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0)
+    check_training_args(ok)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
+        check_training_args(ns(gradient_accumulation_steps=4, fp16=False, max_grad_norm=0))
+    with pytest.raises(ValueError, match="fp16=True"):
+        check_training_args(ns(gradient_accumulation_steps=1, fp16=True, max_grad_norm=0))
+    mgn = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+        check_training_args(mgn)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        check_training_args(mgn, strict=False)
+    assert any("clip_grad_value" in str(x.message) for x in w)
+    model = _model()
+    with pytest.raises(ValueError, match="two backward passes"):
+        make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        make_trainer_optimizers(model, None, "sgd")
+    opt, sched = make_trainer_optimizers(model, None, "lomo", lr=0.5, backend="torch")
+    assert isinstance(opt, Lomo) and sched is None and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_helper_builds_the_scheduler_without_a_trainer():
+    args = types.SimpleNamespace(
+        gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0, learning_rate=1e-3,
+        lr_scheduler_type="cosine", lr_scheduler_kwargs={}, max_steps=10,
+        get_warmup_steps=lambda n: 2,
+    )
+    model = _model()
+    opt, sched = make_trainer_optimizers(model, args, "adalomo")
+    lrs = []
+    x = torch.randint(0, 256, (2, 16))
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        model(input_ids=x, labels=x).loss.backward()  # the update happens here
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+@requires_accelerate
+def test_checkpoint_and_resume(tmp_path):
+    """Trainer saves the optimizer's state_dict (per-parameter step, fp32 factors) in a checkpoint
+    and restores it: 2 steps + resume to 4 equals 4 straight steps."""
+    data = _data()
+    straight = _model()
+    transformers.Trainer(model=straight, args=_args(tmp_path / "a", max_steps=4,
+                                                    lr_scheduler_type="linear"),
+                         train_dataset=data, optimizers=(AdaLomo(straight, lr=1e-2), None)).train()
+    args = _args(tmp_path / "b", max_steps=4, lr_scheduler_type="linear", save_strategy="steps",
+                 save_steps=2)
+    first = _model()
+    transformers.Trainer(model=first, args=args, train_dataset=data,
+                         optimizers=(AdaLomo(first, lr=1e-2), None)).train()
+    resumed = _model()
+    opt = AdaLomo(resumed, lr=1e-2)
+    trainer = transformers.Trainer(model=resumed, args=args, train_dataset=data,
+                                   optimizers=(opt, None))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert all(s["step"] == 4 for s in opt.state.values())
+    _assert_same_params(straight, resumed)
