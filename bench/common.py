@@ -281,10 +281,10 @@ def time_interleaved(fns: dict, device, *, warmup_ms=25.0, rep_ms=100.0, min_rep
     return out
 
 
-def copy_bandwidth(device, mib: int = 1024, **timing) -> dict:
+def copy_bandwidth(device, mib: float = 1024, **timing) -> dict:
     """Device copy bandwidth: ``dst.copy_(src)`` of ``mib`` MiB, (read + written bytes) / time."""
     device = torch.device(device)
-    n = mib * 2**20 // 4
+    n = max(1, int(mib * 2**20) // 4)
     src = torch.randn(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, **timing)
@@ -488,6 +488,10 @@ class Row:
     gbps: float | None = None
     copy_gbps: float | None = None
     frac_copy: float | None = None
+    # the same fraction against a copy moving as many bytes as the op (same cache residency):
+    # the fair reference on CPUs whose caches hold a whole tensor
+    copy_same_size_gbps: float | None = None
+    frac_copy_same_size: float | None = None
     peak_extra_bytes: int | None = None
     peak_method: str | None = None
     state_bytes: int | None = None
@@ -503,6 +507,8 @@ class Row:
             if copy_gbps:
                 self.copy_gbps = copy_gbps
                 self.frac_copy = self.gbps / copy_gbps
+            if self.copy_same_size_gbps:
+                self.frac_copy_same_size = self.gbps / self.copy_same_size_gbps
 
     def to_dict(self, env: dict) -> dict:
         d = dataclasses.asdict(self)
@@ -701,10 +707,14 @@ def measure_case(op, dtype, shape_name, shapes, candidates: Sequence[Candidate],
                  count_bytes: bool = True) -> list[Row]:
     """Time every candidate on the same parameters; one Row each (a failure becomes a note)."""
     rows = []
+    bytes_min = fewest_bytes(op, shapes, dtype) if count_bytes else None
+    same_size = None
+    if bytes_min:  # a copy that reads and writes bytes_min / 2 each moves bytes_min in all
+        same_size = copy_bandwidth(device, bytes_min / 2 / 2**20, **timing)["copy_gbps"]
     for c in candidates:
         row = Row(op=op, backend=c.backend, kind=c.kind, dtype=dtype_name(dtype), shape=shape_name,
-                  n_tensors=len(shapes), numel=numel_of(shapes),
-                  bytes_min=fewest_bytes(op, shapes, dtype) if count_bytes else None, note=c.note)
+                  n_tensors=len(shapes), numel=numel_of(shapes), bytes_min=bytes_min, note=c.note,
+                  copy_same_size_gbps=same_size)
         if progress is not None:
             progress.set_postfix_str(f"{op} {row.dtype} {shape_name} {c.backend}", refresh=True)
         fn = state = None

@@ -79,7 +79,10 @@ def _summary(rows, env, copy: dict) -> list[str]:
         sp = ", ".join(f"{k.replace('speedup_vs_', 'vs ')} {v:.2f}x" for k, v in r.speedups.items()
                        if v is not None)
         lines.append(f"{r.backend} {r.op} {r.dtype} {r.shape}: {r.median_ms:.4g} ms, "
-                     f"{r.gbps:.1f} GB/s = {100 * r.frac_copy:.0f}% of copy; {sp}")
+                     f"{r.gbps:.1f} GB/s = {100 * r.frac_copy:.0f}% of copy"
+                     + (f" ({100 * r.frac_copy_same_size:.0f}% of a same-size copy, "
+                        f"{r.copy_same_size_gbps:.1f} GB/s)" if r.frac_copy_same_size else "")
+                     + f"; {sp}")
     for r in rows:
         if r.ratio_to_plain_backward is not None and r.op != "backward_plain":
             lines.append(f"{r.op} [{r.backend}] {r.shape} {r.dtype}: "
