@@ -6,10 +6,19 @@
 //   pass 3: u / max(1, rms(u) / clip_threshold), apply, round, store p.
 // A non-finite gradient element leaves p and the state untouched (decided after pass 1).
 //
-// Factored parameters (dim >= 2) are split into tiles of at most kTileRows x kTileCols elements
+// Factored parameters (dim >= 2) are split into tiles of at most kTileElems elements, up to
+// kTileCols columns wide (whole rows up to 4096 columns: long contiguous runs for the prefetcher)
 // inside one [m, n] slice; a tile writes its row sums, column sums and scalar partials to its own
 // slots, which are then added in a fixed order: the result does not depend on the thread count.
+//
+// Speed: passes 1 and 2 are split in two loops over kSub elements of a tile row (or of a flat
+// chunk): a plain contiguous loop that the compiler vectorises (upcast, preprocessing, G or u in
+// fp32, then widened to double: G, p*p and u*u, the squares exact in double) into a small double
+// buffer, then the double accumulation of that buffer with 8-lane vector-extension registers
+// (row sums: kLanes accumulators, lane k = element j % 8; sums of squares: kSqAcc x kLanes
+// accumulators, see lanes_add_d). Every order is fixed by the shape alone.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -21,8 +30,8 @@ namespace lomo {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileCols = 1024;
-constexpr int64_t kTileElems = 65536;
+constexpr int64_t kTileCols = 4096;
+constexpr int64_t kTileElems = 262144;
 constexpr int kLanes = 8;  // independent accumulators: vectorisable and order-fixed
 
 struct AdaCtx {
@@ -59,10 +68,54 @@ LOMO_CPU_INLINE Tile tile_of(const AdaCtx& c, int64_t unit) {
   return t;
 }
 
-LOMO_CPU_INLINE double lane_sum(const double* l) {
+// kLanes doubles: one zmm with AVX-512, two ymm with AVX2, four xmm on the baseline.
+typedef double V8d __attribute__((vector_size(64)));
+static_assert(kLanes == 8, "V8d holds kLanes lanes");
+// Columns per unit of the host's column-sum reduction.
+constexpr int64_t kColRun = 4096;
+
+LOMO_CPU_INLINE double lane_sum(const V8d& l) {
   double s = 0.0;
   for (int k = 0; k < kLanes; ++k) s += l[k];
   return s;
+}
+
+// The sums of squares (sum(p*p), sum(u*u)) are one long chain per tile or chunk: kSqAcc
+// vectors of kLanes accumulators hide the latency of the double additions. Element j of a run
+// goes to acc[(j / 8) % kSqAcc][j % 8] (the last j % 8 of a run to acc[0]), added in increasing j.
+constexpr int kSqAcc = 4;
+struct SqAcc {
+  V8d a[kSqAcc];
+};
+
+// Elements per double staging buffer of passes 1 and 2 (a multiple of kSqAcc * kLanes, so that
+// staging a run in blocks does not move any element to another accumulator).
+constexpr int64_t kSub = 1024;
+static_assert(kSub % (kSqAcc * kLanes) == 0, "kSub");
+
+LOMO_CPU_INLINE double sq_sum(const SqAcc& acc) {
+  double s = 0.0;
+  for (int i = 0; i < kSqAcc; ++i)
+    for (int k = 0; k < kLanes; ++k) s += acc.a[i][k];
+  return s;
+}
+
+// acc += x[j] for j in [0, len), in increasing j.
+LOMO_CPU_INLINE void lanes_add_d(SqAcc& acc, const double* __restrict x, int64_t len) {
+  int64_t j = 0;
+  for (; j + kSqAcc * kLanes <= len; j += kSqAcc * kLanes) {
+    for (int i = 0; i < kSqAcc; ++i) {
+      V8d v;
+      std::memcpy(&v, x + j + i * kLanes, sizeof v);
+      acc.a[i] += v;
+    }
+  }
+  for (int i = 0; j + kLanes <= len; j += kLanes, ++i) {
+    V8d v;
+    std::memcpy(&v, x + j, sizeof v);
+    acc.a[i] += v;
+  }
+  for (int k = 0; j < len; ++j, ++k) acc.a[0][k] += x[j];
 }
 
 // ---- factored pass 1: row/column sums of G, sum(p*p), non-finite flag --------------------------
@@ -71,44 +124,49 @@ LOMO_CPU_INLINE void factored_stats(const AdaCtx& c, int64_t unit) {
   using S = storage_t<F>;
   const Tile t = tile_of(c, unit);
   const float scale = c.s.scale, clip = c.s.clip, coef = c.coef, eps1 = c.s.eps1;
-  double* __restrict col = c.colpart + t.srb * c.n + t.c0;
-  for (int64_t j = 0; j < t.w; ++j) col[j] = 0.0;
-  double pl[kLanes] = {};
+  const int64_t w = t.w, n = c.n;
+  double* __restrict col = c.colpart + t.srb * n + t.c0;
+  double* __restrict rowpart = c.rowpart + t.cb * c.slices * c.m;
+  // double staging (the upcast happens in the vectorised loop), kSub columns at a time
+  alignas(64) double gd[kSub];
+  alignas(64) double pd[kSub];
+  for (int64_t j = 0; j < w; ++j) col[j] = 0.0;
+  SqAcc pl = {};
   uint32_t bad = 0;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * c.m + r;
-    const S* __restrict g = static_cast<const S*>(c.g) + row * c.n + t.c0;
-    const S* __restrict p = static_cast<const S*>(c.p) + row * c.n + t.c0;
-    double rl[kLanes] = {};
-    for (int64_t j0 = 0; j0 < t.w; j0 += kLanes) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, t.w - j0));
-      if (lanes == kLanes) {
-        for (int k = 0; k < kLanes; ++k) {
-          const float graw = to_f32<F>(g[j0 + k]);
-          bad |= is_finite_f32(graw) ? 0u : 1u;
-          const float gv = preprocess<DIV>(graw, scale, clip, coef);
-          const float G = gv * gv + eps1;
-          rl[k] += G;
-          col[j0 + k] += G;
-          const double pv = to_f32<F>(p[j0 + k]);
-          pl[k] += pv * pv;
-        }
-      } else {
-        for (int k = 0; k < lanes; ++k) {
-          const float graw = to_f32<F>(g[j0 + k]);
-          bad |= is_finite_f32(graw) ? 0u : 1u;
-          const float gv = preprocess<DIV>(graw, scale, clip, coef);
-          const float G = gv * gv + eps1;
-          rl[k] += G;
-          col[j0 + k] += G;
-          const double pv = to_f32<F>(p[j0 + k]);
-          pl[k] += pv * pv;
-        }
+    const S* __restrict g = static_cast<const S*>(c.g) + row * n + t.c0;
+    const S* __restrict p = static_cast<const S*>(c.p) + row * n + t.c0;
+    V8d rl = {};
+    for (int64_t b = 0; b < w; b += kSub) {  // kSub is a multiple of kSqAcc * kLanes
+      const int64_t bl = std::min(kSub, w - b);
+      for (int64_t j = 0; j < bl; ++j) {  // fp32 math, vectorised
+        const float graw = to_f32<F>(g[b + j]);
+        bad |= is_finite_f32(graw) ? 0u : 1u;
+        const float gv = preprocess<DIV>(graw, scale, clip, coef);
+        gd[j] = gv * gv + eps1;
+        const double pv = to_f32<F>(p[b + j]);
+        pd[j] = pv * pv;
       }
+      double* __restrict cb = col + b;
+      int64_t j = 0;
+      for (; j + kLanes <= bl; j += kLanes) {
+        V8d G, cv;
+        std::memcpy(&G, gd + j, sizeof G);
+        rl += G;
+        std::memcpy(&cv, cb + j, sizeof cv);
+        cv += G;
+        std::memcpy(cb + j, &cv, sizeof cv);
+      }
+      for (int k = 0; j < bl; ++j, ++k) {
+        rl[k] += gd[j];
+        cb[j] += gd[j];
+      }
+      lanes_add_d(pl, pd, bl);
     }
-    c.rowpart[t.cb * c.slices * c.m + row] = lane_sum(rl);
+    rowpart[row] = lane_sum(rl);
   }
-  c.part[unit] = lane_sum(pl);
+  c.part[unit] = sq_sum(pl);
   c.bad[unit] = bad ? 1 : 0;
 }
 LOMO_CPU_CLONES(factored_stats)
@@ -119,38 +177,35 @@ LOMO_CPU_INLINE void factored_unorm(const AdaCtx& c, int64_t unit) {
   using S = storage_t<F>;
   const Tile t = tile_of(c, unit);
   const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
+  const int64_t w = t.w;
   const float* __restrict cf = c.cfac + t.s * c.n + t.c0;
-  double ul[kLanes] = {};
+  alignas(64) double ud[kSub];
+  SqAcc ul = {};
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * c.m + r;
     const float rf = c.rfac[row];
     const S* __restrict g = static_cast<const S*>(c.g) + row * c.n + t.c0;
-    for (int64_t j0 = 0; j0 < t.w; j0 += kLanes) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, t.w - j0));
-      if (lanes == kLanes) {
-        for (int k = 0; k < kLanes; ++k) {
-          const float gv = preprocess<DIV>(to_f32<F>(g[j0 + k]), scale, clip, coef);
-          const double u = (rf * cf[j0 + k]) * gv;
-          ul[k] += u * u;
-        }
-      } else {
-        for (int k = 0; k < lanes; ++k) {
-          const float gv = preprocess<DIV>(to_f32<F>(g[j0 + k]), scale, clip, coef);
-          const double u = (rf * cf[j0 + k]) * gv;
-          ul[k] += u * u;
-        }
+    for (int64_t b = 0; b < w; b += kSub) {
+      const int64_t bl = std::min(kSub, w - b);
+      for (int64_t j = 0; j < bl; ++j) {
+        const float gv = preprocess<DIV>(to_f32<F>(g[b + j]), scale, clip, coef);
+        const double u = (rf * cf[b + j]) * gv;
+        ud[j] = u * u;
       }
+      lanes_add_d(ul, ud, bl);
     }
   }
-  c.part[unit] = lane_sum(ul);
+  c.part[unit] = sq_sum(ul);
 }
 LOMO_CPU_CLONES(factored_unorm)
 
 // One element of pass 3: p = p * decay - lr_t * (u / denom), rounded to the stored dtype.
+// The step scalars are passed by value: read through `c` they could alias the stores to p.
 template <Fmt F, bool SR>
-LOMO_CPU_INLINE storage_t<F> apply_one(const AdaCtx& c, storage_t<F> p, float u, uint32_t bits) {
-  const float un = u / c.denom;
-  const float nv = to_f32<F>(p) * c.decay - c.lr_t * un;
+LOMO_CPU_INLINE storage_t<F> apply_one(float denom, float decay, float lr_t, storage_t<F> p,
+                                       float u, uint32_t bits) {
+  const float un = u / denom;
+  const float nv = to_f32<F>(p) * decay - lr_t * un;
   return from_f32<F, SR>(nv, bits);
 }
 
@@ -160,6 +215,8 @@ LOMO_CPU_INLINE void factored_apply(const AdaCtx& c, int64_t unit) {
   using S = storage_t<F>;
   const Tile t = tile_of(c, unit);
   const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
+  const float denom = c.denom, decay = c.decay, lr_t = c.lr_t;
+  const uint32_t key = c.s.key;
   const float* __restrict cf = c.cfac + t.s * c.n + t.c0;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * c.m + r;
@@ -169,7 +226,7 @@ LOMO_CPU_INLINE void factored_apply(const AdaCtx& c, int64_t unit) {
     const float* __restrict cfj = cf;
     while (begin < end) {  // split where the hash's high half changes
       const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
-      const uint32_t hk = hash_high_key(c.s.key, static_cast<uint64_t>(begin));
+      const uint32_t hk = hash_high_key(key, static_cast<uint64_t>(begin));
       const uint32_t lo = static_cast<uint32_t>(begin);
       S* __restrict p = static_cast<S*>(c.p) + begin;
       const S* __restrict g = static_cast<const S*>(c.g) + begin;
@@ -178,7 +235,7 @@ LOMO_CPU_INLINE void factored_apply(const AdaCtx& c, int64_t unit) {
         const float gv = preprocess<DIV>(to_f32<F>(g[j]), scale, clip, coef);
         const float u = (rf * cfj[j]) * gv;
         const uint32_t bits = SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-        p[j] = apply_one<F, SR>(c, p[j], u, bits);
+        p[j] = apply_one<F, SR>(denom, decay, lr_t, p[j], u, bits);
       }
       cfj += len;
       begin = stop;
@@ -194,32 +251,30 @@ LOMO_CPU_INLINE void flat_stats(const AdaCtx& c, int64_t unit) {
   const int64_t begin = unit * kChunk, len = std::min(c.numel - begin, kChunk);
   const S* __restrict g = static_cast<const S*>(c.g) + begin;
   const S* __restrict p = static_cast<const S*>(c.p) + begin;
-  double pl[kLanes] = {};
+  alignas(64) double pd[kSub];
+  SqAcc pl = {};
   uint32_t bad = 0;
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      bad |= is_finite_f32(to_f32<F>(g[j + k])) ? 0u : 1u;
-      const double pv = to_f32<F>(p[j + k]);
-      pl[k] += pv * pv;
+  for (int64_t b = 0; b < len; b += kSub) {
+    const int64_t bl = std::min(kSub, len - b);
+    for (int64_t j = 0; j < bl; ++j) {
+      bad |= is_finite_f32(to_f32<F>(g[b + j])) ? 0u : 1u;
+      const double pv = to_f32<F>(p[b + j]);
+      pd[j] = pv * pv;
     }
+    lanes_add_d(pl, pd, bl);
   }
-  for (int k = 0; j < len; ++j, ++k) {
-    bad |= is_finite_f32(to_f32<F>(g[j])) ? 0u : 1u;
-    const double pv = to_f32<F>(p[j]);
-    pl[k] += pv * pv;
-  }
-  c.part[unit] = lane_sum(pl);
+  c.part[unit] = sq_sum(pl);
   c.bad[unit] = bad ? 1 : 0;
 }
 LOMO_CPU_CLONES(flat_stats)
 
 // v = beta * v + (1 - beta) * G (torch.add(v * b, G, alpha=1-b): one fma), u = rsqrt(v) * g.
 template <Fmt F, bool DIV>
-LOMO_CPU_INLINE float flat_u_update_v(const AdaCtx& c, float* v, storage_t<F> graw) {
-  const float gv = preprocess<DIV>(to_f32<F>(graw), c.s.scale, c.s.clip, c.coef);
-  const float G = gv * gv + c.s.eps1;
-  const float vn = __builtin_fmaf(G, c.s.one_minus_beta, *v * c.s.beta);
+LOMO_CPU_INLINE float flat_u_update_v(const AdaLomoScalars& s, float coef, float* v,
+                                      storage_t<F> graw) {
+  const float gv = preprocess<DIV>(to_f32<F>(graw), s.scale, s.clip, coef);
+  const float G = gv * gv + s.eps1;
+  const float vn = __builtin_fmaf(G, s.one_minus_beta, *v * s.beta);
   *v = vn;
   return (1.0f / std::sqrt(vn)) * gv;
 }
@@ -230,19 +285,19 @@ LOMO_CPU_INLINE void flat_unorm(const AdaCtx& c, int64_t unit) {
   const int64_t begin = unit * kChunk, len = std::min(c.numel - begin, kChunk);
   const S* __restrict g = static_cast<const S*>(c.g) + begin;
   float* __restrict v = c.v + begin;
-  double ul[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const double u = flat_u_update_v<F, DIV>(c, v + j + k, g[j + k]);
-      ul[k] += u * u;
+  const AdaLomoScalars s = c.s;  // a local copy: the stores to v cannot alias it
+  const float coef = c.coef;
+  alignas(64) double ud[kSub];
+  SqAcc ul = {};
+  for (int64_t b = 0; b < len; b += kSub) {
+    const int64_t bl = std::min(kSub, len - b);
+    for (int64_t j = 0; j < bl; ++j) {
+      const double u = flat_u_update_v<F, DIV>(s, coef, v + b + j, g[b + j]);
+      ud[j] = u * u;
     }
+    lanes_add_d(ul, ud, bl);
   }
-  for (int k = 0; j < len; ++j, ++k) {
-    const double u = flat_u_update_v<F, DIV>(c, v + j, g[j]);
-    ul[k] += u * u;
-  }
-  c.part[unit] = lane_sum(ul);
+  c.part[unit] = sq_sum(ul);
 }
 LOMO_CPU_CLONES(flat_unorm)
 
@@ -257,11 +312,12 @@ LOMO_CPU_INLINE void flat_apply(const AdaCtx& c, int64_t unit) {
   S* __restrict p = static_cast<S*>(c.p) + begin;
   const float* __restrict v = c.v + begin;
   const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
+  const float denom = c.denom, decay = c.decay, lr_t = c.lr_t;
   for (int64_t j = 0; j < len; ++j) {
     const float gv = preprocess<DIV>(to_f32<F>(g[j]), scale, clip, coef);
     const float u = (1.0f / std::sqrt(v[j])) * gv;
     const uint32_t bits = SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-    p[j] = apply_one<F, SR>(c, p[j], u, bits);
+    p[j] = apply_one<F, SR>(denom, decay, lr_t, p[j], u, bits);
   }
 }
 LOMO_CPU_CLONES(flat_apply)
@@ -362,12 +418,20 @@ void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS) {
           r[i] = std::fma(static_cast<float>(sum / c.n), omb, r[i] * b);
         }
       });
-      parallel_units(ceil_div(c.slices * c.n, kChunk), [&](int64_t u) {
-        for (int64_t i = u * kChunk; i < std::min(c.slices * c.n, (u + 1) * kChunk); ++i) {
-          const int64_t s = i / c.n, j = i % c.n;
-          double sum = 0.0;
-          for (int64_t rb = 0; rb < c.nrb; ++rb) sum += colpart[(s * c.nrb + rb) * c.n + j];
-          cs[i] = std::fma(static_cast<float>(sum / c.m), omb, cs[i] * b);
+      // column sums: the row blocks added in order, a contiguous run of columns at a time
+      const int64_t ncol_units = ceil_div(c.n, kColRun);
+      parallel_units(c.slices * ncol_units, [&](int64_t u) {
+        const int64_t s = u / ncol_units, j0 = (u % ncol_units) * kColRun;
+        const int64_t len = std::min(c.n - j0, kColRun);
+        double sum[kColRun];
+        for (int64_t j = 0; j < len; ++j) sum[j] = 0.0;
+        for (int64_t rb = 0; rb < c.nrb; ++rb) {
+          const double* __restrict cp = colpart.data() + (s * c.nrb + rb) * c.n + j0;
+          for (int64_t j = 0; j < len; ++j) sum[j] += cp[j];
+        }
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t i = s * c.n + j0 + j;
+          cs[i] = std::fma(static_cast<float>(sum[j] / c.m), omb, cs[i] * b);
           cfac[i] = 1.0f / std::sqrt(cs[i]);
         }
       });
