@@ -199,16 +199,7 @@ def run(device, dtypes, shapes, *, backends=None, timing=None, copy_gbps=None, p
 
 
 def main(argv=None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
-    kw = common.resolve_common_args(ap.parse_args(argv))
-    env = common.environment(kw["device"])
-    rows = run(**kw)
-    print(f"# {env['device_name']} | torch {env['torch_version']} | threads {env['cpu_threads']}")
-    print(common.format_table(rows))
+    common.op_script_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -827,3 +827,17 @@ def copy_mib_default(device, sizes: str) -> int:
     if torch.device(device).type == "cuda":
         return 1024
     return 64 if sizes == "tiny" else 512
+
+
+def op_script_main(run, doc: str, argv=None) -> None:
+    """The command line of a single-op microbenchmark script: common flags, run, print a table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    kw = resolve_common_args(ap.parse_args(argv))
+    env = environment(kw["device"])
+    rows = run(**kw)
+    print(f"# {env['device_name']} | torch {env['torch_version']} | threads {env['cpu_threads']}")
+    print(format_table(rows))

@@ -21,6 +21,7 @@ Where this deviates from ``lomo-optim`` (and SPEC.md), on purpose:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -31,6 +32,7 @@ __all__ = [
     "random_bits",
     "rounding_key",
     "mix32",
+    "f32",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -143,17 +145,21 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int
 # ---------------------------------------------------------------------------------------------
 
 
-def _f32(v: float) -> float:
-    """Round a host float64 scalar to the nearest float32 (the value a kernel receives)."""
-    return float(torch.tensor(v, dtype=torch.float32))
+def f32(v: float) -> float:
+    """Round a host float64 scalar to the nearest float32 (the value a kernel receives).
+    Every backend's launcher rounds its scalars with this one function."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond the float32 range: rounds to infinity
+        return math.copysign(math.inf, v)
 
 
 def _preprocess(g, loss_scale, clip_grad_value, clip_coef):
     g32 = g.to(torch.float32)
     if loss_scale != 1.0:
-        g32 = g32 / _f32(loss_scale)
+        g32 = g32 / f32(loss_scale)
     if clip_grad_value > 0:
-        g32 = g32.clamp(-_f32(clip_grad_value), _f32(clip_grad_value))
+        g32 = g32.clamp(-f32(clip_grad_value), f32(clip_grad_value))
     if clip_coef is not None:
         g32 = g32 * clip_coef.to(torch.float32)
     return g32
@@ -180,7 +186,7 @@ def lomo_update_(
     p32 = param.to(torch.float32)
     new = p32
     if weight_decay != 0.0:
-        new = new * _f32(1.0 - lr * weight_decay)
+        new = new * f32(1.0 - lr * weight_decay)
     new = torch.add(new, g32, alpha=-lr)  # one fused multiply-add per element, as lomo-optim
     out = round_to_dtype(new, param.dtype, rounding, seed, step)
     finite = torch.isfinite(grad)
@@ -214,8 +220,8 @@ def adalomo_update_(
     g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
     bad = ~torch.isfinite(grad)
     ok = ~bad.any()
-    sq = g32 * g32 + _f32(eps1)
-    b, omb = _f32(beta), _f32(1.0 - beta)
+    sq = g32 * g32 + f32(eps1)
+    b, omb = f32(beta), f32(1.0 - beta)
     if exp_avg_sq_row is not None:
         row = torch.add(exp_avg_sq_row * b, sq.mean(dim=-1), alpha=omb)
         col = torch.add(exp_avg_sq_col * b, sq.mean(dim=-2), alpha=omb)
@@ -228,12 +234,12 @@ def adalomo_update_(
         v = torch.add(exp_avg_sq * b, sq, alpha=omb)
         u = v.rsqrt() * g32
         exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
-    u = u / (_rms(u) / _f32(clip_threshold)).clamp(min=1.0)
+    u = u / (_rms(u) / f32(clip_threshold)).clamp(min=1.0)
     p32 = param.to(torch.float32)
-    lr_t = _f32(lr) * _rms(p32).clamp(min=_f32(eps2))  # rms(p) before the update, on device
+    lr_t = f32(lr) * _rms(p32).clamp(min=f32(eps2))  # rms(p) before the update, on device
     new = p32
     if weight_decay != 0.0:
-        new = new * (1.0 - lr_t * _f32(weight_decay))
+        new = new * (1.0 - lr_t * f32(weight_decay))
     new = new - lr_t * u
     out = round_to_dtype(new, param.dtype, rounding, seed, step)
     param.copy_(torch.where(ok, out, param))

@@ -56,7 +56,7 @@ def _call(fn, p, g, st, h, device, rounding="nearest", found=None, seed=5, step=
 def _f64_adalomo(p, g, st, h):
     """SPEC.md in float64 (host scalars rounded to fp32 as every backend receives them).
     Returns the new parameter, the size of its terms, and the new state."""
-    f32 = reference._f32
+    f32 = reference.f32
     g = g.double()
     if h["ls"] != 1.0:
         g = g / f32(h["ls"])

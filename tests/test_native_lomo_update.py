@@ -46,7 +46,7 @@ def _args(h, device, rounding="nearest", seed=11, step=3, found_inf=None):
 
 def _f64_lomo(p, g, h):
     """SPEC.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
-    f32 = reference._f32
+    f32 = reference.f32
     g = g.double()
     if h["ls"] != 1.0:
         g = g / f32(h["ls"])
@@ -320,7 +320,7 @@ def test_cuda_beyond_2_pow_32_elements(rounding):
     lo = n - 8198
     p_tail, g_tail = p[lo:].cpu(), g[lo:].cpu()
     OP(p, g, None, None, 1e-2, 0.1, 1.0, 0.0, rounding, 5, 9)
-    new = p_tail.float() * reference._f32(1 - 0.01 * 0.1)
+    new = p_tail.float() * reference.f32(1 - 0.01 * 0.1)
     new = torch.add(new, g_tail.float(), alpha=-1e-2)
     if rounding == "nearest":
         want = new.to(torch.bfloat16)

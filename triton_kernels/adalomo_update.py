@@ -386,7 +386,7 @@ def adalomo_update_(
     cc = clip_coef if clip_coef is not None else param  # placeholders are never dereferenced
     fi = found_inf if found_inf is not None else param
     b32, omb32, cv32 = f32(beta), f32(1.0 - beta), f32(clip_grad_value)
-    # Host scalars as reference.py rounds them: _f32(lr), _f32(eps2), _f32(weight_decay), ...
+    # Host scalars as reference.py rounds them: f32(lr), f32(eps2), f32(weight_decay), ...
     tail = (f32(math.sqrt(numel)), f32(lr), f32(eps2), f32(weight_decay), f32(clip_threshold))
     opts = dict(enable_fp_fusion=False)  # op-by-op rounding as the reference (see module doc)
     key = key_arg(seed, step)

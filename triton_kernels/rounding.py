@@ -13,11 +13,10 @@ shift, exactly as the reference's masked int64 arithmetic.
 
 import math
 
-import numpy as np
 import triton
 import triton.language as tl
 
-from ..reference import rounding_key
+from ..reference import f32, rounding_key  # noqa: F401  (f32: the launchers' scalars)
 
 _SIGN32 = tl.constexpr(0x80000000)
 _TWO_M24 = tl.constexpr(5.9604644775390625e-08)  # 2**-24, exact in fp32
@@ -124,12 +123,6 @@ def preprocess(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr, CLIP_V
 # ---------------------------------------------------------------------------------------------
 # Host side: the scalars every launcher passes (float64 -> float32 exactly as reference.py does).
 # ---------------------------------------------------------------------------------------------
-
-
-def f32(v: float) -> float:
-    """The nearest float32 to the host float ``v`` (reference._f32)."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(v))
 
 
 def loss_scale_args(loss_scale: float):
