@@ -11,6 +11,10 @@ optional and built from ``csrc/`` when possible:
     from ``TORCH_CUDA_ARCH_LIST``, else the visible GPU, else a default list with PTX for the
     newest (so a machine without a GPU, such as CI, still compiles them).
 
+  * the same CUDA kernels compiled as host C++ for the SIMT emulation (``csrc/emulated/``,
+    backend ``cuda_emulated``: the CUDA code run on CPU tensors, for tests) when
+    ``LOMO_KERNELS_CUDA_EMULATION=1`` (CI sets it); needs no CUDA toolkit.
+
 Environment: ``LOMO_KERNELS_SKIP_CUDA_BUILD=1`` builds the CPU kernels only;
 ``LOMO_KERNELS_FORCE_BUILD=1`` fails loudly instead of falling back to the pure-Python package;
 ``MAX_JOBS`` limits parallel compile jobs; ``CUDA_HOME`` names the CUDA toolkit (otherwise found
@@ -31,6 +35,7 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORCE = os.environ.get("LOMO_KERNELS_FORCE_BUILD", "0") == "1"
 SKIP_CUDA = os.environ.get("LOMO_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
+EMULATION = os.environ.get("LOMO_KERNELS_CUDA_EMULATION", "0") == "1"
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200, PTX for newer GPUs
 # --fmad=false: like -ffp-contract=off for the host, the kernels call fmaf where torch fuses.
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--fmad=false"]
@@ -74,6 +79,33 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _emulated_sources(cuda_sources):
+    """csrc/emulated/*.cpp; every csrc/cuda/<name>.cu must have its csrc/emulated/<name>.cpp."""
+    wrappers = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob("csrc/emulated/*.cpp")}
+    missing = [p for p in cuda_sources if os.path.splitext(os.path.basename(p))[0] not in wrappers]
+    if missing:
+        raise RuntimeError(
+            f"LOMO_KERNELS_CUDA_EMULATION=1: {missing} lack a csrc/emulated/<name>.cpp that "
+            "includes cuda/emulation.h and the .cu file"
+        )
+    return sorted(glob.glob("csrc/emulated/*.cpp"))
+
+
+def _arch_tokens(arch_list: str) -> str:
+    """'8.0;9.0+PTX' -> 'sm_80+sm_90+compute_90' (nvcc splits -D values at commas)."""
+    out = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        num = entry.split("+")[0].replace(".", "")
+        if not num.isalnum():
+            continue
+        out.append(f"sm_{num}")
+        if entry.endswith("+PTX"):
+            out.append(f"compute_{num}")
+    return "+".join(out)
+
+
 def _extensions():
     """The lomo_kernels._C extension, or [] when it cannot be built here."""
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -114,6 +146,10 @@ def _extensions():
             if os.path.isdir(d):
                 include_dirs.append(d)
     define_macros = []
+    if EMULATION:
+        sources += _emulated_sources(cuda_sources)
+        define_macros.append(("LOMO_KERNELS_WITH_CUDA_EMULATION", "1"))
+        _log("CUDA kernels also compiled for the SIMT emulation (backend cuda_emulated)")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             archs = DEFAULT_ARCHS
@@ -126,6 +162,8 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         _log(f"CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         define_macros.append(("LOMO_KERNELS_WITH_CUDA", "1"))
+        define_macros.append(
+            ("LOMO_KERNELS_CUDA_ARCHS", _arch_tokens(os.environ["TORCH_CUDA_ARCH_LIST"])))
         ext = cpp_extension.CUDAExtension(
             "lomo_kernels._C",
             sources + cuda_sources,

@@ -26,9 +26,16 @@ namespace lomo {
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
 
-#ifdef LOMO_KERNELS_WITH_CUDA
-void lomo_update_cuda(LOMO_UPDATE_PARAMS);
-void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS);
-#endif
+// csrc/cuda/*.cu, compiled by nvcc ...
+namespace cuda {
+void lomo_update(LOMO_UPDATE_PARAMS);
+void adalomo_update(ADALOMO_UPDATE_PARAMS);
+}  // namespace cuda
+
+// ... and the same source compiled as host C++ for the SIMT emulation (csrc/emulated/), CPU tensors.
+namespace cuda_emulated {
+void lomo_update(LOMO_UPDATE_PARAMS);
+void adalomo_update(ADALOMO_UPDATE_PARAMS);
+}  // namespace cuda_emulated
 
 }  // namespace lomo

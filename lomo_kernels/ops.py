@@ -22,7 +22,13 @@ the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA 
 same ops (``TORCH_LIBRARY_IMPL``); the Triton kernels are registered for CUDA when the native CUDA
 kernels are absent. ``torch.ops.lomo_kernels.<op>`` therefore runs the fastest implementation for
 the tensor's device. ``get_impl(op, backend, device)`` resolves an explicit backend name (once per
-parameter, never per call) and raises a clear error when that backend cannot run there.
+parameter, never per call) and raises a clear error when that backend cannot run there; on CUDA the
+kernel it returns is checked against the reference at its first use (lomo_kernels/selfcheck.py).
+
+The backend ``cuda_emulated`` (the CUDA kernels run by a SIMT emulation on CPU tensors, built with
+``LOMO_KERNELS_CUDA_EMULATION=1``; never chosen by ``auto``) has its own op namespace,
+``lomo_kernels_cuda_emulated``, with no default implementation, so it never takes the CPU kernels'
+place and a missing build is an error, not the reference.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "native", "triton", "torch")
+BACKENDS = ("auto", "native", "triton", "torch", "cuda_emulated")
+EMULATED_NAMESPACE = "lomo_kernels_cuda_emulated"
 ROUNDINGS = ("nearest", "stochastic")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,6 +68,8 @@ for _name, _schema in _SCHEMAS.items():
     )
     # In-place ops return nothing: the fake implementation only has to exist.
     torch.library.register_fake(f"lomo_kernels::{_name}")(lambda *args, **kwargs: None)
+    torch.library.define(f"{EMULATED_NAMESPACE}::{_name}", _schema)
+    torch.library.register_fake(f"{EMULATED_NAMESPACE}::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +98,14 @@ except Exception as exc:
     _STATUS["triton"] = f"unavailable: {type(exc).__name__}: {exc}"
 
 _STATUS["torch"] = "loaded"
+if _native is None:
+    _STATUS["cuda_emulated"] = _STATUS["native"]
+elif _native.has_cuda_emulation():
+    _STATUS["cuda_emulated"] = "loaded (cpu)"
+else:
+    _STATUS["cuda_emulated"] = (
+        "unavailable: the native extension was built without LOMO_KERNELS_CUDA_EMULATION=1"
+    )
 
 
 def _native_cuda() -> bool:
@@ -101,7 +118,8 @@ if _triton is not None and not _native_cuda():
 
 
 def available_backends() -> dict[str, str]:
-    """What loaded, and why not: ``{"native": "...", "triton": "...", "torch": "loaded"}``."""
+    """What loaded, and why not: ``{"native": "...", "triton": "...", "torch": "loaded",
+    "cuda_emulated": "..."}``."""
     return dict(_STATUS)
 
 
@@ -113,6 +131,11 @@ def _can_run(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` runs on ``device``, else the reason it cannot."""
     if backend == "torch":
         return None
+    from . import selfcheck
+
+    disabled = selfcheck.disabled_reason(backend, device)
+    if disabled is not None:
+        return f"disabled for this process: {disabled}"
     if backend == "native":
         if _native is None:
             return _STATUS["native"]
@@ -125,6 +148,12 @@ def _can_run(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
             return None
         return f"Triton runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
+    if backend == "cuda_emulated":
+        if not _STATUS["cuda_emulated"].startswith("loaded"):
+            return _STATUS["cuda_emulated"]
+        if device.type == "cpu":
+            return None
+        return f"the CUDA emulation runs on CPU tensors, got {device}"
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -150,11 +179,21 @@ def get_impl(op: str, backend: str, device: torch.device | str) -> Callable:
     """The callable implementing ``op`` for ``backend`` on ``device`` (resolved once)."""
     if op not in _SCHEMAS:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    device = torch.device(device)
     backend = resolve_backend(backend, device)
+    from . import selfcheck
+
+    # on CUDA, checked against the reference at its first use per dtype (lomo_kernels/selfcheck.py)
+    return selfcheck.guard(op, backend, device, _raw_impl(op, backend))
+
+
+def _raw_impl(op: str, backend: str) -> Callable:
     if backend == "torch":
         return getattr(reference, op)
     if backend == "triton":
         return getattr(_triton, op)
+    if backend == "cuda_emulated":
+        return getattr(getattr(torch.ops, EMULATED_NAMESPACE), op)
     # native: the dispatcher routes CPU/CUDA tensors to the C++ kernels registered by _C.
     return getattr(torch.ops.lomo_kernels, op)
 
@@ -235,3 +274,28 @@ def adalomo_update_(
     impl(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf, float(lr),
          float(weight_decay), float(loss_scale), float(clip_grad_value), float(beta), float(eps1),
          float(eps2), float(clip_threshold), rounding, int(seed), int(step))
+
+
+# ---------------------------------------------------------------------------------------------
+# The SIMT emulation's counters (backend "cuda_emulated")
+# ---------------------------------------------------------------------------------------------
+
+
+def _emulation():
+    if not _STATUS["cuda_emulated"].startswith("loaded"):
+        raise RuntimeError(f"lomo_kernels: cuda_emulated is {_STATUS['cuda_emulated']}")
+    return _native
+
+
+def emulated_launch_count() -> int:
+    """Kernel launches the CUDA emulation ran since the last ``reset_emulated_launch_count()``."""
+    return _emulation().emulated_launch_count()
+
+
+def reset_emulated_launch_count() -> None:
+    _emulation().reset_emulated_launch_count()
+
+
+def emulation_stats() -> dict:
+    """The emulation's counters: launches, blocks, threads, context_switches, fibers."""
+    return dict(_emulation().emulation_stats())

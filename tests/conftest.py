@@ -25,7 +25,29 @@ requires_native = pytest.mark.skipif(
     reason=f"native backend: {ops.available_backends()['native']}",
 )
 
+requires_cuda_emulation = pytest.mark.skipif(
+    not ops.available_backends()["cuda_emulated"].startswith("loaded"),
+    reason=f"cuda_emulated backend: {ops.available_backends()['cuda_emulated']}",
+)
+
 ODD_SIZES = [1, 7, 4097, 278011]
+
+# Where the native kernels of csrc/ run: "cpu" (the C++ kernels), "cuda_emulated" (the CUDA kernels
+# in the SIMT emulation, on CPU tensors: how CI runs them) and, with a GPU, "cuda".
+NATIVE_TARGETS = ["cpu", pytest.param("cuda_emulated", marks=requires_cuda_emulation)] + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
+
+
+def target_device(target: str) -> str:
+    """The device of a native target's tensors."""
+    return "cuda" if target == "cuda" else "cpu"
+
+
+def target_op(target: str, op: str):
+    """The op that runs ``target``'s kernel (the dispatcher picks CPU or CUDA by the tensors)."""
+    namespace = ops.EMULATED_NAMESPACE if target == "cuda_emulated" else "lomo_kernels"
+    return getattr(getattr(torch.ops, namespace), op)
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The native (C++/CUDA) AdaLomo kernel against the reference and a float64 evaluation.
 
 ``torch.ops.lomo_kernels.adalomo_update_`` runs the C++ kernel for CPU tensors and the CUDA kernel
-for CUDA tensors once ``lomo_kernels._C`` is loaded. The oracle always runs on CPU copies.
+for CUDA tensors once ``lomo_kernels._C`` is loaded. Every case runs on each native target
+(conftest.NATIVE_TARGETS): the C++ kernel, the CUDA kernel in the SIMT emulation on CPU tensors
+(``cuda_emulated``, with the same tolerances as on a GPU) and, with a GPU, the CUDA kernel itself.
+The oracle always runs on CPU copies.
 
 The native kernels reduce in double over fixed partitions; the reference reduces in fp32 (its
 ``torch.linalg.vector_norm`` of a 0.5M-element fp32 tensor is off by ~2e-5 relative), so the two
@@ -10,150 +13,99 @@ shows as more than one ulp of the tiny result; those elements are checked agains
 the terms instead (a pointwise relative error is meaningless there).
 """
 
-import math
-
 import pytest
 import torch
-from conftest import ODD_SIZES, requires_cuda, requires_native, ulp_distance
+from conftest import (NATIVE_TARGETS, ODD_SIZES, requires_cuda_emulation, requires_native,
+                      target_device, target_op, ulp_distance)
+from oracle import (DTYPES, EPS1, EPS2, LLM_SHAPES, adalomo_state, check_param, check_state,
+                    f64_adalomo, rand)
 
 import lomo_kernels
-from lomo_kernels import ops, reference
+from lomo_kernels import reference
 
 pytestmark = requires_native
 
 OP = torch.ops.lomo_kernels.adalomo_update_
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(n,) for n in ODD_SIZES] + [(1, 4097), (4097, 1), (37, 129), (3, 17, 33), ()]
+SHAPES = [(n,) for n in ODD_SIZES] + [(1, 4097), (4097, 1), (37, 129), (3, 17, 33), ()] + LLM_SHAPES
 HYPER = {
-    "first_step": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None, beta=0.0, ct=1.0),
-    "all": dict(lr=3e-2, wd=0.1, ls=3.0, cgv=0.02, coef=0.7, beta=0.3, ct=1.0),
-    "clipped": dict(lr=1e-3, wd=0.01, ls=1024.0, cgv=0.0, coef=None, beta=0.9, ct=0.05),
+    "first_step": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None, beta=0.0, thr=1.0),
+    "all": dict(lr=3e-2, wd=0.1, ls=3.0, cgv=0.02, coef=0.7, beta=0.3, thr=1.0),
+    "clipped": dict(lr=1e-3, wd=0.01, ls=1024.0, cgv=0.0, coef=None, beta=0.9, thr=0.05),
 }
-EPS1, EPS2 = 1e-30, 1e-3
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
-
-
-def _rand(shape, dtype, scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
 
 def _state(shape, seed, zeros=False):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.zeros(s) if zeros else torch.rand(s, generator=gen) * 1e-4 + 1e-6
-            for k, s in ops.adalomo_state_shapes(shape).items()}
+    return adalomo_state(shape, seed, scale=1e-4, offset=1e-6, zeros=zeros)
 
 
 def _call(fn, p, g, st, h, device, rounding="nearest", found=None, seed=5, step=2):
     dev = {k: v.to(device, copy=True) for k, v in st.items()}
     coef = None if h["coef"] is None else torch.tensor(h["coef"], device=device)
     fn(p, g, dev.get("exp_avg_sq_row"), dev.get("exp_avg_sq_col"), dev.get("exp_avg_sq"), coef,
-       found, h["lr"], h["wd"], h["ls"], h["cgv"], h["beta"], EPS1, EPS2, h["ct"], rounding,
+       found, h["lr"], h["wd"], h["ls"], h["cgv"], h["beta"], EPS1, EPS2, h["thr"], rounding,
        seed, step)
     return {k: v.cpu() for k, v in dev.items()}
 
 
-def _f64_adalomo(p, g, st, h):
-    """SPEC.md in float64 (host scalars rounded to fp32 as every backend receives them).
-    Returns the new parameter, the size of its terms, and the new state."""
-    f32 = reference.f32
-    g = g.double()
-    if h["ls"] != 1.0:
-        g = g / f32(h["ls"])
-    if h["cgv"] > 0:
-        g = g.clamp(-f32(h["cgv"]), f32(h["cgv"]))
-    if h["coef"] is not None:
-        g = g * f32(h["coef"])
-    G = g * g + f32(EPS1)
-    b, omb = f32(h["beta"]), f32(1 - h["beta"])
-    if p.dim() >= 2:
-        r = st["exp_avg_sq_row"].double() * b + omb * G.mean(-1)
-        c = st["exp_avg_sq_col"].double() * b + omb * G.mean(-2)
-        u = (r / r.mean(-1, keepdim=True)).rsqrt().unsqueeze(-1) * c.unsqueeze(-2).rsqrt() * g
-        new_state = {"exp_avg_sq_row": r, "exp_avg_sq_col": c}
-    else:
-        v = st["exp_avg_sq"].double() * b + omb * G
-        u = v.rsqrt() * g
-        new_state = {"exp_avg_sq": v}
-    n = p.numel()
-    u = u / max(1.0, u.norm().item() / math.sqrt(n) / f32(h["ct"]))
-    p64 = p.double()
-    lr_t = f32(h["lr"]) * max(f32(EPS2), p64.norm().item() / math.sqrt(n))
-    a, s = p64 * (1 - lr_t * f32(h["wd"])), lr_t * u
-    return a - s, a.abs() + s.abs(), new_state
-
-
-def _check_param(out, ref, want, size):
-    if out.dtype == torch.float32:
-        assert ((out.double() - want).abs() <= 1e-5 * size + 1e-30).all()
-        assert ((out.double() - ref.double()).abs() <= 1e-4 * size + 1e-30).all()
-    else:
-        near_cancel_ok = lambda x, tol: (x.double() - want).abs() <= tol * size  # noqa: E731
-        assert ((ulp_distance(out, want.to(out.dtype)) <= 1) | near_cancel_ok(out, 1e-5)).all()
-        assert ((ulp_distance(out, ref) <= 1) | near_cancel_ok(out, 1e-4)).all()
-
-
-def _check_state(got, ref, want):
-    for k in want:
-        assert ((got[k].double() - want[k]).abs() <= 1e-5 * want[k].abs()).all(), k
-        assert ((got[k] - ref[k]).abs() <= 1e-5 * ref[k].abs()).all(), k
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("hname", list(HYPER))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference_and_float64(dtype, shape, hname, device):
+def test_matches_reference_and_float64(dtype, shape, hname, target):
     h = HYPER[hname]
-    p0, g = _rand(shape, dtype, seed=1), _rand(shape, dtype, scale=0.05, seed=2)
+    device = target_device(target)
+    p0, g = rand(shape, dtype, seed=1), rand(shape, dtype, scale=0.05, seed=2)
     st0 = _state(shape, seed=3, zeros=hname == "first_step")
     out = p0.to(device, copy=True)
-    st = _call(OP, out, g.to(device), st0, h, device)
+    st = _call(target_op(target, "adalomo_update_"), out, g.to(device), st0, h, device)
     ref = p0.clone()
     st_ref = _call(reference.adalomo_update_, ref, g, st0, h, "cpu")
-    want, size, st_want = _f64_adalomo(p0, g, st0, h)
+    want = f64_adalomo(p0, g, st0, h)
     out = out.cpu()
     assert p0.numel() < 100 or not torch.equal(out, p0)  # it did update
-    _check_param(out, ref, want, size)
-    _check_state(st, st_ref, st_want)
+    check_param(out, ref, want.p, want.size)
+    check_state(st, st_ref, want.state)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(278011,), (37, 129), (3, 17, 33)], ids=str)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("shape", [(278011,), (37, 129), (3, 17, 33), (130, 4096), (40, 8, 64)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_stochastic_rounding_of_the_fp32_result(dtype, shape, device):
-    # The fp32 kernel on the upcast inputs yields the unrounded result (on CPU the partition and
-    # hence every sum is the same for every dtype); stochastic rounding must be the reference's
-    # rounding of it, with the same (seed, step, index) hash.
+def test_stochastic_rounding_of_the_fp32_result(dtype, shape, target):
+    # The fp32 kernel on the upcast inputs yields the unrounded result (the partition and hence
+    # every sum is the same for every dtype); stochastic rounding must be the reference's rounding
+    # of it, with the same (seed, step, index) hash.
     h = HYPER["all"]
-    p0, g = _rand(shape, dtype, seed=4), _rand(shape, dtype, scale=0.05, seed=5)
+    op, device = target_op(target, "adalomo_update_"), target_device(target)
+    p0, g = rand(shape, dtype, seed=4), rand(shape, dtype, scale=0.05, seed=5)
     st0 = _state(shape, seed=6)
     out = p0.to(device, copy=True)
-    _call(OP, out, g.to(device), st0, h, device, rounding="stochastic", seed=9, step=4)
+    _call(op, out, g.to(device), st0, h, device, rounding="stochastic", seed=9, step=4)
     out32 = p0.float().to(device)
-    _call(OP, out32, g.float().to(device), st0, h, device)
+    _call(op, out32, g.float().to(device), st0, h, device)
     want = reference.round_to_dtype(out32.cpu(), dtype, "stochastic", 9, 4)
-    if device == "cpu":
+    if target == "cpu":
         assert torch.equal(out.cpu().view(torch.int16), want.view(torch.int16))
     else:
         assert ulp_distance(out.cpu(), want).max().item() <= 1
     near = p0.to(device, copy=True)
-    _call(OP, near, g.to(device), st0, h, device, seed=9, step=4)
+    _call(op, near, g.to(device), st0, h, device, seed=9, step=4)
     assert ulp_distance(out.cpu(), near.cpu()).max().item() <= 1
     assert not torch.equal(out.cpu(), near.cpu())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(4097,), (37, 129), (3, 17, 33)], ids=str)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("shape", [(4097,), (37, 129), (3, 17, 33), (130, 4096)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_finite_gradient_leaves_everything_unchanged(dtype, shape, device):
+def test_non_finite_gradient_leaves_everything_unchanged(dtype, shape, target):
     h = HYPER["all"]
-    p0, g = _rand(shape, dtype, seed=7), _rand(shape, dtype, scale=0.05, seed=8)
+    op, device = target_op(target, "adalomo_update_"), target_device(target)
+    p0, g = rand(shape, dtype, seed=7), rand(shape, dtype, scale=0.05, seed=8)
     g.view(-1)[g.numel() // 2] = float("nan") if dtype == torch.float16 else float("inf")
     st0 = _state(shape, seed=9)
     out = p0.to(device, copy=True)
     found = torch.zeros(1, device=device)
-    st = _call(OP, out, g.to(device), st0, h, device, found=found)
+    st = _call(op, out, g.to(device), st0, h, device, found=found)
     assert found.item() == 1.0
     assert torch.equal(out.cpu(), p0)
     for k in st0:
@@ -161,35 +113,41 @@ def test_non_finite_gradient_leaves_everything_unchanged(dtype, shape, device):
     # and a clean gradient afterwards still updates
     g.view(-1)[g.numel() // 2] = 0.01
     found.zero_()
-    _call(OP, out, g.to(device), st0, h, device, found=found)
+    _call(op, out, g.to(device), st0, h, device, found=found)
     assert found.item() == 0.0 and not torch.equal(out.cpu(), p0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_empty_is_a_no_op(dtype, device):
+def test_empty_is_a_no_op(dtype, target):
+    op, device = target_op(target, "adalomo_update_"), target_device(target)
     for shape in [(0,), (3, 0), (0, 5), (2, 0, 4)]:
         p = torch.empty(shape, dtype=dtype, device=device)
         st = {k: v.to(device) for k, v in _state(shape, 0).items()}
         found = torch.zeros(1, device=device)
-        OP(p, torch.empty_like(p), st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
+        op(p, torch.empty_like(p), st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
            st.get("exp_avg_sq"), None, found, 1e-2, 0.0, 1.0, 0.0, 0.5, EPS1, EPS2, 1.0,
            "nearest", 0, 1)
         assert found.item() == 0.0
 
 
+@pytest.mark.parametrize("target", ["cpu", pytest.param("cuda_emulated",
+                                                        marks=requires_cuda_emulation)])
 @pytest.mark.parametrize("shape", [(513, 1031), (278011,), (5, 33, 65)], ids=str)
-def test_same_result_with_one_and_two_threads(shape):
+def test_same_result_with_one_and_two_threads(shape, target, monkeypatch):
+    # cpu: torch's intra-op threads; cuda_emulated: the OS threads that run the emulated blocks
     h = HYPER["all"]
-    p0, g = _rand(shape, torch.bfloat16, seed=10), _rand(shape, torch.bfloat16, 0.05, seed=11)
+    p0, g = rand(shape, torch.bfloat16, seed=10), rand(shape, torch.bfloat16, 0.05, seed=11)
     st0 = _state(shape, seed=12)
     old = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
+            monkeypatch.setenv("LOMO_KERNELS_EMULATION_THREADS", str(threads))
             out = p0.clone()
-            st = _call(OP, out, g, st0, h, "cpu", rounding="stochastic")
+            st = _call(target_op(target, "adalomo_update_"), out, g, st0, h, "cpu",
+                       rounding="stochastic")
             outs.append((out, st))
     finally:
         torch.set_num_threads(old)
@@ -199,37 +157,40 @@ def test_same_result_with_one_and_two_threads(shape):
         assert torch.equal(sa[k].view(torch.int32), sb[k].view(torch.int32))
 
 
-@requires_cuda
-def test_cuda_is_deterministic():
+@pytest.mark.parametrize("target", [t for t in NATIVE_TARGETS if t != "cpu"])
+def test_cuda_is_deterministic(target):
     h = HYPER["all"]
+    op, device = target_op(target, "adalomo_update_"), target_device(target)
     shape = (1031, 2053)
-    p0, g = _rand(shape, torch.bfloat16, seed=13), _rand(shape, torch.bfloat16, 0.05, seed=14)
+    p0, g = rand(shape, torch.bfloat16, seed=13), rand(shape, torch.bfloat16, 0.05, seed=14)
     st0 = _state(shape, seed=15)
     results = []
     for _ in range(2):
-        out = p0.cuda()
-        st = _call(OP, out, g.cuda(), st0, h, "cuda", rounding="stochastic")
+        out = p0.to(device, copy=True)
+        st = _call(op, out, g.to(device), st0, h, device, rounding="stochastic")
         results.append((out.cpu(), st))
     assert torch.equal(results[0][0].view(torch.int16), results[1][0].view(torch.int16))
     for k in st0:
         assert torch.equal(results[0][1][k], results[1][1][k])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("shape", [(37, 129), (4097,), (2, 3, 5)], ids=str)
-def test_opcheck(shape, device):
-    p = _rand(shape, torch.bfloat16).to(device)
-    g = _rand(shape, torch.bfloat16, 0.05, seed=1).to(device)
+def test_opcheck(shape, target):
+    device = target_device(target)
+    p = rand(shape, torch.bfloat16).to(device)
+    g = rand(shape, torch.bfloat16, 0.05, seed=1).to(device)
     st = {k: v.to(device) for k, v in _state(shape, 2).items()}
     found = torch.zeros(1, device=device)
     coef = torch.tensor(0.5, device=device)
     args = (p, g, st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"), st.get("exp_avg_sq"), coef,
             found, 1e-2, 0.1, 2.0, 0.5, 0.3, EPS1, EPS2, 1.0, "stochastic", 1, 2)
-    torch.library.opcheck(OP, args)
+    torch.library.opcheck(target_op(target, "adalomo_update_"), args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_name_the_argument(device):
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+def test_bad_inputs_name_the_argument(target):
+    op, device = target_op(target, "adalomo_update_"), target_device(target)
     p = torch.zeros(4, 6, device=device)
     g = torch.zeros(4, 6, device=device)
     row, col = torch.zeros(4, device=device), torch.zeros(6, device=device)
@@ -248,9 +209,9 @@ def test_bad_inputs_name_the_argument(device):
     ]
     for head, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
-            OP(*head, *tail)
+            op(*head, *tail)
     with pytest.raises(RuntimeError, match="rounding must be"):
-        OP(p, g, row, col, None, *tail[:10], "up", 0, 1)
+        op(p, g, row, col, None, *tail[:10], "up", 0, 1)
 
 
 def _adalomo_run(backend, dtype, steps=6):
@@ -271,9 +232,11 @@ def _adalomo_run(backend, dtype, steps=6):
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("backend", ["native", pytest.param("cuda_emulated",
+                                                            marks=requires_cuda_emulation)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_optimizer_native_matches_torch_backend(dtype):
-    l_nat, p_nat = _adalomo_run("native", dtype)
+def test_optimizer_native_matches_torch_backend(dtype, backend):
+    l_nat, p_nat = _adalomo_run(backend, dtype)
     l_ref, p_ref = _adalomo_run("torch", dtype)
     for a, b in zip(l_nat, l_ref):
         assert abs(a - b) <= 1e-3 * abs(b)

@@ -6,57 +6,27 @@ import numpy as np
 import pytest
 import torch
 from conftest import ulp_distance
+from oracle import LLM_SHAPES, REFERENCE_F64_RTOL, f64_adalomo, f64_lomo, rand
 
 from lomo_kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1,), (7,), (4097,), (1, 33), (29, 1), (37, 129), (3, 17, 33), ()]
+SHAPES = [(1,), (7,), (4097,), (1, 33), (29, 1), (37, 129), (3, 17, 33), ()] + LLM_SHAPES
 
 
 def _rand(shape, dtype, scale=1.0):
-    return (torch.randn(shape) * scale).to(dtype)
+    return rand(shape, dtype, scale, seed=sum(shape) + 7 * len(shape))
 
 
-def _f64_lomo(p, g, lr, wd, ls, cgv, coef):
-    p, g = p.double(), g.double() / ls
-    if cgv > 0:
-        g = g.clamp(-cgv, cgv)
-    if coef is not None:
-        g = g * coef
-    return p * (1 - lr * wd) - lr * g
-
-
-def _rms64(x):
-    return x.norm() / math.sqrt(x.numel())
-
-
-def _f64_adalomo(p, g, state, lr, wd, ls, cgv, coef, beta, eps1, eps2, thr):
-    p, g = p.double(), g.double() / ls
-    if cgv > 0:
-        g = g.clamp(-cgv, cgv)
-    if coef is not None:
-        g = g * coef
-    G = g * g + eps1
-    if p.dim() >= 2:
-        r = beta * state["exp_avg_sq_row"].double() + (1 - beta) * G.mean(-1)
-        c = beta * state["exp_avg_sq_col"].double() + (1 - beta) * G.mean(-2)
-        u = g / (r / r.mean(-1, keepdim=True)).sqrt().unsqueeze(-1) / c.sqrt().unsqueeze(-2)
-        new_state = {"exp_avg_sq_row": r, "exp_avg_sq_col": c}
-    else:
-        v = beta * state["exp_avg_sq"].double() + (1 - beta) * G
-        u = g / v.sqrt()
-        new_state = {"exp_avg_sq": v}
-    u = u / max(1.0, float(_rms64(u)) / thr)
-    lr_t = lr * max(eps2, float(_rms64(p)))
-    return p * (1 - lr_t * wd) - lr_t * u, new_state
-
-
-def _assert_close_to_f64(out, want64, dtype):
+def _assert_close_to_f64(out, want64, size, dtype, cancel_tol=1e-5):
     if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), want64, rtol=1e-5, atol=1e-7)
+        # 1e-5 of the size of the terms (a pointwise relative error is meaningless where they cancel)
+        assert ((out.double() - want64).abs() <= 1e-5 * size + 1e-30).all()
     else:
-        # the stored result is the float64 value rounded once: allow one ulp for the fp32 math
-        assert ulp_distance(out, want64.to(dtype)).max().item() <= 1
+        # the stored result is the float64 value rounded once: allow one ulp for the fp32 math,
+        # except where the result cancels to far below its terms (cancel_tol of their size)
+        near = ulp_distance(out, want64.to(dtype)) <= 1
+        assert (near | ((out.double() - want64).abs() <= cancel_tol * size)).all()
 
 
 HYPER = [
@@ -71,11 +41,11 @@ HYPER = [
 def test_lomo_reference_vs_float64(dtype, shape, h):
     p = _rand(shape, dtype)
     g = _rand(shape, dtype, scale=h["ls"])
-    want = _f64_lomo(p, g, h["lr"], h["wd"], h["ls"], h["cgv"], h["coef"])
+    want, size = f64_lomo(p, g, h)
     coef = None if h["coef"] is None else torch.tensor(h["coef"])
     out = p.clone()
     reference.lomo_update_(out, g, coef, None, h["lr"], h["wd"], h["ls"], h["cgv"], "nearest", 0, 1)
-    _assert_close_to_f64(out, want, dtype)
+    _assert_close_to_f64(out, want, size, dtype)
 
 
 def _state(shape):
@@ -97,18 +67,18 @@ def test_adalomo_reference_vs_float64(dtype, shape, h, beta):
     p = _rand(shape, dtype)
     g = _rand(shape, dtype, scale=h["ls"])
     st = _state(shape)
-    want, want_state = _f64_adalomo(
-        p, g, {k: v for k, v in st.items() if v is not None}, h["lr"], h["wd"], h["ls"], h["cgv"],
-        h["coef"], beta, 1e-30, 1e-3, 1.0,
-    )
+    want = f64_adalomo(p, g, {k: v for k, v in st.items() if v is not None},
+                       dict(h, beta=beta, thr=1.0))
     coef = None if h["coef"] is None else torch.tensor(h["coef"])
     out = p.clone()
     reference.adalomo_update_(
         out, g, st["exp_avg_sq_row"], st["exp_avg_sq_col"], st["exp_avg_sq"], coef, None,
         h["lr"], h["wd"], h["ls"], h["cgv"], beta, 1e-30, 1e-3, 1.0, "nearest", 0, 1,
     )
-    _assert_close_to_f64(out, want, dtype)
-    for k, v in want_state.items():
+    # The reference reduces in fp32 (vector_norm over 0.5M elements is ~2e-5 off): where the update
+    # cancels the parameter, that error is more than an ulp of the tiny result.
+    _assert_close_to_f64(out, want.p, want.size, dtype, cancel_tol=REFERENCE_F64_RTOL)
+    for k, v in want.state.items():
         torch.testing.assert_close(st[k].double(), v, rtol=1e-5, atol=0)
 
 

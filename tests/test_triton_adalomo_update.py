@@ -6,12 +6,13 @@ Runs in the Triton interpreter on CPU tensors when there is no GPU (conftest set
 TRITON_INTERPRET=1), and on CUDA tensors when there is one. The oracle always runs on CPU copies.
 """
 
-import math
 import os
 
 import pytest
 import torch
 from conftest import ODD_SIZES, requires_cuda, requires_triton, ulp_distance
+from oracle import EPS1, EPS2, adalomo_state, f64_adalomo
+from oracle import rand as _rand
 
 import lomo_kernels
 from lomo_kernels import ops, reference
@@ -29,46 +30,18 @@ HYPER = {
     "all": dict(lr=3e-3, wd=0.1, ls=1000.0, cgv=0.7, coef=0.37, beta=0.6, thr=0.25),
     "scaled": dict(lr=1e-3, wd=0.01, ls=1024.0, cgv=0.0, coef=None, beta=0.3, thr=0.5),
 }
-EPS1, EPS2, THR = 1e-30, 1e-3, 1.0
-
-
-def _rand(shape, dtype, scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+THR = 1.0
 
 
 def _state(shape, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = ops.adalomo_state_shapes(shape)
-    return {k: torch.rand(s, generator=gen) + 0.1 for k, s in shapes.items()}
-
-
-def _rms64(x):
-    return x.norm() / math.sqrt(x.numel())
+    return adalomo_state(shape, seed)
 
 
 def _f64_adalomo(p, g, state, h):
-    """SPEC.md in float64 (factored over the last two dims, batched over the leading ones)."""
-    p, g = p.double(), g.double() / h["ls"]
-    if h["cgv"] > 0:
-        g = g.clamp(-h["cgv"], h["cgv"])
-    if h["coef"] is not None:
-        g = g * h["coef"]
-    G = g * g + EPS1
-    beta = h["beta"]
-    if p.dim() >= 2:
-        r = beta * state["exp_avg_sq_row"].double() + (1 - beta) * G.mean(-1)
-        c = beta * state["exp_avg_sq_col"].double() + (1 - beta) * G.mean(-2)
-        u = g / (r / r.mean(-1, keepdim=True)).sqrt().unsqueeze(-1) / c.sqrt().unsqueeze(-2)
-        new_state = {"exp_avg_sq_row": r, "exp_avg_sq_col": c}
-    else:
-        v = beta * state["exp_avg_sq"].double() + (1 - beta) * G
-        u = g / v.sqrt()
-        new_state = {"exp_avg_sq": v}
-    assert float(_rms64(u)) / h["thr"] > 1.05 or h["thr"] == 1.0  # the normalisation is tested
-    u = u / max(1.0, float(_rms64(u)) / h["thr"])
-    lr_t = h["lr"] * max(EPS2, float(_rms64(p)))
-    return p * (1 - lr_t * h["wd"]) - lr_t * u, new_state
+    """docs/spec.md in float64 (oracle.f64_adalomo): the new parameter and state."""
+    want = f64_adalomo(p, g, state, h)
+    assert want.rms_u / h["thr"] > 1.05 or h["thr"] == 1.0  # the normalisation is tested
+    return want.p, want.state
 
 
 def _call(impl, p, g, st, h, device, rounding="nearest", seed=0, step=1, found=None):

@@ -20,9 +20,7 @@
 //
 // Determinism: tile/block partials are written to scratch slots and reduced in index order by one
 // thread or one block (no floating-point atomics); the partition depends only on the shape.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "checks.h"
 #include "cuda/vec.cuh"
@@ -30,7 +28,7 @@
 #include "update_args.h"
 
 namespace lomo {
-namespace cuda {
+namespace LOMO_CUDA_NS {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
@@ -355,7 +353,7 @@ at::Tensor alloc_scratch(const at::Tensor& like, const Geom& geo, int64_t parts,
   sc = {reinterpret_cast<int*>(ptrs[0]),   reinterpret_cast<float*>(ptrs[1]),
         reinterpret_cast<float*>(ptrs[2]), reinterpret_cast<float*>(ptrs[3]),
         reinterpret_cast<float*>(ptrs[4]), reinterpret_cast<float*>(ptrs[5])};
-  C10_CUDA_CHECK(cudaMemsetAsync(sc.bad, 0, sizeof(int), at::cuda::getCurrentCUDAStream()));
+  memset_async(sc.bad, 0, sizeof(int), current_stream());
   return buf;
 }
 
@@ -366,7 +364,7 @@ void run(at::Tensor& param, const at::Tensor& grad, float* row, float* col, floa
   constexpr int N = Pack<S>::N;
   S* p = reinterpret_cast<S*>(param.data_ptr());
   const S* g = reinterpret_cast<const S*>(grad.data_ptr());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   const bool factored = param.dim() >= 2;
   Geom geo{1, 1, 1, 1, 1, param.numel()};
   Scratch sc;
@@ -382,22 +380,18 @@ void run(at::Tensor& param, const at::Tensor& grad, float* row, float* col, floa
     TORCH_CHECK(tiles < (int64_t{1} << 31), "adalomo_update_: tensor too large (", tiles,
                 " tiles)");
     at::Tensor keep = alloc_scratch(param, geo, tiles, true, sc);
-    tile_kernel<F, false, DIV, kStats><<<tiles, kThreads, 0, stream>>>(p, g, row, col, s, coef,
-                                                                        sc, geo, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    LOMO_LAUNCH(tile_kernel<F, false, DIV, kStats>, tiles, kThreads, 0, stream, p, g, row, col, s,
+                coef, sc, geo, vec);
     const int64_t state_threads = geo.slices * (geo.m + geo.n);
-    state_kernel<<<ceil_div(state_threads, kThreads), kThreads, 0, stream>>>(row, col, s, sc, geo);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_stats_kernel<<<1, kFinalThreads, 0, stream>>>(row, s, sc, geo, tiles, true, found);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tile_kernel<F, false, DIV, kUnorm><<<tiles, kThreads, 0, stream>>>(p, g, row, col, s, coef,
-                                                                        sc, geo, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_unorm_kernel<<<1, kFinalThreads, 0, stream>>>(s, sc, geo, tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tile_kernel<F, SR, DIV, kApply><<<tiles, kThreads, 0, stream>>>(p, g, row, col, s, coef,
-                                                                     sc, geo, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    LOMO_LAUNCH(state_kernel, ceil_div(state_threads, kThreads), kThreads, 0, stream, row, col, s,
+                sc, geo);
+    LOMO_LAUNCH(finalize_stats_kernel, 1, kFinalThreads, 0, stream, row, s, sc, geo, tiles, true,
+                found);
+    LOMO_LAUNCH(tile_kernel<F, false, DIV, kUnorm>, tiles, kThreads, 0, stream, p, g, row, col, s,
+                coef, sc, geo, vec);
+    LOMO_LAUNCH(finalize_unorm_kernel, 1, kFinalThreads, 0, stream, s, sc, geo, tiles);
+    LOMO_LAUNCH(tile_kernel<F, SR, DIV, kApply>, tiles, kThreads, 0, stream, p, g, row, col, s,
+                coef, sc, geo, vec);
     // `keep` (the scratch) is released here; the caching allocator reuses it only for work
     // queued later on this stream.
   } else {
@@ -406,34 +400,28 @@ void run(at::Tensor& param, const at::Tensor& grad, float* row, float* col, floa
                                              kMaxFlatBlocks);
     at::Tensor keep = alloc_scratch(param, geo, blocks, false, sc);
     const int64_t n = geo.numel;
-    flat_kernel<F, false, DIV, kStats><<<blocks, kThreads, 0, stream>>>(p, g, v, s, coef, sc, n,
-                                                                         vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_stats_kernel<<<1, kFinalThreads, 0, stream>>>(nullptr, s, sc, geo, blocks, false,
-                                                           found);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    flat_kernel<F, false, DIV, kUnorm><<<blocks, kThreads, 0, stream>>>(p, g, v, s, coef, sc, n,
-                                                                         vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_unorm_kernel<<<1, kFinalThreads, 0, stream>>>(s, sc, geo, blocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    flat_kernel<F, SR, DIV, kApply><<<blocks, kThreads, 0, stream>>>(p, g, v, s, coef, sc, n,
-                                                                      vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    LOMO_LAUNCH(flat_kernel<F, false, DIV, kStats>, blocks, kThreads, 0, stream, p, g, v, s, coef,
+                sc, n, vec);
+    LOMO_LAUNCH(finalize_stats_kernel, 1, kFinalThreads, 0, stream, nullptr, s, sc, geo, blocks,
+                false, found);
+    LOMO_LAUNCH(flat_kernel<F, false, DIV, kUnorm>, blocks, kThreads, 0, stream, p, g, v, s, coef,
+                sc, n, vec);
+    LOMO_LAUNCH(finalize_unorm_kernel, 1, kFinalThreads, 0, stream, s, sc, geo, blocks);
+    LOMO_LAUNCH(flat_kernel<F, SR, DIV, kApply>, blocks, kThreads, 0, stream, p, g, v, s, coef, sc,
+                n, vec);
   }
 }
 
 }  // namespace
-}  // namespace cuda
 
-void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS) {
+void adalomo_update(ADALOMO_UPDATE_PARAMS) {
   constexpr const char* op = "adalomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
-  CHECK_CUDA(op, param);
+  LOMO_CHECK_DEVICE(op, param);
   check_adalomo_state(param, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq);
   const bool sr = parse_rounding(op, rounding);
   if (param.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(param.device());
+  const DeviceGuard guard(param.device());
   const Preprocess pre = make_preprocess(loss_scale, clip_grad_value);
   const AdaLomoScalars s =
       make_adalomo_scalars(pre, lr, weight_decay, beta, eps1, eps2, clip_threshold, seed, step);
@@ -447,13 +435,13 @@ void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS) {
     constexpr Fmt F = decltype(f_tag)::value;
     if constexpr (F != Fmt::F32) {  // fp32 stores are exact: no stochastic variant
       if (sr) {
-        if (pre.divide) cuda::run<F, true, true>(param, grad, row, col, v, s, coef, found);
-        else cuda::run<F, true, false>(param, grad, row, col, v, s, coef, found);
+        if (pre.divide) run<F, true, true>(param, grad, row, col, v, s, coef, found);
+        else run<F, true, false>(param, grad, row, col, v, s, coef, found);
         return;
       }
     }
-    if (pre.divide) cuda::run<F, false, true>(param, grad, row, col, v, s, coef, found);
-    else cuda::run<F, false, false>(param, grad, row, col, v, s, coef, found);
+    if (pre.divide) run<F, false, true>(param, grad, row, col, v, s, coef, found);
+    else run<F, false, false>(param, grad, row, col, v, s, coef, found);
   };
   switch (param.scalar_type()) {
     case at::kFloat: dispatch(std::integral_constant<Fmt, Fmt::F32>{}); break;
@@ -463,4 +451,5 @@ void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS) {
   }
 }
 
+}  // namespace LOMO_CUDA_NS
 }  // namespace lomo

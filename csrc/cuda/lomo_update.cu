@@ -1,15 +1,12 @@
 // LOMO on CUDA: p = p * (1 - lr * wd) - lr * g in one pass (6 bytes per bf16 element), fp32
 // math, 16-byte loads/stores when aligned, 64-bit indices, no host synchronisation.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "checks.h"
 #include "cuda/vec.cuh"
 #include "ops.h"
 #include "update_args.h"
 
 namespace lomo {
-namespace cuda {
+namespace LOMO_CUDA_NS {
 namespace {
 
 // One element; false when the raw gradient is NaN/Inf (p is then left as it is).
@@ -68,24 +65,21 @@ void launch(at::Tensor& param, const at::Tensor& grad, const LomoScalars& s, con
   const S* g = reinterpret_cast<const S*>(grad.data_ptr());
   const bool vec = aligned16(p) && aligned16(g);
   const int64_t units = vec ? std::max<int64_t>(n / Pack<S>::N, 1) : n;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min(ceil_div(units, kThreads), sms * 32);
-  lomo_update_kernel<F, SR, DIV><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      p, g, s, coef, found, n, vec);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = std::min(ceil_div(units, kThreads), sm_count() * 32);
+  LOMO_LAUNCH(lomo_update_kernel<F, SR, DIV>, blocks, kThreads, 0, current_stream(), p, g, s, coef,
+              found, n, vec);
 }
 
 }  // namespace
-}  // namespace cuda
 
-void lomo_update_cuda(LOMO_UPDATE_PARAMS) {
+void lomo_update(LOMO_UPDATE_PARAMS) {
   constexpr const char* op = "lomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
-  CHECK_CUDA(op, param);
+  LOMO_CHECK_DEVICE(op, param);
   const bool sr = parse_rounding(op, rounding);
   const int64_t n = param.numel();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(param.device());
+  const DeviceGuard guard(param.device());
   const Preprocess pre = make_preprocess(loss_scale, clip_grad_value);
   const LomoScalars s = make_lomo_scalars(pre, lr, weight_decay, seed, step);
   const float* coef = clip_coef.has_value() ? clip_coef->data_ptr<float>() : nullptr;
@@ -95,13 +89,13 @@ void lomo_update_cuda(LOMO_UPDATE_PARAMS) {
     constexpr Fmt F = decltype(f_tag)::value;
     if constexpr (F != Fmt::F32) {  // fp32 stores are exact: no stochastic variant
       if (sr) {
-        if (pre.divide) cuda::launch<F, true, true>(param, grad, s, coef, found, n);
-        else cuda::launch<F, true, false>(param, grad, s, coef, found, n);
+        if (pre.divide) launch<F, true, true>(param, grad, s, coef, found, n);
+        else launch<F, true, false>(param, grad, s, coef, found, n);
         return;
       }
     }
-    if (pre.divide) cuda::launch<F, false, true>(param, grad, s, coef, found, n);
-    else cuda::launch<F, false, false>(param, grad, s, coef, found, n);
+    if (pre.divide) launch<F, false, true>(param, grad, s, coef, found, n);
+    else launch<F, false, false>(param, grad, s, coef, found, n);
   };
   switch (param.scalar_type()) {
     case at::kFloat: dispatch(std::integral_constant<Fmt, Fmt::F32>{}); break;
@@ -111,4 +105,5 @@ void lomo_update_cuda(LOMO_UPDATE_PARAMS) {
   }
 }
 
+}  // namespace LOMO_CUDA_NS
 }  // namespace lomo

@@ -3,13 +3,11 @@
 
 #include <cstdint>
 
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
-
+#include "cuda/device.cuh"
 #include "rounding.h"
 
 namespace lomo {
-namespace cuda {
+namespace LOMO_CUDA_NS {
 
 constexpr int kThreads = 256;  // every kernel here assumes blockDim.x == kThreads
 
@@ -22,10 +20,12 @@ struct alignas(16) Pack {
 
 template <typename S>
 __device__ __forceinline__ Pack<S> load_pack(const S* p) {
+  LOMO_CHECK_VECTOR_ACCESS(p, sizeof(Pack<S>), false);
   return *reinterpret_cast<const Pack<S>*>(p);
 }
 template <typename S>
 __device__ __forceinline__ void store_pack(S* p, const Pack<S>& x) {
+  LOMO_CHECK_VECTOR_ACCESS(p, sizeof(Pack<S>), true);
   *reinterpret_cast<Pack<S>*>(p) = x;
 }
 
@@ -54,5 +54,5 @@ __device__ __forceinline__ T block_sum(T x, T* smem) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-}  // namespace cuda
+}  // namespace LOMO_CUDA_NS
 }  // namespace lomo

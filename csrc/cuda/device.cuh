@@ -1,0 +1,82 @@
+// The one place where the CUDA build and the emulated build (csrc/cuda/emulation.h) differ, for the
+// host code of csrc/cuda/*.cu: the namespace the kernels live in, the device check of the entry
+// points, the stream, the device guard, the SM count, memset, and the kernel launch. Kernel bodies
+// never test LOMO_CUDA_EMULATION.
+//
+//   LOMO_LAUNCH(kernel, grid, block, dynamic_smem_bytes, stream, args...)
+//       kernel<<<grid, block, smem, stream>>>(args...) plus the launch check; emulated: runs the
+//       grid on the CPU (and counts the launch).
+//   LOMO_DYNAMIC_SHARED(T, name)   `extern __shared__` memory of the launch, as a T*.
+//   LOMO_CHECK_DEVICE(op, x)       x is a CUDA tensor (emulated: a CPU tensor).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#if defined(LOMO_CUDA_EMULATION)
+#include "cuda/emulation.h"
+#define LOMO_CUDA_NS cuda_emulated
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#define LOMO_CUDA_NS cuda
+namespace lomo {
+struct LaunchSite {
+  const char* file;
+  int line;
+  const char* text;
+};
+}  // namespace lomo
+#endif
+
+#include <c10/core/Device.h>
+
+#include "checks.h"
+
+namespace lomo {
+namespace LOMO_CUDA_NS {
+
+#if defined(LOMO_CUDA_EMULATION)
+using Stream = cudaStream_t;
+inline Stream current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+// An H100 SXM: grid sizes derived from the SM count match the GPU's.
+inline int64_t sm_count() { return 132; }
+inline void memset_async(void* p, int value, size_t bytes, Stream) { std::memset(p, value, bytes); }
+using emu::launch_kernel;
+#define LOMO_CHECK_DEVICE(op, x) CHECK_CPU(op, x)
+#define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ::lomo::emu::check_vector_access(p, bytes, store)
+#define LOMO_DYNAMIC_SHARED(T, name) \
+  T* name = reinterpret_cast<T*>(::lomo::emu::dynamic_shared_memory())
+#else
+using Stream = cudaStream_t;
+inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline void memset_async(void* p, int value, size_t bytes, Stream s) {
+  C10_CUDA_CHECK(cudaMemsetAsync(p, value, bytes, s));
+}
+template <typename... P, typename... A>
+void launch_kernel(const LaunchSite&, void (*kernel)(P...), dim3 grid, dim3 block,
+                   size_t dynamic_smem, Stream stream, A&&... args) {
+  kernel<<<grid, block, dynamic_smem, stream>>>(std::forward<A>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#define LOMO_CHECK_DEVICE(op, x) CHECK_CUDA(op, x)
+#define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ((void)0)
+#define LOMO_DYNAMIC_SHARED(T, name)                                 \
+  extern __shared__ __align__(16) unsigned char lomo_dynamic_smem[]; \
+  T* name = reinterpret_cast<T*>(lomo_dynamic_smem)
+#endif
+
+}  // namespace LOMO_CUDA_NS
+}  // namespace lomo
+
+#define LOMO_LAUNCH(...) \
+  ::lomo::LOMO_CUDA_NS::launch_kernel(::lomo::LaunchSite{__FILE__, __LINE__, #__VA_ARGS__}, __VA_ARGS__)

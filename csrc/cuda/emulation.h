@@ -1,0 +1,365 @@
+// SIMT emulation of the CUDA programming model on the CPU: the kernels of csrc/cuda/*.cu compile
+// unchanged as host C++ (csrc/emulated/*.cpp include them after this header) and run on CPU tensors
+// as the backend "cuda_emulated". It exists so that CI, which has no GPU, executes the same kernel
+// source a user's GPU runs (docs/design.md, "Verifying GPU code without a GPU").
+//
+// What is real, not approximated by a serial loop:
+//   * a grid of blocks (3-D), spread over OS threads (torch's intra-op threads; one block at a time
+//     per OS thread), so atomics and __threadfence() meet true concurrency;
+//   * the threads of a block are fibers (user-level contexts, one stack each) on that OS thread; a
+//     thread runs until it reaches a barrier or a warp collective, then the next one runs, so
+//     __syncthreads() is a true barrier and warp collectives exchange values between 32 lanes;
+//   * __shared__ memory is per block (a static thread_local: every fiber of the OS thread's current
+//     block sees it); dynamic shared memory (LOMO_DYNAMIC_SHARED) is poisoned at every block start;
+//   * schedule variants per block (warp order and lane order forward or reversed) so that a missing
+//     barrier gives a wrong result in some block instead of passing by luck;
+//   * 16-byte vector accesses (load_pack / store_pack) are checked for alignment and, for the tensors
+//     the entry point registered, for bounds: a failure names the kernel, block and thread.
+//
+// Floating point: every intrinsic maps to the IEEE operation it names (__fmaf_rn -> fmaf, ...), so
+// results are bitwise those of the GPU, except: rsqrtf (approximate on the GPU, within 2 ulp; here
+// the correctly rounded 1/sqrt), and fp32 subnormals (flushed by the GPU only under -ftz=true,
+// which this project never uses). The emulated sources must be compiled with -ffp-contract=off
+// (setup.py does), like the nvcc build's --fmad=false.
+//
+// Not emulated: texture/surface memory, cooperative groups, dynamic parallelism, clusters,
+// spin-waits on another block's progress (blocks run to completion one at a time per OS thread).
+#pragma once
+
+#define LOMO_CUDA_EMULATION 1
+
+// The torch headers the kernel files include come first, so the keyword macros below never reach them.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "rounding.h"
+
+// ------------------------------------------------------------------------------------------
+// Keywords
+// ------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// One instance per OS thread, and an OS thread runs one block at a time: per-block memory.
+#define __shared__ static thread_local
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+};
+struct lomo_emu_stream;
+using cudaStream_t = lomo_emu_stream*;
+constexpr int warpSize = 32;
+
+// Built-in variables: set by the scheduler at every switch between threads (fibers).
+extern __thread uint3 threadIdx;
+extern __thread uint3 blockIdx;
+extern __thread uint3 blockDim;
+extern __thread uint3 gridDim;
+
+// ------------------------------------------------------------------------------------------
+// The emulator's entry points (csrc/cuda/emulation.cpp)
+// ------------------------------------------------------------------------------------------
+namespace lomo {
+
+struct LaunchSite {
+  const char* file;
+  int line;
+  const char* text;  // the launch's argument list as written: the kernel first
+};
+
+namespace emu {
+
+using Invoke = void (*)(const void* call);
+void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_smem, Invoke invoke,
+              const void* call);
+
+// Warp collectives: every lane of `mask` contributes `value` and blocks until all of them have
+// arrived; the last one computes each lane's result (a shuffle: the value of the lane `src` it
+// names; a vote or reduction: one value for all) into that lane's own slot. Returns the result.
+enum class Collective : uint8_t {
+  SyncWarp, Shuffle, Ballot, AddU32, MinU32, MaxU32, MinI32, MaxI32, AndU32, OrU32, XorU32
+};
+uint64_t warp_collective(unsigned mask, Collective kind, uint64_t value, unsigned src = 0);
+unsigned lane_id();
+unsigned active_mask();
+
+enum class BlockSync : uint8_t { Plain, Count, And, Or };
+int block_barrier(BlockSync kind, int predicate);
+
+unsigned char* dynamic_shared_memory();
+void check_vector_access(const void* p, size_t bytes, bool store);
+[[noreturn]] void fail(const char* what);
+
+// A kernel call: the kernel and its arguments converted to its parameter types (as a launch
+// converts them), invoked once by every thread.
+template <typename... P, typename... A>
+void launch_kernel(const LaunchSite& site, void (*kernel)(P...), dim3 grid, dim3 block,
+                   size_t dynamic_smem, cudaStream_t, A&&... args) {
+  struct Call {
+    void (*kernel)(P...);
+    std::tuple<std::decay_t<P>...> args;
+  };
+  const Call call{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
+  run_grid(site, grid, block, dynamic_smem,
+           [](const void* c) {
+             const Call& k = *static_cast<const Call*>(c);
+             std::apply(k.kernel, k.args);  // each thread gets its own copy of the parameters
+           },
+           &call);
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp collective on T");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+inline T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+// Source lane of a shuffle; `width` splits the warp into segments (a power of two <= 32).
+enum class ShuffleMode { Index, Up, Down, Xor };
+unsigned shuffle_source(ShuffleMode mode, unsigned lane, int arg, int width, unsigned mask);
+
+template <typename T>
+inline T shuffle(ShuffleMode mode, unsigned mask, T var, int arg, int width) {
+  const unsigned src = shuffle_source(mode, lane_id(), arg, width, mask);
+  return from_bits<T>(warp_collective(mask, Collective::Shuffle, to_bits(var), src));
+}
+
+inline uint32_t reduce(unsigned mask, Collective kind, uint32_t v) {
+  return static_cast<uint32_t>(warp_collective(mask, kind, v));
+}
+
+}  // namespace emu
+}  // namespace lomo
+
+// ------------------------------------------------------------------------------------------
+// Synchronisation and warp intrinsics
+// ------------------------------------------------------------------------------------------
+inline void __syncthreads() { lomo::emu::block_barrier(lomo::emu::BlockSync::Plain, 0); }
+inline int __syncthreads_count(int p) {
+  return lomo::emu::block_barrier(lomo::emu::BlockSync::Count, p);
+}
+inline int __syncthreads_and(int p) {
+  return lomo::emu::block_barrier(lomo::emu::BlockSync::And, p);
+}
+inline int __syncthreads_or(int p) { return lomo::emu::block_barrier(lomo::emu::BlockSync::Or, p); }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  lomo::emu::warp_collective(mask, lomo::emu::Collective::SyncWarp, 0);
+}
+inline unsigned __activemask() { return lomo::emu::active_mask(); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+  return lomo::emu::shuffle(lomo::emu::ShuffleMode::Index, mask, var, src_lane, width);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  return lomo::emu::shuffle(lomo::emu::ShuffleMode::Up, mask, var, static_cast<int>(delta), width);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  return lomo::emu::shuffle(lomo::emu::ShuffleMode::Down, mask, var, static_cast<int>(delta),
+                            width);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+  return lomo::emu::shuffle(lomo::emu::ShuffleMode::Xor, mask, var, lane_mask, width);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return lomo::emu::reduce(mask, lomo::emu::Collective::Ballot, predicate != 0);
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return __ballot_sync(mask, predicate) == mask;
+}
+
+#define LOMO_EMU_REDUCE(name, T, kind)                                                      \
+  inline T name(unsigned mask, T v) {                                                      \
+    return static_cast<T>(                                                                 \
+        lomo::emu::reduce(mask, lomo::emu::Collective::kind, static_cast<uint32_t>(v)));    \
+  }
+LOMO_EMU_REDUCE(__reduce_add_sync, unsigned, AddU32)
+LOMO_EMU_REDUCE(__reduce_add_sync, int, AddU32)
+LOMO_EMU_REDUCE(__reduce_min_sync, unsigned, MinU32)
+LOMO_EMU_REDUCE(__reduce_min_sync, int, MinI32)
+LOMO_EMU_REDUCE(__reduce_max_sync, unsigned, MaxU32)
+LOMO_EMU_REDUCE(__reduce_max_sync, int, MaxI32)
+LOMO_EMU_REDUCE(__reduce_and_sync, unsigned, AndU32)
+LOMO_EMU_REDUCE(__reduce_or_sync, unsigned, OrU32)
+LOMO_EMU_REDUCE(__reduce_xor_sync, unsigned, XorU32)
+#undef LOMO_EMU_REDUCE
+
+// ------------------------------------------------------------------------------------------
+// Memory: fences, atomics (correct across OS threads; fibers never interleave inside one), loads
+// ------------------------------------------------------------------------------------------
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+
+#define LOMO_EMU_ATOMIC_INT(T)                                                               \
+  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }       \
+  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }       \
+  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }     \
+  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }       \
+  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }         \
+  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }       \
+  inline T atomicCAS(T* a, T compare, T v) {                                                 \
+    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
+    return compare; /* the old value, whether or not it was swapped */                       \
+  }                                                                                          \
+  inline T atomicMax(T* a, T v) {                                                            \
+    T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                            \
+    while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST,       \
+                                                   __ATOMIC_SEQ_CST)) {                     \
+    }                                                                                        \
+    return old;                                                                              \
+  }                                                                                          \
+  inline T atomicMin(T* a, T v) {                                                            \
+    T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                            \
+    while (v < old && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST,       \
+                                                   __ATOMIC_SEQ_CST)) {                     \
+    }                                                                                        \
+    return old;                                                                              \
+  }
+LOMO_EMU_ATOMIC_INT(int)
+LOMO_EMU_ATOMIC_INT(unsigned)
+LOMO_EMU_ATOMIC_INT(unsigned long long)
+#undef LOMO_EMU_ATOMIC_INT
+// No floating-point atomicAdd on purpose: reductions here are deterministic (docs/spec.md), so a
+// kernel that uses one fails to compile in the emulated build.
+
+// ((old >= limit) ? 0 : old + 1) and ((old == 0 || old > limit) ? limit : old - 1), atomically.
+inline unsigned atomicInc(unsigned* a, unsigned limit) {
+  unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+  while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, true,
+                                      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+inline unsigned atomicDec(unsigned* a, unsigned limit) {
+  unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+  while (!__atomic_compare_exchange_n(a, &old, (old == 0u || old > limit) ? limit : old - 1u,
+                                      true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+
+// Cache-hinted loads/stores: plain accesses on the host.
+template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldca(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
+template <typename T> inline T __ldlu(const T* p) { return *p; }
+template <typename T> inline T __ldcv(const T* p) { return *const_cast<const volatile T*>(p); }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
+template <typename T> inline void __stcs(T* p, T v) { *p = v; }
+template <typename T> inline void __stwb(T* p, T v) { *p = v; }
+template <typename T> inline void __stwt(T* p, T v) { *p = v; }
+
+// ------------------------------------------------------------------------------------------
+// Arithmetic intrinsics: the IEEE operation each one names (see the header comment)
+// ------------------------------------------------------------------------------------------
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline float __saturatef(float x) { return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f; }
+// The GPU's rsqrtf is an approximation (max 2 ulp); this is the correctly rounded value.
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+
+inline unsigned __float_as_uint(float x) { return lomo::f32_bits(x); }
+inline float __uint_as_float(unsigned b) { return lomo::f32_from_bits(b); }
+inline int __float_as_int(float x) { return static_cast<int>(lomo::f32_bits(x)); }
+inline float __int_as_float(int b) { return lomo::f32_from_bits(static_cast<uint32_t>(b)); }
+inline long long __double_as_longlong(double x) {
+  long long b;
+  std::memcpy(&b, &x, 8);
+  return b;
+}
+inline double __longlong_as_double(long long b) {
+  double x;
+  std::memcpy(&x, &b, 8);
+  return x;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) {
+  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+  x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+  x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+  x = ((x >> 8) & 0x00FF00FFu) | ((x & 0x00FF00FFu) << 8);
+  return (x >> 16) | (x << 16);
+}
+
+// fp16 / bf16 storage types and their round-to-nearest-even conversions (rounding.h's bit-exact
+// host implementations, which are the GPU's).
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline float __half2float(__half h) { return lomo::f16_to_f32(h.bits); }
+inline __half __float2half_rn(float x) { return __half{lomo::f32_to_f16_nearest(x)}; }
+inline __half __float2half(float x) { return __float2half_rn(x); }
+inline float __bfloat162float(__nv_bfloat16 h) { return lomo::bf16_to_f32(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  return __nv_bfloat16{lomo::f32_to_bf16_nearest(x)};
+}
+inline __nv_bfloat16 __float2bfloat16(float x) { return __float2bfloat16_rn(x); }

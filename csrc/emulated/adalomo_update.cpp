@@ -1,0 +1,3 @@
+// csrc/cuda/adalomo_update.cu compiled as host C++ for the SIMT emulation (backend "cuda_emulated").
+#include "cuda/emulation.h"
+#include "cuda/adalomo_update.cu"

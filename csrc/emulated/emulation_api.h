@@ -1,0 +1,34 @@
+// What the host side (op registration, Python bindings) sees of the SIMT emulator; plain C++, no
+// CUDA keywords, so it can be included anywhere.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+
+namespace lomo {
+namespace emu {
+
+struct EmulationStats {
+  int64_t launches, blocks, threads, switches;  // since the process started (launches: resettable)
+  const char* fibers;                           // "asm" or "ucontext"
+};
+
+int64_t launch_count();
+void reset_launch_count();
+EmulationStats stats();
+
+// The tensors an emulated op may touch, registered for the calling thread's launches: a 16-byte
+// vector access that falls inside one of their storages but outside the tensor's own bytes fails.
+class MemoryScope {
+ public:
+  MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);
+  ~MemoryScope();
+  MemoryScope(const MemoryScope&) = delete;
+  MemoryScope& operator=(const MemoryScope&) = delete;
+};
+
+}  // namespace emu
+}  // namespace lomo

@@ -1,0 +1,700 @@
+// The SIMT emulator behind csrc/cuda/emulation.h: fibers, the block scheduler, barriers, warp
+// collectives and the grid launch. Built into lomo_kernels._C with LOMO_KERNELS_CUDA_EMULATION=1.
+//
+// Threads of a block are fibers on one OS thread. A fiber runs until it blocks (a barrier or a warp
+// collective whose other participants have not arrived) or exits; the scheduler then switches
+// directly to the next runnable fiber of the same warp, else of the next warp ("warp-greedy": one
+// warp runs ahead of the others until a block barrier, as warps do on a GPU). The last arriver at a
+// barrier releases the others and carries on. Schedule variants per block (warp order, lane order)
+// make code whose result depends on the interleaving fail in some block.
+//
+// Context switch: on x86-64 a few instructions (the callee-saved registers and the stack pointer;
+// the SSE/x87 control words are shared by all fibers, which never change them); elsewhere, or with
+// LOMO_KERNELS_EMULATION_FIBERS=ucontext, glibc's swapcontext (a signal-mask syscall per switch).
+//
+// Environment: LOMO_KERNELS_EMULATION_THREADS=n (OS threads running blocks; default torch's
+// intra-op thread count, 1 to debug), LOMO_KERNELS_EMULATION_SCHEDULE=mixed|forward|reverse.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda/emulation.h"
+#include "emulated/emulation_api.h"
+
+__thread uint3 threadIdx;
+__thread uint3 blockIdx;
+__thread uint3 blockDim;
+__thread uint3 gridDim;
+
+#if defined(__x86_64__) && defined(__linux__)
+#define LOMO_EMU_ASM_SWITCH 1
+// lomo_emu_switch(&save_sp, next_sp): push the callee-saved registers, save the stack pointer,
+// load the other fiber's and pop its registers. A new fiber's stack holds seven words: six
+// registers (rbx = its Fiber*, r12 = the entry function) and the return address of the trampoline,
+// which calls entry(fiber) with an ABI-aligned stack.
+extern "C" void lomo_emu_switch(void** save_sp, void* next_sp);
+extern "C" void lomo_emu_trampoline();
+asm(R"(
+  .text
+  .p2align 4
+  .globl lomo_emu_switch
+  .hidden lomo_emu_switch
+  .type lomo_emu_switch,@function
+lomo_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size lomo_emu_switch, .-lomo_emu_switch
+  .p2align 4
+  .globl lomo_emu_trampoline
+  .hidden lomo_emu_trampoline
+  .type lomo_emu_trampoline,@function
+lomo_emu_trampoline:
+  movq %rbx, %rdi
+  callq *%r12
+  ud2
+  .size lomo_emu_trampoline, .-lomo_emu_trampoline
+)");
+#else
+#define LOMO_EMU_ASM_SWITCH 0
+#endif
+
+namespace lomo {
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;  // kernel frames are small; a guard page below each
+constexpr int kMaxThreads = 1024;
+constexpr size_t kMaxDynamicSmem = 227 * 1024;  // H100: the opt-in maximum per block
+
+enum class Wait : uint8_t { None, Block, Warp, Exited };
+
+struct Fiber {
+  void* sp = nullptr;            // asm switch: saved stack pointer
+  ucontext_t* uc = nullptr;      // ucontext switch
+  char* stack_top = nullptr;     // 16-byte aligned
+  uint3 tid{};
+  int linear = 0, lane = 0, warp = 0;
+  Wait wait = Wait::None;
+  unsigned wmask = 0;            // pending warp collective: mask, kind, contribution, source lane
+  Collective wkind = Collective::SyncWarp;
+  uint64_t wvalue = 0;
+  unsigned wsrc = 0;
+  uint64_t wresult = 0;          // written by the lane that completes the collective
+  int sync_result = 0;
+};
+
+struct WarpState {
+  unsigned arrived, exited, members;
+};
+
+struct MemRange {
+  uintptr_t storage_lo, storage_hi, view_lo, view_hi;
+  const char* name;
+};
+
+struct Launch {
+  LaunchSite site;
+  uint3 grid, block;
+  int64_t nblocks;
+  int nthreads;
+  size_t smem;
+  Invoke invoke;
+  const void* call;
+  const std::vector<MemRange>* ranges;
+  int schedule;  // 0 mixed, 1 forward, 2 reverse
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::string error;
+};
+
+enum class Switcher { Asm, Ucontext };
+
+struct Stats {
+  std::atomic<int64_t> launches{0}, blocks{0}, threads{0}, switches{0};
+};
+Stats g_stats;
+
+// Per OS thread: the fibers (stacks are kept between launches) and the state of the block it runs.
+struct BlockRun {
+  Launch* L = nullptr;
+  Switcher switcher = Switcher::Asm;
+  std::vector<Fiber> fibers;
+  std::vector<int> order;  // schedule order (linear thread ids), warps contiguous
+  std::vector<int> pos;    // position of each thread in `order`
+  WarpState warps[kMaxThreads / 32];
+  int nthreads = 0, nwarps = 0, live = 0, arrived = 0;
+  BlockSync bkind = BlockSync::Plain;
+  int count = 0;  // predicates that were non-zero at the pending block barrier
+  Fiber* cur = nullptr;
+  void* main_sp = nullptr;
+  ucontext_t main_uc;
+  bool failed = false;
+  std::string error;
+  int64_t switches = 0;
+  char* stack_base = nullptr;
+  size_t stack_slots = 0, stack_stride = 0;
+  std::vector<unsigned char> smem_buf;
+  unsigned char* smem = nullptr;
+
+  ~BlockRun() {
+    if (stack_base) munmap(stack_base, stack_slots * stack_stride);
+    for (Fiber& f : fibers) delete f.uc;
+  }
+
+  void reserve(int n) {
+    if (static_cast<size_t>(n) <= stack_slots) return;
+    if (stack_base) munmap(stack_base, stack_slots * stack_stride);
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    stack_stride = kStackBytes + page;
+    stack_slots = static_cast<size_t>(kMaxThreads);
+    void* m = mmap(nullptr, stack_slots * stack_stride, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(m != MAP_FAILED, "cuda_emulated: cannot map fiber stacks");
+    stack_base = static_cast<char*>(m);
+    fibers.resize(stack_slots);
+    for (size_t i = 0; i < stack_slots; ++i) {
+      char* lo = stack_base + i * stack_stride;
+      mprotect(lo, page, PROT_NONE);  // overflow faults instead of corrupting the next stack
+      fibers[i].stack_top = lo + stack_stride;
+    }
+  }
+};
+
+thread_local std::unique_ptr<BlockRun> tls_run_owner;
+__thread BlockRun* tls_run = nullptr;
+
+BlockRun& run_of_this_thread() {
+  if (!tls_run_owner) tls_run_owner = std::make_unique<BlockRun>();
+  tls_run = tls_run_owner.get();
+  return *tls_run;
+}
+
+std::string kernel_name(const char* text) {
+  int depth = 0;
+  const char* p = text;
+  for (; *p; ++p) {
+    if (*p == '<' || *p == '(') ++depth;
+    if (*p == '>' || *p == ')') --depth;
+    if (*p == ',' && depth == 0) break;
+  }
+  return std::string(text, p);
+}
+
+std::string where(const BlockRun& r) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y,
+                blockIdx.z, r.cur ? r.cur->tid.x : 0u, r.cur ? r.cur->tid.y : 0u,
+                r.cur ? r.cur->tid.z : 0u);
+  return buf;
+}
+
+void fiber_main(Fiber* f);
+
+void switch_to(BlockRun& r, Fiber* from, Fiber* to) {
+  r.cur = to;
+  ++r.switches;
+  threadIdx = to->tid;
+  if (r.switcher == Switcher::Asm) {
+#if LOMO_EMU_ASM_SWITCH
+    lomo_emu_switch(&from->sp, to->sp);
+#endif
+  } else {
+    swapcontext(from->uc, to->uc);
+  }
+}
+
+[[noreturn]] void switch_to_main(BlockRun& r) {
+  Fiber* from = r.cur;
+  r.cur = nullptr;
+  if (r.switcher == Switcher::Asm) {
+#if LOMO_EMU_ASM_SWITCH
+    lomo_emu_switch(&from->sp, r.main_sp);
+#endif
+  } else {
+    swapcontext(from->uc, &r.main_uc);
+  }
+  __builtin_trap();  // an exited or failed fiber is never resumed
+}
+
+void ucontext_entry() { fiber_main(tls_run->cur); }
+
+void start_fiber(BlockRun& r, Fiber& f) {
+  if (r.switcher == Switcher::Asm) {
+    void** sp = reinterpret_cast<void**>(f.stack_top - 72);
+    sp[0] = sp[1] = sp[2] = nullptr;                      // r15 r14 r13
+    sp[3] = reinterpret_cast<void*>(&fiber_main);          // r12
+    sp[4] = &f;                                            // rbx
+    sp[5] = nullptr;                                       // rbp
+#if LOMO_EMU_ASM_SWITCH
+    sp[6] = reinterpret_cast<void*>(&lomo_emu_trampoline);  // return address
+#endif
+    f.sp = sp;
+  } else {
+    if (!f.uc) f.uc = new ucontext_t;
+    getcontext(f.uc);
+    f.uc->uc_stack.ss_sp = f.stack_top - kStackBytes;
+    f.uc->uc_stack.ss_size = kStackBytes;
+    f.uc->uc_link = nullptr;
+    makecontext(f.uc, &ucontext_entry, 0);
+  }
+}
+
+[[noreturn]] void fail_here(BlockRun& r, const std::string& what) {
+  r.failed = true;
+  r.error = where(r) + ": " + what;
+  switch_to_main(r);
+}
+
+std::string describe_waits(const BlockRun& r) {
+  std::string s;
+  int shown = 0;
+  for (int t = 0; t < r.nthreads && shown < 8; ++t) {
+    const Fiber& f = r.fibers[t];
+    if (f.wait == Wait::Exited) continue;
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), "%sthread %d waits at %s", shown ? ", " : "", t,
+                  f.wait == Wait::Block ? "__syncthreads" : "a warp collective");
+    s += buf;
+    ++shown;
+  }
+  return s;
+}
+
+// Switch to the next runnable fiber: the current warp's lanes first (in schedule order, cyclic),
+// then the following warps. Returns when the current fiber runs again.
+void block_until_released(BlockRun& r) {
+  Fiber* self = r.cur;
+  const int p = r.pos[self->linear];
+  const int w0 = p / 32 * 32, wn = std::min(32, r.nthreads - w0);
+  for (int k = 1; k < wn; ++k) {
+    Fiber& f = r.fibers[r.order[w0 + (p - w0 + k) % wn]];
+    if (f.wait == Wait::None) return switch_to(r, self, &f);
+  }
+  for (int k = wn; k < r.nthreads; ++k) {
+    Fiber& f = r.fibers[r.order[(w0 + k) % r.nthreads]];
+    if (f.wait == Wait::None) return switch_to(r, self, &f);
+  }
+  if (self->wait == Wait::None) return;  // released while looking (cannot happen: no preemption)
+  fail_here(r, "deadlock: no thread can proceed (" + describe_waits(r) + ")");
+}
+
+void release_block_barrier(BlockRun& r) {
+  int result = 0;
+  switch (r.bkind) {
+    case BlockSync::Plain: break;
+    case BlockSync::Count: result = r.count; break;
+    case BlockSync::And: result = r.count == r.arrived; break;
+    case BlockSync::Or: result = r.count > 0; break;
+  }
+  for (int t = 0; t < r.nthreads; ++t) {
+    Fiber& f = r.fibers[t];
+    if (f.wait == Wait::Block) f.wait = Wait::None;
+    f.sync_result = result;  // read by each waiter when it resumes
+  }
+  r.arrived = 0;
+  r.count = 0;
+}
+
+[[noreturn]] void exit_current(BlockRun& r) {
+  Fiber* f = r.cur;
+  WarpState& w = r.warps[f->warp];
+  const unsigned bit = 1u << f->lane;
+  f->wait = Wait::Exited;
+  w.exited |= bit;
+  --r.live;
+  for (unsigned l = 0; l < 32; ++l) {  // a lane that still waits for this one would hang
+    if (!(w.arrived >> l & 1u)) continue;
+    const Fiber& o = r.fibers[f->warp * 32 + l];
+    if (o.wait == Wait::Warp && (o.wmask & bit))
+      fail_here(r, "exits while lane " + std::to_string(l) +
+                       " waits for it in a warp collective (mask includes an exited lane)");
+  }
+  if (r.arrived > 0 && r.arrived == r.live) release_block_barrier(r);
+  for (int k = 1; k <= r.nthreads; ++k) {
+    Fiber& n = r.fibers[r.order[(r.pos[f->linear] + k) % r.nthreads]];
+    if (n.wait == Wait::None) {
+      switch_to(r, f, &n);
+      __builtin_trap();
+    }
+  }
+  if (r.live > 0) fail_here(r, "deadlock after this thread exited (" + describe_waits(r) + ")");
+  switch_to_main(r);
+}
+
+void fiber_main(Fiber* f) {
+  BlockRun& r = *tls_run;
+  (void)f;
+  r.L->invoke(r.L->call);
+  exit_current(r);
+}
+
+void init_block(BlockRun& r, const Launch& L, int64_t b) {
+  blockIdx = {static_cast<unsigned>(b % L.grid.x),
+              static_cast<unsigned>(b / L.grid.x % L.grid.y),
+              static_cast<unsigned>(b / (static_cast<int64_t>(L.grid.x) * L.grid.y))};
+  const int n = L.nthreads;
+  r.nthreads = n;
+  r.nwarps = (n + 31) / 32;
+  r.live = n;
+  r.arrived = 0;
+  r.count = 0;
+  r.failed = false;
+  r.cur = nullptr;
+  for (int t = 0; t < n; ++t) {
+    Fiber& f = r.fibers[t];
+    f.tid = {t % L.block.x, t / L.block.x % L.block.y, t / (L.block.x * L.block.y)};
+    f.linear = t;
+    f.lane = t % 32;
+    f.warp = t / 32;
+    f.wait = Wait::None;
+    f.wmask = 0;
+    f.sync_result = 0;
+    start_fiber(r, f);
+  }
+  for (int w = 0; w < r.nwarps; ++w) {
+    const int lanes = std::min(32, n - w * 32);
+    r.warps[w].arrived = r.warps[w].exited = 0;
+    r.warps[w].members = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1u;
+  }
+  // Schedule variant: bit 0 reverses the warp order, bit 1 the lane order.
+  int variant = L.schedule == 1 ? 0 : L.schedule == 2 ? 3 : static_cast<int>(b & 3);
+  r.order.resize(n);
+  r.pos.resize(n);
+  int k = 0;
+  for (int ws = 0; ws < r.nwarps; ++ws) {
+    const int w = (variant & 1) ? r.nwarps - 1 - ws : ws;
+    const int lanes = std::min(32, n - w * 32);
+    for (int ls = 0; ls < lanes; ++ls) {
+      const int t = w * 32 + ((variant & 2) ? lanes - 1 - ls : ls);
+      r.order[k] = t;
+      r.pos[t] = k++;
+    }
+  }
+  if (L.smem) std::memset(r.smem, 0xFF, L.smem);  // stale shared memory reads as NaN / -1
+}
+
+void run_block(BlockRun& r, Launch& L, int64_t b) {
+  init_block(r, L, b);
+  Fiber* first = &r.fibers[r.order[0]];
+  r.cur = first;
+  threadIdx = first->tid;
+  ++r.switches;
+  if (r.switcher == Switcher::Asm) {
+#if LOMO_EMU_ASM_SWITCH
+    lomo_emu_switch(&r.main_sp, first->sp);
+#endif
+  } else {
+    swapcontext(&r.main_uc, first->uc);
+  }
+  if (r.failed) {
+    std::lock_guard<std::mutex> lock(L.error_mutex);
+    if (!L.failed.exchange(true)) L.error = r.error;
+  }
+}
+
+void worker(Launch& L, Switcher switcher) {
+  BlockRun& r = run_of_this_thread();
+  r.reserve(L.nthreads);
+  r.L = &L;
+  r.switcher = switcher;
+  r.switches = 0;
+  if (L.smem) {
+    r.smem_buf.resize(L.smem + 16);
+    r.smem = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(r.smem_buf.data()) + 15) / 16 * 16);
+  }
+  blockDim = L.block;
+  gridDim = L.grid;
+  int64_t blocks = 0;
+  for (int64_t b; !L.failed.load(std::memory_order_relaxed) && (b = L.next.fetch_add(1)) < L.nblocks;
+       ++blocks)
+    run_block(r, L, b);
+  g_stats.blocks += blocks;
+  g_stats.threads += blocks * L.nthreads;
+  g_stats.switches += r.switches;
+  r.L = nullptr;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  TORCH_CHECK(end && *end == '\0' && x >= 1 && x <= 4096, name, " must be a positive integer, got '",
+              v, "'");
+  return static_cast<int>(x);
+}
+
+Switcher switcher_from_env() {
+  const char* v = std::getenv("LOMO_KERNELS_EMULATION_FIBERS");
+  const std::string s = v ? v : "";
+  TORCH_CHECK(s.empty() || s == "asm" || s == "ucontext",
+              "LOMO_KERNELS_EMULATION_FIBERS must be 'asm' or 'ucontext', got '", s, "'");
+  if (s == "ucontext" || !LOMO_EMU_ASM_SWITCH) return Switcher::Ucontext;
+  return Switcher::Asm;
+}
+
+int schedule_from_env() {
+  const char* v = std::getenv("LOMO_KERNELS_EMULATION_SCHEDULE");
+  const std::string s = v ? v : "";
+  TORCH_CHECK(s.empty() || s == "mixed" || s == "forward" || s == "reverse",
+              "LOMO_KERNELS_EMULATION_SCHEDULE must be mixed, forward or reverse, got '", s, "'");
+  return s == "forward" ? 1 : s == "reverse" ? 2 : 0;
+}
+
+thread_local std::vector<MemRange> tls_ranges;  // registered by MemoryScope on the calling thread
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// Called from kernel code (inside a fiber)
+// ------------------------------------------------------------------------------------------
+unsigned lane_id() { return static_cast<unsigned>(tls_run->cur->lane); }
+
+unsigned active_mask() {
+  const BlockRun& r = *tls_run;
+  const WarpState& w = r.warps[r.cur->warp];
+  return w.members & ~w.exited;
+}
+
+namespace {
+
+uint64_t combine(Collective kind, unsigned mask, const Fiber* lanes) {
+  uint64_t acc = 0;
+  bool first = true;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const uint32_t u = static_cast<uint32_t>(lanes[l].wvalue);
+    const int32_t i = static_cast<int32_t>(u);
+    const uint32_t a = static_cast<uint32_t>(acc);
+    switch (kind) {
+      case Collective::Ballot: acc |= static_cast<uint64_t>(u != 0) << l; break;
+      case Collective::AddU32: acc = a + u; break;
+      case Collective::MinU32: acc = first || u < a ? u : a; break;
+      case Collective::MaxU32: acc = first || u > a ? u : a; break;
+      case Collective::MinI32: acc = static_cast<uint32_t>(first || i < static_cast<int32_t>(a) ? i : static_cast<int32_t>(a)); break;
+      case Collective::MaxI32: acc = static_cast<uint32_t>(first || i > static_cast<int32_t>(a) ? i : static_cast<int32_t>(a)); break;
+      case Collective::AndU32: acc = first ? u : (a & u); break;
+      case Collective::OrU32: acc = a | u; break;
+      case Collective::XorU32: acc = a ^ u; break;
+      default: break;
+    }
+    first = false;
+  }
+  return acc;
+}
+
+}  // namespace
+
+uint64_t warp_collective(unsigned mask, Collective kind, uint64_t value, unsigned src) {
+  BlockRun& r = *tls_run;
+  Fiber* f = r.cur;
+  WarpState& w = r.warps[f->warp];
+  const unsigned bit = 1u << f->lane;
+  char buf[160];
+  if (!(mask & bit) || (mask & ~w.members) || (mask & w.exited)) {
+    std::snprintf(buf, sizeof(buf),
+                  "warp collective with mask 0x%08x: it must include the calling lane %d and "
+                  "only live lanes of the warp (0x%08x)",
+                  mask, f->lane, w.members & ~w.exited);
+    fail_here(r, buf);
+  }
+  f->wmask = mask;
+  f->wkind = kind;
+  f->wvalue = value;
+  f->wsrc = src;
+  w.arrived |= bit;
+  if ((w.arrived & mask) != mask) {
+    f->wait = Wait::Warp;
+    block_until_released(r);
+    return f->wresult;
+  }
+  // The last arriver: every lane of the mask must be at the same kind of collective.
+  Fiber* lanes = &r.fibers[f->warp * 32];
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    if (lanes[l].wmask != mask || lanes[l].wkind != kind) {
+      std::snprintf(buf, sizeof(buf),
+                    "lanes of mask 0x%08x meet at different warp collectives (lane %u: mask "
+                    "0x%08x, another kind or mask)",
+                    mask, l, lanes[l].wmask);
+      fail_here(r, buf);
+    }
+  }
+  const uint64_t all = kind == Collective::Shuffle ? 0 : combine(kind, mask, lanes);
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    Fiber& o = lanes[l];
+    o.wresult = kind == Collective::Shuffle ? lanes[o.wsrc].wvalue : all;
+    if (o.wait == Wait::Warp) o.wait = Wait::None;
+  }
+  w.arrived &= ~mask;
+  return f->wresult;
+}
+
+unsigned shuffle_source(ShuffleMode mode, unsigned lane, int arg, int width, unsigned mask) {
+  if (width <= 0 || width > 32 || (width & (width - 1)))
+    fail_here(*tls_run, "shuffle width must be a power of two <= 32, got " + std::to_string(width));
+  const unsigned seg = lane & ~static_cast<unsigned>(width - 1);
+  unsigned src = lane;
+  switch (mode) {
+    case ShuffleMode::Index: src = seg + (static_cast<unsigned>(arg) & (width - 1)); break;
+    case ShuffleMode::Up: src = static_cast<int>(lane) - arg >= static_cast<int>(seg) ? lane - arg : lane; break;
+    case ShuffleMode::Down: src = lane + arg < seg + width ? lane + arg : lane; break;
+    case ShuffleMode::Xor: {
+      const unsigned j = lane ^ static_cast<unsigned>(arg);
+      src = j < seg + width ? j : lane;  // a later segment: own value
+      break;
+    }
+  }
+  if (src >= 32 || !(mask >> src & 1u))
+    fail_here(*tls_run, "shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
+  return src;
+}
+
+int block_barrier(BlockSync kind, int predicate) {
+  BlockRun& r = *tls_run;
+  if (r.arrived == 0) {
+    r.bkind = kind;
+  } else if (r.bkind != kind) {
+    fail_here(r, "threads of a block meet at different kinds of __syncthreads");
+  }
+  ++r.arrived;
+  r.count += predicate != 0;
+  if (r.arrived == r.live) {
+    release_block_barrier(r);
+  } else {
+    r.cur->wait = Wait::Block;
+    block_until_released(r);
+  }
+  return r.cur->sync_result;
+}
+
+unsigned char* dynamic_shared_memory() {
+  BlockRun& r = *tls_run;
+  if (!r.L->smem) fail_here(r, "dynamic shared memory used but the launch requested 0 bytes");
+  return r.smem;
+}
+
+void check_vector_access(const void* p, size_t bytes, bool store) {
+  BlockRun& r = *tls_run;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  char buf[256];
+  if (a % bytes) {
+    std::snprintf(buf, sizeof(buf), "misaligned %zu-byte vector %s at %p", bytes,
+                  store ? "store" : "load", p);
+    fail_here(r, buf);
+  }
+  const MemRange* hit = nullptr;
+  for (const MemRange& m : *r.L->ranges) {
+    if (a >= m.view_lo && a + bytes <= m.view_hi) return;  // inside some registered tensor
+    if (a >= m.storage_lo && a < m.storage_hi) hit = &m;
+  }
+  if (hit) {
+    std::snprintf(buf, sizeof(buf),
+                  "%zu-byte vector %s at %p is outside tensor '%s' [%p, %p) (in its storage)",
+                  bytes, store ? "store" : "load", p, hit->name,
+                  reinterpret_cast<void*>(hit->view_lo), reinterpret_cast<void*>(hit->view_hi));
+    fail_here(r, buf);
+  }
+}
+
+void fail(const char* what) { fail_here(*tls_run, what); }
+
+// ------------------------------------------------------------------------------------------
+// Launch
+// ------------------------------------------------------------------------------------------
+void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke invoke,
+              const void* call) {
+  const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
+  const std::string name = kernel_name(site.text);
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 0x7FFFFFFFu &&
+                  grid.y <= 65535 && grid.z <= 65535,
+              "cuda_emulated: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ") for ", name,
+              " at ", site.file, ":", site.line);
+  TORCH_CHECK(threads >= 1 && threads <= kMaxThreads && block.x <= 1024 && block.y <= 1024 &&
+                  block.z <= 64,
+              "cuda_emulated: invalid block (", block.x, ", ", block.y, ", ", block.z, ") for ",
+              name, " at ", site.file, ":", site.line);
+  TORCH_CHECK(smem <= kMaxDynamicSmem, "cuda_emulated: ", smem,
+              " bytes of dynamic shared memory for ", name, " exceed the per-block maximum");
+  g_stats.launches++;
+  Launch L;
+  L.site = site;
+  L.grid = {grid.x, grid.y, grid.z};
+  L.block = {block.x, block.y, block.z};
+  L.nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  L.nthreads = static_cast<int>(threads);
+  L.smem = smem;
+  L.invoke = invoke;
+  L.call = call;
+  L.ranges = &tls_ranges;
+  L.schedule = schedule_from_env();
+  const Switcher switcher = switcher_from_env();
+  const int os_threads = static_cast<int>(std::min<int64_t>(
+      env_int("LOMO_KERNELS_EMULATION_THREADS", at::get_num_threads()), L.nblocks));
+  if (os_threads <= 1) {
+    worker(L, switcher);
+  } else {
+    at::parallel_for(0, os_threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) worker(L, switcher);
+    });
+  }
+  TORCH_CHECK(!L.failed.load(), "cuda_emulated: ", name, " (", site.file, ":", site.line, "), ",
+              L.error);
+}
+
+// ------------------------------------------------------------------------------------------
+// emulation_api.h
+// ------------------------------------------------------------------------------------------
+int64_t launch_count() { return g_stats.launches.load(); }
+
+void reset_launch_count() { g_stats.launches = 0; }
+
+EmulationStats stats() {
+  return {g_stats.launches.load(), g_stats.blocks.load(), g_stats.threads.load(),
+          g_stats.switches.load(), switcher_from_env() == Switcher::Asm ? "asm" : "ucontext"};
+}
+
+MemoryScope::MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  tls_ranges.clear();
+  for (const auto& [name, t] : ts) {
+    if (!t || !t->defined() || !t->has_storage()) continue;
+    const auto* base = static_cast<const char*>(t->storage().data());
+    const auto* data = static_cast<const char*>(t->data_ptr());
+    tls_ranges.push_back({reinterpret_cast<uintptr_t>(base),
+                          reinterpret_cast<uintptr_t>(base + t->storage().nbytes()),
+                          reinterpret_cast<uintptr_t>(data),
+                          reinterpret_cast<uintptr_t>(data + t->numel() * t->element_size()),
+                          name});
+  }
+}
+
+MemoryScope::~MemoryScope() { tls_ranges.clear(); }
+
+}  // namespace emu
+}  // namespace lomo

@@ -1,0 +1,171 @@
+// Probe kernels of the SIMT emulator itself, written as CUDA (they compile only in the emulated
+// build): tests/test_cuda_emulation.py checks their outputs against independent Python
+// computations, and that the emulator rejects what a GPU would not run correctly.
+#include <torch/extension.h>
+
+#include "cuda/emulation.h"
+#include "cuda/vec.cuh"
+#include "emulated/emulation_api.h"
+
+namespace lomo {
+namespace cuda_emulated {
+namespace {
+
+// out[t, :] for every thread t of the grid (blocks of 64): shuffles of v = 1000 * block + thread in
+// segments of `width`, then votes and a warp reduction.
+__global__ void shuffle_probe(int* out, int width) {
+  const int t = threadIdx.x, v = static_cast<int>(1000 * blockIdx.x) + t;
+  int* o = out + (static_cast<int64_t>(blockIdx.x) * blockDim.x + t) * 10;
+  o[0] = __shfl_xor_sync(0xFFFFFFFFu, v, 5, width);
+  o[1] = __shfl_down_sync(0xFFFFFFFFu, v, 3, width);
+  o[2] = __shfl_up_sync(0xFFFFFFFFu, v, 3, width);
+  o[3] = __shfl_sync(0xFFFFFFFFu, v, 7, width);
+  o[4] = __shfl_sync(0xFFFFFFFFu, v, -1, width);
+  o[5] = static_cast<int>(__ballot_sync(0xFFFFFFFFu, v % 3 == 0));
+  o[6] = __any_sync(0xFFFFFFFFu, v % 29 == 0);
+  o[7] = __all_sync(0xFFFFFFFFu, v >= 0);
+  o[8] = __reduce_add_sync(0xFFFFFFFFu, v);
+  // a double through a shuffle, and a half-warp collective on the lower 16 lanes only
+  const double d = __shfl_xor_sync(0xFFFFFFFFu, 0.5 * v, 1);
+  int half = -1;
+  if ((t & 31) < 16) half = __reduce_max_sync(0x0000FFFFu, v);
+  o[9] = static_cast<int>(2.0 * d) + half;
+}
+
+// Barrier variants, 3-D indices and dynamic shared memory: out[global linear thread] = 4 values.
+__global__ void block_probe(int* out) {
+  LOMO_DYNAMIC_SHARED(int, smem);
+  const int t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int nt = blockDim.x * blockDim.y * blockDim.z;
+  const int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  smem[t] = 7 * b + t;
+  const int count = __syncthreads_count(t % 5 == 0);
+  const int reversed = smem[nt - 1 - t];
+  const int all = __syncthreads_and(t < nt);
+  const int any = __syncthreads_or(t == nt - 1 && b % 2 == 0);
+  int* o = out + (static_cast<int64_t>(b) * nt + t) * 4;
+  o[0] = reversed;
+  o[1] = count;
+  o[2] = all + 2 * any;
+  o[3] = static_cast<int>(threadIdx.x + 100 * threadIdx.y + 10000 * threadIdx.z);
+}
+
+// Atomics from every thread of every block (blocks run concurrently on several OS threads), and a
+// last-block-done reduction: each block's partial sum, a fence, a ticket; the last block sums.
+struct AtomicOut {
+  int add;
+  unsigned inc;
+  unsigned long long big;
+  int cas_count;
+  int max;
+  unsigned last_block;
+  long long total;
+};
+
+__global__ void atomic_probe(AtomicOut* out, unsigned* ticket, long long* partials) {
+  __shared__ long long part[32];
+  const int t = threadIdx.x;
+  const unsigned b = blockIdx.x;
+  atomicAdd(&out->add, 1);
+  atomicInc(&out->inc, 99u);  // wraps to 0 after 99
+  atomicAdd(&out->big, 1ull << 33);
+  int old = out->cas_count, seen;
+  while ((seen = atomicCAS(&out->cas_count, old, old + 1)) != old) old = seen;
+  atomicMax(&out->max, static_cast<int>(b * 1000 + t));
+  long long v = static_cast<long long>(b) * blockDim.x + t;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  if ((t & 31) == 0) part[t >> 5] = v;
+  __syncthreads();
+  __shared__ bool last;
+  if (t == 0) {
+    long long s = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) s += part[w];
+    partials[b] = s;
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last && t == 0) {
+    __threadfence();
+    long long total = 0;
+    for (unsigned i = 0; i < gridDim.x; ++i) total += partials[i];
+    out->total = total;
+    out->last_block = b;
+  }
+}
+
+// A block reduction through shared memory with the barrier between the writes and the reads
+// missing: the emulator's schedule variants must make some block read stale values.
+__global__ void missing_barrier_probe(int* out) {
+  __shared__ int s[256];
+  const int t = threadIdx.x;
+  s[t] = static_cast<int>(blockIdx.x) + t + 1;
+  // __syncthreads() belongs here
+  out[blockIdx.x * blockDim.x + t] = s[(t + 37) % blockDim.x];
+  __syncthreads();
+}
+
+// Kernels a GPU would not run correctly: each must fail with a clear message.
+__global__ void deadlock_probe() {
+  if (threadIdx.x < 16) (void)__shfl_xor_sync(0xFFFFFFFFu, 1, 1);  // lanes 16..31 never come
+  __syncthreads();
+}
+__global__ void exited_lane_probe() {
+  if (threadIdx.x == 3) return;
+  (void)__shfl_xor_sync(0xFFFFFFFFu, 1, 1);
+}
+__global__ void misaligned_probe(const float* p) {
+  struct alignas(16) F4 { float v[4]; };
+  LOMO_CHECK_VECTOR_ACCESS(p + 1, sizeof(F4), false);
+}
+__global__ void out_of_bounds_probe(const uint16_t* p, int64_t n) {
+  Pack<uint16_t> x = load_pack(p + (n / 8) * 8);  // the pack after the last full one
+  (void)x;
+}
+__global__ void mixed_collectives_probe() {
+  if (threadIdx.x % 2) (void)__ballot_sync(0xFFFFFFFFu, 1);
+  else (void)__shfl_xor_sync(0xFFFFFFFFu, 1, 1);
+}
+
+}  // namespace
+
+void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64_t arg2) {
+  const emu::MemoryScope scope({{"out", &out}});
+  if (name == "shuffle") {  // arg blocks of 64 threads, arg2 the shuffle width
+    TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == arg * 64 * 10);
+    LOMO_LAUNCH(shuffle_probe, static_cast<unsigned>(arg), 64, 0, nullptr, out.data_ptr<int>(),
+                static_cast<int>(arg2));
+  } else if (name == "block") {
+    const dim3 grid(3, 2, 2), block(8, 4, 2);
+    TORCH_CHECK(out.numel() == 12 * 64 * 4);
+    LOMO_LAUNCH(block_probe, grid, block, 64 * sizeof(int), nullptr, out.data_ptr<int>());
+  } else if (name == "atomic") {
+    TORCH_CHECK(out.scalar_type() == at::kByte && out.numel() >= 64 + 8 * arg);
+    auto* o = reinterpret_cast<AtomicOut*>(out.data_ptr());
+    auto* ticket = reinterpret_cast<unsigned*>(out.data_ptr<uint8_t>() + 48);
+    auto* partials = reinterpret_cast<long long*>(out.data_ptr<uint8_t>() + 64);
+    static_assert(sizeof(AtomicOut) <= 48);
+    LOMO_LAUNCH(atomic_probe, static_cast<unsigned>(arg), 128, 0, nullptr, o, ticket, partials);
+  } else if (name == "missing_barrier") {
+    LOMO_LAUNCH(missing_barrier_probe, static_cast<unsigned>(arg), 256, 0, nullptr,
+                out.data_ptr<int>());
+  } else if (name == "deadlock") {
+    LOMO_LAUNCH(deadlock_probe, 1, 64, 0, nullptr);
+  } else if (name == "exited_lane") {
+    LOMO_LAUNCH(exited_lane_probe, 1, 32, 0, nullptr);
+  } else if (name == "misaligned") {
+    LOMO_LAUNCH(misaligned_probe, 1, 32, 0, nullptr, out.data_ptr<float>());
+  } else if (name == "out_of_bounds") {
+    LOMO_LAUNCH(out_of_bounds_probe, 1, 32, 0, nullptr,
+                reinterpret_cast<const uint16_t*>(out.data_ptr()), arg);
+  } else if (name == "mixed_collectives") {
+    LOMO_LAUNCH(mixed_collectives_probe, 1, 32, 0, nullptr);
+  } else if (name == "bad_block") {
+    LOMO_LAUNCH(deadlock_probe, 1, 2048, 0, nullptr);
+  } else {
+    TORCH_CHECK(false, "unknown emulation probe '", name, "'");
+  }
+}
+
+}  // namespace cuda_emulated
+}  // namespace lomo

@@ -1,0 +1,140 @@
+"""What every backend's tests share: seeded random data, the float64 evaluation of docs/spec.md (the
+oracle next to the reference), and the tolerance checks of docs/spec.md.
+
+Hyper-parameter dicts use one set of keys everywhere: ``lr``, ``wd`` (weight decay), ``ls`` (loss
+scale), ``cgv`` (clip_grad_value, 0 = off), ``coef`` (clip_coef or None) and, for AdaLomo, ``beta``
+and ``thr`` (clip_threshold).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from conftest import ulp_distance
+
+from lomo_kernels import ops, reference
+
+EPS1, EPS2 = 1e-30, 1e-3
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Shapes of LLM weights: the last dimension a multiple of 16 (the 16-byte vector paths), 1 x n and
+# m x 1, and a 3-D parameter with >= 32 slices of [m, n] (the serial-slice branch).
+LLM_SHAPES = [(4096,), (130, 4096), (3, 70, 512), (1, 4096), (4096, 1), (40, 8, 64)]
+
+
+def rand(shape, dtype, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def adalomo_state(shape, seed=0, scale=1.0, offset=0.1, zeros=False):
+    """Positive second-moment state of the documented shapes (zeros: the first step)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.zeros(s) if zeros else torch.rand(s, generator=gen) * scale + offset
+            for k, s in ops.adalomo_state_shapes(shape).items()}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor, for bitwise comparisons."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def unaligned_view(base: torch.Tensor, offset: int, shape) -> torch.Tensor:
+    """A contiguous view of ``shape`` starting ``offset`` elements into ``base``'s storage: its data
+    pointer is not 16-byte aligned for 1..7 (fp16/bf16) or 1..3, 5..7 (fp32) elements."""
+    return base.view(-1)[offset: offset + math.prod(shape)].view(shape)
+
+
+def _preprocess64(g, h):
+    f32 = reference.f32  # every backend receives its host scalars rounded to fp32
+    g = g.double()
+    if h["ls"] != 1.0:
+        g = g / f32(h["ls"])
+    if h["cgv"] > 0:
+        g = g.clamp(-f32(h["cgv"]), f32(h["cgv"]))
+    if h["coef"] is not None:
+        g = g * f32(h["coef"])
+    return g
+
+
+def f64_lomo(p, g, h):
+    """docs/spec.md's LOMO in float64: (new p, the size of its terms)."""
+    f32 = reference.f32
+    g = _preprocess64(g, h)
+    a, b = p.double() * f32(1 - h["lr"] * h["wd"]), f32(-h["lr"]) * g
+    return a + b, a.abs() + b.abs()
+
+
+@dataclass
+class AdaLomo64:
+    p: torch.Tensor  # the new parameter
+    size: torch.Tensor  # |p * decay| + |lr_t * u|: the scale of a cancellation error
+    state: dict
+    rms_u: float  # before the update normalisation
+
+
+def f64_adalomo(p, g, state, h) -> AdaLomo64:
+    """docs/spec.md's AdaLomo in float64, factored over the last two dims (batched over the rest)."""
+    f32 = reference.f32
+    g = _preprocess64(g, h)
+    G = g * g + f32(EPS1)
+    b, omb = f32(h["beta"]), f32(1 - h["beta"])
+    if p.dim() >= 2:
+        r = state["exp_avg_sq_row"].double() * b + omb * G.mean(-1)
+        c = state["exp_avg_sq_col"].double() * b + omb * G.mean(-2)
+        u = (r / r.mean(-1, keepdim=True)).rsqrt().unsqueeze(-1) * c.unsqueeze(-2).rsqrt() * g
+        new_state = {"exp_avg_sq_row": r, "exp_avg_sq_col": c}
+    else:
+        v = state["exp_avg_sq"].double() * b + omb * G
+        u = v.rsqrt() * g
+        new_state = {"exp_avg_sq": v}
+    n = max(p.numel(), 1)
+    rms_u = u.norm().item() / math.sqrt(n)
+    u = u / max(1.0, rms_u / f32(h["thr"]))
+    p64 = p.double()
+    lr_t = f32(h["lr"]) * max(f32(EPS2), p64.norm().item() / math.sqrt(n))
+    a, s = p64 * (1 - lr_t * f32(h["wd"])), lr_t * u
+    return AdaLomo64(a - s, a.abs() + s.abs(), new_state, rms_u)
+
+
+# ---------------------------------------------------------------- docs/spec.md tolerances
+
+
+# The reference reduces in fp32 (torch.linalg.vector_norm over 0.5M elements is ~2e-5 off), the
+# kernels in double: against float64 the reference gets this much of the size of the terms.
+REFERENCE_F64_RTOL = 1e-4
+
+
+def check_param(out, ref, want, size, *, ref_rtol=1e-4, f64_rtol=1e-5):
+    """A backend's parameter against the reference's and the float64 value: fp32 within f64_rtol of
+    the size of the terms (a pointwise relative error is meaningless where they cancel), fp16/bf16
+    within 1 ulp, except where the result cancels to far below its terms (there the fp32 error of
+    the terms exceeds an ulp of the tiny result, for the reference as much as for the kernel)."""
+    if out.dtype == torch.float32:
+        assert ((out.double() - want).abs() <= f64_rtol * size + 1e-30).all()
+        assert ((out.double() - ref.double()).abs() <= ref_rtol * size + 1e-30).all()
+    else:
+        def near_cancel(tol):
+            return (out.double() - want).abs() <= tol * size
+
+        assert ((ulp_distance(out, want.to(out.dtype)) <= 1) | near_cancel(f64_rtol)).all()
+        assert ((ulp_distance(out, ref) <= 1) | near_cancel(ref_rtol)).all()
+
+
+def check_state(got, ref, want, rtol=1e-5):
+    for k in want:
+        assert ((got[k].double() - want[k]).abs() <= rtol * want[k].abs()).all(), k
+        assert ((got[k] - ref[k]).abs() <= rtol * ref[k].abs()).all(), k
+
+
+def check_stochastic(out, ref, want, size, *, ref_rtol=1e-4, min_equal=0.999):
+    """Stochastic rounding (same hash in every backend): the reference's bits, except where the
+    fp32 values before the rounding differ by a few ulps (another order of the sums, an unfused
+    fma) and a random threshold falls in between (fp16 draws 24 random bits, bf16 16: a k-ulp
+    difference flips an fp16 element with probability k / 2**13), or where the result cancels to
+    far below its terms."""
+    near_cancel = (out.double() - want).abs() <= ref_rtol * size
+    assert ((ulp_distance(out, ref) <= 1) | near_cancel).all()
+    assert (bits(out) == bits(ref)).float().mean().item() >= min_equal
+    assert ((ulp_distance(out, want.to(out.dtype)) <= 1) | near_cancel).all()

@@ -1,0 +1,217 @@
+"""The SIMT emulation that runs csrc/cuda/*.cu on CPU tensors (backend ``cuda_emulated``).
+
+Its own semantics, through probe kernels written in CUDA (csrc/emulated/probes.cpp), each checked
+against an independent Python computation: warp shuffles, votes and reductions exchange values
+between lanes; barriers count; 3-D indices; per-block dynamic shared memory; integer atomics and a
+last-block-done ticket across blocks running concurrently on several OS threads. Then what it must
+reject (a GPU would hang, fault or compute garbage): deadlocks, exited lanes in a warp mask,
+mismatched warp collectives, misaligned or out-of-bounds 16-byte accesses, a missing barrier. And
+what the kernels of this package cost in launches.
+"""
+
+import pytest
+import torch
+from conftest import requires_cuda_emulation
+from oracle import adalomo_state, rand
+
+from lomo_kernels import ops
+
+pytestmark = requires_cuda_emulation
+
+OPS = getattr(torch.ops, ops.EMULATED_NAMESPACE)
+
+
+def _probe(name, out=None, arg=0, arg2=0):
+    ops._native._emulation_probe(name, torch.zeros(1) if out is None else out, arg, arg2)
+    return out
+
+
+@pytest.fixture(params=["1", "2"], ids=["1-os-thread", "2-os-threads"])
+def os_threads(request, monkeypatch):
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_THREADS", request.param)
+    return int(request.param)
+
+
+@pytest.mark.parametrize("width", [32, 16, 8, 4])
+def test_warp_shuffles_votes_and_reductions(width, os_threads):
+    blocks = 3
+    out = _probe("shuffle", torch.zeros(blocks, 64, 10, dtype=torch.int32), blocks, width)
+    for b in range(blocks):
+        for t in range(64):
+            v = 1000 * b + t
+            lane, warp0 = t % 32, t - t % 32
+            seg = lane - lane % width
+
+            def val(src_lane):
+                return 1000 * b + warp0 + src_lane
+
+            x = lane ^ 5
+            want = [
+                val(x) if x < seg + width else v,  # xor into a later segment: own value
+                val(lane + 3) if lane + 3 < seg + width else v,
+                val(lane - 3) if lane - 3 >= seg else v,
+                val(seg + 7 % width),
+                val(seg + (width - 1)),  # srcLane -1 is taken modulo width
+                sum(1 << i for i in range(32) if val(i) % 3 == 0),
+                int(any(val(i) % 29 == 0 for i in range(32))),
+                1,
+                sum(val(i) for i in range(32)),
+                val(lane ^ 1) + (max(val(i) for i in range(16)) if lane < 16 else -1),
+            ]
+            got = out[b, t].tolist()
+            want[5] = want[5] - (1 << 32) if want[5] >= 1 << 31 else want[5]
+            assert got == want, (b, t, got, want)
+
+
+def test_barriers_3d_indices_and_dynamic_shared_memory(os_threads):
+    out = _probe("block", torch.zeros(12, 64, 4, dtype=torch.int32))
+    nt = 8 * 4 * 2
+    for b in range(12):
+        for t in range(nt):
+            x, y, z = t % 8, t // 8 % 4, t // 32
+            reversed_ = 7 * b + (nt - 1 - t)  # written by another thread before the barrier
+            count = sum(1 for i in range(nt) if i % 5 == 0)
+            assert out[b, t].tolist() == [reversed_, count, 1 + 2 * (b % 2 == 0),
+                                          x + 100 * y + 10000 * z], (b, t)
+
+
+def test_atomics_and_last_block_ticket_across_concurrent_blocks(os_threads):
+    blocks = 257
+    for _ in range(3):  # repeated: the OS threads interleave differently every time
+        out = torch.zeros(64 + 8 * blocks, dtype=torch.uint8)
+        _probe("atomic", out, blocks)
+        fields = out[:48].view(torch.int32)
+        n = blocks * 128
+        add, inc, cas, mx = (fields[0].item(), fields[1].item(), fields[4].item(),
+                             fields[5].item())
+        big = out[8:16].view(torch.int64).item()
+        last, total = fields[6].item(), out[32:40].view(torch.int64).item()
+        assert add == n and cas == n and big == n * 2**33
+        assert inc == n % 100  # atomicInc(limit 99) wraps to 0 after 99
+        assert mx == (blocks - 1) * 1000 + 127
+        assert total == n * (n - 1) // 2  # every block's partial, summed by the last one
+        assert 0 <= last < blocks
+        assert out[48:52].view(torch.int32).item() == blocks  # every block took a ticket
+
+
+def test_a_missing_barrier_gives_wrong_results():
+    # The schedule variants (warp order and lane order per block) make a shared-memory read that
+    # lacks its barrier see stale values in some block, instead of passing by luck.
+    blocks = 4
+    out = _probe("missing_barrier", torch.zeros(blocks, 256, dtype=torch.int32), blocks)
+    want = torch.tensor([[b + (t + 37) % 256 + 1 for t in range(256)] for b in range(blocks)],
+                        dtype=torch.int32)
+    assert not torch.equal(out, want)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("deadlock", "deadlock"),
+    ("exited_lane", "exited"),
+    ("mixed_collectives", "different warp collectives"),
+    ("misaligned", "misaligned 16-byte vector load"),
+    ("bad_block", "invalid block"),
+])
+def test_what_a_gpu_would_not_run_is_an_error(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        _probe(name, torch.zeros(64))
+
+
+def test_vector_access_past_the_tensor_is_an_error():
+    # a 16-byte load of the pack after the last full one of a view, inside its storage: on a GPU
+    # it reads the neighbour's bytes without a fault
+    base = torch.zeros(64, dtype=torch.int16)
+    view = base[8:8 + 20]
+    with pytest.raises(RuntimeError, match="outside tensor 'out'"):
+        _probe("out_of_bounds", view, 20)
+    _probe("out_of_bounds", base[8:8 + 24], 20)  # the same pack inside the view is fine
+
+
+def test_errors_name_the_kernel_block_and_thread():
+    with pytest.raises(RuntimeError, match=r"exited_lane_probe .*probes\.cpp:\d+.*block \(0,0,0\) "
+                                           r"thread \(\d+,0,0\)"):
+        _probe("exited_lane")
+
+
+@pytest.mark.parametrize("fibers", ["asm", "ucontext"])
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "mixed"])
+def test_every_fiber_switch_and_schedule_gives_the_same_bits(fibers, schedule, monkeypatch):
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_FIBERS", fibers)
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_SCHEDULE", schedule)
+    shape = (70, 512)
+    p0, g = rand(shape, torch.bfloat16, seed=1), rand(shape, torch.bfloat16, 0.05, seed=2)
+    st = adalomo_state(shape, seed=3)
+    p = p0.clone()
+    OPS.adalomo_update_(p, g, st["exp_avg_sq_row"], st["exp_avg_sq_col"], None, None, None, 1e-2,
+                        0.1, 1.0, 0.0, 0.5, 1e-30, 1e-3, 1.0, "stochastic", 1, 2)
+    monkeypatch.delenv("LOMO_KERNELS_EMULATION_FIBERS")
+    monkeypatch.delenv("LOMO_KERNELS_EMULATION_SCHEDULE")
+    q = p0.clone()
+    st2 = adalomo_state(shape, seed=3)
+    OPS.adalomo_update_(q, g, st2["exp_avg_sq_row"], st2["exp_avg_sq_col"], None, None, None, 1e-2,
+                        0.1, 1.0, 0.0, 0.5, 1e-30, 1e-3, 1.0, "stochastic", 1, 2)
+    assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+    assert not torch.equal(p, p0)
+
+
+def test_bad_settings_are_rejected(monkeypatch):
+    p, g = torch.zeros(8), torch.zeros(8)
+    for var, value in [("LOMO_KERNELS_EMULATION_THREADS", "0"),
+                       ("LOMO_KERNELS_EMULATION_FIBERS", "threads"),
+                       ("LOMO_KERNELS_EMULATION_SCHEDULE", "random")]:
+        monkeypatch.setenv(var, value)
+        with pytest.raises(RuntimeError, match=var):
+            OPS.lomo_update_(p, g, None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 1)
+        monkeypatch.delenv(var)
+
+
+# ---------------------------------------------------------------- the package's kernels
+
+
+# Kernel launches per update (the launch count is what a GPU pays in fixed costs per parameter).
+LAUNCHES = {
+    ("lomo_update_", 1): 1,
+    ("lomo_update_", 2): 1,
+    ("adalomo_update_", 1): 5,  # stats, finalize, update norm, finalize, apply
+    ("adalomo_update_", 2): 6,  # stats, state, finalize, update norm, finalize, apply
+    ("adalomo_update_", 3): 6,
+}
+
+
+@pytest.mark.parametrize("op,dims", list(LAUNCHES), ids=str)
+def test_launches_per_update(op, dims):
+    shape = {1: (4099,), 2: (65, 300), 3: (3, 65, 300)}[dims]
+    p, g = rand(shape, torch.bfloat16), rand(shape, torch.bfloat16, seed=1)
+    ops.reset_emulated_launch_count()
+    if op == "lomo_update_":
+        ops.lomo_update_(p, g, lr=0.1, backend="cuda_emulated")
+    else:
+        st = adalomo_state(shape)
+        ops.adalomo_update_(p, g, lr=0.1, beta=0.5, backend="cuda_emulated", **st)
+    assert ops.emulated_launch_count() == LAUNCHES[(op, dims)]
+    ops.reset_emulated_launch_count()
+    assert ops.emulated_launch_count() == 0
+
+
+def test_empty_tensors_launch_nothing():
+    ops.reset_emulated_launch_count()
+    ops.lomo_update_(torch.zeros(0, 5), torch.zeros(0, 5), lr=0.1, backend="cuda_emulated")
+    assert ops.emulated_launch_count() == 0
+
+
+def test_stats_count_blocks_threads_and_switches():
+    before = ops.emulation_stats()
+    p, g = rand((4096,), torch.float32), rand((4096,), torch.float32, seed=1)
+    ops.lomo_update_(p, g, lr=0.1, backend="cuda_emulated")
+    after = ops.emulation_stats()
+    assert after["blocks"] - before["blocks"] == 4  # 1024 packs of 4 floats, 256 threads a block
+    assert after["threads"] - before["threads"] == 4 * 256
+    assert after["context_switches"] - before["context_switches"] >= 4 * 256
+    assert after["fibers"] in ("asm", "ucontext")
+
+
+def test_backend_resolution():
+    assert ops.resolve_backend("cuda_emulated", "cpu") == "cuda_emulated"
+    assert ops.resolve_backend("auto", "cpu") != "cuda_emulated"  # never chosen automatically
+    with pytest.raises(RuntimeError, match="runs on CPU tensors"):
+        ops.resolve_backend("cuda_emulated", "meta")
+    assert ops.get_impl("lomo_update_", "cuda_emulated", "cpu") is OPS.lomo_update_
