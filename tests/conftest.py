@@ -59,3 +59,14 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(i < 0, -(i & 0x7FFF), i)
 
     return (line(a) - line(b)).abs()
+
+
+# Tables of the static GPU budgets (lomo_kernels/budgets.py), filled by the tests that read compiled
+# sm_90 code and printed at the end of the run, so that CI's output shows them.
+BUDGET_TABLES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for table in BUDGET_TABLES:
+        terminalreporter.write_sep("-", table.splitlines()[0])
+        terminalreporter.write_line("\n".join(table.splitlines()[1:]))

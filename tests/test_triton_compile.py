@@ -3,7 +3,9 @@
 The interpreter runs the kernels' Python, not the compiler: this catches what only compilation
 rejects (non-constexpr globals, type errors in untaken constexpr branches, ...) and checks in the
 PTX what the design relies on: 16-byte vector loads/stores in the LOMO main path, IEEE division
-and square root (no div.full / approx), and no fp contraction in the AdaLomo apply pass.
+and square root (no div.full / approx), and no fp contraction in the AdaLomo apply pass. The
+cubins then meet the static budgets of lomo_kernels/budgets.py (no spills, registers, 128-bit
+global loads/stores in the bf16 kernels' SASS), whose table the end of the test run prints.
 """
 
 import json
@@ -12,12 +14,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import requires_triton
+from conftest import BUDGET_TABLES, requires_triton
+
+from lomo_kernels import budgets
 
 pytestmark = requires_triton
 
 _SCRIPT = r"""
-import json, re
+import json, os, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -31,6 +35,8 @@ def compile_(name, fn, sig, consts, div=(), **opts):
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, **opts})
     ptx = c.asm["ptx"]
     assert c.asm["cubin"]
+    with open(os.path.join(sys.argv[1], name + ".cubin"), "wb") as f:
+        f.write(c.asm["cubin"])
     pattern = r"(?:ld|st)\.global[\.\w]*|(?:div|sqrt|rsqrt|fma)\.[\.\w]+"
     out[name] = sorted(set(re.findall(pattern, ptx)))
 
@@ -75,7 +81,7 @@ for fac in (True, False):
                   tpb="i32", m_f="fp32", sqrt_numel="fp32", lr="fp32", eps2="fp32",
                   weight_decay="fp32", clip_threshold="fp32"),
              dict(SB=1024, FACTORED=fac, BB=8, RCB=256, TPB=256, HAS_FOUND_INF=True),
-             num_warps=4, **nofuse)
+             num_warps=A.SCALAR_WARPS, **nofuse)
 vec = dict(v_ptr=f32p, clip_coef_ptr=f32p, numel="i32", scale="fp32", clip_value="fp32",
            eps1="fp32", beta="fp32", omb="fp32")
 compile_("stats_vector", A._stats_vector_kernel,
@@ -97,13 +103,21 @@ def _nvidia_backend() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _nvidia_backend(), reason="Triton has no NVIDIA backend here")
-def test_every_kernel_compiles_for_sm90_with_the_intended_instructions():
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{kernel: PTX instructions}, and the folder of the cubins."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    out = tmp_path_factory.mktemp("cubins")
     env = dict(os.environ, TRITON_INTERPRET="0")  # compile, not interpret
-    run = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, str(out)], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1]), out
+
+
+def test_every_kernel_compiles_for_sm90_with_the_intended_instructions(compiled):
+    ptx, _ = compiled
     assert len(ptx) == 17
     for name, ops_ in ptx.items():
         # IEEE division and square root everywhere (DESIGN.md: no fast-math)
@@ -116,3 +130,16 @@ def test_every_kernel_compiles_for_sm90_with_the_intended_instructions():
         assert not any(o.startswith("fma") for o in ptx[f"apply_{dt}"])  # no contraction
     assert "div.rn.f32" in ptx["lomo_fp16"]  # a non-power-of-two loss scale divides exactly
     assert "ld.global.v4.b32" in ptx["stats_bf16"] and "st.global.v4.b32" in ptx["apply_bf16"]
+
+
+def test_every_kernel_meets_its_static_budget(compiled):
+    ptx, folder = compiled
+    if budgets.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or Triton's NVIDIA backend)")
+    usages = []
+    for name in sorted(ptx):
+        usages += budgets.read(str(folder / f"{name}.cubin"), name_of=lambda _, n=name: f"triton:{n}")
+    assert len(usages) == len(ptx)
+    failed = budgets.check(usages)
+    BUDGET_TABLES.append(budgets.format_table(usages, "Triton kernels"))
+    assert not failed, "\n".join(f"{u.name}: {'; '.join(u.violations)}" for u in failed)

@@ -34,7 +34,9 @@ from .rounding import preprocess, round_to
 
 TILE = 4096  # elements per program of the three passes (16 per thread with 8 warps)
 NUM_WARPS = 8
-SMALL_WARPS = 4  # the tiny kernels on the factors and scalars
+SMALL_WARPS = 4  # the tiny kernels on the factors
+# _scalars_kernel (one program) with 4 warps spills 8 bytes a thread on sm_90 (lomo_kernels/budgets.py)
+SCALAR_WARPS = 8
 # Block sizes of the tiny kernels: values per program and loop step (the tests shrink them, and
 # TILE, to run every reduction loop several times on small shapes).
 REDUCE = 4096  # [TB, LB] block of _factors_kernel
@@ -419,7 +421,7 @@ def adalomo_update_(
                 s.pp, s.uu, s.bad, s.rsum, s.rmean, s.scal, fi,
                 T, B, rc, tpb, f32(m), *tail,
                 SB=min(_pow2_at_least(T), SCALAR_BLOCK), FACTORED=True, BB=bb, RCB=rcb, TPB=tpbb,
-                HAS_FOUND_INF=found_inf is not None, num_warps=SMALL_WARPS, **opts)
+                HAS_FOUND_INF=found_inf is not None, num_warps=SCALAR_WARPS, **opts)
             _apply_factored_kernel[(T,)](
                 param, grad, cc, s.row_new, s.col_new, s.rmean, s.scal,
                 exp_avg_sq_row, exp_avg_sq_col, m, n, tm, tn, scale, cv32, key,
@@ -435,7 +437,7 @@ def adalomo_update_(
                 s.pp, s.uu, s.bad, s.pp, s.scal, s.scal, fi,  # rsum/rmean unused (not FACTORED)
                 T, 1, 1, 1, 1.0, *tail,
                 SB=min(_pow2_at_least(T), SCALAR_BLOCK), FACTORED=False, BB=1, RCB=1, TPB=1,
-                HAS_FOUND_INF=found_inf is not None, num_warps=SMALL_WARPS, **opts)
+                HAS_FOUND_INF=found_inf is not None, num_warps=SCALAR_WARPS, **opts)
             _apply_vector_kernel[(T,)](
                 param, grad, exp_avg_sq, cc, s.scal,
                 numel, scale, cv32, f32(eps1), b32, omb32, key, BLOCK=TILE, **flags,

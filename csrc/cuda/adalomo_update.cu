@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
     if (bad) *sc.bad = 1;
   }
   if (PASS != kApply) {
-    const float total = block_sum(acc, red_smem);
+    const float total = block_sum<kThreads>(acc, red_smem);
     if (threadIdx.x == 0) sc.part[tile] = total;
   }
 }
@@ -218,7 +218,7 @@ __device__ __forceinline__ float rms_of(double sum_sq, int64_t numel) {
 __device__ double sum_parts(const float* part, int64_t count, double* smem) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += part[i];
-  return block_sum(acc, smem);
+  return block_sum<kFinalThreads>(acc, smem);
 }
 
 // One block after pass 1: the overflow flag, lr_t and decay, and (factored) mean(r) per slice.
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kFinalThreads)
     for (int64_t sl = 0; sl < geo.slices; ++sl) {
       double acc = 0.0;
       for (int64_t i = threadIdx.x; i < geo.m; i += blockDim.x) acc += row_state[sl * geo.m + i];
-      acc = block_sum(acc, smem);
+      acc = block_sum<kFinalThreads>(acc, smem);
       if (threadIdx.x == 0) sc.meanr[sl] = static_cast<float>(acc / static_cast<double>(geo.m));
     }
   }
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (PASS == kStats && bad) *sc.bad = 1;
   if (PASS != kApply) {
-    const float total = block_sum(acc, red_smem);
+    const float total = block_sum<kThreads>(acc, red_smem);
     if (threadIdx.x == 0) sc.part[blockIdx.x] = total;
   }
 }

@@ -8,6 +8,10 @@
 //       grid on the CPU (and counts the launch).
 //   LOMO_DYNAMIC_SHARED(T, name)   `extern __shared__` memory of the launch, as a T*.
 //   LOMO_CHECK_DEVICE(op, x)       x is a CUDA tensor (emulated: a CPU tensor).
+//   fresh_thread_index()           threadIdx.x, read again from the special register: nvcc keeps
+//                                  threadIdx.x live across a long loop otherwise, and the calls to
+//                                  the slow paths of IEEE division / sqrt inside it force it to the
+//                                  stack (a spill).
 #pragma once
 
 #include <cstddef>
@@ -50,6 +54,7 @@ struct DeviceGuard {
 inline int64_t sm_count() { return 132; }
 inline void memset_async(void* p, int value, size_t bytes, Stream) { std::memset(p, value, bytes); }
 using emu::launch_kernel;
+inline unsigned fresh_thread_index() { return threadIdx.x; }
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CPU(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ::lomo::emu::check_vector_access(p, bytes, store)
 #define LOMO_DYNAMIC_SHARED(T, name) \
@@ -67,6 +72,11 @@ void launch_kernel(const LaunchSite&, void (*kernel)(P...), dim3 grid, dim3 bloc
                    size_t dynamic_smem, Stream stream, A&&... args) {
   kernel<<<grid, block, dynamic_smem, stream>>>(std::forward<A>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+__device__ __forceinline__ unsigned fresh_thread_index() {
+  unsigned t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
 }
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CUDA(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ((void)0)

@@ -28,6 +28,9 @@
 
 #define LOMO_CUDA_EMULATION 1
 
+// `#pragma unroll` has no meaning for the host compiler.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+
 // The torch headers the kernel files include come first, so the keyword macros below never reach them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

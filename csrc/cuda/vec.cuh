@@ -39,11 +39,15 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in every
-// thread. Fixed tree: warps, then warp 0 over the warp sums in order. `smem` holds 32 T.
-template <typename T>
+// Sum over a block of kBlock threads (blockDim.x; a multiple of 32, at most 1024); the result is
+// valid in every thread. Fixed tree: warps, then warp 0 over the warp sums in order. `smem` holds
+// 32 T. (kBlock is a constant and the thread index is read afresh: keeping blockDim.x or
+// threadIdx.x live across the callers' loops spilled them to the stack.)
+template <int kBlock, typename T>
 __device__ __forceinline__ T block_sum(T x, T* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  static_assert(kBlock % 32 == 0 && kBlock <= 1024, "block_sum: kBlock");
+  const unsigned tid = fresh_thread_index();
+  const int lane = tid & 31, warp = tid >> 5, nwarps = kBlock >> 5;
   x = warp_sum(x);
   __syncthreads();  // smem may still be read by a previous call
   if (lane == 0) smem[warp] = x;
