@@ -124,6 +124,9 @@ def test_vector_access_past_the_tensor_is_an_error():
     with pytest.raises(RuntimeError, match="outside tensor 'out'"):
         _probe("out_of_bounds", view, 20)
     _probe("out_of_bounds", base[8:8 + 24], 20)  # the same pack inside the view is fine
+    # a standalone tensor: the pack starts inside it and runs past its end
+    with pytest.raises(RuntimeError, match="outside tensor 'out'"):
+        _probe("out_of_bounds", torch.zeros(20, dtype=torch.int16), 20)
 
 
 def test_errors_name_the_kernel_block_and_thread():

@@ -23,7 +23,7 @@ from conftest import (NATIVE_TARGETS, ODD_SIZES, requires_cuda, requires_cuda_em
 from oracle import DTYPES, LLM_SHAPES, f64_lomo, rand
 
 import lomo_kernels
-from lomo_kernels import ops, reference
+from lomo_kernels import reference
 
 pytestmark = requires_native
 
@@ -311,8 +311,7 @@ def _free_host_memory() -> int:
     return 0
 
 
-@pytest.mark.parametrize("target", [pytest.param("cuda", marks=requires_cuda),
-                                    pytest.param("cuda_emulated", marks=requires_cuda_emulation)])
+@pytest.mark.parametrize("target", [t for t in NATIVE_TARGETS if t != "cpu"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_cuda_beyond_2_pow_32_elements(rounding, target):
     # 2**32 + 4101 bf16 elements (8 GiB each for p and g): 64-bit offsets, and the hash's high
@@ -320,8 +319,8 @@ def test_cuda_beyond_2_pow_32_elements(rounding, target):
     # against the reference's formulas, as are elements around 2**31 and 2**32.
     n = 2**32 + 4101
     device = target_device(target)
-    if device == "cpu" and _free_host_memory() < 18 * 2**30:
-        pytest.skip("needs 16 GiB of free host memory for 2 x 8 GiB")
+    if device == "cpu" and _free_host_memory() < 20 * 2**30:
+        pytest.skip("needs 16 GiB of host memory for 2 x 8 GiB (and 4 GiB to spare)")
     try:
         p = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(0.75)
         g = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(-1.5)

@@ -21,7 +21,8 @@ void reset_launch_count();
 EmulationStats stats();
 
 // The tensors an emulated op may touch, registered for the calling thread's launches: a 16-byte
-// vector access that falls inside one of their storages but outside the tensor's own bytes fails.
+// vector access that starts inside one of them and runs past its end, or falls elsewhere in its
+// storage, fails.
 class MemoryScope {
  public:
   MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);

@@ -609,16 +609,19 @@ void check_vector_access(const void* p, size_t bytes, bool store) {
                   store ? "store" : "load", p);
     fail_here(r, buf);
   }
+  // Inside a registered tensor: fine. Starting in one and running past its end, or elsewhere in
+  // its storage: an error (on a GPU it reads or overwrites a neighbour without a fault).
   const MemRange* hit = nullptr;
   for (const MemRange& m : *r.L->ranges) {
-    if (a >= m.view_lo && a + bytes <= m.view_hi) return;  // inside some registered tensor
-    if (a >= m.storage_lo && a < m.storage_hi) hit = &m;
+    if (a >= m.view_lo && a + bytes <= m.view_hi) return;
+    if ((a >= m.view_lo && a < m.view_hi) || (a >= m.storage_lo && a < m.storage_hi)) hit = &m;
   }
   if (hit) {
-    std::snprintf(buf, sizeof(buf),
-                  "%zu-byte vector %s at %p is outside tensor '%s' [%p, %p) (in its storage)",
-                  bytes, store ? "store" : "load", p, hit->name,
-                  reinterpret_cast<void*>(hit->view_lo), reinterpret_cast<void*>(hit->view_hi));
+    const bool starts_inside = a >= hit->view_lo && a < hit->view_hi;
+    std::snprintf(buf, sizeof(buf), "%zu-byte vector %s at %p %s outside tensor '%s' [%p, %p)%s",
+                  bytes, store ? "store" : "load", p, starts_inside ? "runs" : "is", hit->name,
+                  reinterpret_cast<void*>(hit->view_lo), reinterpret_cast<void*>(hit->view_hi),
+                  starts_inside ? " past its end" : ", in its storage");
     fail_here(r, buf);
   }
 }
