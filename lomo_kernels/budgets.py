@@ -197,6 +197,14 @@ def check(usages: list[Usage]) -> list[Usage]:
     return [u for u in usages if u.violations]
 
 
+def unmatched_vector_rules(usages: list[Usage], triton: bool) -> list[str]:
+    """The VECTOR_RULES patterns (of the native or the Triton kernels) that match no kernel: a
+    renamed kernel must not leave its rule checking nothing."""
+    names = [u.name for u in usages]
+    return [pat for pat, *_ in VECTOR_RULES if pat.startswith("^triton:") == triton
+            and not any(re.search(pat, n) for n in names)]
+
+
 def budget_of(name: str) -> int | None:
     return next((b for pat, b, _ in REGISTER_BUDGETS if re.search(pat, name)), None)
 
@@ -241,7 +249,10 @@ def main() -> int:
         print(f"cannot read the CUDA kernels: {exc}")
         return 2
     print(format_table(usages, "native CUDA kernels"))
-    return 1 if any(u.violations for u in usages) else 0
+    stale = unmatched_vector_rules(usages, triton=False)
+    for pat in stale:
+        print(f"FAIL: VECTOR_RULES pattern {pat!r} matches no kernel")
+    return 1 if stale or any(u.violations for u in usages) else 0
 
 
 if __name__ == "__main__":

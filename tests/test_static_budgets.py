@@ -27,6 +27,8 @@ def test_every_cuda_kernel_meets_its_static_budget():
             "flat_kernel<F16, false, true, kUnorm>", "state_kernel"} <= names
     failed = [u for u in usages if u.violations]
     assert not failed, "\n".join(f"{u.name}: {'; '.join(u.violations)}" for u in failed)
+    stale = budgets.unmatched_vector_rules(usages, triton=False)
+    assert not stale, f"VECTOR_RULES patterns that match no kernel: {stale}"
 
 
 def test_the_checks_catch_what_they_are_for():
@@ -43,6 +45,12 @@ def test_the_checks_catch_what_they_are_for():
     assert "no register budget" in failed[1].violations[0]
     assert re.search(r"lomo_update_kernel<BF16, false, false>\s+70\s+64\s+16\s+2",
                      budgets.format_table(bad, "t"))
+    # a rule whose kernel was renamed checks nothing: it is reported, per kind of kernel
+    stale = budgets.unmatched_vector_rules(bad, triton=False)
+    assert r"^lomo_update_kernel<BF16," not in stale
+    assert r"^flat_kernel<BF16, false, (false|true), kStats>" in stale
+    assert budgets.unmatched_vector_rules([budgets.Usage("triton:lomo_bf16")], triton=True) == [
+        r"^triton:stats_bf16$", r"^triton:apply_bf16$"]
 
 
 def test_kernel_names_are_decoded():

@@ -143,3 +143,5 @@ def test_every_kernel_meets_its_static_budget(compiled):
     failed = budgets.check(usages)
     BUDGET_TABLES.append(budgets.format_table(usages, "Triton kernels"))
     assert not failed, "\n".join(f"{u.name}: {'; '.join(u.violations)}" for u in failed)
+    stale = budgets.unmatched_vector_rules(usages, triton=True)
+    assert not stale, f"VECTOR_RULES patterns that match no kernel: {stale}"
