@@ -57,6 +57,13 @@ inline void check_common(const char* op, const at::Tensor& param, const at::Tens
   }
 }
 
+// The op contract's newer arguments that a kernel does not implement yet fail clearly.
+inline void check_not_implemented(const char* op, const std::optional<at::Tensor>& grad_sq,
+                                  int64_t stage = 0) {
+  TORCH_CHECK(!grad_sq.has_value(), op, ": grad_sq is not implemented by this backend yet");
+  TORCH_CHECK(stage == 0, op, ": stage ", stage, " is not implemented by this backend yet");
+}
+
 // AdaLomo state: factored (row, col) for dim >= 2, unfactored (v) otherwise, float32 contiguous
 // of the documented shapes on param's device.
 inline void check_adalomo_state(const at::Tensor& param,

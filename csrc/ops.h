@@ -13,7 +13,8 @@ namespace lomo {
   at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &clip_coef,    \
       const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
       double loss_scale, double clip_grad_value, std::string_view rounding, int64_t seed,     \
-      int64_t step
+      int64_t step, const std::optional<at::Tensor> &grad_sq,                                \
+      const std::optional<at::Tensor> &workspace
 
 #define ADALOMO_UPDATE_PARAMS                                                                \
   at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &exp_avg_sq_row, \
@@ -21,7 +22,9 @@ namespace lomo {
       const std::optional<at::Tensor> &exp_avg_sq, const std::optional<at::Tensor> &clip_coef, \
       const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
       double loss_scale, double clip_grad_value, double beta, double eps1, double eps2,      \
-      double clip_threshold, std::string_view rounding, int64_t seed, int64_t step
+      double clip_threshold, std::string_view rounding, int64_t seed, int64_t step,           \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace,  \
+      int64_t stage, int64_t global_rows, int64_t global_numel
 
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);

@@ -352,10 +352,13 @@ def _check_state(name, t, numel):
 def adalomo_update_(
     param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf,
     lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
-    rounding, seed, step,
+    rounding, seed, step, grad_sq=None, workspace=None, stage=0, global_rows=0, global_numel=0,
 ):
     """Triton AdaLomo update of ``param`` and its state in place; same signature and semantics as
     ``reference.adalomo_update_`` (factored when ``exp_avg_sq_row`` is given)."""
+    if grad_sq is not None or stage != 0:
+        raise NotImplementedError(
+            "adalomo_update_: grad_sq and stages are not implemented by the Triton backend yet")
     check_tensors("adalomo_update_", param, grad, exp_avg_sq_row=exp_avg_sq_row,
                   exp_avg_sq_col=exp_avg_sq_col, exp_avg_sq=exp_avg_sq, clip_coef=clip_coef,
                   found_inf=found_inf)

@@ -71,10 +71,12 @@ def _lomo_update_kernel(
 
 def lomo_update_(
     param, grad, clip_coef, found_inf, lr, weight_decay, loss_scale, clip_grad_value,
-    rounding, seed, step,
+    rounding, seed, step, grad_sq=None, workspace=None,
 ):
     """Triton LOMO update of ``param`` in place; same signature and result as
     ``reference.lomo_update_`` (stochastic rounding bit for bit)."""
+    if grad_sq is not None:
+        raise NotImplementedError("lomo_update_: grad_sq is not implemented by the Triton backend yet")
     check_tensors("lomo_update_", param, grad, clip_coef=clip_coef, found_inf=found_inf)
     for name, t in (("clip_coef", clip_coef), ("found_inf", found_inf)):
         if t is not None and (t.numel() < 1 or not t.is_floating_point()):
