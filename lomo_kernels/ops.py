@@ -14,8 +14,8 @@ Argument conventions (every backend): ``loss_scale`` divides the gradient (1.0 =
 tensor (global-norm clipping), ``found_inf`` an optional 1-element float32 device tensor set to 1
 when the gradient holds a NaN/Inf, ``rounding`` is ``"nearest"`` or ``"stochastic"``, ``seed`` and
 ``step`` key the stochastic-rounding hash (reference.py). The AdaLomo op runs the three passes of
-SPEC.md (statistics, update norm, apply) inside one call: the scalars between passes stay on the
-device.
+docs/spec.md (statistics, update norm, apply) inside one call: the scalars between passes stay on
+the device.
 
 Dispatcher registrations: the pure-PyTorch reference is the default (CompositeExplicitAutograd);
 the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA kernels for the
@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+import warnings
+from typing import Callable, Optional, Union
 
 import torch
 
 from . import reference
+from ._checks import number
+from ._stack import user_stacklevel
 
 BACKENDS = ("auto", "native", "triton", "torch")
 ROUNDINGS = ("nearest", "stochastic")
@@ -100,13 +103,32 @@ if _triton is not None and not _native_cuda():
         torch.library.impl(f"lomo_kernels::{_name}", "CUDA")(getattr(_triton, _name))
 
 
-def available_backends() -> dict[str, str]:
-    """What loaded, and why not: ``{"native": "...", "triton": "...", "torch": "loaded"}``."""
-    return dict(_STATUS)
+class BackendFallbackWarning(UserWarning):
+    """``backend="auto"`` runs the slow pure-PyTorch reference on a device where a fast backend
+    would normally run (given once per process and device type)."""
 
 
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status() -> str:
+    """Triton is usable where it can run: on a CUDA device, or on CPU tensors in its interpreter."""
+    if _triton is None:
+        return _STATUS["triton"]
+    if torch.cuda.is_available():
+        return "loaded"
+    if _triton_interpret():
+        return "loaded (interpreter: CPU tensors, TRITON_INTERPRET=1)"
+    return ("unavailable: no CUDA device (torch.cuda.is_available() is False); the Triton kernels "
+            "run on CUDA GPUs, and on CPU tensors only in the Triton interpreter "
+            "(TRITON_INTERPRET=1, for tests)")
+
+
+def available_backends() -> dict[str, str]:
+    """What can run here, and why not: ``{"native": "...", "triton": "...", "torch": "loaded"}``.
+    A status starting with ``"loaded"`` can run; otherwise it says ``"unavailable: <reason>"``."""
+    return {**_STATUS, "triton": _triton_status()}
 
 
 def _can_run(backend: str, device: torch.device) -> str | None:
@@ -139,11 +161,39 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
                 continue  # the interpreter is a test vehicle, never an automatic choice
             if _can_run(candidate, device) is None:
                 return candidate
+        _warn_fallback(device)
         return "torch"
     reason = _can_run(backend, device)
     if reason is not None:
         raise RuntimeError(f"lomo_kernels: backend {backend!r} cannot run on {device}: {reason}")
     return backend
+
+
+_FALLBACK_WARNED: set = set()
+_REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
+def _warn_fallback(device: torch.device) -> None:
+    """Say once per process and device type that "auto" fell back to the slow reference where a
+    native or Triton backend normally runs (CPU: native; CUDA: native or Triton)."""
+    if device.type not in ("cpu", "cuda") or device.type in _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED.add(device.type)
+    if device.type == "cpu":
+        why = f"the native extension is {_STATUS['native']}"
+        fix = (f"reinstall from the source tree so that the build sees the installed torch: "
+               f"`{_REINSTALL}` (needs a C++ compiler)")
+    else:
+        why = f"native: {_can_run('native', device)}; triton: {_can_run('triton', device)}"
+        fix = (f"`pip install triton`, or rebuild the native CUDA kernels with nvcc found (set "
+               f"CUDA_HOME): `{_REINSTALL}`")
+    warnings.warn(
+        f"lomo_kernels: backend='auto' runs the pure-PyTorch reference on {device.type}, often "
+        f"10-60x slower than the fused kernels, because {why}. To fix: {fix}. To silence: "
+        "warnings.filterwarnings('ignore', category=lomo_kernels.BackendFallbackWarning).",
+        BackendFallbackWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def get_impl(op: str, backend: str, device: torch.device | str) -> Callable:
@@ -184,6 +234,13 @@ def _check_common(op, param, grad, clip_coef, found_inf, rounding):
         raise ValueError(f"{op}: found_inf must be a 1-element float32 tensor on {param.device}")
 
 
+def _check_scalars(op: str, lr, weight_decay, loss_scale, clip_grad_value) -> None:
+    number(lr, f"{op}: lr", ge=0.0)
+    number(weight_decay, f"{op}: weight_decay", ge=0.0)
+    number(loss_scale, f"{op}: loss_scale", gt=0.0)
+    number(clip_grad_value, f"{op}: clip_grad_value (<= 0: off)")
+
+
 def _check_state(name, t, shape, param):
     if t is None:
         raise ValueError(f"adalomo_update_: {name} is required for a {param.dim()}-d parameter")
@@ -197,18 +254,21 @@ def _check_state(name, t, shape, param):
 
 
 def lomo_update_(
-    param, grad, *, lr, weight_decay=0.0, loss_scale=1.0, clip_grad_value=0.0, clip_coef=None,
-    found_inf=None, rounding="nearest", seed=0, step=0, backend="auto",
-):
-    """Checked entry point of the fused LOMO update (SPEC.md). Updates ``param`` in place."""
+    param: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float = 0.0,
+    loss_scale: float = 1.0, clip_grad_value: float = 0.0, clip_coef: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None, rounding: str = "nearest", seed: int = 0,
+    step: int = 0, backend: str = "auto",
+) -> None:
+    """Checked entry point of the fused LOMO update (docs/spec.md). Updates ``param`` in place."""
     _check_common("lomo_update_", param, grad, clip_coef, found_inf, rounding)
+    _check_scalars("lomo_update_", lr, weight_decay, loss_scale, clip_grad_value)
     impl = get_impl("lomo_update_", backend, param.device)
     impl(param, grad, clip_coef, found_inf, float(lr), float(weight_decay), float(loss_scale),
          float(clip_grad_value), rounding, int(seed), int(step))
 
 
-def adalomo_state_shapes(shape) -> dict[str, tuple]:
-    """Shapes of the AdaLomo second-moment state for a parameter of ``shape`` (SPEC.md)."""
+def adalomo_state_shapes(shape: Union[torch.Size, tuple]) -> dict[str, tuple]:
+    """Shapes of the AdaLomo second-moment state for a parameter of ``shape`` (docs/spec.md)."""
     shape = tuple(shape)
     if len(shape) >= 2:
         return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
@@ -216,13 +276,22 @@ def adalomo_state_shapes(shape) -> dict[str, tuple]:
 
 
 def adalomo_update_(
-    param, grad, *, exp_avg_sq_row=None, exp_avg_sq_col=None, exp_avg_sq=None, lr, beta,
-    weight_decay=0.0, loss_scale=1.0, clip_grad_value=0.0, eps1=1e-30, eps2=1e-3,
-    clip_threshold=1.0, clip_coef=None, found_inf=None, rounding="nearest", seed=0, step=0,
-    backend="auto",
-):
-    """Checked entry point of the AdaLomo update (SPEC.md). Updates ``param`` and state in place."""
+    param: torch.Tensor, grad: torch.Tensor, *, exp_avg_sq_row: Optional[torch.Tensor] = None,
+    exp_avg_sq_col: Optional[torch.Tensor] = None, exp_avg_sq: Optional[torch.Tensor] = None,
+    lr: float, beta: float, weight_decay: float = 0.0, loss_scale: float = 1.0,
+    clip_grad_value: float = 0.0, eps1: float = 1e-30, eps2: float = 1e-3,
+    clip_threshold: float = 1.0, clip_coef: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None, rounding: str = "nearest", seed: int = 0,
+    step: int = 0, backend: str = "auto",
+) -> None:
+    """Checked entry point of the AdaLomo update (docs/spec.md). Updates ``param`` and state in
+    place."""
     _check_common("adalomo_update_", param, grad, clip_coef, found_inf, rounding)
+    _check_scalars("adalomo_update_", lr, weight_decay, loss_scale, clip_grad_value)
+    number(beta, "adalomo_update_: beta", ge=0.0, le=1.0)
+    number(eps1, "adalomo_update_: eps1", ge=0.0)
+    number(eps2, "adalomo_update_: eps2", ge=0.0)
+    number(clip_threshold, "adalomo_update_: clip_threshold", gt=0.0)
     state = {"exp_avg_sq_row": exp_avg_sq_row, "exp_avg_sq_col": exp_avg_sq_col,
              "exp_avg_sq": exp_avg_sq}
     shapes = adalomo_state_shapes(param.shape)
