@@ -29,8 +29,15 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+
+if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's SPDX license needs it
+    raise SystemExit(
+        f"lomo_kernels needs setuptools >= 77 to build (found {setuptools.__version__}): "
+        "pip install --upgrade setuptools wheel"
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORCE = os.environ.get("LOMO_KERNELS_FORCE_BUILD", "0") == "1"

@@ -119,7 +119,7 @@ def _triton_status() -> str:
     if torch.cuda.is_available():
         return "loaded"
     if _triton_interpret():
-        return "loaded (interpreter: CPU tensors, TRITON_INTERPRET=1)"
+        return "loaded"  # (the interpreter runs CPU tensors: the tests' vehicle)
     return ("unavailable: no CUDA device (torch.cuda.is_available() is False); the Triton kernels "
             "run on CUDA GPUs, and on CPU tensors only in the Triton interpreter "
             "(TRITON_INTERPRET=1, for tests)")

@@ -290,13 +290,19 @@ def _lomo_run(backend, dtype, rounding, steps=6):
         x = torch.randn(16, 33, generator=gen).to(dtype)
         y = torch.randn(16, 7, generator=gen).to(dtype)
         loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        if opt.clip_grad_norm is not None:  # fp16: the loss scaler's overflow pass
+            opt.grad_norm(loss)
         opt.fused_backward(loss, lr=1e-2)
         losses.append(loss.item())
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "dtype,rounding",
+    [(d, r) for d in DTYPES for r in ("nearest", "stochastic")
+     if d != torch.float32 or r == "nearest"],  # float32 parameters refuse stochastic rounding
+    ids=str,
+)
 def test_optimizer_native_matches_torch_backend(dtype, rounding):
     l_nat, p_nat = _lomo_run("native", dtype, rounding)
     l_ref, p_ref = _lomo_run("torch", dtype, rounding)

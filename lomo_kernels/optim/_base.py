@@ -146,6 +146,7 @@ class InBackwardOptimizer(Optimizer):
         if _compiled_autograd_active() or _compiled_autograd_configured():
             raise RuntimeError(self._compiled_autograd_message())
         params, self._names = self._collect(model)
+        self.model = model if isinstance(model, torch.nn.Module) else None  # as lomo-optim
         self.clip_coef = None  # 0-d float32 device tensor after grad_norm()
         self.loss_scaler: Optional[DynamicLossScaler] = None  # dynamic scaler (fp16 Lomo)
         self._mode = "update"
@@ -192,7 +193,11 @@ class InBackwardOptimizer(Optimizer):
                    "param-group dicts")
         if isinstance(model, torch.nn.Module):
             named = list(model.named_parameters())
-            return [p for _, p in named if p.requires_grad], {p: n for n, p in named}
+            params = [p for _, p in named if p.requires_grad]
+            if not params:
+                raise ValueError(f"{self._name}: no trainable parameters in the "
+                                 f"{type(model).__name__} (all have requires_grad=False)")
+            return params, {p: n for n, p in named}
         if isinstance(model, torch.Tensor):
             raise TypeError(f"{self._name}: {accepts}, got a single tensor (pass [tensor])")
         if isinstance(model, (str, bytes, dict)) or not isinstance(model, Iterable):
@@ -287,10 +292,9 @@ class InBackwardOptimizer(Optimizer):
     def _attach(self, trainable: List[Tuple[int, torch.Tensor]]) -> None:
         """Take ownership of ``trainable`` ((group index, parameter) pairs) and hook them."""
         params = [p for _, p in trainable]
+        if self._owners_besides_me(params):
+            gc.collect()  # an old optimizer may be garbage in a reference cycle: collect it first
         others = self._owners_besides_me(params)
-        if others:  # an old optimizer may be garbage in a reference cycle: collect it first
-            gc.collect()
-            others = self._owners_besides_me(params)
         for old, shared in others:  # warn first: a warning turned into an error changes nothing
             names = ", ".join(self._pname(p) for p in shared[:3])
             warnings.warn(

@@ -43,14 +43,8 @@ class DynamicLossScaler:
         raise_error_at_min_scale: bool = True,
         dtype: Any = None,
     ) -> None:
-        what = "DynamicLossScaler"
-        number(init_scale, f"{what}: init_scale", gt=0.0)
-        number(scale_factor, f"{what}: scale_factor", gt=1.0)
-        integer(scale_window, f"{what}: scale_window", ge=1)
-        number(min_scale, f"{what}: min_scale", gt=0.0)
-        integer(delayed_shift, f"{what}: delayed_shift", ge=1)
-        if min_scale > init_scale:
-            raise ValueError(f"{what}: min_scale ({min_scale}) must be <= init_scale ({init_scale})")
+        self._check("DynamicLossScaler: {}", init_scale=init_scale, scale_factor=scale_factor,
+                    scale_window=scale_window, min_scale=min_scale, delayed_shift=delayed_shift)
         self.cur_scale = float(init_scale)
         self.cur_iter = 0
         self.last_overflow_iter = -1
@@ -62,14 +56,27 @@ class DynamicLossScaler:
         self.consecutive_hysteresis = bool(consecutive_hysteresis)
         self.raise_error_at_min_scale = bool(raise_error_at_min_scale)
 
+    @staticmethod
+    def _check(name: str, init_scale: float = DEFAULT_INIT_SCALE, scale_factor: float = 2.0,
+               scale_window: int = 1000, min_scale: float = 1, delayed_shift: int = 1,
+               **_: Any) -> None:
+        number(init_scale, name.format("init_scale"), gt=0.0)
+        number(scale_factor, name.format("scale_factor"), gt=1.0)
+        integer(scale_window, name.format("scale_window"), ge=1)
+        number(min_scale, name.format("min_scale"), gt=0.0)
+        integer(delayed_shift, name.format("delayed_shift"), ge=1)
+        if min_scale > init_scale:
+            raise ValueError(f"{name.format('min_scale')} ({min_scale}) must be <= "
+                             f"{name.format('init_scale')} ({init_scale})")
+
     @classmethod
     def check_args(cls, args: Dict[str, Any], name: str) -> None:
-        """Check ``args`` (keyword arguments of the constructor) without keeping a scaler."""
+        """Check ``args`` (keyword arguments of the constructor; ``name``: what to call them)."""
         accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
         for key in args:
             if key not in accepted:
                 raise TypeError(f"{name}: unknown argument {key!r}; accepted: {', '.join(accepted)}")
-        cls(**args)
+        cls._check(name + "['{}']", **args)
 
     @property
     def loss_scale(self) -> float:
