@@ -7,7 +7,7 @@ tests call the op directly. The oracle always runs on CPU copies.
 On CPU the kernel is bitwise equal to the reference (the same fp32 operations: a division by the
 loss scale, one fma for ``torch.add(p, g, alpha=-lr)``, the same hash). On CUDA the reference runs
 torch's CUDA kernels, which divide by a scalar as a multiplication by its reciprocal, so there the
-contract is SPEC.md's tolerances.
+contract is docs/spec.md's tolerances.
 """
 
 import os
@@ -45,7 +45,7 @@ def _args(h, device, rounding="nearest", seed=11, step=3, found_inf=None):
 
 
 def _f64_lomo(p, g, h):
-    """SPEC.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
+    """docs/spec.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
     f32 = reference.f32
     g = g.double()
     if h["ls"] != 1.0:

@@ -1,4 +1,5 @@
-from ._base import InBackwardOptimizer, NonFiniteGradientWarning, OptimizerReplacedWarning
+from ._base import InBackwardOptimizer, NonFiniteGradientWarning
+from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
 from .lomo import Lomo
 from .loss_scaler import DynamicLossScaler, LossScaleOverflowWarning

@@ -12,10 +12,10 @@ A backward runs in one of three modes: ``update`` (the default: ``fused_backward
 ``loss.backward()``), ``norm`` (``grad_norm``: gather the gradient norms, change nothing) and
 ``skip`` (an overflow was found by ``grad_norm``: drop the gradients, change nothing).
 
-Ownership: a process-wide weak map says which optimizer updates each parameter. A new optimizer
-on a parameter that a live one owns detaches the old one (with a warning), so no parameter is
-ever updated twice. The hooks hold the optimizer through a weak reference, and a finalizer
-removes them when the optimizer is garbage-collected.
+Ownership (_ownership.py): a process-wide weak map says which optimizer updates each parameter.
+A new optimizer on a parameter that a live one owns detaches the old one (with a warning), so no
+parameter is ever updated twice. The hooks hold the optimizer through a weak reference, and a
+finalizer removes them when the optimizer is garbage-collected.
 
 Failures: everything that can be checked before the first parameter changes (mode, clipping
 set-up, every param group's values) is checked when the first gradient of a backward arrives; an
@@ -39,11 +39,19 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from .._checks import choice, integer, number
 from .._stack import user_stacklevel
+from . import _ownership as ownership
+from ._guards import (
+    calling_trainer_max_grad_norm,
+    compiled_autograd_active,
+    compiled_autograd_configured,
+    compiled_autograd_message,
+    with_note,
+)
+from ._ownership import OptimizerReplacedWarning
 from .loss_scaler import DynamicLossScaler
 
 _GOLDEN32 = 0x9E3779B9
@@ -56,63 +64,12 @@ ParamsT = Union[
     Iterable[Tuple[str, torch.Tensor]],
 ]
 
-# parameter -> weakref to the optimizer whose hook updates it (one owner per parameter)
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 class NonFiniteGradientWarning(RuntimeWarning):
     """A backward produced NaN/Inf gradients; the affected values were left unchanged."""
 
 
-class OptimizerReplacedWarning(UserWarning):
-    """A new optimizer took over parameters that another live optimizer updated; the old one was
-    detached from all its parameters."""
-
-
 def _current_task_id() -> int:
     return torch._C._current_graph_task_id()
-
-
-def _compiled_autograd_active() -> bool:
-    ca = sys.modules.get("torch._dynamo.compiled_autograd")
-    return ca is not None and bool(
-        getattr(ca, "in_compiled_autograd_region", False)
-        or getattr(ca, "compiled_autograd_enabled", False)
-    )
-
-
-def _compiled_autograd_configured() -> bool:
-    dynamo = sys.modules.get("torch._dynamo")
-    return dynamo is not None and bool(getattr(dynamo.config, "compiled_autograd", False))
-
-
-def _make_hook(ref: "weakref.ref[InBackwardOptimizer]") -> Callable[[torch.Tensor], None]:
-    """The post-accumulate-grad hook: holds its optimizer weakly, so that it can be collected."""
-
-    def hook(p: torch.Tensor) -> None:
-        opt = ref()
-        if opt is not None:
-            opt._hook(p)
-
-    return hook
-
-
-def _remove_handles(handles: list) -> None:
-    for h in handles:
-        h.remove()
-    handles.clear()
-
-
-def _with_note(exc: Exception, note: str) -> Exception:
-    """``exc`` with ``note`` appended to its message, of the same type where it can be rebuilt."""
-    msg = f"{exc} {note}"
-    try:
-        new = type(exc)(msg)
-        if str(new) == msg:
-            return new
-    except Exception:
-        pass
-    return RuntimeError(f"{type(exc).__name__}: {msg}")
 
 
 class InBackwardOptimizer(Optimizer):
@@ -134,7 +91,7 @@ class InBackwardOptimizer(Optimizer):
                  backend: str, rounding: str, seed: int) -> None:
         name = self._name
         self._hook_handles: List[Any] = []
-        self._finalizer = weakref.finalize(self, _remove_handles, self._hook_handles)
+        self._finalizer = weakref.finalize(self, ownership.remove_handles, self._hook_handles)
         self._detached: Optional[str] = None
         self._ready = False
         self.backend = choice(backend, f"{name}: backend", ops.BACKENDS)
@@ -143,8 +100,8 @@ class InBackwardOptimizer(Optimizer):
         self.clip_grad_norm = number(clip_grad_norm, f"{name}: clip_grad_norm", gt=0.0,
                                      none_ok=True)
         self._check_group(defaults, "")
-        if _compiled_autograd_active() or _compiled_autograd_configured():
-            raise RuntimeError(self._compiled_autograd_message())
+        if compiled_autograd_active() or compiled_autograd_configured():
+            raise RuntimeError(compiled_autograd_message(name))
         params, self._names = self._collect(model)
         self.model = model if isinstance(model, torch.nn.Module) else None  # as lomo-optim
         self.clip_coef = None  # 0-d float32 device tensor after grad_norm()
@@ -166,7 +123,7 @@ class InBackwardOptimizer(Optimizer):
         self._where: Dict[torch.Tensor, Tuple[int, int]] = {}  # param -> (group, ordinal)
         self._warned: set = set()  # once-per-optimizer warnings already given
         self._selfref = weakref.ref(self)
-        self._hook_fn = _make_hook(self._selfref)
+        self._hook_fn = ownership.make_hook(self._selfref)
         super().__init__(params, defaults)  # add_param_group checks every group and parameter
         trainable = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]
                      if p.requires_grad]
@@ -280,21 +237,12 @@ class InBackwardOptimizer(Optimizer):
             self._names = known
             raise
 
-    def _owners_besides_me(self, params: Iterable[torch.Tensor]) -> list:
-        others: dict = {}
-        for p in params:
-            ref = _OWNERS.get(p)
-            opt = ref() if ref is not None else None
-            if opt is not None and opt is not self and opt._hook_handles:
-                others.setdefault(id(opt), (opt, []))[1].append(p)
-        return list(others.values())
-
     def _attach(self, trainable: List[Tuple[int, torch.Tensor]]) -> None:
         """Take ownership of ``trainable`` ((group index, parameter) pairs) and hook them."""
         params = [p for _, p in trainable]
-        if self._owners_besides_me(params):
+        if ownership.other_owners(self, params):
             gc.collect()  # an old optimizer may be garbage in a reference cycle: collect it first
-        others = self._owners_besides_me(params)
+        others = ownership.other_owners(self, params)
         for old, shared in others:  # warn first: a warning turned into an error changes nothing
             names = ", ".join(self._pname(p) for p in shared[:3])
             warnings.warn(
@@ -312,19 +260,15 @@ class InBackwardOptimizer(Optimizer):
         self._fp16 = self._fp16 or any(p.dtype == torch.float16 for p in params)
         for gi, p in trainable:
             self._where[p] = (gi, len(self._where))
-            _OWNERS[p] = self._selfref
+            ownership.claim(self._selfref, p)
             self._hook_handles.append(p.register_post_accumulate_grad_hook(self._hook_fn))
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from its parameters: gradients then accumulate as usual and this
         optimizer updates nothing any more (its ``fused_backward``, ``grad_norm`` and ``step``
         raise). Also happens when the optimizer is garbage-collected."""
-        _remove_handles(self._hook_handles)
-        for group in getattr(self, "param_groups", ()):
-            for p in group["params"]:
-                ref = _OWNERS.get(p)
-                if ref is not None and ref() is self:
-                    del _OWNERS[p]
+        ownership.remove_handles(self._hook_handles)
+        ownership.release(self, (p for g in getattr(self, "param_groups", ()) for p in g["params"]))
         if self._detached is None:
             self._detached = "remove_hooks() was called"
 
@@ -380,8 +324,8 @@ class InBackwardOptimizer(Optimizer):
             raise
 
     def _hook_update(self, p: torch.Tensor) -> None:
-        if _compiled_autograd_active():
-            raise RuntimeError(self._compiled_autograd_message())
+        if compiled_autograd_active():
+            raise RuntimeError(compiled_autograd_message(self._name))
         tid = _current_task_id()
         if tid in self._failed_tasks:  # another device thread, after this backward failed
             p.grad = None
@@ -437,7 +381,7 @@ class InBackwardOptimizer(Optimizer):
             note = (f"({at}{n} parameter(s) had already been updated in place by this backward; "
                     f"{pname} and the parameters not yet reached were not changed and no gradient "
                     "was kept; call optimizer.step() before the next backward)")
-        return _with_note(exc, note)
+        return with_note(exc, note)
 
     def _abort_backward(self) -> None:
         try:
@@ -497,16 +441,6 @@ class InBackwardOptimizer(Optimizer):
             scaler.update_scale(overflow=False)
         return not found
 
-    def _compiled_autograd_message(self) -> str:
-        return (
-            f"{self._name}: in-backward updates do not work under compiled autograd "
-            "(torch._dynamo.compiled_autograd, torch._dynamo.config.compiled_autograd = True): "
-            "it traces the gradient hooks into a graph once, so the per-step work of each update "
-            "(step counts, optimizer state, the end-of-backward overflow check) would not run at "
-            "every step. Run the backward without compiled autograd (the forward may still be "
-            "torch.compile'd)."
-        )
-
     # ------------------------------------------------------------------ lomo-optim's API
     def _loss_scale(self) -> float:
         return 1.0
@@ -520,8 +454,8 @@ class InBackwardOptimizer(Optimizer):
             raise TypeError(f"{self._name}: loss must be a floating-point tensor, got {loss.dtype}")
         if loss.numel() != 1:
             raise ValueError(f"{self._name}: loss must be a scalar, got shape {tuple(loss.shape)}")
-        if _compiled_autograd_active():
-            raise RuntimeError(self._compiled_autograd_message())
+        if compiled_autograd_active():
+            raise RuntimeError(compiled_autograd_message(self._name))
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss our backward differentiates; the hooks divide by the same scale. (A plain
@@ -629,27 +563,17 @@ class InBackwardOptimizer(Optimizer):
     def _check_trainer(self) -> None:
         """Called once, at the first step(): a transformers Trainer that calls us and clips
         gradients after backward clips nothing (they are applied and freed): say so."""
-        mod = sys.modules.get("transformers.trainer")
-        trainer_cls = getattr(mod, "Trainer", None) if mod is not None else None
-        if trainer_cls is None:
-            return
-        f = sys._getframe(1)
-        while f is not None:
-            obj = f.f_locals.get("self")
-            if isinstance(obj, trainer_cls):
-                mgn = getattr(getattr(obj, "args", None), "max_grad_norm", 0) or 0
-                if mgn > 0 and not getattr(self, "_trainer_args_checked", False):
-                    warnings.warn(
-                        f"{self._name}: the transformers Trainer driving this optimizer has "
-                        f"max_grad_norm={mgn}, but it clips after backward, when {self._name} has "
-                        "already applied and freed every gradient: nothing is clipped and the "
-                        "logged grad_norm is 0. Set max_grad_norm=0 in TrainingArguments and use "
-                        "the optimizer's clip_grad_value (see lomo_kernels.hf).",
-                        UserWarning,
-                        stacklevel=user_stacklevel(),
-                    )
-                return
-            f = f.f_back
+        mgn = calling_trainer_max_grad_norm(sys._getframe(1))
+        if mgn and mgn > 0 and not getattr(self, "_trainer_args_checked", False):
+            warnings.warn(
+                f"{self._name}: the transformers Trainer driving this optimizer has "
+                f"max_grad_norm={mgn}, but it clips after backward, when {self._name} has "
+                "already applied and freed every gradient: nothing is clipped and the logged "
+                "grad_norm is 0. Set max_grad_norm=0 in TrainingArguments and use the "
+                "optimizer's clip_grad_value (see lomo_kernels.hf).",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     # ------------------------------------------------------------------ repr and state
     def _repr_extra(self) -> Dict[str, Any]:
