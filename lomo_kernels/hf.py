@@ -33,9 +33,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
 * ``max_grad_norm > 0`` (the Trainer's default 1.0): ``clip_grad_norm_`` runs after the backward,
   on parameters whose gradients are already applied and freed (``p.grad is None``): it clips
   nothing and reports a norm of 0 (the logged ``grad_norm`` is 0.0 whatever ``max_grad_norm``
-  is: the Trainer computes it from ``p.grad``, which is None). Set
-  ``max_grad_norm=0`` and use the optimizer's ``clip_grad_value`` (element clipping inside the
-  update, works with a plain backward). Global-norm clipping needs two backward passes
+  is: the Trainer computes it from ``p.grad``, which is None); a bare optimizer handed to such a
+  Trainer warns once, at the first step. Set ``max_grad_norm=0`` and use the optimizer's
+  ``clip_grad_value`` (element clipping inside the update, works with a plain backward). Global-norm clipping needs two backward passes
   (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
   loop does not do; the optimizer's own ``clip_grad_norm`` must stay None in the Trainer
   (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
@@ -49,6 +49,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   non-reentrant checkpointing where a weight is shared between checkpointed segments (it would
   get its gradient in pieces, which the optimizer refuses): the default of transformers >= 5;
   older versions: ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+* compiled autograd (``torch._dynamo.config.compiled_autograd = True``, as set by some
+  ``torch_compile`` recipes) traces the gradient hooks once: the optimizers refuse it with a clear
+  error at construction or at the first backward. A ``torch.compile``'d forward is fine.
 * transformers' built-in ``optim="lomo"`` / ``"adalomo"`` import ``lomo_optim``; ours is passed
   through ``optimizers=`` instead and is driven by a plain ``backward`` (no ``learning_rate``
   argument to ``accelerator.backward``).
@@ -140,6 +143,8 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
             f"optimizer must be 'adalomo', 'lomo' or a Lomo/AdaLomo instance, got {optimizer!r}"
         )
 
+    if args is not None:
+        opt._trainer_args_checked = True  # check_training_args has said what there is to say
     scheduler = None
     if args is not None:
         steps = num_training_steps

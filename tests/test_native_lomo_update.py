@@ -7,7 +7,7 @@ tests call the op directly. The oracle always runs on CPU copies.
 On CPU the kernel is bitwise equal to the reference (the same fp32 operations: a division by the
 loss scale, one fma for ``torch.add(p, g, alpha=-lr)``, the same hash). On CUDA the reference runs
 torch's CUDA kernels, which divide by a scalar as a multiplication by its reciprocal, so there the
-contract is SPEC.md's tolerances.
+contract is docs/spec.md's tolerances.
 """
 
 import os
@@ -45,7 +45,7 @@ def _args(h, device, rounding="nearest", seed=11, step=3, found_inf=None):
 
 
 def _f64_lomo(p, g, h):
-    """SPEC.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
+    """docs/spec.md in float64 (host scalars rounded to fp32, as every backend receives them)."""
     f32 = reference.f32
     g = g.double()
     if h["ls"] != 1.0:
@@ -290,13 +290,19 @@ def _lomo_run(backend, dtype, rounding, steps=6):
         x = torch.randn(16, 33, generator=gen).to(dtype)
         y = torch.randn(16, 7, generator=gen).to(dtype)
         loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        if opt.clip_grad_norm is not None:  # fp16: the loss scaler's overflow pass
+            opt.grad_norm(loss)
         opt.fused_backward(loss, lr=1e-2)
         losses.append(loss.item())
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "dtype,rounding",
+    [(d, r) for d in DTYPES for r in ("nearest", "stochastic")
+     if d != torch.float32 or r == "nearest"],  # float32 parameters refuse stochastic rounding
+    ids=str,
+)
 def test_optimizer_native_matches_torch_backend(dtype, rounding):
     l_nat, p_nat = _lomo_run("native", dtype, rounding)
     l_ref, p_ref = _lomo_run("torch", dtype, rounding)

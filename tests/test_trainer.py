@@ -202,6 +202,32 @@ def test_max_grad_norm_clips_nothing(tmp_path):
 
 
 @requires_accelerate
+@pytest.mark.parametrize("mgn", [1.0, 0.0])
+def test_bare_optimizer_under_max_grad_norm_warns_once_at_the_first_step(tmp_path, mgn):
+    model = _model()
+    opt = Lomo(model, lr=1e-2)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_grad_norm=mgn),
+                                   train_dataset=_data(), optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(x.message) for x in w if "nothing is clipped" in str(x.message)]
+    if mgn:
+        assert len(said) == 1 and "max_grad_norm=1.0" in said[0] and "Lomo" in said[0]
+    else:
+        assert not said
+    # the helper already said it (strict=False): not twice
+    args = _args(tmp_path, max_grad_norm=1.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = _model()
+        opt, _ = make_trainer_optimizers(model, args, "lomo", strict=False)
+        transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                             optimizers=(opt, None)).train()
+    assert len([x for x in w if "nothing is clipped" in str(x.message)]) == 1
+
+
+@requires_accelerate
 def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path):
     model = _model()
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
