@@ -8,12 +8,14 @@
 TORCH_LIBRARY_IMPL(lomo_kernels, CPU, m) {
   m.impl("lomo_update_", &lomo::lomo_update_cpu);
   m.impl("adalomo_update_", &lomo::adalomo_update_cpu);
+  m.impl("golore_update_", &lomo::golore_update_cpu);
 }
 
 #ifdef LOMO_KERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(lomo_kernels, CUDA, m) {
   m.impl("lomo_update_", &lomo::lomo_update_cuda);
   m.impl("adalomo_update_", &lomo::adalomo_update_cuda);
+  m.impl("golore_update_", &lomo::golore_update_cuda);
 }
 #endif
 

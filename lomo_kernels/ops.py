@@ -8,6 +8,9 @@ Ops (namespace ``lomo_kernels``; mutated tensors marked ``!``; all return nothin
     adalomo_update_(param!, grad, exp_avg_sq_row!?, exp_avg_sq_col!?, exp_avg_sq!?, clip_coef?,
                     found_inf!?, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
                     clip_threshold, rounding, seed, step)
+    golore_update_(r!, param!?, exp_avg!?, exp_avg_sq!?, momentum_buffer!?, clip_coef?,
+                   found_inf!?, inner, lr, weight_decay, scale, beta1, beta2, eps, momentum,
+                   rounding, seed, step)
 
 Argument conventions (every backend): ``loss_scale`` divides the gradient (1.0 = none),
 ``clip_grad_value <= 0`` disables value clipping, ``clip_coef`` is an optional 0-d float32 device
@@ -15,7 +18,9 @@ tensor (global-norm clipping), ``found_inf`` an optional 1-element float32 devic
 when the gradient holds a NaN/Inf, ``rounding`` is ``"nearest"`` or ``"stochastic"``, ``seed`` and
 ``step`` key the stochastic-rounding hash (reference.py). The AdaLomo op runs the three passes of
 SPEC.md (statistics, update norm, apply) inside one call: the scalars between passes stay on the
-device.
+device. ``golore_update_`` is the inner optimizer of GoLore / GaLore (adamw or sgd) on a
+projected gradient ``r`` (N written into ``r``) or, given ``param``, the whole full-rank update of
+``param`` from its gradient ``r`` (reference.golore_update_ has the formulas).
 
 Dispatcher registrations: the pure-PyTorch reference is the default (CompositeExplicitAutograd);
 the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA kernels for the
@@ -37,6 +42,7 @@ from . import reference
 
 BACKENDS = ("auto", "native", "triton", "torch")
 ROUNDINGS = ("nearest", "stochastic")
+INNERS = ("adamw", "sgd")  # GoLore's inner optimizers
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SCHEMAS = {
@@ -50,6 +56,12 @@ _SCHEMAS = {
         "Tensor(d!)? exp_avg_sq, Tensor? clip_coef, Tensor(e!)? found_inf, float lr, "
         "float weight_decay, float loss_scale, float clip_grad_value, float beta, float eps1, "
         "float eps2, float clip_threshold, str rounding, int seed, int step) -> ()"
+    ),
+    "golore_update_": (
+        "(Tensor(a!) r, Tensor(b!)? param, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, "
+        "Tensor(e!)? momentum_buffer, Tensor? clip_coef, Tensor(f!)? found_inf, str inner, "
+        "float lr, float weight_decay, float scale, float beta1, float beta2, float eps, "
+        "float momentum, str rounding, int seed, int step) -> ()"
     ),
 }
 OPS = tuple(_SCHEMAS)
@@ -235,3 +247,72 @@ def adalomo_update_(
     impl(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf, float(lr),
          float(weight_decay), float(loss_scale), float(clip_grad_value), float(beta), float(eps1),
          float(eps2), float(clip_threshold), rounding, int(seed), int(step))
+
+
+def golore_state_names(inner: str, momentum: float) -> tuple:
+    """The float32 state tensors (each of ``r``'s shape) that ``golore_update_`` needs."""
+    if inner == "adamw":
+        return ("exp_avg", "exp_avg_sq")
+    if inner == "sgd":
+        return ("momentum_buffer",) if momentum != 0.0 else ()
+    raise ValueError(f"golore_update_: inner must be one of {INNERS}, got {inner!r}")
+
+
+def _check_golore(r, param, state, clip_coef, found_inf, inner, momentum, rounding, step):
+    op = "golore_update_"
+    if not isinstance(r, torch.Tensor) or not (param is None or isinstance(param, torch.Tensor)):
+        raise TypeError(f"{op}: r and param must be tensors")
+    if param is None and r.dtype != torch.float32:
+        raise TypeError(f"{op}: r (the projected gradient) must be float32, got {r.dtype}")
+    if param is not None:
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got "
+                            f"{param.dtype}")
+        if r.dtype != param.dtype or r.shape != param.shape or r.device != param.device:
+            raise ValueError(
+                f"{op}: r (the gradient) must have param's dtype, shape and device: got {r.dtype} "
+                f"{tuple(r.shape)} on {r.device}, param {param.dtype} {tuple(param.shape)} on "
+                f"{param.device}")
+        if not param.is_contiguous():
+            raise ValueError(f"{op}: param must be contiguous")
+    if not r.is_contiguous():
+        raise ValueError(f"{op}: r must be contiguous")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{op}: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    for name, t in (("clip_coef", clip_coef), ("found_inf", found_inf)):
+        if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != r.device):
+            raise ValueError(f"{op}: {name} must be a 1-element float32 tensor on {r.device}")
+    need = golore_state_names(inner, momentum)
+    for name, t in state.items():
+        if name not in need:
+            if t is not None:
+                raise ValueError(f"{op}: {name} must be None for inner={inner!r} "
+                                 f"with momentum={momentum}")
+            continue
+        if t is None:
+            raise ValueError(f"{op}: {name} is required for inner={inner!r}")
+        if t.dtype != torch.float32 or t.shape != r.shape or t.device != r.device:
+            raise ValueError(
+                f"{op}: {name} must be float32 of shape {tuple(r.shape)} on {r.device}, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+    if inner == "adamw" and step < 1:
+        raise ValueError(f"{op}: step must be >= 1 for inner='adamw' (bias correction), got {step}")
+
+
+def golore_update_(
+    r, *, param=None, exp_avg=None, exp_avg_sq=None, momentum_buffer=None, inner="adamw",
+    lr=0.0, weight_decay=0.0, scale=1.0, beta1=0.9, beta2=0.999, eps=1e-8, momentum=0.0,
+    clip_coef=None, found_inf=None, rounding="nearest", seed=0, step=1, backend="auto",
+):
+    """Checked entry point of the GoLore inner update (reference.golore_update_): N written into
+    the float32 projected gradient ``r``, or, with ``param``, the full-rank update of ``param``
+    from its gradient ``r``. State tensors are float32 of ``r``'s shape, updated in place."""
+    state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "momentum_buffer": momentum_buffer}
+    _check_golore(r, param, state, clip_coef, found_inf, inner, float(momentum), rounding,
+                  int(step))
+    impl = get_impl("golore_update_", backend, r.device)
+    impl(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, float(lr),
+         float(weight_decay), float(scale), float(beta1), float(beta2), float(eps),
+         float(momentum), rounding, int(seed), int(step))
