@@ -312,7 +312,7 @@ def test_bad_arguments_are_named(call):
         call(r, inner="sgd", momentum_buffer=z)
     with pytest.raises((ValueError, RuntimeError), match="momentum_buffer is required"):
         call(r, inner="sgd", momentum=0.9)
-    with pytest.raises((TypeError, RuntimeError), match="r .the projected gradient. must be float32"):
+    with pytest.raises((TypeError, RuntimeError), match="r .the projected gradient. must be"):
         call(r.bfloat16(), inner="sgd")
     with pytest.raises((ValueError, RuntimeError), match="r .the gradient. must have param's"):
         call(r, param=torch.zeros(4, 5, dtype=torch.bfloat16), inner="sgd")

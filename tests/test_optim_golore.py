@@ -276,7 +276,8 @@ def test_refresh_transfers_the_first_moment_and_keeps_the_second(shape, inner, m
         torch.testing.assert_close(st["exp_avg_sq"], 0.999 * before["exp_avg_sq"] + 0.001 * r * r,
                                    rtol=1e-5, atol=1e-12)
     else:
-        b_old = tr @ before["momentum_buffer"] if side == "left" else before["momentum_buffer"] @ tr.T
+        b0 = before["momentum_buffer"]
+        b_old = tr @ b0 if side == "left" else b0 @ tr.T
         torch.testing.assert_close(st["momentum_buffer"], 0.9 * b_old + r, rtol=1e-5, atol=1e-8)
 
 
@@ -290,7 +291,8 @@ def test_svd_steps_then_random():
         opt.step()
         p = opt.state[model.weight]["projector"]
         if i == 2:  # refresh 1 at update 2 < svd_steps: SVD of that gradient
-            want = proj.svd_projector(c, 2, "left", proj.projection_key(seed, 1, proj.STREAM_SKETCH))
+            key = proj.projection_key(seed, 1, proj.STREAM_SKETCH)
+            want = proj.svd_projector(c, 2, "left", key)
             assert torch.equal(p, want)
         if i == 4:  # refresh 2 at update 4 >= svd_steps: random
             want = proj.random_projector(6, 2, proj.projection_key(seed, 2, proj.STREAM_STIEFEL),

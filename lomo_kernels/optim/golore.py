@@ -22,7 +22,6 @@ so the only weight-sized memory is the weight and its gradient, as for LOMO.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 import warnings
 
@@ -363,6 +362,5 @@ class GaLore(GoLore):
 
     _name = "GaLore"
 
-    @functools.wraps(GoLore.__init__)
     def __init__(self, model, lr=1e-3, *, projection="svd", **kwargs):
         super().__init__(model, lr, projection=projection, **kwargs)

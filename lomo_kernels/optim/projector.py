@@ -5,7 +5,8 @@ projection ``R = P^T G`` / ``G P`` into float32, and the moment transfer between
 Nothing here allocates a float32 copy of the gradient: every product with the (bf16/fp16/fp32)
 gradient ``G`` is a GEMM with float32 output. On CUDA that is one GEMM with fp32 accumulation
 (``torch.mm(..., out_dtype=torch.float32)``, reading the small factor in ``G``'s dtype); on the
-CPU, which has no such GEMM, ``G`` is upcast in blocks of at most ``BLOCK_BYTES``.
+CPU, which has no such GEMM (nor CUDA before torch 2.8), ``G`` is upcast in blocks of at most
+``BLOCK_BYTES``.
 
 Reproducibility: a refresh draws its random numbers from a generator on the parameter's device
 seeded by ``projection_key(param_seed, refresh_index, stream)``; ``param_seed`` already folds the
@@ -15,6 +16,8 @@ same kind of device.)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -85,15 +88,31 @@ def random_projector(d: int, r: int, key: int, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _has_out_dtype_mm() -> bool:
+    """torch.mm(..., out_dtype=torch.float32) on bf16/fp16 operands (CUDA, torch >= 2.8)."""
+    try:
+        x = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _direct(t: torch.Tensor) -> bool:
+    """True when a GEMM can read ``t`` as it is and accumulate into float32."""
+    return t.dtype == torch.float32 or (t.is_cuda and _has_out_dtype_mm())
+
+
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in float32 where one operand may be bf16/fp16 and small enough to cast (the other
-    one, the gradient or a block of it, is never copied to float32 on CUDA)."""
+    """a @ b in float32 where one operand may be bf16/fp16. The large operand (the gradient or
+    a panel of it) is read as it is where ``_direct``; elsewhere callers pass panels bounded by
+    BLOCK_BYTES, which are upcast here."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     low = a.dtype if a.dtype != torch.float32 else b.dtype
-    if a.is_cuda:
+    if a.is_cuda and _has_out_dtype_mm():
         return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
-    return a.float() @ b.float()  # CPU: callers pass blocks bounded by BLOCK_BYTES
+    return a.float() @ b.float()
 
 
 def _block_len(rows: int, cols: int, itemsize: int = 4) -> int:
@@ -104,19 +123,18 @@ def _block_len(rows: int, cols: int, itemsize: int = 4) -> int:
 def project(g: torch.Tensor, p: torch.Tensor, side: str) -> torch.Tensor:
     """R = P^T G (left, r x n) or G P (right, m x r), float32, as a new contiguous tensor."""
     m, n = g.shape
-    if g.dtype == torch.float32 or g.is_cuda:
+    if _direct(g):
         return _mm32(p.T, g) if side == "left" else _mm32(g, p)
     r = p.shape[1]
-    if side == "left":
-        out = torch.empty(r, n, dtype=torch.float32, device=g.device)
-        step = _block_len(m, n)
-        for j in range(0, n, step):
-            out[:, j:j + step] = p.T @ g[:, j:j + step].float()
+    step = _block_len(n, m)  # contiguous row blocks of G: fast upcasts
+    if side == "left":  # R = sum over row blocks of P_i^T G_i
+        out = torch.zeros(r, n, dtype=torch.float32, device=g.device)
+        for i in range(0, m, step):
+            out.addmm_(p[i:i + step].T, g[i:i + step].float())
     else:
         out = torch.empty(m, r, dtype=torch.float32, device=g.device)
-        step = _block_len(n, m)
         for i in range(0, m, step):
-            out[i:i + step] = g[i:i + step].float() @ p
+            torch.mm(g[i:i + step].float(), p, out=out[i:i + step])
     return out
 
 
@@ -140,7 +158,7 @@ def _panel_ranges(mat: torch.Tensor):
 
 def _panel(mat: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
     blk = mat[:, j0:j1]
-    return blk if (blk.is_cuda or blk.dtype == torch.float32) else blk.float()
+    return blk if _direct(blk) else blk.float()
 
 
 def svd_projector(g: torch.Tensor, r: int, side: str, key: int, oversample: int | None = None,
@@ -156,8 +174,8 @@ def svd_projector(g: torch.Tensor, r: int, side: str, key: int, oversample: int 
     P = Q U_B[:, :r]. Every product with M runs over column panels of M, so the float32 working
     set is about (3 d k + 2 k^2) * 4 bytes plus BLOCK_BYTES * (1 + 2 k / d) (on the CPU one
     panel of M upcast; two panels of M^T Q): it grows with the projected dimension and k, never
-    with the other dimension, and no float32 copy of ``g`` exists. When k == d, Q spans everything: the result is the exact
-    top-r subspace (to float32 rounding) with no iterations.
+    with the other dimension, and no float32 copy of ``g`` exists. When k == d, Q spans
+    everything: the result is the exact top-r subspace (to float32 rounding), no iterations.
     """
     mat = g if side == "left" else g.T
     d, _ = mat.shape
