@@ -128,7 +128,8 @@ LOMO_HD float golore_direction(const GoloreScalars& s, float g, float& m, float&
 #if defined(__CUDA_ARCH__)
     m = __fmaf_rn(g, s.omb1, __fmul_rn(m, s.b1));
     v = __fmaf_rn(__fmul_rn(g, g), s.omb2, __fmul_rn(v, s.b2));
-    return __fdiv_rn(__fdiv_rn(m, s.bc1), __fadd_rn(__fsqrt_rn(__fdiv_rn(v, s.bc2)), s.eps));
+    // sqrtf is IEEE in device code without fast-math (-prec-sqrt=true, the default)
+    return __fdiv_rn(__fdiv_rn(m, s.bc1), __fadd_rn(sqrtf(__fdiv_rn(v, s.bc2)), s.eps));
 #else
     m = __builtin_fmaf(g, s.omb1, m * s.b1);
     v = __builtin_fmaf(g * g, s.omb2, v * s.b2);

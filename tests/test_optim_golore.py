@@ -418,6 +418,40 @@ def test_plain_backward_equals_fused_backward(projection):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 
+def _backends():
+    import os
+
+    from lomo_kernels import ops
+
+    out = ["torch"]
+    if ops.available_backends()["native"].startswith("loaded"):
+        out.append("native")
+    if os.environ.get("TRITON_INTERPRET") == "1" and ops.available_backends()["triton"] == "loaded":
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("rounding,wd", [("nearest", 0.0), ("stochastic", 0.1)])
+def test_every_backend_trains_the_same(rounding, wd):
+    """The optimizer on every backend (inner update and, for the second path, the LOMO kernel)
+    against the reference backend after three steps of bf16 weights: native bitwise, Triton
+    within an ulp per step (the interpreter rounds some bf16 stores differently)."""
+    results = {}
+    for backend in _backends():
+        model = torch.nn.ModuleList([Linear(9, 33, torch.bfloat16, seed=1, bias=True),
+                                     Linear(40, 12, torch.bfloat16, seed=2)])
+        opt = GoLore(model, lr=0.05, rank=3, update_proj_gap=2, weight_decay=wd,
+                     rounding=rounding, backend=backend)
+        for i in range(3):
+            loss = model[0].loss(_rand((9, 33), 60 + i), _rand((9,), 70 + i))
+            (loss + model[1].loss(_rand((40, 12), 80 + i))).backward()
+            opt.step()
+        results[backend] = [p.detach().clone() for p in model.parameters()]
+    for backend, params in results.items():
+        for a, b in zip(params, results["torch"]):
+            assert (ulp_distance(a, b) <= (3 if backend == "triton" else 0)).all(), backend
+
+
 def test_lr_scheduler_drives_the_learning_rate():
     a, b = Linear(9, 33, seed=1), Linear(9, 33, seed=1)
     oa = GoLore(a, lr=0.1, rank=3)

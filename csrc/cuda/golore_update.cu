@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
   }
   if (*a.bad != 0) {
     if (!FULL)
-      for (int64_t i = tid; i < a.n; i += stride) a.out[i] = __int_as_float(0x7fc00000);  // NaN
+      for (int64_t i = tid; i < a.n; i += stride) a.out[i] = f32_from_bits(0x7FC00000u);  // NaN
     if (tid == 0 && a.found_inf) *a.found_inf = 1.0f;
     return;
   }
