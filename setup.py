@@ -175,7 +175,7 @@ class OptionalBuildExt(build_ext):
 setup(
     name="lomo_kernels",
     version="0.1.0",
-    description="Fused LOMO / AdaLomo optimizer updates inside the backward pass "
+    description="Fused LOMO / AdaLomo / GoLore optimizer updates inside the backward pass "
     "(C++/CUDA, Triton and PyTorch backends)",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(HERE, "README.md")) else "",

@@ -237,8 +237,8 @@ class GoLore(InBackwardOptimizer):
         subspace as GoLore's code does; Adam's second moment is kept coordinate-wise, also as
         GoLore's code does: a linear transfer of v (docs/spec.md writes one for "M") makes
         entries negative (sqrt -> NaN), and the positive transfer (P_new^T P_old)**2 v shrinks v
-        by ~r/d for an unrelated random subspace, which makes the first updates after every
-        refresh ~sqrt(d/r) times too large."""
+        by ~r/d for an unrelated random subspace: once m has rebuilt, updates are then up to
+        ~sqrt(d/r) times too large until v has re-accumulated (~1 / (1 - beta2) steps)."""
         t0 = state["step"] - 1
         use_svd = group["projection"] == "svd" or t0 < group["svd_steps"]
         idx = state["refreshes"]
