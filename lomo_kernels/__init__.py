@@ -1,12 +1,14 @@
-"""lomo_kernels: fused LOMO / AdaLomo updates inside the backward pass, with native (C++/CUDA),
-Triton and pure-PyTorch backends. See README.md, docs/spec.md (the numerical contract) and
-docs/design.md (the architecture)."""
+"""lomo_kernels: fused LOMO / AdaLomo / GoLore updates inside the backward pass, with native
+(C++/CUDA), Triton and pure-PyTorch backends. See README.md, docs/spec.md (the numerical
+contract) and docs/design.md (the architecture)."""
 
 from . import ops, reference
 from .ops import BackendFallbackWarning, available_backends
 from .optim import (
     AdaLomo,
     DynamicLossScaler,
+    GaLore,
+    GoLore,
     InBackwardOptimizer,
     Lomo,
     LossScaleOverflowWarning,
@@ -17,7 +19,8 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Lomo", "AdaLomo", "InBackwardOptimizer", "DynamicLossScaler", "NonFiniteGradientWarning",
-    "LossScaleOverflowWarning", "OptimizerReplacedWarning", "BackendFallbackWarning",
+    "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
+    "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
+    "BackendFallbackWarning",
     "available_backends", "ops", "reference", "__version__",
 ]

@@ -1,7 +1,10 @@
-"""End-to-end fine-tuning of a Llama-shaped causal LM with ``AdaLomo``, ``Lomo`` or AdamW.
+"""End-to-end fine-tuning of a Llama-shaped causal LM with ``AdaLomo``, ``Lomo``, ``GoLore``,
+``GaLore`` or AdamW.
 
     python -m lomo_kernels.finetune                       # the demo: tiny model, CPU, < 2 minutes
     python -m lomo_kernels.finetune --optimizer lomo      # fused SGD
+    python -m lomo_kernels.finetune --optimizer golore    # subspace AdamW, random projections
+    python -m lomo_kernels.finetune --optimizer galore --rank 32   # SVD projections
     python -m lomo_kernels.finetune --optimizer adamw     # torch.optim.AdamW, for comparison
     python -m lomo_kernels.finetune --model-config llama3-8b --dtype bf16 --device cuda \\
         --seq-len 1024 --batch-size 1 --gradient-checkpointing --steps 20
@@ -11,7 +14,8 @@ byte-level tokenizer (256 byte values + BOS/EOS/PAD) and a corpus made of text e
 installation has (the Zen of Python and the docstrings of some standard-library modules). It
 prints a progress bar (loss, tokens/s) and a summary: first/last training loss, held-out loss
 before and after, tokens/s, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-process's peak resident set from ``resource.getrusage``), optimizer and backend.
+process's peak resident set from ``resource.getrusage``), the optimizer's state bytes, optimizer
+and backend.
 
 Large shapes (``--model-config 1b``, ``llama2-7b``, ``llama3-8b``, ...; the public shapes, never
 any weights) are built on the meta device and materialised directly in the target dtype on the
@@ -45,7 +49,7 @@ from typing import Sequence
 import torch
 
 from . import ops
-from .optim import AdaLomo, Lomo
+from .optim import AdaLomo, GaLore, GoLore, Lomo
 
 # ---------------------------------------------------------------------------------------------
 # Model shapes (Llama-shaped; public configuration numbers only, no weights)
@@ -91,12 +95,18 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS = ("adalomo", "lomo", "adamw")
+OPTIMIZERS = ("adalomo", "lomo", "golore", "galore", "adamw")
+IN_BACKWARD = (AdaLomo, Lomo, GoLore)
 #: Default learning rates (constant schedule), tuned on the tiny demo (from scratch, 200 steps):
 #: AdaLomo's lr is relative (scaled by max(1e-3, rms(p)), rms(p) ~0.02 for matrices, 1 for norms);
 #: 1e-2..4e-2 all train stably there (fine-tuning a pretrained model wants ~1e-3..1e-2). Lomo's
-#: is plain SGD (0.2 and above oscillate or diverge); AdamW's is Adam's.
-DEFAULT_LR = {"adalomo": 2e-2, "lomo": 0.1, "adamw": 3e-3}
+#: is plain SGD (0.2 and above oscillate or diverge); AdamW's is Adam's. GoLore/GaLore run Adam
+#: in the subspace with GaLore's scale 0.25 on the low-rank update (embeddings, norms and the
+#: head are full rank: see make_optimizer), so their lr is Adam's times ~1/scale.
+DEFAULT_LR = {"adalomo": 2e-2, "lomo": 0.1, "golore": 1e-2, "galore": 1e-2, "adamw": 3e-3}
+#: What GaLore's recipe trains at full rank: the embeddings and the output head (and every
+#: parameter of fewer than two dimensions, always).
+GOLORE_EXCLUDE = ("*embed_tokens*", "lm_head.weight")
 
 
 def _transformers():
@@ -326,7 +336,16 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
 
 def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_grad_norm=None,
                    clip_grad_value=None, weight_decay: float = 0.0, rounding: str = "nearest",
-                   seed: int = 0, fused_adamw: bool | None = None):
+                   seed: int = 0, fused_adamw: bool | None = None, rank: int = 16,
+                   update_proj_gap: int = 50, golore_scale: float = 0.25, svd_steps: int = 0):
+    if name in ("golore", "galore"):
+        if clip_grad_value:
+            raise ValueError(f"{name}: --clip-grad-value is not supported (the gradient is "
+                             "projected before any element-wise step); use --clip-grad-norm")
+        cls = GoLore if name == "golore" else GaLore
+        return cls(model, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=golore_scale,
+                   svd_steps=svd_steps, clip_grad_norm=clip_grad_norm, weight_decay=weight_decay,
+                   exclude=GOLORE_EXCLUDE, backend=backend, rounding=rounding, seed=seed)
     if name == "adalomo":
         return AdaLomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                        weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
@@ -345,6 +364,13 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (moments, factors,
+    projectors, step counters)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v))
 
 
 def peak_rss_bytes() -> int:
@@ -367,12 +393,13 @@ def _fmt_bytes(n) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lomo_kernels.finetune",
-        description="Fine-tune a Llama-shaped causal LM with AdaLomo / Lomo (in-backward updates) "
+        description="Fine-tune a Llama-shaped causal LM with AdaLomo / Lomo / GoLore / GaLore "
+        "(in-backward updates) "
         "or AdamW. The defaults train a tiny model on CPU in about 30 seconds.",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
     p.add_argument("--backend", choices=ops.BACKENDS, default="auto",
-                   help="update kernels of Lomo/AdaLomo (ignored by adamw)")
+                   help="update kernels of Lomo/AdaLomo/GoLore/GaLore (ignored by adamw)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default per optimizer: {DEFAULT_LR})")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
@@ -382,12 +409,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="global L2-norm clipping (Lomo/AdaLomo: two backward passes per step)")
+                   help="global L2-norm clipping (in-backward optimizers: two backward passes per "
+                   "step)")
     p.add_argument("--clip-grad-value", type=float, default=None)
+    p.add_argument("--rank", type=int, default=16, help="GoLore/GaLore subspace rank")
+    p.add_argument("--update-proj-gap", type=int, default=50,
+                   help="GoLore/GaLore: steps between projector refreshes")
+    p.add_argument("--golore-scale", type=float, default=0.25,
+                   help="GoLore/GaLore: scale of the back-projected update")
+    p.add_argument("--svd-steps", type=int, default=0,
+                   help="GoLore: SVD projections for the first N steps, random after")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype")
     p.add_argument("--rounding", choices=ops.ROUNDINGS, default="nearest",
-                   help="Lomo/AdaLomo rounding of bf16/fp16 parameters")
+                   help="rounding of bf16/fp16 parameters (in-backward optimizers)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default="tiny")
@@ -466,8 +501,10 @@ def _run(args, device) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = make_optimizer(args.optimizer, model, args.lr, backend=args.backend,
                          clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
-                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed)
-    in_backward = isinstance(opt, (Lomo, AdaLomo))
+                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed,
+                         rank=args.rank, update_proj_gap=args.update_proj_gap,
+                         golore_scale=args.golore_scale, svd_steps=args.svd_steps)
+    in_backward = isinstance(opt, IN_BACKWARD)
 
     gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
@@ -561,6 +598,8 @@ def _run(args, device) -> dict:
         "wall_s": time.perf_counter() - t_start,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "step_s": tokens_per_step / tok_s if tok_s else None,
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
         "finite": all(math.isfinite(x) for x in losses),
     }
     if not args.quiet:
@@ -584,7 +623,8 @@ def format_summary(s: dict) -> str:
         f"train loss  first {f(s['first_loss'])} -> last {f(s['last_loss'])} "
         f"(mean of first/last {k}: {f(s['first_loss_avg'])} -> {f(s['last_loss_avg'])})",
         f"eval loss   {f(s['eval_loss_start'])} -> {f(s['eval_loss_end'])} (held-out)",
-        f"throughput  {s['tokens_per_s']:,.0f} tokens/s",
+        f"throughput  {s['tokens_per_s']:,.0f} tokens/s ({s['step_s'] * 1e3:.1f} ms/step)",
+        f"opt. state  {_fmt_bytes(s['optimizer_state_bytes'])}",
         f"peak memory {_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']}); "
         f"parameters {_fmt_bytes(s['param_bytes'])}",
         f"wall time   {s['wall_s']:.1f} s (training {s['train_s']:.1f} s)",

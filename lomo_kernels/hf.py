@@ -1,4 +1,5 @@
-"""Using ``Lomo`` / ``AdaLomo`` with the Hugging Face ``transformers.Trainer``.
+"""Using ``Lomo`` / ``AdaLomo`` / ``GoLore`` / ``GaLore`` with the Hugging Face
+``transformers.Trainer``.
 
 The optimizers update every parameter inside ``loss.backward()`` (post-accumulate-grad hooks) and
 free each gradient at once; ``optimizer.step()`` is a no-op that marks the step boundary and the
@@ -61,7 +62,7 @@ from __future__ import annotations
 
 import warnings
 
-from .optim import AdaLomo, Lomo
+from .optim import AdaLomo, GaLore, GoLore, Lomo
 
 __all__ = ["make_trainer_optimizers", "check_training_args"]
 
@@ -106,7 +107,8 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
     args: the ``TrainingArguments`` (checked by ``check_training_args``; its ``learning_rate``,
         ``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs`` and ``max_steps`` build
         the scheduler). None: no checks, no scheduler.
-    optimizer: ``"adalomo"`` or ``"lomo"`` (or an already-built ``Lomo`` / ``AdaLomo``).
+    optimizer: ``"adalomo"``, ``"lomo"``, ``"golore"`` or ``"galore"`` (or an already-built
+        instance of one of them).
     lr: the base lr (default ``args.learning_rate``; AdaLomo's is relative to ``rms(p)``).
     num_training_steps: for the scheduler when ``args.max_steps`` is not set. If neither is
         known the scheduler is None and the Trainer builds its own (same type) in ``train()``.
@@ -132,15 +134,15 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
         )
     if lr is None:
         lr = args.learning_rate if args is not None else 1e-3
-    if isinstance(optimizer, (Lomo, AdaLomo)):
+    classes = {"adalomo": AdaLomo, "lomo": Lomo, "golore": GoLore, "galore": GaLore}
+    if isinstance(optimizer, (Lomo, AdaLomo, GoLore)):
         opt = optimizer
-    elif optimizer == "adalomo":
-        opt = AdaLomo(model, lr=lr, **optimizer_kwargs)
-    elif optimizer == "lomo":
-        opt = Lomo(model, lr=lr, **optimizer_kwargs)
+    elif optimizer in classes:
+        opt = classes[optimizer](model, lr=lr, **optimizer_kwargs)
     else:
         raise ValueError(
-            f"optimizer must be 'adalomo', 'lomo' or a Lomo/AdaLomo instance, got {optimizer!r}"
+            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo or "
+            f"GoLore, got {optimizer!r}"
         )
 
     if args is not None:

@@ -12,6 +12,9 @@ arguments after ``step`` have defaults):
                     global_rows, global_numel)
     lomo_update_multi_ / adalomo_update_multi_: the same for a list of small tensors (per-tensor
                     scalars as lists; AdaLomo: unfactored 0-d/1-d tensors only)
+    golore_update_(r!, param!?, exp_avg!?, exp_avg_sq!?, momentum_buffer!?, clip_coef?,
+                   found_inf!?, inner, lr, weight_decay, scale, beta1, beta2, eps, momentum,
+                   rounding, seed, step)
 
 Argument conventions (every backend): ``loss_scale`` divides the gradient (1.0 = none),
 ``clip_grad_value <= 0`` disables value clipping, ``clip_coef`` is an optional 0-d float32 device
@@ -26,13 +29,17 @@ runs the three passes of docs/spec.md (statistics, update norm, apply) inside on
 (``stage=0``), the scalars between passes on the device; ``stage`` 1/2/3 run one pass each for a
 sharded parameter, the caller all-reducing the workspace header in between
 (``reference.adalomo_workspace_regions``).
+``golore_update_`` is the inner optimizer of GoLore / GaLore (adamw or sgd) on a
+projected gradient ``r`` (N written into ``r``) or, given ``param``, the whole full-rank update of
+``param`` from its gradient ``r`` (reference.golore_update_ has the formulas).
 
 Dispatcher registrations: the pure-PyTorch reference is the default (CompositeExplicitAutograd);
 the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA kernels for the
-same ops (``TORCH_LIBRARY_IMPL``); the Triton kernels are registered for CUDA when the native CUDA
-kernels are absent. ``torch.ops.lomo_kernels.<op>`` therefore runs the fastest implementation for
-the tensor's device. ``get_impl(op, backend, device)`` resolves an explicit backend name (once per
-parameter, never per call) and raises a clear error when that backend cannot run there.
+same ops (``register_kernels()``, after a contract-version check); the Triton kernels are
+registered for CUDA when the native CUDA kernels are absent. ``torch.ops.lomo_kernels.<op>``
+therefore runs the fastest implementation for the tensor's device. ``get_impl(op, backend,
+device)`` resolves an explicit backend name (once per parameter, never per call) and raises a
+clear error when that backend cannot run there.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from ._stack import user_stacklevel
 
 BACKENDS = ("auto", "native", "triton", "torch")
 ROUNDINGS = ("nearest", "stochastic")
+INNERS = ("adamw", "sgd")  # GoLore's inner optimizers
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SCHEMAS = {
@@ -79,6 +87,12 @@ _SCHEMAS = {
         "float[] clip_threshold, str rounding, int[] seed, int[] step, "
         "Tensor(f!)? grad_sq=None, Tensor(g!)? workspace=None) -> ()"
     ),
+    "golore_update_": (
+        "(Tensor(a!) r, Tensor(b!)? param, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, "
+        "Tensor(e!)? momentum_buffer, Tensor? clip_coef, Tensor(f!)? found_inf, str inner, "
+        "float lr, float weight_decay, float scale, float beta1, float beta2, float eps, "
+        "float momentum, str rounding, int seed, int step) -> ()"
+    ),
 }
 OPS = tuple(_SCHEMAS)
 
@@ -102,7 +116,7 @@ _native = None
 _triton = None
 
 # The version of the op schemas above; the native extension reports the one it was built for.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 
 try:
     _native = importlib.import_module("lomo_kernels._C")
@@ -495,3 +509,72 @@ def adalomo_update_multi_(
         float(loss_scale), *(lists[n] for n in names[2:]), rounding,
         _per_tensor(op, "seed", seed, k, int), _per_tensor(op, "step", step, k, int),
         grad_sq, workspace)
+
+
+def golore_state_names(inner: str, momentum: float) -> tuple:
+    """The float32 state tensors (each of ``r``'s shape) that ``golore_update_`` needs."""
+    if inner == "adamw":
+        return ("exp_avg", "exp_avg_sq")
+    if inner == "sgd":
+        return ("momentum_buffer",) if momentum != 0.0 else ()
+    raise ValueError(f"golore_update_: inner must be one of {INNERS}, got {inner!r}")
+
+
+def _check_golore(r, param, state, clip_coef, found_inf, inner, momentum, rounding, step):
+    op = "golore_update_"
+    if not isinstance(r, torch.Tensor) or not (param is None or isinstance(param, torch.Tensor)):
+        raise TypeError(f"{op}: r and param must be tensors")
+    if param is None and r.dtype != torch.float32:
+        raise TypeError(f"{op}: r (the projected gradient) must be float32, got {r.dtype}")
+    if param is not None:
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got "
+                            f"{param.dtype}")
+        if r.dtype != param.dtype or r.shape != param.shape or r.device != param.device:
+            raise ValueError(
+                f"{op}: r (the gradient) must have param's dtype, shape and device: got {r.dtype} "
+                f"{tuple(r.shape)} on {r.device}, param {param.dtype} {tuple(param.shape)} on "
+                f"{param.device}")
+        if not param.is_contiguous():
+            raise ValueError(f"{op}: param must be contiguous")
+    if not r.is_contiguous():
+        raise ValueError(f"{op}: r must be contiguous")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{op}: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    for name, t in (("clip_coef", clip_coef), ("found_inf", found_inf)):
+        if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != r.device):
+            raise ValueError(f"{op}: {name} must be a 1-element float32 tensor on {r.device}")
+    need = golore_state_names(inner, momentum)
+    for name, t in state.items():
+        if name not in need:
+            if t is not None:
+                raise ValueError(f"{op}: {name} must be None for inner={inner!r} "
+                                 f"with momentum={momentum}")
+            continue
+        if t is None:
+            raise ValueError(f"{op}: {name} is required for inner={inner!r}")
+        if t.dtype != torch.float32 or t.shape != r.shape or t.device != r.device:
+            raise ValueError(
+                f"{op}: {name} must be float32 of shape {tuple(r.shape)} on {r.device}, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+    if inner == "adamw" and step < 1:
+        raise ValueError(f"{op}: step must be >= 1 for inner='adamw' (bias correction), got {step}")
+
+
+def golore_update_(
+    r, *, param=None, exp_avg=None, exp_avg_sq=None, momentum_buffer=None, inner="adamw",
+    lr=0.0, weight_decay=0.0, scale=1.0, beta1=0.9, beta2=0.999, eps=1e-8, momentum=0.0,
+    clip_coef=None, found_inf=None, rounding="nearest", seed=0, step=1, backend="auto",
+):
+    """Checked entry point of the GoLore inner update (reference.golore_update_): N written into
+    the float32 projected gradient ``r``, or, with ``param``, the full-rank update of ``param``
+    from its gradient ``r``. State tensors are float32 of ``r``'s shape, updated in place."""
+    state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "momentum_buffer": momentum_buffer}
+    _check_golore(r, param, state, clip_coef, found_inf, inner, float(momentum), rounding,
+                  int(step))
+    impl = get_impl("golore_update_", backend, r.device)
+    impl(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, float(lr),
+         float(weight_decay), float(scale), float(beta1), float(beta2), float(eps),
+         float(momentum), rounding, int(seed), int(step))

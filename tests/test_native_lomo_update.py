@@ -216,13 +216,19 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         torch.ops.lomo_kernels.lomo_update_(p, g, torch.tensor(0.37), None, 3e-3, 0.1, 1000.0,
                                             0.7, rounding, 5, 2)
         out.append(p.float())
+        # GoLore's full-rank AdamW update (the projected mode runs the same loop body in fp32)
+        m, v = torch.randn(70001) * 1e-2, torch.rand(70001) * 1e-2
+        torch.ops.lomo_kernels.golore_update_(g, p, m, v, None, None, None, "adamw", 3e-3, 0.1,
+                                              1.0, 0.9, 0.999, 1e-8, 0.0, rounding, 5, 3)
+        out += [p.float(), m, v]
 torch.save(torch.cat(out), {path!r})
 """
 
 
 def test_every_cpu_clone_rounds_the_same(tmp_path):
     # The baseline, AVX2 and AVX-512 clones of the CPU loops (LOMO_KERNELS_CPU_ISA caps the
-    # choice) must give bitwise the same parameters; the baseline uses libm's fma.
+    # choice) must give bitwise the same parameters (LOMO, and GoLore's inner update with its
+    # state); the baseline uses libm's fma.
     results = {}
     for isa in ("base", "avx2", "default"):
         path = str(tmp_path / f"{isa}.pt")

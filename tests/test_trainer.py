@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lomo_kernels import AdaLomo, Lomo  # noqa: E402
+from lomo_kernels import AdaLomo, GaLore, GoLore, Lomo  # noqa: E402
 from lomo_kernels.finetune import build_config, build_model  # noqa: E402
 from lomo_kernels.hf import check_training_args, make_trainer_optimizers  # noqa: E402
 
@@ -100,8 +100,12 @@ def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize(
     "cls,kw",
     [(AdaLomo, {}), (Lomo, {}), (AdaLomo, {"clip_grad_value": 1e-4}),
-     (AdaLomo, {"weight_decay": 0.1})],
-    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd"],
+     (AdaLomo, {"weight_decay": 0.1}),
+     # inner SGD: linear in the gradient, so the Trainer's loss (rounded a little differently)
+     # cannot be amplified the way Adam amplifies tiny projected gradients
+     (GoLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "momentum": 0.9}),
+     (GaLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "weight_decay": 0.1})],
+    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd", "golore", "galore-wd"],
 )
 def test_trainer_updates_like_fused_backward(tmp_path, cls, kw):
     model, data = _model(), _data()
@@ -258,6 +262,9 @@ def test_helper_checks_arguments():
         make_trainer_optimizers(model, None, "sgd")
     opt, sched = make_trainer_optimizers(model, None, "lomo", lr=0.5, backend="torch")
     assert isinstance(opt, Lomo) and sched is None and opt.param_groups[0]["lr"] == 0.5
+    for name, cls in (("golore", GoLore), ("galore", GaLore)):
+        opt, _ = make_trainer_optimizers(_model(), None, name, lr=0.5, rank=4)
+        assert type(opt) is cls and opt.param_groups[0]["rank"] == 4
 
 
 def test_helper_builds_the_scheduler_without_a_trainer():
