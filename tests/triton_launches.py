@@ -42,26 +42,32 @@ def _target():
     return GPUTarget("cuda", 90, 32)
 
 
+_JIT: dict = {}
+
+
 def jit_function(kernel):
     """The JITFunction behind ``kernel`` (the interpreter wraps the same function)."""
     from triton.runtime.jit import JITFunction
 
     if isinstance(kernel, JITFunction):
         return kernel
-    return JITFunction(kernel.fn, **kernel.kwargs)
+    if kernel.fn not in _JIT:
+        _JIT[kernel.fn] = JITFunction(kernel.fn, **kernel.kwargs)
+    return _JIT[kernel.fn]
 
 
 _BINDERS: dict = {}
 
 
 def _binder(jf):
+    """(backend, binder, key cache) of ``jf`` for sm_90, as JITFunction keeps per device."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     if jf.fn not in _BINDERS:
         backend = make_backend(_target())
         _BINDERS[jf.fn] = (backend, create_function_from_signature(jf.signature, jf.params,
-                                                                   backend))
+                                                                   backend), {})
     return _BINDERS[jf.fn]
 
 
@@ -69,9 +75,9 @@ def cache_key(kernel, args, kwargs) -> str:
     """Triton's compiled-kernel cache key of one launch (JITFunction.run, less the device)."""
     from triton.runtime.jit import compute_cache_key
 
-    _, binder = _binder(jit_function(kernel))
+    _, binder, key_cache = _binder(jit_function(kernel))
     _, specialization, options = binder(*args, **kwargs)
-    return compute_cache_key({}, specialization, options)
+    return compute_cache_key(key_cache, specialization, options)
 
 
 def compile_sm90(kernel, args, kwargs):
@@ -79,7 +85,7 @@ def compile_sm90(kernel, args, kwargs):
     import triton
 
     jf = jit_function(kernel)
-    backend, binder = _binder(jf)
+    backend, binder, _ = _binder(jf)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound_args,
                                                           specialization, options)

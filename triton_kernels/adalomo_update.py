@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import launch as _l
 from .launch import _F0, multi_offsets, record_fields, tile_record
-from .lomo_update import add_sums_in_list_order, add_to, checks
+from .lomo_update import add_sums_in_list_order, add_to, checks, multi_checks
 from .reduce import PARTS, last_arrival, sum_parts
 from .rounding import f32, is_finite, key_arg, load_clip_coef, loss_scale_args, round_to
 from .rounding import span_key, unscale_clip
@@ -128,11 +128,11 @@ def geometry(shape):
     while keeping about P_MIN programs when the matrix has that many sub-blocks."""
     S, m, n = math.prod(shape[:-2]), shape[-2], shape[-1]
     SB, BN = next((sb, bn) for lo, sb, bn in BUCKETS if n >= lo)
-    tn = triton.cdiv(n, BN)
+    tn = _l.cdiv(n, BN)
     ideal = BN * math.sqrt(max(m, 1) / max(n, 1)) / SB
-    cap = S * triton.cdiv(m, SB) * tn // P_MIN
+    cap = S * _l.cdiv(m, SB) * tn // P_MIN
     nsub = max(1, min(round(ideal), cap))
-    tm = max(1, triton.cdiv(m, nsub * SB))
+    tm = max(1, _l.cdiv(m, nsub * SB))
     P = S * tm * tn
     data = 4 + S + S * n + S * m + S * n + S * tn * m + S * tm * n + 3 * P + 4 * S * tm + P
     return S, m, n, SB, BN, nsub, P, (data, S * tm + S * tn + 2)
@@ -557,12 +557,12 @@ def need(shape):
     """(data, tickets) of one adalomo_update_ call on ``shape`` (any stage)."""
     if len(shape) >= 2:
         return geometry(tuple(shape))[-1]
-    return 4 + 4 * max(1, triton.cdiv(math.prod(shape), TILE)), 1
+    return 4 + 4 * max(1, _l.cdiv(math.prod(shape), TILE)), 1
 
 
 def multi_need(shapes):
     """(data, tickets) of one adalomo_update_multi_ call on ``shapes``."""
-    return _l.multi_need(len(shapes), sum(max(1, triton.cdiv(math.prod(s), TILE))
+    return _l.multi_need(len(shapes), sum(max(1, _l.cdiv(math.prod(s), TILE))
                                           for s in shapes))
 
 
@@ -639,7 +639,7 @@ def adalomo_update_(
     if numel >= 2**31:
         raise ValueError("adalomo_update_: an unfactored parameter needs fewer than 2**31 "
                          "elements on the Triton backend")
-    ntiles = triton.cdiv(numel, TILE)
+    ntiles = _l.cdiv(numel, TILE)
     # a float32 placeholder (never dereferenced) unless partial sums need a workspace
     ws, tk = workspace if workspace is not None else exp_avg_sq, 0
     if stage or ntiles > 1:
@@ -664,13 +664,14 @@ def adalomo_update_multi_(
     """Triton AdaLomo update of every unfactored tensor of ``params`` (per dtype: one launch when
     every tensor has at most TILE elements, else two), each bitwise as ``adalomo_update_``
     leaves it; per-tensor scalars as lists (ops.adalomo_update_multi_)."""
-    for p, g, v in zip(params, grads, exp_avg_sqs):
-        checks("adalomo_update_multi_", p, g, clip_coef, found_inf, rounding, grad_sq,
-               exp_avg_sq=v)
-        if p.dim() > 1:
-            raise ValueError("adalomo_update_multi_: takes 0-d and 1-d tensors only, got shape "
-                             f"{tuple(p.shape)}")
-        _check_state("exp_avg_sq", v, p.numel())
+    multi_checks("adalomo_update_multi_", params, grads, clip_coef, found_inf, rounding, grad_sq,
+                 exp_avg_sqs)
+    for p, v in zip(params, exp_avg_sqs):
+        if p.dim() > 1 or v.dtype != torch.float32 or v.numel() != p.numel():
+            if p.dim() > 1:
+                raise ValueError("adalomo_update_multi_: takes 0-d and 1-d tensors only, got "
+                                 f"shape {tuple(p.shape)}")
+            _check_state("exp_avg_sq", v, p.numel())
     (params, grads, exp_avg_sqs, lr, weight_decay, clip_grad_value, beta, eps1, eps2,
      clip_threshold, seed, step) = _l.drop_empty(params, grads, exp_avg_sqs, lr, weight_decay,
                                                  clip_grad_value, beta, eps1, eps2,
@@ -679,7 +680,7 @@ def adalomo_update_multi_(
     if k == 0:
         return
     first = params[0]
-    ntiles = sum(triton.cdiv(p.numel(), TILE) for p in params)
+    ntiles = sum(_l.cdiv(p.numel(), TILE) for p in params)
     ws, tk = _l.scratch(workspace, *_l.multi_need(k, ntiles), first)
     groups = _l.group_by_dtype(params)
     table = _l.Table(ws, k, ntiles)

@@ -49,6 +49,11 @@ def scratch(workspace, data: int, tickets: int, like: torch.Tensor):
     return workspace, workspace.numel() - tickets
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python ints (triton.cdiv is a jit function: slow on the host)."""
+    return -(-a // b)
+
+
 def peel(param: torch.Tensor, grad: torch.Tensor):
     """(head, aligned): the elements before the first 16-byte boundary of ``param`` when ``grad``
     has the same misalignment (the kernel then moves the rest in 16-byte vectors), else (0, False).
@@ -214,6 +219,8 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     pa = np.fromiter((p.data_ptr() for p in params), np.int64, k)
     ga = np.fromiter((g.data_ptr() for g in grads), np.int64, k)
     numel = np.fromiter((p.numel() for p in params), np.int64, k)
+    if numel.max() >= 2**31:
+        raise ValueError("multi-tensor ops take tensors of fewer than 2**31 elements each")
     r64[:, P_ADDR // 2] = pa
     r64[:, G_ADDR // 2] = ga
     if exp_avg_sqs is not None:

@@ -197,9 +197,27 @@ def checks(op, param, grad, clip_coef, found_inf, rounding, grad_sq, **state):
         raise ValueError(f"{op}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
 
 
+def multi_checks(op, params, grads, clip_coef, found_inf, rounding, grad_sq, states=None):
+    """``checks`` for a list: the shared tensors once, then each tensor's own (a few attribute
+    reads per tensor; the full checks only to word the error)."""
+    if len(grads) != len(params) or (states is not None and len(states) != len(params)):
+        raise ValueError(f"{op}: params, grads (and exp_avg_sqs) differ in length")
+    if not params:
+        return
+    p0 = params[0]
+    checks(op, p0, grads[0], clip_coef, found_inf, rounding, grad_sq)
+    device = p0.device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        v = states[i] if states is not None else p
+        if not (g.dtype == p.dtype and g.numel() == p.numel() and p.is_contiguous()
+                and g.is_contiguous() and v.is_contiguous() and p.device == device
+                and g.device == device and v.device == device):
+            check_tensors(op, p, g, first_param=p0, exp_avg_sq=v)
+
+
 def need(shape):
     """(data, tickets) of one lomo_update_ call: header and one partial per block; one ticket."""
-    return 4 + max(1, triton.cdiv(math.prod(shape), BLOCK)), 1
+    return 4 + max(1, _l.cdiv(math.prod(shape), BLOCK)), 1
 
 
 def lomo_update_(
@@ -213,7 +231,7 @@ def lomo_update_(
     if numel == 0:
         return
     head, aligned = _l.peel(param, grad)
-    ntiles = max(1, triton.cdiv(numel - head, BLOCK))
+    ntiles = max(1, _l.cdiv(numel - head, BLOCK))
     # the workspace holds the partial sums of grad_sq; otherwise a float32 placeholder (never
     # dereferenced) keeps the kernel signature, hence the compiled variant, the same
     ws, tk = workspace if workspace is not None else grad_sq, 0
@@ -239,7 +257,7 @@ def lomo_update_(
 
 
 def multi_tiles(shapes) -> int:
-    return sum(max(1, triton.cdiv(math.prod(s), BLOCK)) for s in shapes)
+    return sum(max(1, _l.cdiv(math.prod(s), BLOCK)) for s in shapes)
 
 
 def multi_need(shapes):
@@ -253,8 +271,7 @@ def lomo_update_multi_(
 ):
     """Triton LOMO update of every tensor of ``params`` (one launch per dtype), each bitwise as
     ``lomo_update_`` leaves it; per-tensor scalars as lists (ops.lomo_update_multi_)."""
-    for p, g in zip(params, grads):
-        checks("lomo_update_multi_", p, g, clip_coef, found_inf, rounding, grad_sq)
+    multi_checks("lomo_update_multi_", params, grads, clip_coef, found_inf, rounding, grad_sq)
     params, grads, lr, weight_decay, clip_grad_value, seed, step = _l.drop_empty(
         params, grads, lr, weight_decay, clip_grad_value, seed, step)
     k = len(params)
