@@ -78,10 +78,14 @@ calls = {
     "adalomo_bf16": lambda: adalomo((4096, 4096), torch.bfloat16),
     "adalomo_fp32_narrow": lambda: adalomo((4096, 1), torch.float32),
     "adalomo_fp16_odd": lambda: adalomo((37, 129), torch.float16),
+    "adalomo_fp16": lambda: adalomo((4096, 4096), torch.float16),
     "vector_bf16": lambda: adalomo((4096,), torch.bfloat16),
     "vector_bf16_tiles": lambda: adalomo((10000,), torch.bfloat16),
     "vector_multi_bf16": lambda: multi("adalomo_update_multi_", [(4096,)] * 3),
     "vector_multi_bf16_tiles": lambda: multi("adalomo_update_multi_", [(4096,), (10000,)]),
+    # more than 2**31 elements: 64-bit offsets
+    "lomo_bf16_index64": lambda: lomo((2**31 + 8,), torch.bfloat16),
+    "adalomo_bf16_index64": lambda: adalomo((2**19 + 1, 4096), torch.bfloat16),
 }
 out = {}
 for name, call in calls.items():

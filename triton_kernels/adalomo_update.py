@@ -40,8 +40,8 @@ from . import launch as _l
 from .launch import _F0, multi_offsets, record_fields, tile_record
 from .lomo_update import add_sums_in_list_order, add_to, checks, multi_checks
 from .reduce import PARTS, last_arrival, sum_parts
-from .rounding import f32, is_finite, key_arg, load_clip_coef, loss_scale_args, round_to
-from .rounding import span_key, unscale_clip
+from .rounding import f32, is_finite, key_arg, load_clip_coef, loss_scale_args, round_span
+from .rounding import unscale_clip
 
 TILE = 4096  # unfactored: elements per program
 VECTOR_WARPS = 16  # 8 elements (one 16-byte vector for bf16) per thread and tensor
@@ -151,7 +151,7 @@ def _adalomo_stats_kernel(
     sum_r, colsum, new_r, new_c, rowp, colp, tilep, rtp, uup = o
     pid = tl.program_id(0)
     coef = load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF)
-    cols = pn * BN + tl.arange(0, BN)
+    cols = (pn * BN).to(tl.int32) + tl.arange(0, BN)
     cmask = cols < n
     col_acc = tl.full([SB, BN], 0, tl.float32)
     pp_acc = tl.full([SB], 0, tl.float32)
@@ -162,9 +162,9 @@ def _adalomo_stats_kernel(
         rows = row0 + it * SB + tl.arange(0, SB)
         rmask = rows < m
         mask = rmask[:, None] & cmask[None, :]
-        offs = (b * m + rows)[:, None] * n + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        first = (b * m + rows) * n  # 64-bit once per row (INDEX64), 32-bit per element
+        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask).to(tl.float32)
+        p = tl.load((p_ptr + first)[:, None] + cols[None, :], mask=mask).to(tl.float32)
         bad_acc = tl.maximum(bad_acc, tl.max((~is_finite(g)).to(tl.float32), axis=1))
         gu, g = unscale_clip(g, scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF)
         if GRAD_SQ:
@@ -252,7 +252,7 @@ def _adalomo_unorm_kernel(
     R, tm, tn, P, b, pm, pn, o = _layout(S, m, n, nsub, SB, BN, INDEX64)
     sum_r, colsum, new_r, new_c, rowp, colp, tilep, rtp, uup = o
     coef = load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF)
-    cols = pn * BN + tl.arange(0, BN)
+    cols = (pn * BN).to(tl.int32) + tl.arange(0, BN)
     cmask = cols < n
     c = _new_col(ws_ptr, col_ptr, colsum, b, n, cols, cmask, rows_f, beta, omb)
     cf = _rsqrt(c)
@@ -266,7 +266,7 @@ def _adalomo_unorm_kernel(
         mask = rmask[:, None] & cmask[None, :]
         r = tl.load(ws_ptr + new_r + b * m + rows, mask=rmask, other=1.0)
         rf = _rsqrt(tl.math.div_rn(r, mean_r))  # rsqrt(r / mean(r))
-        g = tl.load(g_ptr + (b * m + rows)[:, None] * n + cols[None, :], mask=mask)
+        g = tl.load((g_ptr + (b * m + rows) * n)[:, None] + cols[None, :], mask=mask)
         gu, g = unscale_clip(g.to(tl.float32), scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE,
                              HAS_CLIP_COEF)
         u = (rf[:, None] * cf[None, :]) * g
@@ -287,19 +287,19 @@ def _apply_rows(p_ptr, g_ptr, row_ptr, ws_ptr, new_r, b, m, n, pm, pn, R, nsub, 
         rows = pm * R + it * SB + tl.arange(0, SB)
         rmask = rows < m
         mask = rmask[:, None] & cmask[None, :]
-        first = (b * m + rows) * n
-        offs = first[:, None] + cols[None, :]
+        first = (b * m + rows) * n  # 64-bit once per row (INDEX64), 32-bit per element
+        p_at = (p_ptr + first)[:, None] + cols[None, :]
         r = tl.load(ws_ptr + new_r + b * m + rows, mask=rmask, other=1.0)
         rf = _rsqrt(tl.math.div_rn(r, mean_r))
-        g = tl.load(g_ptr + offs, mask=mask)
+        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask)
         gu, g = unscale_clip(g.to(tl.float32), scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE,
                              HAS_CLIP_COEF)
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        p = tl.load(p_at, mask=mask).to(tl.float32)
         new = _update(p, (rf[:, None] * cf[None, :]) * g, denom, lr_t, decay, DIVIDE)
-        # the hash key: one scalar per call (32-bit indices) or two values per row
-        hkey = span_key(offs, first[:, None], key, INDEX64)
-        tl.store(p_ptr + offs, round_to(new, offs, hkey, p_ptr.dtype.element_ty, STOCHASTIC),
-                 mask=mask)
+        # the hash: 32-bit per element, its high-word key one value per call or two per row
+        new = round_span(new, first[:, None], cols[None, :], key, p_ptr.dtype.element_ty,
+                         STOCHASTIC, INDEX64)
+        tl.store(p_at, new, mask=mask)
         if pn == 0:  # the state, written once per row
             tl.store(row_ptr + b * m + rows, r, mask=rmask)
 
@@ -322,7 +322,7 @@ def _adalomo_apply_kernel(
     else:
         lr_t, decay, denom = _step_scalars(tl.load(ws_ptr), tl.load(ws_ptr + 2), sqrt_numel, lr,
                                            eps2, weight_decay, clip_threshold)
-        cols = pn * BN + tl.arange(0, BN)
+        cols = (pn * BN).to(tl.int32) + tl.arange(0, BN)
         cmask = cols < n
         c = tl.load(ws_ptr + new_c + b * n + cols, mask=cmask, other=1.0)  # from pass 2
         cf = _rsqrt(c)
@@ -386,8 +386,7 @@ def _vector_work(p_ptr, g_ptr, v_ptr, found_inf_ptr, offs, mask, key, scale, cli
                 new = _update(p, u, denom, lr_t, decay, False)
             else:
                 new = _update(p, u, denom, lr_t, decay, True)
-            new = round_to(new, offs, span_key(offs, 0, key, False), p_ptr.dtype.element_ty,
-                           STOCHASTIC)
+            new = round_span(new, 0, offs, key, p_ptr.dtype.element_ty, STOCHASTIC, False)
             tl.store(p_ptr + offs, new, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
         elif HAS_FOUND_INF:
@@ -613,7 +612,11 @@ def adalomo_update_(
         ws, tk = _l.scratch(workspace, *need, param)
         rows_f = f32(global_rows or m)
         index64 = max(numel, ws.numel()) >= 2**31
-        tile = dict(SB=SB, BN=BN, INDEX64=index64, num_warps=NUM_WARPS, **flags, **_OPTS)
+        # 64-bit indices, and rows that are not 16-byte aligned (scalar accesses), take more
+        # registers per element: 8 elements per thread then
+        wide = index64 or n % 8 != 0
+        tile = dict(SB=SB, BN=BN, INDEX64=index64, num_warps=STATS_WARPS if wide else NUM_WARPS,
+                    **flags, **_OPTS)
         b32, omb32, cv32 = f32(beta), f32(1.0 - beta), f32(clip_grad_value)
         with _l.device_guard(param):
             if stage in (0, 1):

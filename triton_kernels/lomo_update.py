@@ -25,23 +25,27 @@ from . import launch as _l
 from .launch import _F0, multi_offsets, record_fields, tile_record
 from .reduce import PARTS, add_in_order, last_arrival, sum_parts
 from .rounding import check_tensors, f32, is_finite, key_arg, load_clip_coef
-from .rounding import loss_scale_args, round_to, span_key, unscale_clip
+from .rounding import loss_scale_args, round_span, unscale_clip
 
 # 4096 elements = 16 per thread with 8 warps: two 16-byte vector loads of each bf16 input per
 # thread, enough bytes in flight per SM to saturate HBM on H100 without a loop.
 BLOCK = 4096
 NUM_WARPS = 8
+# fp16 stochastic rounding needs about twice the registers per element: 8 per thread there
+SR_FP16_WARPS = 16
 HEAD = tl.constexpr(8)  # room for the peeled head: at most 7 (2-byte dtypes) or 3 (fp32) elements
 ORDER_CHUNK = tl.constexpr(16)  # per-tensor sums loaded at once when they are added in list order
 
 
 @triton.jit
-def _lomo_elems(p_ptr, g_ptr, offs, idx, mask, found_inf_ptr, hkey, decay, neg_lr, scale,
+def _lomo_elems(p_ptr, g_ptr, offs, first, mask, found_inf_ptr, key, decay, neg_lr, scale,
                 clip_value, clip_coef, LOSS_SCALE: tl.constexpr, CLIP_VALUE: tl.constexpr,
                 HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                STOCHASTIC: tl.constexpr, GRAD_SQ: tl.constexpr, HEAD_BLOCK: tl.constexpr):
-    """Update the elements ``offs`` of ``p_ptr`` (``idx``: their flat indices for the hash;
-    ``mask`` None for a full block); returns their sum of unscaled squared gradients."""
+                STOCHASTIC: tl.constexpr, GRAD_SQ: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+                INDEX64: tl.constexpr):
+    """Update the elements ``offs`` (int32) of ``p_ptr``, whose flat indices in the tensor are
+    ``first + offs`` (for the hash; ``mask`` None for a full block); returns their sum of
+    unscaled squared gradients."""
     p = tl.load(p_ptr + offs, mask=mask)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)  # masked lanes read 0: finite
     finite = is_finite(g)  # of the raw gradient, before unscaling
@@ -51,7 +55,7 @@ def _lomo_elems(p_ptr, g_ptr, offs, idx, mask, found_inf_ptr, hkey, decay, neg_l
         gsq = tl.sum(gu * gu)
     # reference: torch.add(p * decay, g, alpha=-lr), one fused multiply-add
     new = tl.fma(neg_lr, g, p.to(tl.float32) * decay)
-    new = round_to(new, idx, hkey, p_ptr.dtype.element_ty, STOCHASTIC)
+    new = round_span(new, first, offs, key, p_ptr.dtype.element_ty, STOCHASTIC, INDEX64)
     # A select, not a data-dependent store mask, so the store stays a 16-byte vector store.
     tl.store(p_ptr + offs, tl.where(finite, new, p), mask=mask)
     if HAS_FOUND_INF:
@@ -79,29 +83,27 @@ def _lomo_tile(p_ptr, g_ptr, found_inf_ptr, numel, head, tile, key, decay, neg_l
         start = tile.to(tl.int64) * BLOCK
     else:
         start = tile * BLOCK
-    local = start + tl.arange(0, BLOCK)
-    pb = p_ptr + head
-    gb = g_ptr + head
-    if ALIGNED:  # the body starts on a 16-byte boundary in both tensors
+    # 64-bit arithmetic once per block (the block's base pointers), 32-bit per element
+    pb = p_ptr + head + start
+    gb = g_ptr + head + start
+    if ALIGNED:  # the body starts on a 16-byte boundary in both tensors (so does every block)
         pb = tl.multiple_of(pb, 16)
         gb = tl.multiple_of(gb, 16)
-    count = numel - head
-    idx = local + head
-    hkey = span_key(idx, start + head, key, INDEX64)
-    if start + BLOCK <= count:  # full block: no mask, so loads/stores vectorise for any numel
-        gsq = _lomo_elems(pb, gb, local, idx, None, found_inf_ptr, hkey, decay, neg_lr, scale,
-                          clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF,
-                          HAS_FOUND_INF, STOCHASTIC, GRAD_SQ, False)
-    else:
-        gsq = _lomo_elems(pb, gb, local, idx, local < count, found_inf_ptr, hkey, decay, neg_lr,
+    local = tl.arange(0, BLOCK)
+    if start + BLOCK <= numel - head:  # full block: no mask, vector accesses for any numel
+        gsq = _lomo_elems(pb, gb, local, start + head, None, found_inf_ptr, key, decay, neg_lr,
                           scale, clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF,
-                          HAS_FOUND_INF, STOCHASTIC, GRAD_SQ, False)
+                          HAS_FOUND_INF, STOCHASTIC, GRAD_SQ, False, INDEX64)
+    else:
+        gsq = _lomo_elems(pb, gb, local, start + head, local < numel - head - start,
+                          found_inf_ptr, key, decay, neg_lr, scale, clip_value, clip_coef,
+                          LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF, HAS_FOUND_INF, STOCHASTIC,
+                          GRAD_SQ, False, INDEX64)
     if (tile == 0) & (head > 0):  # the peeled head, element by element
         h = tl.arange(0, HEAD)
-        gsq += _lomo_elems(p_ptr, g_ptr, h, h, h < head, found_inf_ptr,
-                           span_key(h, 0, key, False), decay, neg_lr, scale, clip_value,
-                           clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF, HAS_FOUND_INF,
-                           STOCHASTIC, GRAD_SQ, True)
+        gsq += _lomo_elems(p_ptr, g_ptr, h, 0, h < head, found_inf_ptr, key, decay, neg_lr,
+                           scale, clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF,
+                           HAS_FOUND_INF, STOCHASTIC, GRAD_SQ, True, False)
     return gsq
 
 
@@ -186,6 +188,10 @@ def _lomo_update_multi_kernel(
                                    ORDER_CHUNK)
 
 
+def _warps(dtype, rounding) -> int:
+    return SR_FP16_WARPS if dtype == torch.float16 and rounding == "stochastic" else NUM_WARPS
+
+
 def checks(op, param, grad, clip_coef, found_inf, rounding, grad_sq, **state):
     """What the launchers check themselves (ops.py checks the rest for its entry points)."""
     check_tensors(op, param, grad, clip_coef=clip_coef, found_inf=found_inf, grad_sq=grad_sq,
@@ -252,7 +258,8 @@ def lomo_update_(
             BLOCK=BLOCK, ALIGNED=aligned, LOSS_SCALE=mode, CLIP_VALUE=clip_grad_value > 0,
             HAS_CLIP_COEF=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=rounding == "stochastic" and param.dtype != torch.float32,
-            GRAD_SQ=grad_sq is not None, INDEX64=numel >= 2**31, num_warps=NUM_WARPS,
+            GRAD_SQ=grad_sq is not None, INDEX64=numel >= 2**31,
+            num_warps=_warps(param.dtype, rounding),
         )
 
 
@@ -305,5 +312,5 @@ def lomo_update_multi_(
                 BLOCK=BLOCK, ALIGNED=aligned, LOSS_SCALE=mode, CLIP_VALUE=bool((cgv > 0).any()),
                 HAS_CLIP_COEF=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
                 STOCHASTIC=rounding == "stochastic" and p0.dtype != torch.float32,
-                GRAD_SQ=grad_sq is not None, num_warps=NUM_WARPS,
+                GRAD_SQ=grad_sq is not None, num_warps=_warps(p0.dtype, rounding),
             )

@@ -44,18 +44,21 @@ def high_key(idx, key):
 
 
 @triton.jit
-def span_key(idx, first, key, INDEX64: tl.constexpr):
-    """``high_key(idx, key)`` for the indices ``idx`` of a span that starts at ``first`` (a scalar,
-    or one value per row) and is shorter than 2**32: with 32-bit indices (every tensor of fewer than
-    2**31 elements) the high word is 0 and the key is one scalar per call; with 64-bit indices two
-    keys per span (its first high word and the next) and a select per element, never a hash."""
+def span_bits(first, local, key, INDEX64: tl.constexpr):
+    """The random bits of the elements ``first + local``: ``first`` a scalar or one value per row
+    (int64 when INDEX64), ``local`` int32 in [0, 2**31). All per-element work is 32-bit: the low
+    word is a wrapping uint32 sum, and the high-word key is one value per call (32-bit indices:
+    every tensor of fewer than 2**31 elements, whose high word is 0) or two per span (the first
+    high word and the next) selected by the carry of that sum, never a hash per element."""
+    k = key.to(tl.uint32, bitcast=True)
+    lo0 = tl.cast(first, tl.uint32)  # i mod 2**32 (first may be a literal 0)
+    lo = lo0 + local.to(tl.uint32)
     if INDEX64:
-        hi = first >> 32
-        k0 = high_key(first, key)
-        k1 = mix32((hi + 1).to(tl.uint32) ^ key.to(tl.uint32, bitcast=True))
-        return tl.where((idx >> 32) == hi, k0, k1)
+        hi = (first >> 32).to(tl.uint32)
+        hkey = tl.where(lo < lo0, mix32((hi + 1) ^ k), mix32(hi ^ k))
     else:
-        return mix32(key.to(tl.uint32, bitcast=True))
+        hkey = mix32(k)
+    return mix32(lo ^ hkey)
 
 
 @triton.jit
@@ -96,6 +99,18 @@ def stochastic_fp16(x, bits):
     )  # copysign(y, x): y >= 0
     # NaN and |x| >= 65520 (which rounds to Inf) round to nearest, as tensor.to does.
     return tl.where((x != x) | (a >= 65520.0), x, y).to(tl.float16)
+
+
+@triton.jit
+def round_span(x, first, local, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+               INDEX64: tl.constexpr):
+    """fp32 ``x`` of the elements ``first + local`` rounded to ``DTYPE`` (see span_bits)."""
+    if STOCHASTIC and DTYPE == tl.bfloat16:
+        return stochastic_bf16(x, span_bits(first, local, key, INDEX64))
+    elif STOCHASTIC and DTYPE == tl.float16:
+        return stochastic_fp16(x, span_bits(first, local, key, INDEX64))
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
