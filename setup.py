@@ -187,6 +187,7 @@ setup(
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "torch>=2.4",
+        "numpy",  # the Triton multi-tensor ops pack their per-tensor tables with it
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "tqdm",
     ],

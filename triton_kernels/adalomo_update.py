@@ -2,24 +2,27 @@
 launches, and the workspace header of the op contract (reference.WS_*).
 
 Factored (p of shape (..., m, n), seen as S slices of m x n; state r (S, m), c (S, n)). Programs
-own tiles of R rows x BN columns, R = nsub * SB rows walked SB at a time (SB x BN = 4096 elements,
-16 per thread); BN and SB are one of three compile-time buckets of n, nsub is a runtime argument.
+own tiles of R rows x BN columns, R = nsub * SB rows walked SB at a time (SB x BN = 4096
+elements per step); BN and SB are one of three compile-time buckets of n, nsub is a runtime
+argument chosen by ``geometry`` (about P_MIN programs, balanced finishers).
   pass 1  _adalomo_stats_kernel   read g, p: row sums of G = g*g + eps1 per tile (workspace),
           column sums per tile, sum(p*p), sum(g_unscaled^2), a non-finite flag. The last tile of
           a column of tiles adds its column partials (header: column sums); the last tile of a
           row of tiles adds its row partials, forms the new r and its sum (workspace) and the
           scalars of its tiles; the last of those writes the header (sum p*p, the flag, sum r per
           slice) and adds grad_sq. (stage 1)                               4 B/elt bf16
-  pass 2  _adalomo_unorm_kernel   read g: c' from the header's column sums, u with the new r,
-          c' and mean(r); per tile sum(u*u), the last tile writes header[2]. (stage 2)
-                                                                           2 B/elt bf16
+  pass 2  _adalomo_unorm_kernel   read g: c' from the header's column sums (kept in the
+          workspace), u with the new r, c' and mean(r); per tile sum(u*u), the last tile writes
+          header[2]. (stage 2)                                             2 B/elt bf16
   pass 3  _adalomo_apply_kernel   read g, p, write p; r and c committed by the first tile of each
           row / column of tiles; nothing written (found_inf set) when the header's flag is up.
           (stage 3)                                                        6 B/elt bf16
-  => 12 B per element for bf16/fp16 (24 for fp32), plus about (1/BN + 1/R) fp32 of partials.
-Unfactored (0-d, 1-d; state v): a tensor of at most TILE elements is updated by one program in one
-launch (_vector_fused_kernel); a larger one by a statistics pass (which knows u already: sum(u*u)
-is delivered with the header after stage 1) and an apply pass.
+  => 12 B per element for bf16/fp16 (24 for fp32), plus about 2/BN + 2/R fp32 of partials
+  (written once, read once).
+Unfactored (0-d, 1-d; state v): _vector_kernel. A tensor of at most TILE elements is updated by
+one program in one launch (MODE 0); a larger one by a statistics pass (MODE 1, which knows u
+already: sum(u*u) is delivered with the header after stage 1) and an apply pass (MODE 2).
+_vector_multi_kernel runs the same tile code on a list of tensors (one or two launches per dtype).
 
 Every scalar between passes lives in the workspace: no host synchronisation, no allocation with a
 workspace. Sums are deterministic: partials in the workspace, added in a fixed order by the last
@@ -44,9 +47,10 @@ from .rounding import f32, is_finite, key_arg, load_clip_coef, loss_scale_args, 
 from .rounding import unscale_clip
 
 TILE = 4096  # unfactored: elements per program
-VECTOR_WARPS = 16  # 8 elements (one 16-byte vector for bf16) per thread and tensor
+# Warps: registers per thread stay within the budget of tests/test_triton_compile.py
+VECTOR_WARPS = 16  # unfactored: 8 elements (one 16-byte vector for bf16) per thread and tensor
 NUM_WARPS = 8  # factored passes 2 and 3: 16 elements per thread
-STATS_WARPS = 16  # factored pass 1: 8 elements per thread (94 registers with 8 warps, 55 with 16)
+STATS_WARPS = 16  # factored pass 1 (94 registers with 8 warps, about 55 with 16)
 # Factored: (SB, BN) per bucket of n, and the program count a tile shape aims for (rows per tile
 # shrink down to one sub-block to keep the GPU busy on small matrices).
 BUCKETS = ((128, 16, 256), (17, 64, 64), (0, 256, 16))  # (smallest n, SB, BN)
@@ -400,8 +404,9 @@ def _vector_tile(p_ptr, g_ptr, v_ptr, found_inf_ptr, numel, tile, key, scale, cl
                  stats_ptr, TILE: tl.constexpr, MODE: tl.constexpr, LOSS_SCALE: tl.constexpr,
                  CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Tile ``tile`` of an unfactored tensor (fewer than 2**31 elements): _vector_work without a
-    mask when the tile is full (16-byte vector accesses), with one for the last tile."""
+    """Tile ``tile`` of an unfactored tensor (fewer than launch.MAX_SMALL elements: 32-bit
+    offsets): _vector_work without a mask when the tile is full (16-byte vector accesses), with
+    one for the last tile."""
     offs = tile * TILE + tl.arange(0, TILE)
     if (tile + 1) * TILE <= numel:
         pp, uu, gs, bad = _vector_work(p_ptr, g_ptr, v_ptr, found_inf_ptr, offs, None, key,
@@ -611,7 +616,8 @@ def adalomo_update_(
             return _empty_stage(stage, workspace, found_inf)
         ws, tk = _l.scratch(workspace, *need, param)
         rows_f = f32(global_rows or m)
-        index64 = max(numel, ws.numel()) >= 2**31
+        # 32-bit offsets when every offset, masked lanes of the last tile included, fits
+        index64 = max((S * m + nsub * SB) * n, ws.numel()) >= 2**31
         # 64-bit indices, and rows that are not 16-byte aligned (scalar accesses), take more
         # registers per element: 8 elements per thread then
         wide = index64 or n % 8 != 0
@@ -639,8 +645,8 @@ def adalomo_update_(
     _check_state("exp_avg_sq", exp_avg_sq, numel)
     if numel == 0:
         return _empty_stage(stage, workspace, found_inf)
-    if numel >= 2**31:
-        raise ValueError("adalomo_update_: an unfactored parameter needs fewer than 2**31 "
+    if numel >= _l.MAX_SMALL:
+        raise ValueError("adalomo_update_: an unfactored parameter needs fewer than 2**31 - 2**13 "
                          "elements on the Triton backend")
     ntiles = _l.cdiv(numel, TILE)
     # a float32 placeholder (never dereferenced) unless partial sums need a workspace

@@ -68,6 +68,9 @@ def peel(param: torch.Tensor, grad: torch.Tensor):
 # Multi-tensor tables
 # ---------------------------------------------------------------------------------------------
 
+# The most elements of a tensor that kernels index with 32-bit offsets only (every lane of its
+# last tile, masked ones included, stays below 2**31)
+MAX_SMALL = 2**31 - 2**13
 REC = 24  # int32 slots per tensor record (a multiple of 4: records stay 16-byte aligned)
 # slot of each field: int64 addresses (two slots), int32 sizes and keys, float32 scalars from F0
 P_ADDR, G_ADDR, V_ADDR, NUMEL, HEAD, TILE0, KEY, F0 = 0, 2, 4, 6, 7, 8, 9, 12
@@ -104,7 +107,7 @@ def record_fields(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ints = rec.to(tl.pointer_type(tl.int32), bitcast=True)
     p = tl.load(addr).to(tl.pointer_type(DTYPE))
     g = tl.load(addr + 1).to(tl.pointer_type(DTYPE))
-    if ALIGNED:  # every address is 16-byte aligned (peeled heads aside): vector accesses
+    if ALIGNED:  # every address of the table is 16-byte aligned: vector accesses
         p = tl.multiple_of(p, 16)
         g = tl.multiple_of(g, 16)
     return (p, g, tl.load(ints + 6), tl.load(ints + 7), tl.load(ints + 8), tl.load(ints + 9))
@@ -219,8 +222,8 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     pa = np.fromiter((p.data_ptr() for p in params), np.int64, k)
     ga = np.fromiter((g.data_ptr() for g in grads), np.int64, k)
     numel = np.fromiter((p.numel() for p in params), np.int64, k)
-    if numel.max() >= 2**31:
-        raise ValueError("multi-tensor ops take tensors of fewer than 2**31 elements each")
+    if numel.max() >= MAX_SMALL:
+        raise ValueError("multi-tensor ops take tensors of fewer than 2**31 - 2**13 elements")
     r64[:, P_ADDR // 2] = pa
     r64[:, G_ADDR // 2] = ga
     if exp_avg_sqs is not None:

@@ -168,7 +168,8 @@ def _lomo_update_multi_kernel(
     updates tile ``first_tile + pid`` of the call's tile table (launch.multi_layout)."""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
-    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty, ALIGNED)
+    # (ALIGNED is about the bodies, after each head: _lomo_tile states it, not the record)
+    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty, False)
     gsq = _lomo_tile(p, g, found_inf_ptr, numel, head, gtile - tile0, key, tl.load(rec + _F0),
                      tl.load(rec + _F0 + 1), scale, tl.load(rec + _F0 + 2),
                      load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF), BLOCK, ALIGNED, LOSS_SCALE,
