@@ -177,7 +177,11 @@ def _adalomo_stats_kernel(
         col_acc += sq
         tl.store(ws_ptr + rowp + (b * tn + pn) * m + rows, tl.sum(sq, axis=1), mask=rmask)
         pp_acc += tl.sum(p * p, axis=1)
-    tl.store(ws_ptr + colp + (b * tm + pm) * n + cols, tl.sum(col_acc, axis=0), mask=cmask)
+    colpart = tl.sum(col_acc, axis=0)
+    if tm == 1:  # this tile holds all the slice's rows: its column sums are the sums
+        tl.store(ws_ptr + colsum + b * n + cols, colpart, mask=cmask)
+    else:
+        tl.store(ws_ptr + colp + (b * tm + pm) * n + cols, colpart, mask=cmask)
     tl.store(ws_ptr + tilep + pid, tl.sum(pp_acc))
     tl.store(ws_ptr + tilep + P + pid, tl.sum(gs_acc))
     tl.store(ws_ptr + tilep + 2 * P + pid, tl.max(bad_acc))
@@ -186,7 +190,10 @@ def _adalomo_stats_kernel(
     tk_row = tk
     tk_col = tk_row + S * tm
     tk_1 = tk_col + S * tn
-    if last_arrival(ws_ptr, tk_col + b * tn + pn, tm):
+    col_done = False
+    if tm > 1:
+        col_done = last_arrival(ws_ptr, tk_col + b * tn + pn, tm)
+    if col_done:
         acc = tl.full([CF, BN], 0, tl.float32)
         for j0 in range(0, tm, CF):
             j = j0 + tl.arange(0, CF)
@@ -196,7 +203,10 @@ def _adalomo_stats_kernel(
         tl.store(ws_ptr + colsum + b * n + cols, tl.sum(acc, axis=0), mask=cmask)
 
     # The last tile of this row of tiles: the new r of its rows, their sum, its tiles' scalars.
-    if last_arrival(ws_ptr, tk_row + b * tm + pm, tn):
+    row_done = tn == 1
+    if tn > 1:
+        row_done = last_arrival(ws_ptr, tk_row + b * tm + pm, tn)
+    if row_done:
         rsum = tl.full([RF_R], 0, tl.float32)
         row_end = tl.minimum(row0 + R, m)
         for r0 in range(row0, row_end, RF_R):
