@@ -22,7 +22,7 @@ argument chosen by ``geometry`` (about P_MIN programs, balanced finishers).
 Unfactored (0-d, 1-d; state v): _vector_kernel. A tensor of at most TILE elements is updated by
 one program in one launch (MODE 0); a larger one by a statistics pass (MODE 1, which knows u
 already: sum(u*u) is delivered with the header after stage 1) and an apply pass (MODE 2).
-_vector_multi_kernel runs the same tile code on a list of tensors (one or two launches per dtype).
+_vector_multi_kernel runs the same tile code on a list of tensors (one launch per dtype).
 
 Every scalar between passes lives in the workspace: no host synchronisation, no allocation with a
 workspace. Sums are deterministic: partials in the workspace, added in a fixed order by the last
@@ -35,6 +35,7 @@ explicit tl.fma. A division by the update-norm factor is skipped when that facto
 import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +60,9 @@ COL_FIN = 16  # column finisher: partial rows per step ([COL_FIN, BN] loads)
 ROW_FIN = (16, 128)  # row finisher: [partial columns, rows] per step
 HDR_FIN = (32, 32)  # header finisher: [slices, row tiles] per step
 ORDER_CHUNK = tl.constexpr(16)  # per-tensor sums loaded at once (list-order grad_sq)
+# _vector_multi_kernel: ptxas fits it in 92 registers without spilling under this cap (110
+# without: the loop that applies a multi-tile tensor keeps the per-tensor scalars live)
+MULTI_MAX_REGISTERS = 96
 _OPTS = dict(enable_fp_fusion=False)  # op-by-op rounding as the reference (see module doc)
 
 
@@ -510,26 +514,35 @@ def _vector_record(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 def _vector_multi_kernel(
     p_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
     base, ntensors, ntiles, first_tile, final, tk, scale,
-    TILE: tl.constexpr, MODE: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
+    TILE: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
     CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC: tl.constexpr, GRAD_SQ: tl.constexpr,
 ):
-    """The unfactored tensors of one dtype: MODE 0, every tensor in one tile (one launch); else
-    MODE 1 (statistics into each tensor's slots) then MODE 2 (update)."""
+    """The unfactored tensors of one dtype, in one launch: each tile is summed (MODE 1 of
+    _vector_tile) and the last tile of a tensor to finish (integer ticket; a lone tile at once)
+    updates all the tensor's tiles from those statistics (MODE 2). The same statistics and the
+    same element code as _vector_kernel (MODE 0, or MODE 1 then 2): bitwise the same results.
+    (A MODE 0 path for lone tiles here too would cost registers in the whole kernel.)"""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
     p, g, v, numel, tile0, key, f = _vector_record(rec, p_ptr.dtype.element_ty, ALIGNED)
+    coef = load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF)
+    st_ptr = ws_ptr + stats + 3 * t
+    tiles = (numel + TILE - 1) // TILE
     pp, uu, gs, bad = _vector_tile(
-        p, g, v, found_inf_ptr, numel, gtile - tile0, key, scale, f[2],
-        load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF), f[5], f[3], f[4], f[8], f[0], f[6], f[1],
-        f[7], ws_ptr + stats + 3 * t, TILE, MODE, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF,
+        p, g, v, found_inf_ptr, numel, gtile - tile0, key, scale, f[2], coef, f[5], f[3], f[4],
+        f[8], f[0], f[6], f[1], f[7], st_ptr, TILE, 1, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF,
         HAS_FOUND_INF, STOCHASTIC)
-    done = True
-    if MODE == 1:
-        done, gs = _vector_finish(ws_ptr, parts, ntiles, gtile, tile0, (numel + TILE - 1) // TILE,
-                                  ws_ptr + stats + 3 * t, tk + t, pp, uu, gs, bad)
+    done, gs = _vector_finish(ws_ptr, parts, ntiles, gtile, tile0, tiles, st_ptr, tk + t, pp, uu,
+                              gs, bad)
+    if done:
+        tl.debug_barrier()  # the statistics this program just stored, seen by all its threads
+        for j in range(tiles):
+            _vector_tile(p, g, v, found_inf_ptr, numel, j, key, scale, f[2], coef, f[5], f[3],
+                         f[4], f[8], f[0], f[6], f[1], f[7], st_ptr, TILE, 2, LOSS_SCALE,
+                         CLIP_VALUE, HAS_CLIP_COEF, HAS_FOUND_INF, STOCHASTIC)
     if GRAD_SQ:
-        if MODE != 2 and done:
+        if done:
             add_sums_in_list_order(ws_ptr, grad_sq_ptr, gs, t, slots, tk, ntensors, final,
                                    ORDER_CHUNK)
 
@@ -557,14 +570,6 @@ def launches(shape, stage: int = 0) -> int:
     if stage == 0:
         return 0 if numel == 0 else 1 if numel <= TILE else 2
     return 0 if stage == 2 or numel == 0 else 1
-
-
-def multi_launches(shapes) -> int:
-    """Kernel launches of one adalomo_update_multi_ call on tensors of one dtype."""
-    shapes = [s for s in shapes if math.prod(s)]
-    if not shapes:
-        return 0
-    return 1 if all(math.prod(s) <= TILE for s in shapes) else 2
 
 
 def need(shape):
@@ -680,9 +685,9 @@ def adalomo_update_multi_(
     clip_grad_value, beta, eps1, eps2, clip_threshold, rounding, seed, step, grad_sq=None,
     workspace=None,
 ):
-    """Triton AdaLomo update of every unfactored tensor of ``params`` (per dtype: one launch when
-    every tensor has at most TILE elements, else two), each bitwise as ``adalomo_update_``
-    leaves it; per-tensor scalars as lists (ops.adalomo_update_multi_)."""
+    """Triton AdaLomo update of every unfactored tensor of ``params`` (one launch per dtype), each
+    bitwise as ``adalomo_update_`` leaves it; per-tensor scalars as lists
+    (ops.adalomo_update_multi_)."""
     multi_checks("adalomo_update_multi_", params, grads, clip_coef, found_inf, rounding, grad_sq,
                  exp_avg_sqs)
     for p, v in zip(params, exp_avg_sqs):
@@ -705,7 +710,6 @@ def adalomo_update_multi_(
     table = _l.Table(ws, k, ntiles)
     tiles, firsts, aligned = _l.fill_records(table, params, grads, TILE, seed, step, groups,
                                              exp_avg_sqs, peel=False)
-    np = _l.np
     f = table.floats
     numel = table.records[:, _l.NUMEL].astype(np.float64)
     beta64 = np.asarray(beta, dtype=np.float64)
@@ -719,18 +723,16 @@ def adalomo_update_multi_(
         for n, idx in enumerate(groups):
             p0 = params[idx[0]]
             count = int(tiles[idx].sum())
-            final = len(idx) if n == len(groups) - 1 else 0
-            modes = (0,) if count == len(idx) else (1, 2)  # one tile each: one fused launch
-            for mode_ in modes:
-                _l.launch(
-                    _vector_multi_kernel, (count,),
-                    p0, clip_coef if clip_coef is not None else p0,
-                    found_inf if found_inf is not None else p0,
-                    grad_sq if grad_sq is not None else p0, ws,
-                    table.base, k, ntiles, firsts[n], final, tk, scale,
-                    TILE=TILE, MODE=mode_, ALIGNED=aligned, LOSS_SCALE=mode,
-                    CLIP_VALUE=bool((cgv > 0).any()), HAS_CLIP_COEF=clip_coef is not None,
-                    HAS_FOUND_INF=found_inf is not None,
-                    STOCHASTIC=rounding == "stochastic" and p0.dtype != torch.float32,
-                    GRAD_SQ=grad_sq is not None, num_warps=VECTOR_WARPS, **_OPTS,
-                )
+            _l.launch(
+                _vector_multi_kernel, (count,),
+                p0, clip_coef if clip_coef is not None else p0,
+                found_inf if found_inf is not None else p0,
+                grad_sq if grad_sq is not None else p0, ws,
+                table.base, k, ntiles, firsts[n], len(idx) if n == len(groups) - 1 else 0, tk,
+                scale, TILE=TILE, ALIGNED=aligned, LOSS_SCALE=mode,
+                CLIP_VALUE=bool((cgv > 0).any()), HAS_CLIP_COEF=clip_coef is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                STOCHASTIC=rounding == "stochastic" and p0.dtype != torch.float32,
+                GRAD_SQ=grad_sq is not None, num_warps=VECTOR_WARPS, maxnreg=MULTI_MAX_REGISTERS,
+                **_OPTS,
+            )

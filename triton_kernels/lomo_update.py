@@ -17,6 +17,7 @@ launch per dtype, so each tensor ends bitwise as ``lomo_update_`` leaves it.
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -291,7 +292,6 @@ def lomo_update_multi_(
     groups = _l.group_by_dtype(params)
     table = _l.Table(ws, k, ntiles)
     tiles, firsts, aligned = _l.fill_records(table, params, grads, BLOCK, seed, step, groups)
-    np = _l.np
     lr64 = np.asarray(lr, dtype=np.float64)
     cgv = np.asarray(clip_grad_value, dtype=np.float64)
     f = table.floats
