@@ -539,6 +539,7 @@ class InBackwardOptimizer(Optimizer):
         self._check_groups()
         self._mode = "norm"
         self._grad_norms = []
+        self._sharding.norms = []
         try:
             self._scaled(loss).backward(retain_graph=True)
         finally:

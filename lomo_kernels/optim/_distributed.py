@@ -145,6 +145,12 @@ def shard_info(p: torch.Tensor, pname: str, name: str) -> Optional[ShardInfo]:
         raise ValueError(f"{name}: parameter {pname}: its local shard is not contiguous")
     dist = _dist()
     group = mesh.get_group()
+    if loc.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        raise ValueError(
+            f"{name}: parameter {pname} lives on the CPU (FSDP2 CPU offload) but its process group "
+            "uses NCCL, which cannot reduce the CPU tensors of in-backward updates; keep the "
+            "parameters on the GPU (no offload_policy)"
+        )
     shape = p.shape
     return ShardInfo(
         mesh=mesh, group=group, ranks=tuple(dist.get_process_group_ranks(group)),
