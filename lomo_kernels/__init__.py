@@ -10,6 +10,7 @@ from .optim import (
     GaLore,
     GoLore,
     InBackwardOptimizer,
+    IndependentRanksWarning,
     Lomo,
     LossScaleOverflowWarning,
     NonFiniteGradientWarning,
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
     "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
-    "BackendFallbackWarning",
+    "BackendFallbackWarning", "IndependentRanksWarning",
     "available_backends", "ops", "reference", "__version__",
 ]

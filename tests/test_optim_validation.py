@@ -18,6 +18,7 @@ def mlp(dtype=torch.float32):
 NAN, INF = float("nan"), float("inf")
 
 COMMON = [  # (kwargs, exception, message) for both optimizers
+    (dict(independent_ranks=1), TypeError, r"independent_ranks must be True or False, got 1"),
     (dict(lr=NAN), ValueError, r"lr must be a finite number >= 0, got nan"),
     (dict(lr=INF), ValueError, r"lr must be a finite number >= 0, got inf"),
     (dict(lr=-1e-3), ValueError, r"lr must be a finite number >= 0, got -0.001"),

@@ -1,4 +1,5 @@
 from ._base import InBackwardOptimizer, NonFiniteGradientWarning
+from ._distributed import IndependentRanksWarning
 from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
 from .golore import GaLore, GoLore
@@ -8,4 +9,5 @@ from .loss_scaler import DynamicLossScaler, LossScaleOverflowWarning
 __all__ = [
     "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
     "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
+    "IndependentRanksWarning",
 ]

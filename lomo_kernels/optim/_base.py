@@ -43,6 +43,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .._checks import choice, integer, number
 from .._stack import user_stacklevel
+from . import _distributed
 from . import _ownership as ownership
 from ._guards import (
     calling_trainer_max_grad_norm,
@@ -77,6 +78,7 @@ class InBackwardOptimizer(Optimizer):
 
     _name = "InBackwardOptimizer"
     _op = ""
+    _shardable = True  # its update works on FSDP2 shards (_update_sharded)
 
     def _group_rules(self) -> Dict[str, Callable[[Any, str], Any]]:
         """Checks of the per-group values: key -> check(value, name). Subclasses extend it."""
@@ -88,8 +90,13 @@ class InBackwardOptimizer(Optimizer):
         }
 
     def __init__(self, model: ParamsT, defaults: Dict[str, Any], *, clip_grad_norm: Optional[float],
-                 backend: str, rounding: str, seed: int) -> None:
+                 backend: str, rounding: str, seed: int, independent_ranks: bool = False) -> None:
         name = self._name
+        if not isinstance(independent_ranks, bool):
+            raise TypeError(f"{name}: independent_ranks must be True or False, got "
+                            f"{independent_ranks!r}")
+        # FSDP2-sharded parameters and the refusal of unsynchronised replicas (_distributed.py)
+        self._sharding = _distributed.Sharding(name, independent_ranks)
         self._hook_handles: List[Any] = []
         self._finalizer = weakref.finalize(self, ownership.remove_handles, self._hook_handles)
         self._detached: Optional[str] = None
@@ -102,6 +109,7 @@ class InBackwardOptimizer(Optimizer):
         self._check_group(defaults, "")
         if compiled_autograd_active() or compiled_autograd_configured():
             raise RuntimeError(compiled_autograd_message(name))
+        self._sharding.check_model(model)
         params, self._names = self._collect(model)
         self.model = model if isinstance(model, torch.nn.Module) else None  # as lomo-optim
         self.clip_coef = None  # 0-d float32 device tensor after grad_norm()
@@ -240,6 +248,13 @@ class InBackwardOptimizer(Optimizer):
     def _attach(self, trainable: List[Tuple[int, torch.Tensor]]) -> None:
         """Take ownership of ``trainable`` ((group index, parameter) pairs) and hook them."""
         params = [p for _, p in trainable]
+        inspected = self._sharding.inspect([(p, self._pname(p)) for p in params], self.backend)
+        if inspected[0] and not self._shardable:
+            raise ValueError(
+                f"{self._name}: parameter {inspected[0][0][1]} is sharded by fully_shard (FSDP2), "
+                f"which {self._name} does not support (its projections span the shards); use "
+                "AdaLomo or Lomo on a sharded model"
+            )
         if ownership.other_owners(self, params):
             gc.collect()  # an old optimizer may be garbage in a reference cycle: collect it first
         others = ownership.other_owners(self, params)
@@ -258,6 +273,9 @@ class InBackwardOptimizer(Optimizer):
         for old, _ in others:
             old._detach(f"a newer {self._name} optimizer took over its parameters")
         self._fp16 = self._fp16 or any(p.dtype == torch.float16 for p in params)
+        for p in self._sharding.adopt(inspected):
+            # sharded state exists from the start: a fresh optimizer is a template DCP loads into
+            self.state[p].update(self._sharded_state(self._sharding.shards[p]))
         for gi, p in trainable:
             self._where[p] = (gi, len(self._where))
             ownership.claim(self._selfref, p)
@@ -334,12 +352,17 @@ class InBackwardOptimizer(Optimizer):
             self._begin_task(tid)
         g = p.grad
         p.grad = None
+        shard = self._sharding.shards.get(p)  # FSDP2: the hook gets a DTensor, updates its shard
+        if shard is not None and g is not None:
+            g = _distributed.local_grad(p, g, self._pname(p), self._name)
         if g is None or self._mode == "skip" or p.numel() == 0:
             return
         if self._mode == "norm":
             n = torch.linalg.vector_norm(g, dtype=torch.float32)
             s = self._active_scale
-            self._grad_norms.append(n / s if s != 1.0 else n)
+            # sharded: local norms, summed across the shard group by grad_norm()
+            (self._grad_norms if shard is None else self._sharding.norms).append(
+                n / s if s != 1.0 else n)
             return
         if self._stamp.get(p) == self._token:
             raise RuntimeError(
@@ -359,7 +382,11 @@ class InBackwardOptimizer(Optimizer):
         saved = dict(state)
         try:
             with torch.no_grad():
-                self._update(p.data, g, group, state, self._param_seed(p))
+                if shard is None:
+                    self._update(p.data, g, group, state, self._param_seed(p))
+                else:
+                    self._update_sharded(_distributed.local(p), g, group, state,
+                                         _distributed.shard_seed(self._param_seed(p), shard), shard)
         except BaseException:
             state.clear()
             state.update(saved)
@@ -400,6 +427,7 @@ class InBackwardOptimizer(Optimizer):
         if not self._active_tasks:
             self._n_updated = 0
         if self._mode == "update":
+            self._sharding.check_world()
             plain = not self._in_fused
             self._check_clip(plain=plain)
             self._check_groups()
@@ -424,6 +452,7 @@ class InBackwardOptimizer(Optimizer):
         The loss scaler only learns from the backwards it scaled (fused_backward)."""
         flags = list(self._found_inf.values())
         found = any(bool(t.item()) for t in flags)
+        found = self._sharding.any_rank(found)  # every rank of a shard group skips/warns alike
         for t in flags:
             t.zero_()
         scaler = self.loss_scaler if scaled else None
@@ -456,6 +485,8 @@ class InBackwardOptimizer(Optimizer):
             raise ValueError(f"{self._name}: loss must be a scalar, got shape {tuple(loss.shape)}")
         if compiled_autograd_active():
             raise RuntimeError(compiled_autograd_message(self._name))
+        self._sharding.check_not_resharded(self.model, self._where)
+        self._sharding.check_world()
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss our backward differentiates; the hooks divide by the same scale. (A plain
@@ -515,6 +546,7 @@ class InBackwardOptimizer(Optimizer):
         self._check_groups()
         self._mode = "norm"
         self._grad_norms = []
+        self._sharding.norms = []
         try:
             self._scaled(loss).backward(retain_graph=True)
         finally:
@@ -523,10 +555,11 @@ class InBackwardOptimizer(Optimizer):
             self._active_tasks.clear()
         norms = self._grad_norms
         self._grad_norms = []
-        if not norms:
+        # summed across the shard group when sharded: every rank gets the same total
+        total = self._sharding.total_norm(norms)
+        if total is None:
             return torch.zeros((), dtype=torch.float32)
-        dev = norms[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
+        dev = total.device
         # One host look per step, after the backward: an overflow must skip the next update.
         if not bool(torch.isfinite(total)):
             self._skip_next = True
@@ -548,6 +581,7 @@ class InBackwardOptimizer(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """A no-op: the update happened inside backward. Marks the step boundary."""
         self._require_attached()
+        self._sharding.check_not_resharded(self.model, self._where)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -646,6 +680,18 @@ class InBackwardOptimizer(Optimizer):
                 state: Dict[str, Any], seed: int) -> None:
         """Update ``p`` in place from ``g``. Entries of ``state`` are restored if this raises."""
         raise NotImplementedError
+
+    def _update_sharded(self, p: torch.Tensor, g: torch.Tensor, group: Dict[str, Any],
+                        state: Dict[str, Any], seed: int, shard: "_distributed.ShardInfo") -> None:
+        """Update the local shard ``p`` of a parameter sharded on dim 0 (FSDP2) from its gradient
+        shard ``g``. An elementwise update (LOMO) runs on the shard unchanged; an optimizer with
+        statistics over the whole parameter overrides this."""
+        self._update(p, g, group, state, seed)
+
+    def _sharded_state(self, shard: "_distributed.ShardInfo") -> Dict[str, Any]:
+        """The state of a sharded parameter before its first update (DTensors where it holds
+        tensors, for torch.distributed.checkpoint)."""
+        return {"step": 0}
 
     @staticmethod
     def _beta(step: int, decay_rate: float) -> float:

@@ -10,6 +10,7 @@ import torch
 
 from .. import ops
 from .._checks import eps_pair, number
+from . import _distributed
 from ._base import InBackwardOptimizer, ParamsT
 
 
@@ -33,11 +34,13 @@ class AdaLomo(InBackwardOptimizer):
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay, scaled by the relative step size (default 0), >= 0.
 
-    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed`` as in ``Lomo``.
+    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed``, ``independent_ranks`` as in
+    ``Lomo``; FSDP2-sharded parameters as in ``Lomo`` (the statistics that span shards are
+    all-reduced between the three passes of the update).
 
     State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
-    ``exp_avg_sq`` (0-d and 1-d parameters).
+    ``exp_avg_sq`` (0-d and 1-d parameters); DTensors for sharded parameters (from construction).
     """
 
     _name = "AdaLomo"
@@ -66,6 +69,7 @@ class AdaLomo(InBackwardOptimizer):
         backend: str = "auto",
         rounding: str = "nearest",
         seed: int = 0,
+        independent_ranks: bool = False,
     ) -> None:
         number(loss_scale, "AdaLomo: loss_scale", ge=0.0, none_ok=True,
                none_means="off; 0 is off too")
@@ -76,7 +80,7 @@ class AdaLomo(InBackwardOptimizer):
         )
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed,
+            seed=seed, independent_ranks=independent_ranks,
         )
 
     def _repr_extra(self) -> Dict[str, Any]:
@@ -96,15 +100,11 @@ class AdaLomo(InBackwardOptimizer):
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0
 
-    def _update(self, p, g, group, state, seed) -> None:
-        if not state:
-            state["step"] = 0
-            for name, shape in ops.adalomo_state_shapes(p.shape).items():
-                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        t = state["step"] + 1
+    def _op_args(self, p, g, group, state, seed, t) -> tuple:
+        """The adalomo_update_ arguments up to ``step``."""
         eps1, eps2 = group["eps"]
         cgv = group["clip_grad_value"]
-        self._impl(p.device)(
+        return (
             p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"), self._clip_coef_on(p.device), self._device_flag(p.device),
             float(group["lr"]), float(group["weight_decay"]), self._active_scale,
@@ -112,4 +112,50 @@ class AdaLomo(InBackwardOptimizer):
             self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
             float(group["clip_threshold"]), self.rounding, seed, t,
         )
+
+    def _update(self, p, g, group, state, seed) -> None:
+        if not state:
+            state["step"] = 0
+            for name, shape in ops.adalomo_state_shapes(p.shape).items():
+                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        t = state["step"] + 1
+        self._impl(p.device)(*self._op_args(p, g, group, state, seed, t))
         state["step"] = t
+
+    def _update_sharded(self, p, g, group, state, seed, shard) -> None:
+        # The staged op with the workspace header all-reduced between the stages; the state
+        # holds DTensors, the op their local shards (_distributed.py).
+        t = state["step"] + 1
+        ws, pack = self._sharding.workspace(p.device)
+        _distributed.adalomo_staged(
+            self._staged_impl(p.device),
+            self._op_args(p, g, group, _distributed.locals_of(state), seed, t), shard, ws, pack)
+        state["step"] = t
+
+    def _staged_impl(self, device):
+        """The backend's staged op; with backend="auto", the reference when the backend has no
+        stages (yet), said once. Checked at the first sharded update, before anything changes."""
+        impl = self._staged_impls.get(device)
+        if impl is None:
+            impl = self._impl(device)
+            backend = self._resolve_backend(device, "?")
+            why = _distributed.staged_support(impl, backend, device)
+            if why is not None:
+                if self.backend != "auto":
+                    raise RuntimeError(
+                        f"AdaLomo: backend {self.backend!r} cannot update parameters sharded by "
+                        f"fully_shard on {device} ({why}); use backend='auto' or 'torch'")
+                self._warn_once(
+                    f"staged-{device}",
+                    f"AdaLomo: the {backend} backend has no staged update (sharded parameters) "
+                    f"on {device} yet ({why}); sharded parameters use the pure-PyTorch reference",
+                    ops.BackendFallbackWarning)
+                impl = ops.get_impl(self._op, "torch", device)
+            self._staged_impls[device] = impl
+        return impl
+
+    def _configure(self) -> None:
+        self._staged_impls: Dict[torch.device, Callable] = {}  # device -> staged op (sharded)
+
+    def _sharded_state(self, shard) -> Dict[str, Any]:
+        return _distributed.adalomo_state(shard)

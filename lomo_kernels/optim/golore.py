@@ -82,6 +82,7 @@ class GoLore(InBackwardOptimizer):
 
     _name = "GoLore"
     _op = "golore_update_"
+    _shardable = False  # a projection spans the rows of every shard
 
     def __init__(
         self,

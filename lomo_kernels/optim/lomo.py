@@ -37,7 +37,15 @@ class Lomo(InBackwardOptimizer):
 
     Keyword-only (lomo_kernels): ``backend`` (one of ``lomo_kernels.ops.BACKENDS``; "auto"
     picks the fastest that runs on each parameter's device), ``rounding`` ("nearest", or
-    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding).
+    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding),
+    ``independent_ranks`` (default False: plain parameters while ``torch.distributed`` runs several
+    ranks get an ``IndependentRanksWarning``, since nothing averages their gradients before the
+    update; True: each rank trains its own parameters on purpose, e.g. a single-process reference
+    inside a sharded job, or pipeline stages, and nothing is said).
+
+    Parameters sharded by FSDP2 (``fully_shard``, applied before the optimizer is created) are
+    updated shard by shard after the reduce-scatter, with the result of one process on the global
+    batch (README, "Beyond one GPU"); ``DistributedDataParallel`` is refused.
     """
 
     _name = "Lomo"
@@ -55,6 +63,7 @@ class Lomo(InBackwardOptimizer):
         backend: str = "auto",
         rounding: str = "nearest",
         seed: int = 0,
+        independent_ranks: bool = False,
     ) -> None:
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError("Lomo: loss_scale_args must be None or a dict of DynamicLossScaler "
@@ -66,7 +75,7 @@ class Lomo(InBackwardOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value)
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed,
+            seed=seed, independent_ranks=independent_ranks,
         )
 
     def _configure(self) -> None:
