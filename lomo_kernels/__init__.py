@@ -7,6 +7,7 @@ from .ops import BackendFallbackWarning, available_backends
 from .optim import (
     AdaLomo,
     DynamicLossScaler,
+    GradNormSpikeWarning,
     InBackwardOptimizer,
     Lomo,
     LossScaleOverflowWarning,
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Lomo", "AdaLomo", "InBackwardOptimizer", "DynamicLossScaler", "NonFiniteGradientWarning",
     "LossScaleOverflowWarning", "OptimizerReplacedWarning", "BackendFallbackWarning",
+    "GradNormSpikeWarning",
     "available_backends", "ops", "reference", "__version__",
 ]

@@ -1,4 +1,4 @@
-from ._base import InBackwardOptimizer, NonFiniteGradientWarning
+from ._base import GradNormSpikeWarning, InBackwardOptimizer, NonFiniteGradientWarning
 from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
 from .lomo import Lomo
@@ -6,5 +6,5 @@ from .loss_scaler import DynamicLossScaler, LossScaleOverflowWarning
 
 __all__ = [
     "Lomo", "AdaLomo", "InBackwardOptimizer", "DynamicLossScaler", "NonFiniteGradientWarning",
-    "LossScaleOverflowWarning", "OptimizerReplacedWarning",
+    "LossScaleOverflowWarning", "OptimizerReplacedWarning", "GradNormSpikeWarning",
 ]
