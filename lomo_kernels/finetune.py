@@ -326,13 +326,12 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
 
 def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_grad_norm=None,
                    clip_grad_value=None, weight_decay: float = 0.0, rounding: str = "nearest",
-                   seed: int = 0, fused_adamw: bool | None = None):
-    if name == "adalomo":
-        return AdaLomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-                       weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
-    if name == "lomo":
-        return Lomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-                    weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
+                   seed: int = 0, fused_adamw: bool | None = None, clip_mode: str = "exact"):
+    if name in ("adalomo", "lomo"):
+        cls = AdaLomo if name == "adalomo" else Lomo
+        return cls(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+                   weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed,
+                   clip_mode=clip_mode if clip_grad_norm is not None else "exact")
     if name == "adamw":
         dev = next(model.parameters()).device
         if fused_adamw is None:
@@ -382,7 +381,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="global L2-norm clipping (Lomo/AdaLomo: two backward passes per step)")
+                   help="global L2-norm clipping (Lomo/AdaLomo: two backward passes per step, "
+                        "or one with --clip-mode previous)")
+    p.add_argument("--clip-mode", choices=["exact", "previous"], default="exact",
+                   help="Lomo/AdaLomo clipping: exact (grad_norm + fused_backward) or previous "
+                        "(one backward, clipped with the previous step's norm)")
     p.add_argument("--clip-grad-value", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype")
@@ -466,7 +469,8 @@ def _run(args, device) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = make_optimizer(args.optimizer, model, args.lr, backend=args.backend,
                          clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
-                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed)
+                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed,
+                         clip_mode=args.clip_mode)
     in_backward = isinstance(opt, (Lomo, AdaLomo))
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -482,7 +486,7 @@ def _run(args, device) -> dict:
         progress = tqdm(total=args.steps, desc=f"{args.optimizer} {args.model_config}",
                         unit="step", dynamic_ncols=True)
 
-    losses, lrs = [], []
+    losses, lrs, grad_norms = [], [], []
     tokens_per_step = args.batch_size * args.seq_len
     t_train0 = time.perf_counter()
     t_after_first = None
@@ -491,9 +495,9 @@ def _run(args, device) -> dict:
         lr = _lr_at(step, args)
         loss = model(input_ids=batch, labels=batch).loss
         if in_backward:
-            if opt.clip_grad_norm is not None:
+            if opt.clip_grad_norm is not None and opt.clip_mode == "exact":
                 opt.grad_norm(loss)  # first pass: the global norm, no update
-            opt.fused_backward(loss, lr)  # second pass: the update, fused into the backward
+            opt.fused_backward(loss, lr)  # (second) pass: the update, fused into the backward
         else:
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -505,6 +509,8 @@ def _run(args, device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         loss_value = float(loss.detach())  # one host sync per step, for the log
+        if in_backward:  # (the norm is computed by then: no further wait)
+            grad_norms.append(float(opt.last_grad_norm))
         losses.append(loss_value)
         lrs.append(lr)
         if step == 0:
@@ -512,7 +518,9 @@ def _run(args, device) -> dict:
         if progress is not None:
             elapsed = time.perf_counter() - t_train0
             tps = tokens_per_step * (step + 1) / elapsed
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            extra = {"grad_norm": f"{grad_norms[-1]:.3g}"} if in_backward else {}
+            progress.set_postfix(loss=f"{loss_value:.3f}", **extra, tok_s=f"{tps:,.0f}",
+                                 refresh=False)
             progress.update(1)
         if not math.isfinite(loss_value):
             break
@@ -556,6 +564,8 @@ def _run(args, device) -> dict:
         "eval_loss_end": eval_end,
         "losses": losses,
         "lrs": lrs,
+        "grad_norms": grad_norms,  # Lomo/AdaLomo: last_grad_norm of every step
+        "clip_mode": args.clip_mode,
         "tokens_per_s": tok_s,
         "train_s": t_end - t_train0,
         "wall_s": time.perf_counter() - t_start,
