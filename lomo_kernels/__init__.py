@@ -9,6 +9,7 @@ from .optim import (
     DynamicLossScaler,
     GaLore,
     GoLore,
+    GradNormSpikeWarning,
     InBackwardOptimizer,
     IndependentRanksWarning,
     Lomo,
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
     "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
-    "BackendFallbackWarning", "IndependentRanksWarning",
+    "BackendFallbackWarning", "IndependentRanksWarning", "GradNormSpikeWarning",
     "available_backends", "ops", "reference", "__version__",
 ]

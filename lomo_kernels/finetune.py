@@ -359,7 +359,9 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
 def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_grad_norm=None,
                    clip_grad_value=None, weight_decay: float = 0.0, rounding: str = "nearest",
                    seed: int = 0, fused_adamw: bool | None = None, rank: int = 16,
-                   update_proj_gap: int = 50, golore_scale: float = 0.25, svd_steps: int = 0):
+                   update_proj_gap: int = 50, golore_scale: float = 0.25, svd_steps: int = 0,
+                   clip_mode: str = "exact"):
+    clip_mode = clip_mode if clip_grad_norm is not None else "exact"
     if name in ("golore", "galore"):
         if clip_grad_value:
             raise ValueError(f"{name}: --clip-grad-value is not supported (the gradient is "
@@ -367,13 +369,13 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
         cls = GoLore if name == "golore" else GaLore
         return cls(model, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=golore_scale,
                    svd_steps=svd_steps, clip_grad_norm=clip_grad_norm, weight_decay=weight_decay,
-                   exclude=GOLORE_EXCLUDE, backend=backend, rounding=rounding, seed=seed)
-    if name == "adalomo":
-        return AdaLomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-                       weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
-    if name == "lomo":
-        return Lomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-                    weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
+                   exclude=GOLORE_EXCLUDE, backend=backend, rounding=rounding, seed=seed,
+                   clip_mode=clip_mode)
+    if name in ("adalomo", "lomo"):
+        cls = AdaLomo if name == "adalomo" else Lomo
+        return cls(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+                   weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed,
+                   clip_mode=clip_mode)
     if name == "adamw":
         dev = next(model.parameters()).device
         if fused_adamw is None:
@@ -431,8 +433,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="global L2-norm clipping (in-backward optimizers: two backward passes per "
-                   "step)")
+                   help="global L2-norm clipping (in-backward optimizers: two backward passes per step, "
+                        "or one with --clip-mode previous)")
+    p.add_argument("--clip-mode", choices=["exact", "previous"], default="exact",
+                   help="in-backward clipping: exact (grad_norm + fused_backward) or previous "
+                        "(one backward, clipped with the previous step's norm)")
     p.add_argument("--clip-grad-value", type=float, default=None)
     p.add_argument("--rank", type=int, default=16, help="GoLore/GaLore subspace rank")
     p.add_argument("--update-proj-gap", type=int, default=50,
@@ -580,7 +585,8 @@ def _run(args, device) -> dict:
                          clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
                          weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed,
                          rank=args.rank, update_proj_gap=args.update_proj_gap,
-                         golore_scale=args.golore_scale, svd_steps=args.svd_steps)
+                         golore_scale=args.golore_scale, svd_steps=args.svd_steps,
+                         clip_mode=args.clip_mode)
     in_backward = isinstance(opt, IN_BACKWARD)
 
     gen = torch.Generator().manual_seed(args.seed + 7919 * rank)  # every rank its own batches
@@ -597,7 +603,7 @@ def _run(args, device) -> dict:
         progress = tqdm(total=args.steps, desc=f"{args.optimizer} {args.model_config}",
                         unit="step", dynamic_ncols=True)
 
-    losses, lrs = [], []
+    losses, lrs, grad_norms = [], [], []
     tokens_per_step = args.batch_size * args.seq_len * world
     t_train0 = time.perf_counter()
     t_after_first = None
@@ -606,9 +612,9 @@ def _run(args, device) -> dict:
         lr = _lr_at(step, args)
         loss = model(input_ids=batch, labels=batch).loss
         if in_backward:
-            if opt.clip_grad_norm is not None:
+            if opt.clip_grad_norm is not None and opt.clip_mode == "exact":
                 opt.grad_norm(loss)  # first pass: the global norm, no update
-            opt.fused_backward(loss, lr)  # second pass: the update, fused into the backward
+            opt.fused_backward(loss, lr)  # (second) pass: the update, fused into the backward
         else:
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -620,6 +626,8 @@ def _run(args, device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         loss_value = _mean_over_ranks(float(loss.detach()), device)  # one host sync per step
+        if in_backward:  # (the norm is computed by then: no further wait)
+            grad_norms.append(float(opt.last_grad_norm))
         losses.append(loss_value)
         lrs.append(lr)
         if step == 0:
@@ -627,7 +635,9 @@ def _run(args, device) -> dict:
         if progress is not None:
             elapsed = time.perf_counter() - t_train0
             tps = tokens_per_step * (step + 1) / elapsed
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            extra = {"grad_norm": f"{grad_norms[-1]:.3g}"} if in_backward else {}
+            progress.set_postfix(loss=f"{loss_value:.3f}", **extra, tok_s=f"{tps:,.0f}",
+                                 refresh=False)
             progress.update(1)
         if not math.isfinite(loss_value):
             break
@@ -672,6 +682,8 @@ def _run(args, device) -> dict:
         "eval_loss_end": eval_end,
         "losses": losses,
         "lrs": lrs,
+        "grad_norms": grad_norms,  # Lomo/AdaLomo: last_grad_norm of every step
+        "clip_mode": args.clip_mode,
         "tokens_per_s": tok_s,
         "train_s": t_end - t_train0,
         "wall_s": time.perf_counter() - t_start,

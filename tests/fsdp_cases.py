@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lomo_kernels import (AdaLomo, GoLore, IndependentRanksWarning, Lomo,
-                          NonFiniteGradientWarning, reference)
+from lomo_kernels import (AdaLomo, GoLore, GradNormSpikeWarning, IndependentRanksWarning,
+                          Lomo, NonFiniteGradientWarning, reference)
 
 CLASSES = {"Lomo": Lomo, "AdaLomo": AdaLomo}
 LR = {"Lomo": 0.1, "AdaLomo": 0.05}
@@ -187,6 +187,27 @@ def equivalence(ctx, cls_name, backend):
                 assert states[n][k] == v, (n, k)
     for a, b in zip(norms, ref_norms):
         assert math.isclose(a, b, rel_tol=1e-5), (norms, ref_norms)
+
+
+def one_backward_clipping(ctx, cls_name, backend):
+    """clip_mode="previous" (one fused_backward per step, no grad_norm pass): each step's
+    last_grad_norm is the global norm (the shards' parts summed across ranks) and the parameters
+    follow the single-process run within 1e-5."""
+    cls = CLASSES[cls_name]
+    kw = options(cls_name, backend, clip_mode="previous")
+    m, ref = shard(Net()), Net()
+    opt, ref_opt = cls(m, **kw), cls(ref, independent_ranks=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradNormSpikeWarning)  # the unclipped first step
+        for step in range(STEPS):
+            for model, o, c in ((m, opt, ctx), (ref, ref_opt, None)):
+                x, y = batch(step, c)
+                o.fused_backward(loss_of(model, x, y), None)
+            got, want = float(opt.last_grad_norm), float(ref_opt.last_grad_norm)
+            assert want > 0 and math.isclose(got, want, rel_tol=1e-5), (step, got, want)
+    params = params_of(m)
+    for n, want in params_of(ref).items():
+        close(params[n], want, f"parameter {n}")
 
 
 def mixed_precision(ctx, cls_name, backend):

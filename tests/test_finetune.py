@@ -90,6 +90,12 @@ def test_clip_grad_norm_and_schedule():
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] >= 0.002
 
 
+def test_one_backward_clipping_and_the_logged_norm():
+    s = ft.main(FAST + ["--steps", "4", "--clip-grad-norm", "0.5", "--clip-mode", "previous"])
+    assert s["finite"] and s["clip_mode"] == "previous"
+    assert len(s["grad_norms"]) == 4 and all(0 < n < 1e3 for n in s["grad_norms"])
+
+
 def test_bf16_lomo_stochastic_rounding_runs():
     s = ft.main(FAST + ["--steps", "4", "--dtype", "bf16", "--optimizer", "lomo",
                         "--rounding", "stochastic"])

@@ -30,6 +30,8 @@ CASES = (
     + [f"equivalence:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + [f"bf16_step:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
     + [f"bf16_step:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
+    + [f"one_backward_clipping:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
+    + [f"one_backward_clipping:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + ["mixed_precision:Lomo:torch", "mixed_precision:AdaLomo:torch"]
     + ["nonfinite_on_one_rank:Lomo:torch", "nonfinite_on_one_rank:AdaLomo:torch",
        "loss_scaler_agrees:torch"]

@@ -103,6 +103,12 @@ class _Boom(RuntimeError):
     pass
 
 
+# The tests below count the parameters in the order their hooks update them: small parameters
+# are updated one by one in their hooks here (batching them at the end of the backward, the
+# default, is tested in test_optim_batching.py).
+PER_PARAM = dict(batch_small_params=False)
+
+
 def _fail_at(opt, k, device="cpu"):
     """Make the kernel fail at the (k+1)-th parameter of each backward; record who was updated."""
     real = opt._impl(torch.device(device))
@@ -126,7 +132,7 @@ def test_kernel_error_mid_backward(cls, path):
     and the rest are not, the failing one's state is as before, no gradient survives, and after
     step() training goes on."""
     m = mlp()
-    opt = cls(m, lr=0.05)
+    opt = cls(m, lr=0.05, **PER_PARAM)
     opt.fused_backward(loss_of(m, 0), 0.05)
     ref = copy.deepcopy(m)
     ref_opt = cls(ref, lr=0.05)
@@ -163,7 +169,7 @@ def test_kernel_error_mid_backward(cls, path):
 @pytest.mark.parametrize("cls", [Lomo, AdaLomo])
 def test_kernel_error_on_the_first_step_leaves_no_state(cls):
     m = mlp()
-    opt = cls(m, lr=0.05)
+    opt = cls(m, lr=0.05, **PER_PARAM)
     seen, restore = _fail_at(opt, 0)
     with pytest.raises(_Boom, match="no parameter was changed by this backward"):
         loss_of(m).backward()
@@ -178,7 +184,7 @@ def test_kernel_error_on_the_first_step_leaves_no_state(cls):
 def test_stale_overflow_flag_is_dropped_with_the_failed_backward():
     """A NaN gradient before the failure must not be reported by the next, clean, backward."""
     m = mlp()
-    opt = Lomo(m, lr=0.05)
+    opt = Lomo(m, lr=0.05, **PER_PARAM)
     h = m[4].bias.register_hook(lambda g: torch.full_like(g, float("nan")))  # reached first
     seen, restore = _fail_at(opt, 3)
     with pytest.raises(_Boom):

@@ -1,4 +1,4 @@
-from ._base import InBackwardOptimizer, NonFiniteGradientWarning
+from ._base import GradNormSpikeWarning, InBackwardOptimizer, NonFiniteGradientWarning
 from ._distributed import IndependentRanksWarning
 from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
@@ -9,5 +9,5 @@ from .loss_scaler import DynamicLossScaler, LossScaleOverflowWarning
 __all__ = [
     "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
     "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
-    "IndependentRanksWarning",
+    "IndependentRanksWarning", "GradNormSpikeWarning",
 ]

@@ -24,8 +24,22 @@ leaves the parameters already updated by this backward updated, changes nothing 
 that parameter's state entries and frees its gradient. Either way no ``.grad`` survives and the
 error names the parameter.
 
-Subclasses set ``_name`` and ``_op``, implement ``_update(p, g, group, state, seed)`` and may
-extend ``_group_rules`` (per-group value checks) and ``_repr_extra``.
+Per step (_batch.py): every update adds its parameter's squared gradient norm to a per-device
+float32 accumulator (the ops' ``grad_sq``, zeroed when an updating backward starts) and uses the
+optimizer's per-device workspace (the ops' ``workspace``, allocated once). After the backward,
+``last_grad_norm`` is the square root of the sum over devices; ``clip_mode="previous"`` turns it
+into the next step's ``clip_coef``. Small parameters (``_is_small``) are, with
+``batch_small_params`` on, not updated in their hook: their gradients are kept and each
+(device, dtype) batch is updated by ONE multi-tensor call (``_multi_op``) at the end of the
+backward; a backward that fails drops them unchanged.
+
+Subclasses set ``_name`` and ``_op``, implement ``_update(p, g, group, state, seed)`` (passing
+``self._grad_sq(p)`` and ``self._workspace(p.device)`` to their kernel) and may extend
+``_group_rules`` (per-group value checks) and ``_repr_extra``. A subclass with a multi-tensor op
+also sets ``_multi_op`` and implements ``_is_small(p)`` and
+``_update_multi(params, grads, groups, states, seeds)``. A subclass whose kernel cannot add the
+squared norm (``_kernel_adds_grad_sq`` False, the default for ops other than LOMO's and
+AdaLomo's) has it added by the base with one torch reduction of ``g``.
 """
 
 from __future__ import annotations
@@ -44,9 +58,10 @@ from .. import ops
 from .._checks import choice, integer, number
 from .._stack import user_stacklevel
 from . import _distributed
+from . import _batch
 from . import _ownership as ownership
 from ._guards import (
-    calling_trainer_max_grad_norm,
+    calling_trainer,
     compiled_autograd_active,
     compiled_autograd_configured,
     compiled_autograd_message,
@@ -57,6 +72,7 @@ from .loss_scaler import DynamicLossScaler
 
 _GOLDEN32 = 0x9E3779B9
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+CLIP_MODES = ("exact", "previous")
 #: What an optimizer accepts as ``model``.
 ParamsT = Union[
     torch.nn.Module,
@@ -69,6 +85,11 @@ class NonFiniteGradientWarning(RuntimeWarning):
     """A backward produced NaN/Inf gradients; the affected values were left unchanged."""
 
 
+class GradNormSpikeWarning(RuntimeWarning):
+    """``clip_mode="previous"``: a step's gradient, clipped with the previous step's coefficient,
+    had a norm above ``clip_spike_factor * clip_grad_norm`` (counted in ``clip_spikes``)."""
+
+
 def _current_task_id() -> int:
     return torch._C._current_graph_task_id()
 
@@ -79,6 +100,10 @@ class InBackwardOptimizer(Optimizer):
     _name = "InBackwardOptimizer"
     _op = ""
     _shardable = True  # its update works on FSDP2 shards (_update_sharded)
+    _multi_op = ""  # the multi-tensor op of the small parameters ("": none, no batching)
+    #: clip_mode="previous": a step whose clipped norm exceeds this many times clip_grad_norm is
+    #: flagged (GradNormSpikeWarning, clip_spikes). An attribute, may be changed at any time.
+    clip_spike_factor = 2.0
 
     def _group_rules(self) -> Dict[str, Callable[[Any, str], Any]]:
         """Checks of the per-group values: key -> check(value, name). Subclasses extend it."""
@@ -90,7 +115,8 @@ class InBackwardOptimizer(Optimizer):
         }
 
     def __init__(self, model: ParamsT, defaults: Dict[str, Any], *, clip_grad_norm: Optional[float],
-                 backend: str, rounding: str, seed: int, independent_ranks: bool = False) -> None:
+                 backend: str, rounding: str, seed: int, clip_mode: str = "exact",
+                 batch_small_params: bool = True, independent_ranks: bool = False) -> None:
         name = self._name
         if not isinstance(independent_ranks, bool):
             raise TypeError(f"{name}: independent_ranks must be True or False, got "
@@ -106,13 +132,23 @@ class InBackwardOptimizer(Optimizer):
         self.seed = integer(seed, f"{name}: seed")
         self.clip_grad_norm = number(clip_grad_norm, f"{name}: clip_grad_norm", gt=0.0,
                                      none_ok=True)
+        self.clip_mode = choice(clip_mode, f"{name}: clip_mode", CLIP_MODES)
+        if clip_mode == "previous" and clip_grad_norm is None:
+            raise ValueError(f"{name}: clip_mode='previous' clips with clip_grad_norm, which is "
+                             "None; pass clip_grad_norm (e.g. 1.0)")
+        if not isinstance(batch_small_params, bool):
+            raise TypeError(f"{name}: batch_small_params must be True or False, got "
+                            f"{batch_small_params!r}")
+        self.batch_small_params = batch_small_params
         self._check_group(defaults, "")
         if compiled_autograd_active() or compiled_autograd_configured():
             raise RuntimeError(compiled_autograd_message(name))
         self._sharding.check_model(model)
         params, self._names = self._collect(model)
         self.model = model if isinstance(model, torch.nn.Module) else None  # as lomo-optim
-        self.clip_coef = None  # 0-d float32 device tensor after grad_norm()
+        self.clip_coef = None  # 0-d float32 device tensor after grad_norm() (or a "previous" step)
+        self.last_grad_norm: Optional[torch.Tensor] = None  # 0-d device tensor, after a backward
+        self.clip_spikes = 0  # steps flagged by the clip_mode="previous" safety net
         self.loss_scaler: Optional[DynamicLossScaler] = None  # dynamic scaler (fp16 Lomo)
         self._mode = "update"
         self._in_fused = False
@@ -128,6 +164,13 @@ class InBackwardOptimizer(Optimizer):
         self._clip_coefs: Dict[torch.device, torch.Tensor] = {}  # device -> clip_coef there
         self._backends: Dict[torch.device, str] = {}  # device -> resolved backend name
         self._impls: Dict[torch.device, Callable] = {}  # device -> op implementation
+        self._multi_impls: Dict[torch.device, Callable] = {}  # device -> multi-tensor op
+        self._buffers = _batch.DeviceBuffers()  # device -> workspace, grad_sq accumulator
+        self._pending = _batch.Pending()  # small parameters waiting for the end of the backward
+        self._small: set = set()  # the parameters _is_small() says are small
+        self._sq_in_kernel: Dict[torch.device, bool] = {}  # device -> the kernel adds grad_sq
+        self._updating_shard = False  # inside _update_sharded (its norm is added by the base)
+        self._began = False  # an updating backward has started (its accumulators are zeroed)
         self._where: Dict[torch.Tensor, Tuple[int, int]] = {}  # param -> (group, ordinal)
         self._warned: set = set()  # once-per-optimizer warnings already given
         self._selfref = weakref.ref(self)
@@ -255,6 +298,10 @@ class InBackwardOptimizer(Optimizer):
                 f"which {self._name} does not support (its projections span the shards); use "
                 "AdaLomo or Lomo on a sharded model"
             )
+        sharded = {p for p, _, _ in inspected[0]}  # FSDP2 shards are updated in their hooks
+        small = {p for p in params
+                 if self._multi_op and p not in sharded and self._is_small(p)}
+        self._prepare_devices(list(self._where) + params, self._small | small)  # may raise
         if ownership.other_owners(self, params):
             gc.collect()  # an old optimizer may be garbage in a reference cycle: collect it first
         others = ownership.other_owners(self, params)
@@ -280,6 +327,42 @@ class InBackwardOptimizer(Optimizer):
             self._where[p] = (gi, len(self._where))
             ownership.claim(self._selfref, p)
             self._hook_handles.append(p.register_post_accumulate_grad_hook(self._hook_fn))
+        self._small |= small
+
+    def _prepare_devices(self, params: List[torch.Tensor], small: set) -> None:
+        """Per device of ``params`` (every parameter this optimizer will update; ``small``: those
+        batched): the gradient-norm accumulator, and one workspace large enough for every update
+        there (grown when parameters are added, never per call); and, once, whether the device's
+        kernel adds the squared gradient norm itself."""
+        by_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p)
+        for dev, params in by_device.items():
+            batches: Dict[torch.dtype, list] = {}
+            for p in params:
+                if p in small:
+                    batches.setdefault(p.dtype, []).append(tuple(p.shape))
+            self._buffers.ensure(dev, self._workspace_numel(dev, params, list(batches.values())))
+            if dev not in self._sq_in_kernel:
+                self._sq_in_kernel[dev] = self._kernel_adds_grad_sq(dev)
+
+    def _workspace_numel(self, device: torch.device, params: List[torch.Tensor],
+                         batches: List[list]) -> int:
+        """float32 elements of ``device``'s workspace (subclasses with other ops override)."""
+        return _batch.workspace_numel(self._op, self._multi_op, self._backends[device], device,
+                                      [tuple(p.shape) for p in params], batches)
+
+    def _kernel_adds_grad_sq(self, device: torch.device) -> bool:
+        """Whether ``_update``'s kernel on ``device`` adds ``grad_sq`` itself; when not, the base
+        adds it after ``_update`` with one torch reduction of the gradient."""
+        if self._op not in ops.SINGLE_OF.values():
+            return False
+        return _batch.kernel_adds_grad_sq(self._op, self._backends[device], self._impl(device),
+                                          device)
+
+    def _is_small(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is updated with the other small parameters by ``_multi_op``."""
+        return False
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from its parameters: gradients then accumulate as usual and this
@@ -306,6 +389,29 @@ class InBackwardOptimizer(Optimizer):
         if impl is None:
             impl = self._impls[device] = ops.get_impl(self._op, self.backend, device)
         return impl
+
+    def _multi_impl(self, device: torch.device) -> Callable:
+        impl = self._multi_impls.get(device)
+        if impl is None:
+            impl = self._multi_impls[device] = ops.get_impl(self._multi_op, self.backend, device)
+        return impl
+
+    def _accumulator(self, p: torch.Tensor) -> torch.Tensor:
+        """The 1-element float32 slot ``p``'s squared gradient norm is added to (``p`` or its
+        ``.data``: the slot depends on device, dtype and size only)."""
+        small = self._multi_op != "" and self._is_small(p)
+        return self._buffers.accumulator(p.device, _batch.slot_of(p, small))
+
+    def _grad_sq(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """``grad_sq`` for the kernel updating ``p``: its accumulator slot, or None when that
+        kernel cannot add it (the base then does)."""
+        if self._updating_shard:
+            return None
+        return self._accumulator(p) if self._sq_in_kernel[p.device] else None
+
+    def _workspace(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The workspace every update on ``device`` uses (None when the ops need none)."""
+        return self._buffers.workspace.get(device)
 
     def _device_flag(self, device: torch.device) -> torch.Tensor:
         t = self._found_inf.get(device)
@@ -376,6 +482,10 @@ class InBackwardOptimizer(Optimizer):
             )
         if not g.is_contiguous():
             g = g.contiguous()
+        if self.batch_small_params and p in self._small:
+            self._pending.add(p, g)  # updated with the other small ones when the backward ends
+            self._stamp[p] = self._token
+            return
         group = self.param_groups[self._where[p][0]]
         had_state = p in self.state
         state = self.state[p]
@@ -384,9 +494,20 @@ class InBackwardOptimizer(Optimizer):
             with torch.no_grad():
                 if shard is None:
                     self._update(p.data, g, group, state, self._param_seed(p))
+                    if not self._sq_in_kernel[p.device]:
+                        _batch.add_grad_sq(self._accumulator(p), g, self._active_scale)
                 else:
-                    self._update_sharded(_distributed.local(p), g, group, state,
-                                         _distributed.shard_seed(self._param_seed(p), shard), shard)
+                    # the kernels add no grad_sq here (_grad_sq is None): the local shard's part
+                    # of the norm goes to the sharded accumulator, summed across ranks by
+                    # _reduce_grad_sq (one torch reduction of the shard)
+                    self._updating_shard = True
+                    try:
+                        self._update_sharded(_distributed.local(p), g, group, state,
+                                             _distributed.shard_seed(self._param_seed(p), shard),
+                                             shard)
+                    finally:
+                        self._updating_shard = False
+                    _batch.add_grad_sq(self._sharding.grad_sq(g.device), g, self._active_scale)
         except BaseException:
             state.clear()
             state.update(saved)
@@ -399,15 +520,18 @@ class InBackwardOptimizer(Optimizer):
     def _failure(self, exc: Exception, p: torch.Tensor) -> Exception:
         """Reset the per-backward bookkeeping and say what the failed backward changed."""
         n = self._n_updated
+        waiting = len(self._pending)
         self._abort_backward()
         pname = self._pname(p)
         at = "" if f"parameter {pname} " in str(exc) else f"at parameter {pname}; "
         if n == 0:
             note = f"({at}no parameter was changed by this backward and no gradient was kept)"
         else:
+            also = (f", nor were the {waiting} small parameter(s) batched for the end of the "
+                    "backward" if waiting else "")
             note = (f"({at}{n} parameter(s) had already been updated in place by this backward; "
-                    f"{pname} and the parameters not yet reached were not changed and no gradient "
-                    "was kept; call optimizer.step() before the next backward)")
+                    f"{pname} and the parameters not yet reached were not changed{also}, and no "
+                    "gradient was kept; call optimizer.step() before the next backward)")
         return with_note(exc, note)
 
     def _abort_backward(self) -> None:
@@ -420,6 +544,65 @@ class InBackwardOptimizer(Optimizer):
         for t in self._found_inf.values():
             t.zero_()
         self._n_updated = 0
+        self._began = False
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        """Forget the small parameters waiting for the end of a backward that failed: they are
+        not updated (nor marked as updated) and their gradients are freed."""
+        for p in self._pending.params():
+            if self._stamp.get(p) == self._token:
+                del self._stamp[p]
+        self._pending.take()
+
+    def _update_pending(self) -> None:
+        """The end of an updating backward: each (device, dtype) batch of small parameters in one
+        multi-tensor call, in the order their hooks fired. A failure restores the batch's state
+        entries, leaves the batches after it unchanged and frees every gradient."""
+        batches = self._pending.take()
+        for i, (dev, params, grads) in enumerate(batches):
+            had = [p in self.state for p in params]
+            states = [self.state[p] for p in params]
+            saved = [dict(st) for st in states]
+            try:
+                with torch.no_grad():
+                    self._update_multi(
+                        [p.data for p in params], grads,
+                        [self.param_groups[self._where[p][0]] for p in params], states,
+                        [self._param_seed(p) for p in params])
+                    if not self._sq_in_kernel[dev]:
+                        acc = self._accumulator(params[0])
+                        for g in grads:
+                            _batch.add_grad_sq(acc, g, self._active_scale)
+            except BaseException as exc:
+                for p, st, old, kept in zip(params, states, saved, had):
+                    st.clear()
+                    st.update(old)
+                    if not kept:
+                        del self.state[p]
+                for _, later, _ in batches[i:]:  # not updated: not marked as updated
+                    for p in later:
+                        if self._stamp.get(p) == self._token:
+                            del self._stamp[p]
+                n = self._n_updated
+                self._abort_backward()
+                if not isinstance(exc, Exception):
+                    raise
+                names = ", ".join(self._pname(p) for p in params[:3])
+                raise with_note(exc, (
+                    f"(in the batched update of {len(params)} small {params[0].dtype} "
+                    f"parameter(s) ({names}{', ...' if len(params) > 3 else ''}) at the end of "
+                    f"the backward; their state entries were restored; {n} parameter(s) had "
+                    "already been updated in place by this backward; no gradient was kept; call "
+                    "optimizer.step() before the next backward)")) from exc
+            self._n_updated += len(params)
+
+    def _update_multi(self, params: List[torch.Tensor], grads: List[torch.Tensor],
+                      groups: List[Dict[str, Any]], states: List[Dict[str, Any]],
+                      seeds: List[int]) -> None:
+        """Update the small ``params`` (one device and dtype) with ONE call of ``_multi_op``,
+        each exactly as ``_update`` would. Entries of ``states`` are restored if this raises."""
+        raise NotImplementedError
 
     def _begin_task(self, tid: int) -> None:
         """First hook of a graph task (a backward, or one nested in it by reentrant checkpointing):
@@ -439,22 +622,73 @@ class InBackwardOptimizer(Optimizer):
                     "fused_backward(loss, lr) scales the loss; bfloat16 parameters need no "
                     "scaling.",
                 )
+            if not self._active_tasks:  # a new updating backward (checked): fresh accumulators
+                self._drop_pending()  # left by a backward that failed outside our hooks
+                self._buffers.zero_grad_sq()
+                self._sharding.zero_grad_sq()
+                self._began = True
         self._active_tasks.add(tid)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_task(tid))
 
     def _end_task(self, tid: int) -> None:
         self._active_tasks.discard(tid)
-        if not self._active_tasks and self._mode == "update" and not self._in_fused:
+        if self._active_tasks or self._mode != "update":
+            return
+        self._update_pending()  # the end of an updating backward: the small parameters
+        if not self._in_fused:
             self._after_update(scaled=False)  # the end of a plain loss.backward()
 
+    def _main_device(self) -> torch.device:
+        return next(iter(self._buffers.grad_sq))
+
+    def _clip_coef_from(self, norm: torch.Tensor) -> torch.Tensor:
+        """lomo-optim's coefficient: ``min(1, clip_grad_norm / (norm + 1e-6))``, on the device."""
+        return torch.clamp(float(self.clip_grad_norm) / (norm + 1e-6), max=1.0)
+
+    def _set_clip_coef(self, coef: torch.Tensor) -> None:
+        self.clip_coef = coef
+        self._clip_coefs = {coef.device: coef}
+
+    def _reduce_grad_sq(self, total: torch.Tensor) -> torch.Tensor:
+        """The squared norm of the whole step from this process's ``total`` (the parameters it
+        updates whole) plus the FSDP2 shards' parts summed across the shard group (one small
+        all-reduce; every rank gets the same norm, hence the same next clip coefficient)."""
+        return total + self._sharding.reduced_grad_sq(total.device)
+
+    def _finish_grad_norm(self) -> torch.Tensor:
+        """``last_grad_norm`` of the backward that just ended: the square root of the sum of the
+        accumulators over devices (0 when no parameter got a gradient). No host sync."""
+        dev = self._main_device()
+        if self._began:
+            total = self._buffers.total_grad_sq(dev)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=dev)
+        self._began = False
+        self.last_grad_norm = torch.sqrt(self._reduce_grad_sq(total))
+        return self.last_grad_norm
+
     def _after_update(self, scaled: bool = True) -> bool:
-        """After an updating backward: one look at the device overflow flags. True if clean.
-        The loss scaler only learns from the backwards it scaled (fused_backward)."""
+        """After an updating backward: the step's gradient norm (``last_grad_norm``), the next
+        clip coefficient (clip_mode "previous") and ONE host look at the overflow flags, the norm
+        and the coefficient this step used. True if clean. The loss scaler only learns from the
+        backwards it scaled (fused_backward)."""
+        clipping = self.clip_grad_norm is not None
+        used = self.clip_coef if clipping else None
+        norm = self._finish_grad_norm()
+        if clipping and self.clip_mode == "previous":
+            keep = self.clip_coef.to(norm.device) if self.clip_coef is not None else 1.0
+            coef = self._clip_coef_from(norm)
+            self._set_clip_coef(torch.where(torch.isfinite(norm), coef, keep))
         flags = list(self._found_inf.values())
-        found = any(bool(t.item()) for t in flags)
-        found = self._sharding.any_rank(found)  # every rank of a shard group skips/warns alike
+        seen = _batch.host_look(flags + [norm] + ([used] if used is not None else []))
         for t in flags:
             t.zero_()
+        if seen is None:  # the meta device: no values
+            return True
+        found = any(v != 0.0 for v in seen[:len(flags)])
+        found = self._sharding.any_rank(found)  # every rank of a shard group skips/warns alike
+        if not found and clipping and self.clip_mode == "previous":
+            self._check_spike(seen[len(flags)], None if used is None else seen[-1])
         scaler = self.loss_scaler if scaled else None
         if found:
             if scaler is not None:
@@ -469,6 +703,27 @@ class InBackwardOptimizer(Optimizer):
         elif scaler is not None:
             scaler.update_scale(overflow=False)
         return not found
+
+    def _check_spike(self, norm: float, coef: Optional[float]) -> None:
+        """The clip_mode="previous" safety net, from values the host look already has (``coef``:
+        the coefficient this step used; None: none yet, the step was not clipped)."""
+        applied = norm * (1.0 if coef is None else coef)
+        limit = self.clip_spike_factor * float(self.clip_grad_norm)
+        if math.isfinite(applied) and applied > limit:
+            self.clip_spikes += 1
+            how = ("was not clipped (the first step has no previous norm; call grad_norm(loss) "
+                   "before it to clip it exactly)" if coef is None else
+                   f"was clipped with the previous step's coefficient ({coef:.4g})")
+            warnings.warn(
+                f"{self._name}: clip_mode='previous': this step {how}; its gradient norm was "
+                f"{norm:.4g}, so the applied norm {applied:.4g} is "
+                f"{applied / float(self.clip_grad_norm):.1f}x clip_grad_norm="
+                f"{self.clip_grad_norm:g} (flagged above clip_spike_factor="
+                f"{self.clip_spike_factor:g}; {self.clip_spikes} step(s) so far: "
+                "optimizer.clip_spikes). Use clip_mode='exact' where such steps matter.",
+                GradNormSpikeWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     # ------------------------------------------------------------------ lomo-optim's API
     def _loss_scale(self) -> float:
@@ -520,6 +775,9 @@ class InBackwardOptimizer(Optimizer):
         self._n_updated = 0
         try:
             self._scaled(loss).backward()
+        except BaseException:
+            self._drop_pending()  # (an error outside our hooks: they did not clean up)
+            raise
         finally:
             self._in_fused = False
             self._mode = "update"
@@ -560,6 +818,7 @@ class InBackwardOptimizer(Optimizer):
         if total is None:
             return torch.zeros((), dtype=torch.float32)
         dev = total.device
+        self.last_grad_norm = total
         # One host look per step, after the backward: an overflow must skip the next update.
         if not bool(torch.isfinite(total)):
             self._skip_next = True
@@ -573,8 +832,7 @@ class InBackwardOptimizer(Optimizer):
                     stacklevel=user_stacklevel(),
                 )
             return total
-        self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
-        self._clip_coefs = {dev: self.clip_coef}
+        self._set_clip_coef(self._clip_coef_from(total))
         return total
 
     @torch.no_grad()
@@ -589,29 +847,44 @@ class InBackwardOptimizer(Optimizer):
         if "trainer" not in self._warned:
             self._warned.add("trainer")
             self._check_trainer()
+        self._drop_pending()  # (only after a backward that failed outside our hooks)
+        self._began = False
         self._token += 1
         self._active_tasks.clear()  # step() runs outside any backward
         self._failed_tasks.clear()
         return loss
 
     def _check_trainer(self) -> None:
-        """Called once, at the first step(): a transformers Trainer that calls us and clips
-        gradients after backward clips nothing (they are applied and freed): say so."""
-        mgn = calling_trainer_max_grad_norm(sys._getframe(1))
-        if mgn and mgn > 0 and not getattr(self, "_trainer_args_checked", False):
+        """Called once, at the first step(): a transformers Trainer that calls us logs our
+        ``last_grad_norm`` as its grad_norm (lomo_kernels.hf); one that clips gradients after
+        backward clips nothing (they are applied and freed): say so."""
+        trainer = calling_trainer(sys._getframe(1))
+        if trainer is None:
+            return
+        from .. import hf
+
+        hf.report_grad_norm(trainer, self)
+        mgn = getattr(getattr(trainer, "args", None), "max_grad_norm", 0) or 0
+        if mgn > 0 and not getattr(self, "_trainer_args_checked", False):
             warnings.warn(
                 f"{self._name}: the transformers Trainer driving this optimizer has "
                 f"max_grad_norm={mgn}, but it clips after backward, when {self._name} has "
-                "already applied and freed every gradient: nothing is clipped and the logged "
-                "grad_norm is 0. Set max_grad_norm=0 in TrainingArguments and use the "
-                "optimizer's clip_grad_value (see lomo_kernels.hf).",
+                "already applied and freed every gradient: nothing is clipped (the logged "
+                "grad_norm is the optimizer's last_grad_norm). Set max_grad_norm=0 in "
+                "TrainingArguments and clip in the optimizer: clip_grad_norm=..., "
+                "clip_mode='previous' (one backward), or clip_grad_value (see lomo_kernels.hf).",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
 
     # ------------------------------------------------------------------ repr and state
     def _repr_extra(self) -> Dict[str, Any]:
-        return {"clip_grad_norm": self.clip_grad_norm}
+        extra: Dict[str, Any] = {"clip_grad_norm": self.clip_grad_norm}
+        if self.clip_mode != "exact":
+            extra["clip_mode"] = self.clip_mode
+        if not self.batch_small_params:
+            extra["batch_small_params"] = False
+        return extra
 
     def __repr__(self) -> str:
         backend = repr(self.backend)

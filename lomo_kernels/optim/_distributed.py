@@ -310,6 +310,7 @@ class Sharding:
         self.norms: List[torch.Tensor] = []  # grad_norm(): local norms of the sharded gradients
         self._ws_numel: Dict[torch.device, Tuple[int, int]] = {}  # device -> (workspace, pack)
         self._ws: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grad_sq: Dict[torch.device, torch.Tensor] = {}  # device -> sharded norm^2 (1 elem)
         self._model_checked = False
         self._warned_plain = False
 
@@ -439,6 +440,29 @@ class Sharding:
             got = self._ws[device] = (torch.zeros(ws_numel, device=device),
                                       torch.zeros(pack_numel, device=device))
         return got
+
+    def grad_sq(self, device: torch.device) -> torch.Tensor:
+        """The 1-element float32 accumulator of the sharded gradients' squared norms on
+        ``device`` (this rank's shards; created once)."""
+        acc = self._grad_sq.get(device)
+        if acc is None:
+            acc = self._grad_sq[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        return acc
+
+    def zero_grad_sq(self) -> None:
+        for acc in self._grad_sq.values():
+            acc.zero_()
+
+    def reduced_grad_sq(self, device: torch.device) -> torch.Tensor:
+        """The shards' squared gradient norm summed across the shard group (0 when nothing is
+        sharded), a 0-d tensor on ``device``. No host sync; one all-reduce of one element."""
+        if self.group is None:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        sq = torch.zeros((), dtype=torch.float32, device=self.comm_device)
+        for acc in self._grad_sq.values():  # in the order the devices were first used
+            sq = sq + acc.to(self.comm_device)[0]
+        all_reduce_sum_(sq, self.group)
+        return sq.to(device)
 
     def total_norm(self, plain_norms: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """The L2 norm of all gradients: the local norms of plain parameters, and those of the

@@ -1,10 +1,10 @@
 """What in-backward updates cannot run under, found without importing anything heavy: compiled
-autograd, and a transformers Trainer that clips gradients after backward."""
+autograd, and the transformers Trainer calling the optimizer."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 
 def compiled_autograd_active() -> bool:
@@ -33,9 +33,9 @@ def compiled_autograd_message(name: str) -> str:
     )
 
 
-def calling_trainer_max_grad_norm(frame: Any) -> Optional[float]:
-    """``args.max_grad_norm`` of the transformers Trainer among the callers from ``frame`` up,
-    or None when no Trainer is calling (transformers.trainer is only looked up if imported)."""
+def calling_trainer(frame: Any) -> Any:
+    """The transformers Trainer among the callers from ``frame`` up, or None when no Trainer is
+    calling (transformers.trainer is only looked up if imported)."""
     mod = sys.modules.get("transformers.trainer")
     trainer_cls = getattr(mod, "Trainer", None) if mod is not None else None
     if trainer_cls is None:
@@ -43,7 +43,7 @@ def calling_trainer_max_grad_norm(frame: Any) -> Optional[float]:
     while frame is not None:
         obj = frame.f_locals.get("self")
         if isinstance(obj, trainer_cls):
-            return getattr(getattr(obj, "args", None), "max_grad_norm", 0) or 0
+            return obj
         frame = frame.f_back
     return None
 

@@ -30,13 +30,16 @@ class AdaLomo(InBackwardOptimizer):
     decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8),
         <= 0.
     clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before ``fused_backward``;
-        applied only once ``grad_norm`` has run, as in lomo-optim. None (off) or > 0.
+        applied only once ``grad_norm`` has run, as in lomo-optim. None (off) or > 0. With
+        ``clip_mode="previous"``: one backward (the README, "Gradient norm and clipping").
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay, scaled by the relative step size (default 0), >= 0.
 
-    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed``, ``independent_ranks`` as in
-    ``Lomo``; FSDP2-sharded parameters as in ``Lomo`` (the statistics that span shards are
-    all-reduced between the three passes of the update).
+    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed``, ``clip_mode``,
+    ``independent_ranks`` as in ``Lomo``; FSDP2-sharded parameters as in ``Lomo`` (the statistics
+    that span shards are all-reduced between the three passes of the update);
+    ``batch_small_params`` (True: 0-d and 1-d parameters are updated together, one multi-tensor
+    call per device and dtype at the end of the backward; bitwise the same results).
 
     State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
@@ -45,6 +48,7 @@ class AdaLomo(InBackwardOptimizer):
 
     _name = "AdaLomo"
     _op = "adalomo_update_"
+    _multi_op = "adalomo_update_multi_"
 
     def _group_rules(self) -> Dict[str, Callable[[Any, str], Any]]:
         return {
@@ -69,6 +73,8 @@ class AdaLomo(InBackwardOptimizer):
         backend: str = "auto",
         rounding: str = "nearest",
         seed: int = 0,
+        clip_mode: str = "exact",
+        batch_small_params: bool = True,
         independent_ranks: bool = False,
     ) -> None:
         number(loss_scale, "AdaLomo: loss_scale", ge=0.0, none_ok=True,
@@ -80,7 +86,8 @@ class AdaLomo(InBackwardOptimizer):
         )
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed, independent_ranks=independent_ranks,
+            seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
+            independent_ranks=independent_ranks,
         )
 
     def _repr_extra(self) -> Dict[str, Any]:
@@ -89,7 +96,8 @@ class AdaLomo(InBackwardOptimizer):
     def _check_clip(self, plain: bool) -> None:
         # As in lomo-optim, clipping applies once grad_norm() has run. A plain loss.backward()
         # never runs it: say so once rather than silently train unclipped.
-        if self.clip_grad_norm is not None and self.clip_coef is None and plain:
+        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
+                and self.clip_mode == "exact"):
             self._warn_once(
                 "unclipped",
                 "AdaLomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
@@ -100,31 +108,61 @@ class AdaLomo(InBackwardOptimizer):
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0
 
-    def _op_args(self, p, g, group, state, seed, t) -> tuple:
-        """The adalomo_update_ arguments up to ``step``."""
-        eps1, eps2 = group["eps"]
-        cgv = group["clip_grad_value"]
-        return (
-            p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
-            state.get("exp_avg_sq"), self._clip_coef_on(p.device), self._device_flag(p.device),
-            float(group["lr"]), float(group["weight_decay"]), self._active_scale,
-            float(cgv) if cgv is not None and cgv > 0 else 0.0,
-            self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
-            float(group["clip_threshold"]), self.rounding, seed, t,
-        )
+    def _is_small(self, p: torch.Tensor) -> bool:
+        return p.dim() <= 1  # the multi-tensor op takes unfactored parameters only
 
-    def _update(self, p, g, group, state, seed) -> None:
+    @staticmethod
+    def _init_state(p: torch.Tensor, state: Dict[str, Any]) -> None:
         if not state:
             state["step"] = 0
             for name, shape in ops.adalomo_state_shapes(p.shape).items():
                 state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def _scalars(self, group: Dict[str, Any], t: int) -> tuple:
+        """(lr, weight_decay, clip_grad_value, beta, eps1, eps2, clip_threshold) at step t."""
+        eps1, eps2 = group["eps"]
+        cgv = group["clip_grad_value"]
+        return (float(group["lr"]), float(group["weight_decay"]),
+                float(cgv) if cgv is not None and cgv > 0 else 0.0,
+                self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
+                float(group["clip_threshold"]))
+
+    def _op_args(self, p, g, group, state, seed, t) -> tuple:
+        """The adalomo_update_ arguments up to ``step``."""
+        lr, wd, cgv, beta, eps1, eps2, ct = self._scalars(group, t)
+        dev = p.device
+        return (
+            p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
+            state.get("exp_avg_sq"), self._clip_coef_on(dev), self._device_flag(dev), lr, wd,
+            self._active_scale, cgv, beta, eps1, eps2, ct, self.rounding, seed, t,
+        )
+
+    def _update(self, p, g, group, state, seed) -> None:
+        self._init_state(p, state)
         t = state["step"] + 1
-        self._impl(p.device)(*self._op_args(p, g, group, state, seed, t))
+        self._impl(p.device)(*self._op_args(p, g, group, state, seed, t), self._grad_sq(p),
+                             self._workspace(p.device))
         state["step"] = t
+
+    def _update_multi(self, params, grads, groups, states, seeds) -> None:
+        for p, st in zip(params, states):
+            self._init_state(p, st)
+        steps = [st["step"] + 1 for st in states]
+        lr, wd, cgv, beta, eps1, eps2, ct = (
+            list(v) for v in zip(*(self._scalars(g, t) for g, t in zip(groups, steps))))
+        dev = params[0].device
+        self._multi_impl(dev)(
+            params, grads, [st["exp_avg_sq"] for st in states], self._clip_coef_on(dev),
+            self._device_flag(dev), lr, wd, self._active_scale, cgv, beta, eps1, eps2, ct,
+            self.rounding, seeds, steps, self._grad_sq(params[0]), self._workspace(dev),
+        )
+        for st, t in zip(states, steps):
+            st["step"] = t
 
     def _update_sharded(self, p, g, group, state, seed, shard) -> None:
         # The staged op with the workspace header all-reduced between the stages; the state
-        # holds DTensors, the op their local shards (_distributed.py).
+        # holds DTensors, the op their local shards (_distributed.py). The shard's gradient norm
+        # is added by the base class (summed across ranks there).
         t = state["step"] + 1
         ws, pack = self._sharding.workspace(p.device)
         _distributed.adalomo_staged(

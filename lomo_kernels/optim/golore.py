@@ -59,6 +59,8 @@ class GoLore(InBackwardOptimizer):
         ``low_rank=False``). Parameters with fewer than two dimensions always are.
     clip_grad_norm: global L2-norm clipping through ``grad_norm(loss)`` before
         ``fused_backward`` (two backward passes), as ``AdaLomo``; None: off.
+    clip_mode: ``"exact"`` (those two passes) or ``"previous"`` (one backward, clipped with the
+        previous step's global norm), as ``Lomo``.
     backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"torch"`` for the fused inner update.
     rounding: ``"nearest"``, or ``"stochastic"`` for bf16/fp16 weights (see ``_apply``).
     seed: keys the random projections (with the parameter's ordinal and the refresh index) and
@@ -104,6 +106,7 @@ class GoLore(InBackwardOptimizer):
         backend="auto",
         rounding="nearest",
         seed=0,
+        clip_mode="exact",
     ):
         defaults = dict(
             lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
@@ -122,7 +125,7 @@ class GoLore(InBackwardOptimizer):
             model = _split_excluded(params, exclude, names, self._name)
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed,
+            seed=seed, clip_mode=clip_mode,
         )
         if module is not None:  # names for messages, also when exclude made the groups
             self.model = module
@@ -148,7 +151,8 @@ class GoLore(InBackwardOptimizer):
 
     def _check_clip(self, plain: bool) -> None:
         # As AdaLomo: clipping applies once grad_norm() has run; a plain backward says so once.
-        if self.clip_grad_norm is not None and self.clip_coef is None and plain:
+        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
+                and self.clip_mode == "exact"):
             self._warn_once(
                 "unclipped",
                 f"{self._name}: clip_grad_norm is set, but a plain loss.backward() cannot do "

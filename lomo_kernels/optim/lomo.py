@@ -10,6 +10,7 @@ import torch
 
 from .._stack import user_stacklevel
 from ._base import InBackwardOptimizer, ParamsT
+from ._batch import SMALL_NUMEL
 from .loss_scaler import DynamicLossScaler
 
 
@@ -23,7 +24,8 @@ class Lomo(InBackwardOptimizer):
     lr: learning rate (default 1e-3), a finite number >= 0; read from ``param_groups`` at every
         update, so LR schedulers work; ``fused_backward(loss, lr)`` sets it for every group.
     clip_grad_norm: global L2-norm clipping, two backward passes: ``grad_norm(loss)`` then
-        ``fused_backward(loss, lr)``. None (off) or > 0.
+        ``fused_backward(loss, lr)``. None (off) or > 0. With ``clip_mode="previous"``, one
+        backward (the README, "Gradient norm and clipping").
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay (default 0), >= 0.
     loss_scale_args: arguments of the dynamic loss scaler (``DynamicLossScaler``: init_scale,
@@ -37,7 +39,11 @@ class Lomo(InBackwardOptimizer):
 
     Keyword-only (lomo_kernels): ``backend`` (one of ``lomo_kernels.ops.BACKENDS``; "auto"
     picks the fastest that runs on each parameter's device), ``rounding`` ("nearest", or
-    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding),
+    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding), ``clip_mode``
+    ("exact": lomo-optim's two passes; "previous": each step clips with the coefficient of the
+    previous step's norm, one backward), ``batch_small_params`` (True: parameters of at most
+    ``SMALL_NUMEL`` = 65536 elements and 1-d parameters are updated together, one multi-tensor
+    call per device and dtype at the end of the backward; results are bitwise the same),
     ``independent_ranks`` (default False: plain parameters while ``torch.distributed`` runs several
     ranks get an ``IndependentRanksWarning``, since nothing averages their gradients before the
     update; True: each rank trains its own parameters on purpose, e.g. a single-process reference
@@ -50,6 +56,7 @@ class Lomo(InBackwardOptimizer):
 
     _name = "Lomo"
     _op = "lomo_update_"
+    _multi_op = "lomo_update_multi_"
 
     def __init__(
         self,
@@ -63,6 +70,8 @@ class Lomo(InBackwardOptimizer):
         backend: str = "auto",
         rounding: str = "nearest",
         seed: int = 0,
+        clip_mode: str = "exact",
+        batch_small_params: bool = True,
         independent_ranks: bool = False,
     ) -> None:
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
@@ -75,7 +84,8 @@ class Lomo(InBackwardOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value)
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed, independent_ranks=independent_ranks,
+            seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
+            independent_ranks=independent_ranks,
         )
 
     def _configure(self) -> None:
@@ -115,8 +125,8 @@ class Lomo(InBackwardOptimizer):
         return extra
 
     def _check_clip(self, plain: bool) -> None:
-        if self.clip_grad_norm is None or self.clip_coef is not None:
-            return
+        if self.clip_grad_norm is None or self.clip_coef is not None or self.clip_mode != "exact":
+            return  # ("previous": the first step is unclipped, see the README)
         if plain:
             if self._auto_clip:
                 return  # a plain backward is not scaled: the scaler's clipping does not apply
@@ -134,15 +144,37 @@ class Lomo(InBackwardOptimizer):
             "Please call optimizer.grad_norm() before optimizer.fused_backward()."
         )
 
+    def _is_small(self, p: torch.Tensor) -> bool:
+        return p.dim() <= 1 or p.numel() <= SMALL_NUMEL
+
+    @staticmethod
+    def _scalars(group: Dict[str, Any]) -> tuple:
+        """(lr, weight_decay, clip_grad_value) of a param group, as the op takes them."""
+        cgv = group["clip_grad_value"]
+        return (float(group["lr"]), float(group["weight_decay"]),
+                float(cgv) if cgv is not None and cgv > 0 else 0.0)
+
     def _update(self, p, g, group, state, seed) -> None:
         t = state.get("step", 0) + 1
-        cgv = group["clip_grad_value"]
-        self._impl(p.device)(
-            p, g, self._clip_coef_on(p.device), self._device_flag(p.device), float(group["lr"]),
-            float(group["weight_decay"]), self._active_scale,
-            float(cgv) if cgv is not None and cgv > 0 else 0.0, self.rounding, seed, t,
+        lr, wd, cgv = self._scalars(group)
+        dev = p.device
+        self._impl(dev)(
+            p, g, self._clip_coef_on(dev), self._device_flag(dev), lr, wd, self._active_scale, cgv,
+            self.rounding, seed, t, self._grad_sq(p), self._workspace(dev),
         )
         state["step"] = t
+
+    def _update_multi(self, params, grads, groups, states, seeds) -> None:
+        steps = [st.get("step", 0) + 1 for st in states]
+        lr, wd, cgv = (list(v) for v in zip(*(self._scalars(g) for g in groups)))
+        dev = params[0].device
+        self._multi_impl(dev)(
+            params, grads, self._clip_coef_on(dev), self._device_flag(dev), lr, wd,
+            self._active_scale, cgv, self.rounding, seeds, steps, self._grad_sq(params[0]),
+            self._workspace(dev),
+        )
+        for st, t in zip(states, steps):
+            st["step"] = t
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
