@@ -29,17 +29,16 @@ ARCH = "sm_90"
 
 # (pattern on the kernel name, registers per thread, why). Names: native kernels as
 # "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16; AdaLomo passes: kStats, kUnorm, kApply),
-# Triton kernels as "triton:<name>" (tests/test_triton_compile.py).
+# Triton kernels as "triton:<call>:<kernel>" (tests/test_triton_compile.py).
 REGISTER_BUDGETS = [
     (r"^lomo_update_kernel<", 64, "LOMO, 256 threads: full occupancy"),
     (r"^tile_kernel<", 80, "AdaLomo tile passes (8 columns a lane, the hash): 3 blocks per SM"),
     (r"^flat_kernel<", 64, "AdaLomo 1-D passes: full occupancy"),
     (r"^state_kernel", 64, "AdaLomo new row/column state: full occupancy"),
     (r"^finalize_(stats|unorm)_kernel", 64, "one block of 1024 threads must fit"),
-    (r"^triton:(lomo|stats|unorm)_", 128, "Triton, 8 warps, 16 elements a thread: 2 blocks per SM"),
-    (r"^triton:apply_", 176, "Triton AdaLomo apply, 8 warps: above 128 registers (fp32 and 1-D "
-                             "variants) only 1 block per SM; smaller tiles would double that"),
-    (r"^triton:", 64, "Triton factor and scalar kernels (one or a few programs)"),
+    (r"^golore_update_kernel<", 64, "GoLore inner update, 256 threads: full occupancy"),
+    (r"^triton:", 128, "Triton, 8 or 16 warps (tests/test_triton_compile.py: <= 96 for the bf16 "
+                    "stochastic-rounding apply kernels): <= 128 keeps two 8-warp blocks per SM"),
 ]
 
 # (pattern, needs 128-bit loads, needs 128-bit stores, where): the bf16 hot paths. "loop": inside
@@ -52,9 +51,10 @@ VECTOR_RULES = [
     (r"^tile_kernel<BF16, (false|true), (false|true), kApply>", True, True, "loop"),
     (r"^flat_kernel<BF16, false, (false|true), kStats>", True, False, "loop"),
     (r"^flat_kernel<BF16, (false|true), (false|true), kApply>", True, True, "loop"),
-    (r"^triton:lomo_bf16$", True, True, "body"),
-    (r"^triton:stats_bf16$", True, False, "body"),
-    (r"^triton:apply_bf16$", True, True, "body"),
+    (r"^triton:lomo_bf16:_lomo_update_kernel$", True, True, "body"),
+    (r"^triton:lomo_multi_bf16:_lomo_update_multi_kernel$", True, True, "body"),
+    (r"^triton:adalomo_bf16:_adalomo_stats_kernel$", True, False, "body"),
+    (r"^triton:adalomo_bf16:_adalomo_apply_kernel$", True, True, "body"),
 ]
 
 
@@ -96,6 +96,7 @@ def find_tool(name: str) -> str | None:
 
 _FMT = {"0": "F32", "1": "F16", "2": "BF16"}
 _PASS = {"0": "kStats", "1": "kUnorm", "2": "kApply"}
+_INNER = {"0": "AdamW", "1": "Sgd", "2": "SgdMomentum"}
 
 
 def short_name(mangled: str) -> str:
@@ -113,13 +114,16 @@ def short_name(mangled: str) -> str:
             break
     else:
         return mangled
-    targs = re.match(r"I((?:LNS_3FmtE\dE|Lb[01]E|Li\d+E)+)E", mangled[i:])
+    targs = re.match(r"I((?:LNS_3FmtE\dE|LNS_5InnerE\dE|Lb[01]E|Li\d+E)+)E", mangled[i:])
     if not targs:
         return ident
     args = []
-    for fmt, flag, num in re.findall(r"LNS_3FmtE(\d)E|Lb([01])E|Li(\d+)E", targs.group(1)):
+    arg = r"LNS_3FmtE(\d)E|LNS_5InnerE(\d)E|Lb([01])E|Li(\d+)E"
+    for fmt, inner, flag, num in re.findall(arg, targs.group(1)):
         if fmt:
             args.append(_FMT[fmt])
+        elif inner:
+            args.append(_INNER[inner])
         elif flag:
             args.append("true" if flag == "1" else "false")
         else:

@@ -1,4 +1,5 @@
-"""Using ``Lomo`` / ``AdaLomo`` with the Hugging Face ``transformers.Trainer``.
+"""Using ``Lomo`` / ``AdaLomo`` / ``GoLore`` / ``GaLore`` with the Hugging Face
+``transformers.Trainer``.
 
 The optimizers update every parameter inside ``loss.backward()`` (post-accumulate-grad hooks) and
 free each gradient at once; ``optimizer.step()`` is a no-op that marks the step boundary and the
@@ -23,6 +24,14 @@ or, without the helper, ``optimizers=(AdaLomo(model, lr=args.learning_rate), Non
 then builds its usual scheduler (``lr_scheduler_type``, warm-up) on our optimizer, and that
 scheduler drives the lr of the in-backward updates.
 
+The logged ``grad_norm`` is the optimizer's ``last_grad_norm`` (the global L2 norm of the step's
+unscaled gradients, summed by the update kernels as they read them): at its first ``step()`` the
+optimizer finds the Trainer calling it and adds a ``GradNormCallback`` in front of the Trainer's
+callbacks (``report_grad_norm(trainer, optimizer)`` does it explicitly), which writes that norm
+into each training log (the Trainer's own ``clip_grad_norm_`` sees no gradients and reports 0).
+Global-norm clipping with the Trainer's single backward: ``clip_grad_norm=1.0,
+clip_mode="previous"`` (each step clipped with the coefficient of the previous step's norm).
+
 What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.x):
 
 * ``gradient_accumulation_steps > 1``: the first micro-batch's backward already updated every
@@ -32,13 +41,13 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   has been applied. ``make_trainer_optimizers`` refuses such arguments up front.
 * ``max_grad_norm > 0`` (the Trainer's default 1.0): ``clip_grad_norm_`` runs after the backward,
   on parameters whose gradients are already applied and freed (``p.grad is None``): it clips
-  nothing and reports a norm of 0 (the logged ``grad_norm`` is 0.0 whatever ``max_grad_norm``
-  is: the Trainer computes it from ``p.grad``, which is None). Set
-  ``max_grad_norm=0`` and use the optimizer's ``clip_grad_value`` (element clipping inside the
-  update, works with a plain backward). Global-norm clipping needs two backward passes
+  nothing (and computes a norm of 0, which the ``GradNormCallback`` replaces by the optimizer's);
+  a bare optimizer handed to such a Trainer warns once, at the first step. Set
+  ``max_grad_norm=0`` and clip in the optimizer: ``clip_grad_norm=..., clip_mode="previous"``
+  (global norm, one backward) or ``clip_grad_value`` (element clipping). The exact
+  ``clip_grad_norm`` (the default ``clip_mode="exact"``) needs two backward passes
   (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
-  loop does not do; the optimizer's own ``clip_grad_norm`` must stay None in the Trainer
-  (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
+  loop does not do (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
 * ``fp16=True`` (AMP with a ``GradScaler``): the scaler multiplies the loss, our hooks see the
   scaled gradient and do not know the scale (``Lomo`` would step 65536x too far), and
   ``GradScaler.step`` then fails with "No inf checks were recorded for this optimizer" (both seen
@@ -49,6 +58,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   non-reentrant checkpointing where a weight is shared between checkpointed segments (it would
   get its gradient in pieces, which the optimizer refuses): the default of transformers >= 5;
   older versions: ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+* compiled autograd (``torch._dynamo.config.compiled_autograd = True``, as set by some
+  ``torch_compile`` recipes) traces the gradient hooks once: the optimizers refuse it with a clear
+  error at construction or at the first backward. A ``torch.compile``'d forward is fine.
 * transformers' built-in ``optim="lomo"`` / ``"adalomo"`` import ``lomo_optim``; ours is passed
   through ``optimizers=`` instead and is driven by a plain ``backward`` (no ``learning_rate``
   argument to ``accelerator.backward``).
@@ -57,10 +69,68 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
-from .optim import AdaLomo, Lomo
+from .optim import AdaLomo, GaLore, GoLore, Lomo
 
-__all__ = ["make_trainer_optimizers", "check_training_args"]
+__all__ = ["make_trainer_optimizers", "check_training_args", "report_grad_norm",
+           "GradNormCallback"]
+
+_CALLBACK = None
+
+
+def _callback_class() -> type:
+    """``GradNormCallback``, defined on first use (transformers is imported only then)."""
+    global _CALLBACK
+    if _CALLBACK is None:
+        from transformers import TrainerCallback
+
+        class GradNormCallback(TrainerCallback):
+            """Writes ``optimizer.last_grad_norm`` into every training log as ``grad_norm``
+            (the Trainer's own norm is computed from ``p.grad`` after the in-backward update
+            freed every gradient). Put it first among the callbacks, so that the loggers after
+            it see the value: ``report_grad_norm`` does."""
+
+            def __init__(self, optimizer: Any) -> None:
+                self.optimizer = optimizer
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                norm = self.optimizer.last_grad_norm
+                if logs is None or norm is None or not ("loss" in logs or "grad_norm" in logs):
+                    return  # evaluation and summary logs have no gradient norm
+                value = float(norm)  # at logging time, as the Trainer reads its loss
+                logs["grad_norm"] = value
+                last = state.log_history[-1] if state.log_history else None
+                if last is not None and last.get("step") == state.global_step and (
+                        "loss" in last or "grad_norm" in last):
+                    last["grad_norm"] = value  # the copy the Trainer stored before on_log
+
+        _CALLBACK = GradNormCallback
+    return _CALLBACK
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradNormCallback":
+        return _callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def report_grad_norm(trainer: Any, optimizer: Any = None) -> None:
+    """Make ``trainer`` log ``optimizer.last_grad_norm`` (default: ``trainer.optimizer``) as its
+    ``grad_norm``: a ``GradNormCallback`` first among its callbacks (once; a callback for another
+    optimizer is replaced). The optimizers call it at their first ``step()`` under a Trainer."""
+    cls = _callback_class()
+    if optimizer is None:
+        optimizer = trainer.optimizer
+    while not hasattr(optimizer, "last_grad_norm") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    callbacks = trainer.callback_handler.callbacks
+    mine = [cb for cb in callbacks if isinstance(cb, cls)]
+    if len(mine) == 1 and mine[0].optimizer is optimizer and callbacks[0] is mine[0]:
+        return
+    for cb in mine:
+        callbacks.remove(cb)
+    callbacks.insert(0, cls(optimizer))
 
 
 def check_training_args(args, *, strict: bool = True) -> None:
@@ -86,8 +156,9 @@ def check_training_args(args, *, strict: bool = True) -> None:
     if mgn > 0:
         msg = (
             f"max_grad_norm={mgn}: the Trainer clips gradients after backward, when Lomo/AdaLomo "
-            "have already applied and freed them: nothing is clipped and the logged grad_norm "
-            "is 0. Set max_grad_norm=0 and use the optimizer's clip_grad_value instead."
+            "have already applied and freed them: nothing is clipped. Set max_grad_norm=0 and "
+            f"clip in the optimizer: clip_grad_norm={mgn}, clip_mode='previous' (global norm, one "
+            "backward), or clip_grad_value."
         )
         if strict:
             raise ValueError(msg)
@@ -103,14 +174,16 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
     args: the ``TrainingArguments`` (checked by ``check_training_args``; its ``learning_rate``,
         ``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs`` and ``max_steps`` build
         the scheduler). None: no checks, no scheduler.
-    optimizer: ``"adalomo"`` or ``"lomo"`` (or an already-built ``Lomo`` / ``AdaLomo``).
+    optimizer: ``"adalomo"``, ``"lomo"``, ``"golore"`` or ``"galore"`` (or an already-built
+        instance of one of them).
     lr: the base lr (default ``args.learning_rate``; AdaLomo's is relative to ``rms(p)``).
     num_training_steps: for the scheduler when ``args.max_steps`` is not set. If neither is
         known the scheduler is None and the Trainer builds its own (same type) in ``train()``.
     strict: False turns a ``max_grad_norm > 0`` error into a warning.
     optimizer_kwargs: passed to the optimizer (``clip_grad_value``, ``weight_decay``,
-        ``backend``, ``rounding``, ``seed``, ...). ``clip_grad_norm`` is refused: it needs the
-        two-pass ``grad_norm`` + ``fused_backward`` loop, which the Trainer does not run.
+        ``backend``, ``rounding``, ``seed``, ...). ``clip_grad_norm`` needs
+        ``clip_mode="previous"`` (one backward per step); the exact mode needs the two-pass
+        ``grad_norm`` + ``fused_backward`` loop, which the Trainer does not run.
 
     Example::
 
@@ -121,25 +194,29 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
     """
     if args is not None:
         check_training_args(args, strict=strict)
-    if optimizer_kwargs.get("clip_grad_norm") is not None:
+    if (optimizer_kwargs.get("clip_grad_norm") is not None
+            and optimizer_kwargs.get("clip_mode", "exact") == "exact"):
         raise ValueError(
-            "clip_grad_norm needs two backward passes per step (optimizer.grad_norm(loss), then "
-            "optimizer.fused_backward(loss)), which Trainer does not run; use clip_grad_value, "
-            "or a custom loop (see lomo_kernels.finetune)."
+            "clip_grad_norm with clip_mode='exact' needs two backward passes per step "
+            "(optimizer.grad_norm(loss), then optimizer.fused_backward(loss)), which Trainer does "
+            "not run; pass clip_mode='previous' (one backward: each step is clipped with the "
+            "previous step's norm), use clip_grad_value, or a custom loop (lomo_kernels.finetune)."
         )
     if lr is None:
         lr = args.learning_rate if args is not None else 1e-3
-    if isinstance(optimizer, (Lomo, AdaLomo)):
+    classes = {"adalomo": AdaLomo, "lomo": Lomo, "golore": GoLore, "galore": GaLore}
+    if isinstance(optimizer, (Lomo, AdaLomo, GoLore)):
         opt = optimizer
-    elif optimizer == "adalomo":
-        opt = AdaLomo(model, lr=lr, **optimizer_kwargs)
-    elif optimizer == "lomo":
-        opt = Lomo(model, lr=lr, **optimizer_kwargs)
+    elif optimizer in classes:
+        opt = classes[optimizer](model, lr=lr, **optimizer_kwargs)
     else:
         raise ValueError(
-            f"optimizer must be 'adalomo', 'lomo' or a Lomo/AdaLomo instance, got {optimizer!r}"
+            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo or "
+            f"GoLore, got {optimizer!r}"
         )
 
+    if args is not None:
+        opt._trainer_args_checked = True  # check_training_args has said what there is to say
     scheduler = None
     if args is not None:
         steps = num_training_steps

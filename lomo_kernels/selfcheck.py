@@ -1,7 +1,7 @@
 """Kernels checked against the reference on the user's machine.
 
-First use (``ops.get_impl``): the first time a native or Triton kernel runs for an (op, dtype,
-device) in a process, it first runs on small tensors (a few thousand elements: vector paths and
+First use (``ops.get_impl``): the first time a native or Triton kernel of a single-tensor op runs
+for an (op, dtype, device) in a process (golore_update_: the dtype of ``r``), it first runs on small tensors (a few thousand elements: vector paths and
 scalar tails, both roundings; milliseconds on a GPU) next to the reference on the same device. On a
 disagreement beyond docs/spec.md's tolerances, a ``SelfCheckWarning`` says so loudly, the backend is
 disabled on that device for the rest of the process (``auto`` skips it, an explicit request is
@@ -31,12 +31,16 @@ ROUNDINGS_OF = {torch.float32: ("nearest",), torch.float16: ("nearest", "stochas
 FIRST_USE_SHAPES = {
     "lomo_update_": [(4133,), (33, 264)],
     "adalomo_update_": [(4133,), (33, 264), (2, 9, 40)],
+    "golore_update_": [(4133,)],  # element-wise: one shape covers the grid-stride loop and its tail
 }
 # Large steps, so that every element moves by many ulps and an element a kernel skips cannot hide
 # inside the 1-ulp tolerance; every preprocessing step on (loss scale, value clip, clip_coef).
 LOMO_H = dict(lr=0.5, wd=0.1, ls=1024.0, cgv=0.7, coef=0.37)
 ADALOMO_H = dict(lr=0.2, wd=0.1, ls=4.0, cgv=0.02, coef=0.7, beta=0.3, eps1=1e-30, eps2=1e-3,
                  thr=0.5)
+# GoLore: the full-rank AdamW update (param in every dtype; the projected mode runs the same loop
+# body in float32), so the parameter and the state are both compared.
+GOLORE_H = dict(lr=0.05, wd=0.1, scale=0.7, b1=0.9, b2=0.999, eps=1e-8, coef=0.8)
 
 
 class SelfCheckWarning(RuntimeWarning):
@@ -81,10 +85,15 @@ class Verdict:
 def _inputs(op, shape, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
     p = torch.randn(shape, generator=gen).to(dtype).to(device)
-    scale = 0.05 if op == "adalomo_update_" else 1000.0
+    scale = {"adalomo_update_": 0.05, "golore_update_": 0.1}.get(op, 1000.0)
     g = (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
-    state = {k: (torch.rand(s, generator=gen) * 1e-4 + 1e-6).to(device)
-             for k, s in ops.adalomo_state_shapes(shape).items()} if op == "adalomo_update_" else {}
+    if op == "adalomo_update_":
+        shapes = ops.adalomo_state_shapes(shape)
+    elif op == "golore_update_":
+        shapes = {"exp_avg": shape, "exp_avg_sq": shape}
+    else:
+        shapes = {}
+    state = {k: (torch.rand(s, generator=gen) * 1e-4 + 1e-6).to(device) for k, s in shapes.items()}
     return p, g, state
 
 
@@ -94,6 +103,11 @@ def _call(op, impl, p, g, state, rounding, device):
         h = LOMO_H
         impl(p, g, torch.tensor(h["coef"], device=device), found, h["lr"], h["wd"], h["ls"],
              h["cgv"], rounding, 11, 3)
+    elif op == "golore_update_":
+        h = GOLORE_H
+        impl(g, p, state["exp_avg"], state["exp_avg_sq"], None,
+             torch.tensor(h["coef"], device=device), found, "adamw", h["lr"], h["wd"], h["scale"],
+             h["b1"], h["b2"], h["eps"], 0.0, rounding, 7, 3)
     else:
         h = ADALOMO_H
         impl(p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
@@ -196,7 +210,13 @@ def _applies(backend: str, device: torch.device) -> bool:
 
 def guard(op: str, backend: str, device: torch.device, impl):
     """``impl``, or a wrapper that checks it at its first use per dtype (see the module doc)."""
-    return _Checked(op, backend, device, impl) if _applies(backend, device) else impl
+    if not _applies(backend, device):
+        return impl
+    if op in FIRST_USE_SHAPES:
+        return _Checked(op, backend, device, impl)
+    if op in ops.SINGLE_OF:
+        return _CheckedMulti(op, backend, device, impl)
+    return impl
 
 
 class _Checked:
@@ -206,17 +226,45 @@ class _Checked:
         self.op, self.backend, self.device, self.impl = op, backend, device, impl
         self.fallback = None
 
-    def __call__(self, param, grad, *args):
+    def __call__(self, param, grad, *args, **kwargs):
         verdict = _results.get((self.op, self.backend, str(param.device), param.dtype))
         if verdict is None and (self.backend, str(param.device)) not in _disabled:
             if param.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return self.impl(param, grad, *args)  # no synchronisation while capturing
+                return self.impl(param, grad, *args, **kwargs)  # no sync while capturing
             verdict = _first_use(self.op, self.backend, param.device, param.dtype, self.impl)
         if verdict is not None and verdict.ok:
-            return self.impl(param, grad, *args)
+            return self.impl(param, grad, *args, **kwargs)
         if self.fallback is None:
             self.fallback = ops.get_impl(self.op, "auto", param.device)
-        return self.fallback(param, grad, *args)
+        return self.fallback(param, grad, *args, **kwargs)
+
+
+class _CheckedMulti:
+    """A multi-tensor op: runs when the backend's single-tensor kernel passed its first-use check
+    for every dtype of the list (the multi kernel updates each tensor bitwise as the single one),
+    else on ``auto``'s choice."""
+
+    __slots__ = ("op", "single", "backend", "device", "impl", "fallback")
+
+    def __init__(self, op, backend, device, impl):
+        self.op, self.single, self.backend = op, ops.SINGLE_OF[op], backend
+        self.device, self.impl, self.fallback = device, impl, None
+
+    def _ok(self, dtype) -> bool:
+        verdict = _results.get((self.single, self.backend, str(self.device), dtype))
+        if verdict is None and (self.backend, str(self.device)) not in _disabled:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return True
+            raw = ops._raw_impl(self.single, self.backend, self.device)
+            verdict = _first_use(self.single, self.backend, self.device, dtype, raw)
+        return verdict is not None and verdict.ok
+
+    def __call__(self, params, *args, **kwargs):
+        if all(self._ok(dt) for dt in {p.dtype for p in params}):
+            return self.impl(params, *args, **kwargs)
+        if self.fallback is None:
+            self.fallback = ops.get_impl(self.op, "auto", self.device)
+        return self.fallback(params, *args, **kwargs)
 
 
 def _first_use(op, backend, device, dtype, impl) -> Verdict:

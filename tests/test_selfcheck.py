@@ -35,8 +35,8 @@ def _skips_the_last_element(impl):
 @pytest.fixture
 def broken_native(monkeypatch):
     raw = ops._raw_impl
-    monkeypatch.setattr(ops, "_raw_impl", lambda op, backend: _skips_the_last_element(raw(
-        op, backend)) if backend == "native" else raw(op, backend))
+    monkeypatch.setattr(ops, "_raw_impl", lambda op, backend, device: _skips_the_last_element(
+        raw(op, backend, device)) if backend == "native" else raw(op, backend, device))
 
 
 def _lomo_args(shape=(1000,), dtype=torch.bfloat16):
@@ -98,7 +98,7 @@ def test_a_correct_kernel_passes_once_per_dtype(monkeypatch):
 def test_the_emulated_cuda_kernels_pass_the_first_use_check(monkeypatch):
     monkeypatch.setenv("LOMO_KERNELS_SELF_CHECK", "all")
     for dtype in ops.SUPPORTED_DTYPES:
-        for op in ops.OPS:
+        for op in selfcheck.FIRST_USE_SHAPES:  # the single-tensor ops, golore_update_ included
             verdict = selfcheck.check_kernel(op, ops.get_impl(op, "cuda_emulated", "cpu"), dtype,
                                              torch.device("cpu"))
             assert verdict.ok, verdict.detail
@@ -135,7 +135,7 @@ def test_the_doctor_runs_as_a_new_user_would():
         if backend in ("native", "cuda_emulated") and status.startswith("loaded"):
             rows = [r for r in out.splitlines()
                     if r.startswith(backend) and "_update_" in r and r.endswith(" ok")]
-            assert len(rows) == 10, out  # 2 ops x (fp32 + fp16/bf16 x 2 roundings)
+            assert len(rows) == 15, out  # 3 ops x (fp32 + fp16/bf16 x 2 roundings)
 
 
 @requires_native
@@ -143,8 +143,9 @@ def test_the_doctor_fails_on_a_disagreement(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "SHAPES", [(1031,), (9, 40)])
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the doctor leaves out the interpreter then
     raw = ops._raw_impl
-    code = doctor.main([], impl_of=lambda op, backend: _skips_the_last_element(raw(op, backend))
-                       if backend == "native" else raw(op, backend))
+    code = doctor.main([], impl_of=lambda op, backend, device: _skips_the_last_element(
+        raw(op, backend, device)) if backend == "native" and op != "golore_update_"
+        else raw(op, backend, device))
     out = capsys.readouterr().out
     assert code == 1
     assert "DISAGREES: (1031,): 1 elements differ (element 1030" in out
@@ -154,3 +155,18 @@ def test_the_doctor_fails_on_a_disagreement(monkeypatch, capsys):
 def test_the_doctor_without_self_test(capsys):
     assert doctor.main(["--no-self-test"]) == 0
     assert "self-test" not in capsys.readouterr().out
+
+
+@requires_native
+def test_a_multi_tensor_call_follows_the_single_kernels_verdict(monkeypatch, broken_native):
+    monkeypatch.setenv("LOMO_KERNELS_SELF_CHECK", "all")
+    multi = ops.get_impl("lomo_update_multi_", "native", "cpu")
+    ps = [rand((300,), torch.bfloat16, seed=5), rand((7,), torch.bfloat16, seed=6)]
+    gs = [rand((300,), torch.bfloat16, seed=7), rand((7,), torch.bfloat16, seed=8)]
+    refs = [p.clone() for p in ps]
+    for r, g in zip(refs, gs):
+        reference.lomo_update_(r, g, None, None, 0.1, 0.01, 1.0, 0.0, "nearest", 0, 1)
+    with pytest.warns(selfcheck.SelfCheckWarning, match="lomo_update_ bfloat16"):
+        multi(ps, gs, None, None, [0.1, 0.1], [0.01, 0.01], 1.0, [0.0, 0.0], "nearest", [0, 0],
+              [1, 1])
+    assert all(torch.equal(bits(p), bits(r)) for p, r in zip(ps, refs))  # ran on the fallback

@@ -24,7 +24,8 @@ def test_every_cuda_kernel_meets_its_static_budget():
     names = {u.name for u in usages}
     # every variant the entry points can launch is there (no budget passes on an empty read)
     assert {"lomo_update_kernel<BF16, true, false>", "tile_kernel<BF16, true, false, kApply>",
-            "flat_kernel<F16, false, true, kUnorm>", "state_kernel"} <= names
+            "flat_kernel<F16, false, true, kUnorm>", "state_kernel",
+            "golore_update_kernel<BF16, true, AdamW, true>"} <= names
     failed = [u for u in usages if u.violations]
     assert not failed, "\n".join(f"{u.name}: {'; '.join(u.violations)}" for u in failed)
     stale = budgets.unmatched_vector_rules(usages, triton=False)
@@ -49,8 +50,11 @@ def test_the_checks_catch_what_they_are_for():
     stale = budgets.unmatched_vector_rules(bad, triton=False)
     assert r"^lomo_update_kernel<BF16," not in stale
     assert r"^flat_kernel<BF16, false, (false|true), kStats>" in stale
-    assert budgets.unmatched_vector_rules([budgets.Usage("triton:lomo_bf16")], triton=True) == [
-        r"^triton:stats_bf16$", r"^triton:apply_bf16$"]
+    triton = [budgets.Usage("triton:lomo_bf16:_lomo_update_kernel"),
+              budgets.Usage("triton:lomo_multi_bf16:_lomo_update_multi_kernel")]
+    assert budgets.unmatched_vector_rules(triton, triton=True) == [
+        r"^triton:adalomo_bf16:_adalomo_stats_kernel$",
+        r"^triton:adalomo_bf16:_adalomo_apply_kernel$"]
 
 
 def test_kernel_names_are_decoded():

@@ -15,7 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lomo_kernels import AdaLomo, Lomo  # noqa: E402
+import lomo_kernels.hf  # noqa: E402
+from lomo_kernels import AdaLomo, GaLore, GoLore, Lomo  # noqa: E402
 from lomo_kernels.finetune import build_config, build_model  # noqa: E402
 from lomo_kernels.hf import check_training_args, make_trainer_optimizers  # noqa: E402
 
@@ -100,8 +101,12 @@ def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize(
     "cls,kw",
     [(AdaLomo, {}), (Lomo, {}), (AdaLomo, {"clip_grad_value": 1e-4}),
-     (AdaLomo, {"weight_decay": 0.1})],
-    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd"],
+     (AdaLomo, {"weight_decay": 0.1}),
+     # inner SGD: linear in the gradient, so the Trainer's loss (rounded a little differently)
+     # cannot be amplified the way Adam amplifies tiny projected gradients
+     (GoLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "momentum": 0.9}),
+     (GaLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "weight_decay": 0.1})],
+    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd", "golore", "galore-wd"],
 )
 def test_trainer_updates_like_fused_backward(tmp_path, cls, kw):
     model, data = _model(), _data()
@@ -184,9 +189,9 @@ def test_gradient_accumulation_raises_clearly(tmp_path):
 @requires_accelerate
 def test_max_grad_norm_clips_nothing(tmp_path):
     """Trainer's clip_grad_norm_ runs after the in-backward updates freed every gradient: it
-    clips nothing and reports 0. Same parameters as without it; logged grad_norm 0.0."""
+    clips nothing (same parameters as without it); the logged grad_norm is the optimizer's."""
     data = _data()
-    models = {}
+    models, logged = {}, {}
     for mgn in (0.0, 1e-6):  # a tiny max norm would change everything if it acted
         model = _model()
         opt = AdaLomo(model, lr=1e-2)
@@ -195,10 +200,95 @@ def test_max_grad_norm_clips_nothing(tmp_path):
                                        train_dataset=data, optimizers=(opt, None), callbacks=[log])
         trainer.train()
         models[mgn] = model
-        if mgn:
-            norms = [e["grad_norm"] for e in log.logs if "grad_norm" in e]
-            assert norms and all(float(n) == 0.0 for n in norms)
+        logged[mgn] = [e["grad_norm"] for e in log.logs if "grad_norm" in e]
     _assert_same_params(models[0.0], models[1e-6], rtol=0, atol=0)
+    assert len(logged[0.0]) == 3 and logged[0.0] == logged[1e-6] and min(logged[0.0]) > 0
+
+
+def _plain_norms(model, data, cls, lrs, **opt_kw):
+    """The global gradient norm of a plain backward before each step of the fused_backward
+    replay (float64, on a copy of the model)."""
+    opt = cls(model, lr=lrs[0], **opt_kw)
+    x = _batch(data)
+    norms = []
+    for lr in lrs:
+        ref = copy.deepcopy(model)
+        ref(input_ids=x, labels=x).loss.backward()
+        norms.append(torch.linalg.vector_norm(
+            torch.cat([p.grad.double().flatten() for p in ref.parameters()])).item())
+        opt.fused_backward(model(input_ids=x, labels=x).loss, lr)
+    return norms
+
+
+@requires_accelerate
+@pytest.mark.parametrize("cls", [AdaLomo, Lomo])
+@pytest.mark.parametrize("use_helper", [True, False], ids=["helper", "bare"])
+def test_trainer_logs_the_real_grad_norm(tmp_path, cls, use_helper):
+    """The logged grad_norm (the logs the callbacks see and the Trainer's log_history) is the
+    optimizer's last_grad_norm: the norm of a plain backward's gradients on the same batch."""
+    model, data = _model(), _data()
+    ref = copy.deepcopy(model)
+    args = _args(tmp_path)
+    if use_helper:
+        opt, _ = make_trainer_optimizers(model, args, cls.__name__.lower(), lr=1e-2)
+    else:
+        opt = cls(model, lr=1e-2)
+    log = _LrLog(opt)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizers=(opt, None), callbacks=[log])
+    trainer.train()
+    want = _plain_norms(ref, data, cls, log.lrs)
+    seen = [e["grad_norm"] for e in log.logs if "loss" in e]
+    history = [e["grad_norm"] for e in trainer.state.log_history if "loss" in e]
+    assert len(seen) == 3 and seen == history
+    for got, w in zip(seen, want):
+        assert w > 0 and got == pytest.approx(w, rel=1e-5)
+    assert isinstance(trainer.callback_handler.callbacks[0], lomo_kernels.hf.GradNormCallback)
+
+
+@requires_accelerate
+def test_trainer_clips_with_the_previous_steps_norm(tmp_path):
+    """clip_grad_norm with clip_mode="previous": global-norm clipping under the Trainer's single
+    backward, the same updates as a fused_backward loop in that mode."""
+    kw = dict(clip_grad_norm=0.5, clip_mode="previous")
+    model, data = _model(), _data()
+    ref = copy.deepcopy(model)
+    args = _args(tmp_path)
+    opt, _ = make_trainer_optimizers(model, args, "lomo", lr=1e-2, **kw)
+    log = _LrLog(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lomo_kernels.GradNormSpikeWarning)  # the first step
+        transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
+                             callbacks=[log]).train()
+        _replay(ref, data, Lomo, log.lrs, **kw)
+    assert opt.clip_coef < 1.0  # clipping was active
+    _assert_same_params(model, ref)
+
+
+@requires_accelerate
+@pytest.mark.parametrize("mgn", [1.0, 0.0])
+def test_bare_optimizer_under_max_grad_norm_warns_once_at_the_first_step(tmp_path, mgn):
+    model = _model()
+    opt = Lomo(model, lr=1e-2)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_grad_norm=mgn),
+                                   train_dataset=_data(), optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(x.message) for x in w if "nothing is clipped" in str(x.message)]
+    if mgn:
+        assert len(said) == 1 and "max_grad_norm=1.0" in said[0] and "Lomo" in said[0]
+    else:
+        assert not said
+    # the helper already said it (strict=False): not twice
+    args = _args(tmp_path, max_grad_norm=1.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = _model()
+        opt, _ = make_trainer_optimizers(model, args, "lomo", strict=False)
+        transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                             optimizers=(opt, None)).train()
+    assert len([x for x in w if "nothing is clipped" in str(x.message)]) == 1
 
 
 @requires_accelerate
@@ -226,12 +316,18 @@ def test_helper_checks_arguments():
         check_training_args(mgn, strict=False)
     assert any("clip_grad_value" in str(x.message) for x in w)
     model = _model()
-    with pytest.raises(ValueError, match="two backward passes"):
+    with pytest.raises(ValueError, match="two backward passes.*clip_mode='previous'"):
         make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0)
+    opt, _ = make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0,
+                                     clip_mode="previous")
+    assert opt.clip_mode == "previous"
     with pytest.raises(ValueError, match="optimizer must be"):
         make_trainer_optimizers(model, None, "sgd")
     opt, sched = make_trainer_optimizers(model, None, "lomo", lr=0.5, backend="torch")
     assert isinstance(opt, Lomo) and sched is None and opt.param_groups[0]["lr"] == 0.5
+    for name, cls in (("golore", GoLore), ("galore", GaLore)):
+        opt, _ = make_trainer_optimizers(_model(), None, name, lr=0.5, rank=4)
+        assert type(opt) is cls and opt.param_groups[0]["rank"] == 4
 
 
 def test_helper_builds_the_scheduler_without_a_trainer():
