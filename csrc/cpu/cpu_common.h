@@ -76,76 +76,115 @@ constexpr int64_t kChunk = 32768;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u) for every unit u in [0, n_units), spread over torch's intra-op threads.
+// fn(u) for every unit u in [0, n_units), spread over torch's intra-op threads (each thread takes
+// a contiguous range). `backward` walks each thread's range from its end: a pass that follows
+// a forward pass then starts on the data that the last one left in the cache.
 template <class Fn>
-void parallel_units(int64_t n_units, const Fn& fn) {
+void parallel_units(int64_t n_units, const Fn& fn, bool backward = false) {
   if (n_units <= 0) return;
   if (n_units == 1) {
     fn(int64_t{0});
     return;
   }
   at::parallel_for(0, n_units, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) fn(u);
+    if (backward) {
+      for (int64_t u = end - 1; u >= begin; --u) fn(u);
+    } else {
+      for (int64_t u = begin; u < end; ++u) fn(u);
+    }
   });
 }
 
+// The compile-time choices of a loop: storage format, stochastic rounding, a non-power-of-two
+// loss scale (a division instead of an exact multiply), the gradient-norm side output, and
+// AdaLomo's update clipping being inactive (denom == 1: no division per element).
+template <Fmt F_, bool SR_ = false, bool DIV_ = false, bool GSQ_ = false, bool DEN1_ = false>
+struct Flags {
+  static constexpr Fmt F = F_;
+  static constexpr bool SR = SR_, DIV = DIV_, GSQ = GSQ_, DEN1 = DEN1_;
+};
+
 // Defines the clones NAME_base / NAME_avx2 / NAME_avx512 of the always_inline template NAME
-// (signature `void NAME<F, SR, DIV>(const Ctx&, int64_t unit)`), and NAME_pick<...>() returning
-// the one for this CPU.
-#define LOMO_CPU_CLONE(NAME, SUFFIX, TARGET)                                                 \
-  template <::lomo::Fmt F, bool SR, bool DIV, class Ctx>                                    \
+// (signature `void NAME<K, W>(const Ctx&, int64_t unit)`, K a Flags type, W the fp32 lanes of
+// the clone's vectors: 4, 8, 16; see cpu_vec.h), and NAME_pick<K, Ctx>() returning the one for
+// this CPU.
+#define LOMO_CPU_CLONE(NAME, SUFFIX, TARGET, W)                                              \
+  template <class K, class Ctx>                                                              \
   TARGET void NAME##SUFFIX(const Ctx& c, int64_t unit) {                                     \
-    NAME<F, SR, DIV>(c, unit);                                                               \
+    NAME<K, W>(c, unit);                                                                     \
   }
 #define LOMO_CPU_CLONES(NAME)                                                                \
-  LOMO_CPU_CLONE(NAME, _base, )                                                              \
-  LOMO_CPU_CLONE(NAME, _avx2, LOMO_AVX2_TARGET)                                              \
-  LOMO_CPU_CLONE(NAME, _avx512, LOMO_AVX512_TARGET)                                          \
-  template <::lomo::Fmt F, bool SR, bool DIV, class Ctx>                                    \
+  LOMO_CPU_CLONE(NAME, _base, , 4)                                                           \
+  LOMO_CPU_CLONE(NAME, _avx2, LOMO_AVX2_TARGET, 8)                                           \
+  LOMO_CPU_CLONE(NAME, _avx512, LOMO_AVX512_TARGET, 16)                                      \
+  template <class K, class Ctx>                                                              \
   auto NAME##_pick() -> void (*)(const Ctx&, int64_t) {                                      \
     switch (::lomo::cpu::cpu_isa()) {                                                        \
       case ::lomo::cpu::Isa::Avx512:                                                         \
-        return &NAME##_avx512<F, SR, DIV, Ctx>;                                              \
+        return &NAME##_avx512<K, Ctx>;                                                       \
       case ::lomo::cpu::Isa::Avx2:                                                           \
-        return &NAME##_avx2<F, SR, DIV, Ctx>;                                                \
+        return &NAME##_avx2<K, Ctx>;                                                         \
       default:                                                                               \
-        return &NAME##_base<F, SR, DIV, Ctx>;                                                \
+        return &NAME##_base<K, Ctx>;                                                         \
     }                                                                                        \
   }
 
-// Calls body(fmt, sr, div) with std::integral_constant tags for the runtime choices, so the
-// loops get compile-time flags (fp32 stores are exact: stochastic rounding is off for them).
-template <class Body>
-void dispatch_flags(at::ScalarType dtype, bool sr, bool div, const Body& body) {
-  auto with_div = [&](auto f_tag, auto sr_tag) {
-    if (div)
-      body(f_tag, sr_tag, std::true_type{});
-    else
-      body(f_tag, sr_tag, std::false_type{});
-  };
-  auto with_sr = [&](auto f_tag) {
-    if constexpr (decltype(f_tag)::value == Fmt::F32) {
-      with_div(f_tag, std::false_type{});
-    } else {
-      if (sr)
-        with_div(f_tag, std::true_type{});
-      else
-        with_div(f_tag, std::false_type{});
+// Which runtime choices a loop is compiled for (the others are false): a loop instantiates only
+// the variants it uses.
+enum Use : unsigned { kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8 };
+
+namespace detail {
+template <unsigned U, unsigned Bit, class Next>
+void with_flag(bool on, const Next& next) {
+  if constexpr ((U & Bit) != 0) {
+    if (on) {
+      next(std::true_type{});
+      return;
     }
+  }
+  next(std::false_type{});
+}
+}  // namespace detail
+
+// Calls body(Flags<...>{}) for the runtime choices, restricted to the flags in U (fp32 stores are
+// exact: stochastic rounding is off for them).
+template <unsigned U, class Body>
+void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1,
+                    const Body& body) {
+  auto with_fmt = [&](auto f_tag) {
+    constexpr Fmt F = decltype(f_tag)::value;
+    constexpr unsigned U2 = F == Fmt::F32 ? (U & ~unsigned{kUseSR}) : U;
+    detail::with_flag<U2, kUseSR>(sr, [&](auto s) {
+      detail::with_flag<U2, kUseDIV>(div, [&](auto d) {
+        detail::with_flag<U2, kUseGSQ>(gsq, [&](auto q) {
+          detail::with_flag<U2, kUseDEN1>(den1, [&](auto e) {
+            body(Flags<F, decltype(s)::value, decltype(d)::value, decltype(q)::value,
+                       decltype(e)::value>{});
+          });
+        });
+      });
+    });
   };
   switch (dtype) {
     case at::kFloat:
-      with_sr(std::integral_constant<Fmt, Fmt::F32>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::F32>{});
       break;
     case at::kHalf:
-      with_sr(std::integral_constant<Fmt, Fmt::F16>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::F16>{});
       break;
     case at::kBFloat16:
-      with_sr(std::integral_constant<Fmt, Fmt::BF16>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::BF16>{});
       break;
     default:
       TORCH_CHECK(false, "lomo_kernels: unsupported dtype ", dtype);
   }
+}
+
+// fn(c, u) for every unit u (fn: a clone from NAME_pick).
+template <class Ctx>
+void run_units(void (*fn)(const Ctx&, int64_t), const Ctx& c, int64_t n_units,
+               bool backward = false) {
+  parallel_units(n_units, [&](int64_t u) { fn(c, u); }, backward);
 }
 
 }  // namespace cpu
