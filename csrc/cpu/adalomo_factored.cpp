@@ -28,10 +28,7 @@ constexpr int64_t kTileCols = 4096;
 constexpr int64_t kTileElems = 262144;
 constexpr int64_t kMaxRowGroups = 64;  // bounds the column-sum partials to 64 rows of n
 constexpr int64_t kFlushRows = 64;
-constexpr int64_t kColRun = 4096;  // columns per unit of the column-sum reduction
-// Stage 2 walks each thread's tiles backwards: it starts on the gradient rows that stage 1
-// read last (still in the last-level cache when the tensor is larger than it).
-constexpr bool kStage2Backward = true;
+constexpr int64_t kColRun = 4096;  // columns per run of the column-sum reduction
 
 // ================================ factored parameters ========================================
 struct Geo {
@@ -132,7 +129,8 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
-  const float scale = c.s.scale, clip = c.s.clip, coef = c.coef, eps1 = c.s.eps1;
+  const VPre<K::DIV, W> pre(c.s.scale, c.s.clip, c.coef);
+  const VF eps1 = splat<W>(c.s.eps1);
   const int64_t w = t.w, n = geo.n;
   double* __restrict colpart = c.w.colpart + (t.s * geo.nrb + t.rg) * n + t.c0;
   double* __restrict rowpart = c.w.rowpart + t.cb * geo.S * geo.m;
@@ -158,10 +156,10 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
             const VU e = (VU)graw & 0x7F800000u;
             emax[q] = emax[q] > e ? emax[q] : e;
             if constexpr (K::GSQ) {
-              const VF gu = vunscale<K::DIV, W>(graw, scale);
+              const VF gu = pre.unscale(graw);
               fq.v[q] += gu * gu;
             }
-            const VF gv = vpreprocess<K::DIV, W>(graw, scale, clip, coef);
+            const VF gv = pre(graw);
             VF G = gv * gv + eps1;
             if (rest) G = lane_ids<W>(q) < rest ? G : VF{};
             fr.v[q] += G;
@@ -207,7 +205,7 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
-  const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
+  const VPre<K::DIV, W> pre(c.s.scale, c.s.clip, c.coef);
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
   DAcc<W> uu;
@@ -223,7 +221,7 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
         for (int q = 0; q < P; ++q) {
           VF cv;
           std::memcpy(&cv, cs + q * W, sizeof cv);
-          VF u = (rf * cv) * vpreprocess<K::DIV, W>(vload<F, W>(gs + q * W), scale, clip, coef);
+          VF u = (rf * cv) * pre(vload<F, W>(gs + q * W));
           if (rest) u = lane_ids<W>(q) < rest ? u : VF{};
           fu.v[q] += u * u;
         }
@@ -301,12 +299,13 @@ void new_col_state(const FacCtx& c, int64_t j0, int64_t j1) {
 }
 
 // After the stage-1 pass: per slice the new r and sum(r); per column run the column sums into
-// the header (and, in one call, the new c at once: no all-reduce comes in between).
+// the header (and, in one call, the new c at once: no all-reduce comes in between). On the
+// calling thread: O(rows + 64 x cols) additions cost less than another round of the threads.
 void fac_finalize(const FacCtx& c, bool fused) {
   const Geo& g = c.geo;
   const int64_t runs = ceil_div(g.n, kColRun);
   const float b = c.s.beta, omb = c.s.one_minus_beta;
-  parallel_units(g.S + g.S * runs, [&](int64_t u) {
+  const auto fin = [&](int64_t u) {
     if (u < g.S) {  // r = b * r + (1 - b) * mean(G, -1): one fma, as torch.add(.., alpha)
       double sum_r = 0.0;
       for (int64_t i = u * g.m; i < (u + 1) * g.m; ++i) {
@@ -331,7 +330,8 @@ void fac_finalize(const FacCtx& c, bool fused) {
     float* colsum = c.hdr + kHeader + g.S + s * g.n + j0;
     for (int64_t j = 0; j < len; ++j) colsum[j] = static_cast<float>(sum[j]);
     if (fused) new_col_state(c, s * g.n + j0, s * g.n + j0 + len);
-  });
+  };
+  for (int64_t u = 0; u < g.S + g.S * runs; ++u) fin(u);
 }
 
 template <class T, class Get>
@@ -341,50 +341,67 @@ T sum_slots(const Slot* slots, int64_t n, Get get) {
   return s;
 }
 
-// The three stages of a factored parameter; stage 0 runs them in a row and stops after stage 1
-// on a non-finite gradient.
+// The stages of a factored parameter, in one parallel region (parallel_phases): stage 0 runs the
+// three passes and stops after the first on a non-finite gradient; 1, 2, 3 run one pass each.
 void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
+  using Fn = void (*)(const FacCtx&, int64_t);
+  enum Pass { kStats, kUnorm, kApply };
   const Geo& g = c.geo;
   float* h = c.hdr;
-  const int64_t stage = a.stage;
-  const bool div = a.div;
-  if (stage <= 1) {
-    dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, div, a.grad_sq != nullptr, false, [&](auto k) {
-      run_units(fac_stats_pick<decltype(k), FacCtx>(), c, g.units);
-    });
-    fac_finalize(c, stage == 0);
-    const double gsq = sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.gsq; });
-    h[0] = static_cast<float>(
-        sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.pp; }));
-    h[1] = sum_slots<uint32_t>(c.w.slots, g.units, [](const Slot& s) { return s.bad; }) ? 1.0f
-                                                                                        : 0.0f;
-    if (a.grad_sq && g.units) a.grad_sq[0] += static_cast<float>(gsq);
-    if (stage == 1) return;
-    if (h[1] > 0) return set_found(a.found);
+  Pass pass[3];
+  int n = 0;
+  if (a.stage <= 1) pass[n++] = kStats;
+  if (a.stage == 0 || a.stage == 2) pass[n++] = kUnorm;
+  if (a.stage == 0 || a.stage == 3) pass[n++] = kApply;
+  Fn fn[3] = {};
+  for (int k = 0; k < n; ++k) {
+    if (pass[k] == kStats)
+      dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, a.div, a.grad_sq != nullptr, false,
+                                        [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); });
+    if (pass[k] == kUnorm)
+      dispatch_flags<kUseDIV>(dtype, false, a.div, false, false,
+                              [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); });
   }
-  if (stage == 0 || stage == 2) {
-    if (stage == 2)
-      parallel_units(ceil_div(g.S * g.n, kColRun), [&](int64_t u) {
-        new_col_state(c, u * kColRun, std::min(g.S * g.n, (u + 1) * kColRun));
-      });
+  // Before the apply pass: its scalars and loop (update clipping inactive: no division).
+  const auto prepare_apply = [&](int k) {
+    c.st = step_scalars(c.s, h[0], h[2], a.numel_g);
+    dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(
+        dtype, a.sr, a.div, false, c.st.denom == 1.0f,
+        [&](auto f) { fn[k] = fac_apply_pick<decltype(f), FacCtx>(); });
+  };
+  bool skip = false;  // a non-finite gradient: no further pass
+  if (a.stage == 2) {  // the new c from the all-reduced column sums
+    new_col_state(c, 0, g.S * g.n);
     if (h[1] > 0) {
       h[2] = 0.0f;
       return;
     }
-    dispatch_flags<kUseDIV>(dtype, false, div, false, false, [&](auto k) {
-      run_units(fac_unorm_pick<decltype(k), FacCtx>(), c, g.units, kStage2Backward);
-    });
-    h[2] = static_cast<float>(
-        sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.uu; }));
-    if (stage == 2) return;
   }
-  if (h[1] > 0) return set_found(a.found);
-  c.st = step_scalars(c.s, h[0], h[2], a.numel_g);
-  dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(dtype, a.sr, div, false, c.st.denom == 1.0f,
-                                               [&](auto k) {
-    run_units(fac_apply_pick<decltype(k), FacCtx>(), c, g.units);
-  });
-  if (g.units == 0)  // an empty shard still commits its copy of c
+  if (a.stage == 3) {
+    if (h[1] > 0) return set_found(a.found);
+    prepare_apply(0);
+  }
+  const auto between = [&](int k) {
+    if (pass[k] == kStats) {
+      fac_finalize(c, a.stage == 0);
+      h[0] = static_cast<float>(sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.pp; }));
+      h[1] = sum_slots<uint32_t>(c.w.slots, g.units, [](const Slot& s) { return s.bad; }) ? 1.0f : 0.0f;
+      if (a.grad_sq && g.units)
+        a.grad_sq[0] += static_cast<float>(
+            sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.gsq; }));
+      if (a.stage == 0 && h[1] > 0) {
+        set_found(a.found);
+        skip = true;
+      }
+    } else if (pass[k] == kUnorm && !skip) {
+      h[2] = static_cast<float>(sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.uu; }));
+      if (a.stage == 0) prepare_apply(k + 1);
+    }
+  };
+  parallel_phases(
+      n, [&](int k) { return skip ? int64_t{0} : g.units; },
+      [&](int k, int64_t u) { fn[k](c, u); }, between);
+  if (pass[n - 1] == kApply && !skip && g.units == 0)  // an empty shard commits its copy of c
     std::memcpy(c.c, c.w.cnew, sizeof(float) * static_cast<size_t>(g.S * g.n));
 }
 

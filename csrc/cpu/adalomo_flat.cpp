@@ -115,13 +115,20 @@ int64_t flat_numel(int64_t k, int64_t units, bool multi) {
   return scratch_numel(kHeader, cv.bytes());
 }
 
-// The stats (apply = false) or apply pass of every tensor in one parallel loop; the apply pass
-// skips the tensors whose apply function is null (non-finite gradients).
-void run_flat(const FlatTensor* t, const int64_t* first, int64_t k, bool apply) {
-  parallel_tensor_units(t, first, k, [apply](const FlatTensor& x, int64_t u) {
-    const FlatFn fn = apply ? x.apply : x.stats;
-    if (fn) fn(x, u);
-  });
+// Passes over the units of all k tensors in one parallel region (parallel_phases): phase i is the
+// apply pass if apply[i], else the stats pass; a tensor whose function is null (a non-finite
+// gradient: no apply) is skipped. between(i) runs after phase i, on one thread.
+template <class Between>
+void run_flat(const FlatTensor* t, const int64_t* first, int64_t k, int n, const bool* apply,
+              const Between& between) {
+  parallel_phases(
+      n, [&](int) { return first[k]; },
+      [&](int i, int64_t u) {
+        const int64_t j = k == 1 ? 0 : tensor_of_unit(first, k, u);
+        const FlatFn fn = apply[i] ? t[j].apply : t[j].stats;
+        if (fn) fn(t[j], u - first[j]);
+      },
+      between);
 }
 
 struct FlatSums {
@@ -177,24 +184,34 @@ void flat_adalomo(const AdaCall& a, const at::Tensor& param, const at::Tensor& g
   FlatTensor t{a.s, a.coef, param.data_ptr(), grad.data_ptr(), v, numel, w.parts, AdaStep{},
                nullptr, nullptr};
   const int64_t first[2] = {0, units};
-  if (a.stage <= 1) {
-    t.stats = pick_flat_stats(dtype, a.div, a.grad_sq != nullptr);
-    run_flat(&t, first, 1, false);
+  const auto prepare_apply = [&] {
+    t.st = step_scalars(a.s, h[0], h[2], a.numel_g);
+    t.apply = pick_flat_apply(dtype, a.sr, a.div, t.st.denom == 1.0f);
+  };
+  if (a.stage == 2) {
+    h[2] = h[1] > 0 ? 0.0f : static_cast<float>(*uu);
+    return;
+  }
+  if (a.stage == 3) {
+    if (h[1] > 0) return set_found(a.found);
+    prepare_apply();
+    const bool apply[1] = {true};
+    return run_flat(&t, first, 1, 1, apply, [](int) {});
+  }
+  t.stats = pick_flat_stats(dtype, a.div, a.grad_sq != nullptr);
+  const bool apply[2] = {false, true};
+  run_flat(&t, first, 1, a.stage == 0 ? 2 : 1, apply, [&](int i) {
+    if (i == 1) return;
     const FlatSums sums = flat_sums(t, units);
     h[0] = static_cast<float>(sums.pp);
     h[1] = sums.bad ? 1.0f : 0.0f;
     *uu = sums.uu;
     if (a.grad_sq && units) a.grad_sq[0] += static_cast<float>(sums.gsq);
     if (a.stage == 1) return;
-  }
-  if (a.stage == 0 || a.stage == 2) {
-    h[2] = h[1] > 0 ? 0.0f : static_cast<float>(*uu);
-    if (a.stage == 2) return;
-  }
-  if (h[1] > 0) return set_found(a.found);
-  t.st = step_scalars(a.s, h[0], h[2], a.numel_g);
-  t.apply = pick_flat_apply(dtype, a.sr, a.div, t.st.denom == 1.0f);
-  run_flat(&t, first, 1, true);
+    if (h[1] > 0) return set_found(a.found);  // t.apply stays null: no apply
+    h[2] = static_cast<float>(*uu);
+    prepare_apply();
+  });
 }
 
 }  // namespace cpu
@@ -238,23 +255,25 @@ void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS) {
     units += ceil_div(params[i].numel(), kChunk);
   }
   w.first[k] = units;
-  run_flat(w.tensors, w.first, k, false);
   bool any_bad = false;
-  for (int64_t i = 0; i < k; ++i) {  // as each single-tensor op would, in list order
-    FlatTensor& t = w.tensors[i];
-    const int64_t n_units = w.first[i + 1] - w.first[i];
-    if (n_units == 0) continue;
-    const FlatSums sums = flat_sums(t, n_units);
-    if (gs) gs[0] += static_cast<float>(sums.gsq);
-    if (sums.bad) {
-      any_bad = true;
-      continue;
+  const bool apply[2] = {false, true};
+  run_flat(w.tensors, w.first, k, 2, apply, [&](int phase) {
+    if (phase == 1) return;
+    for (int64_t i = 0; i < k; ++i) {  // as each single-tensor op would, in list order
+      FlatTensor& t = w.tensors[i];
+      const int64_t n_units = w.first[i + 1] - w.first[i];
+      if (n_units == 0) continue;
+      const FlatSums sums = flat_sums(t, n_units);
+      if (gs) gs[0] += static_cast<float>(sums.gsq);
+      if (sums.bad) {
+        any_bad = true;
+        continue;
+      }
+      t.st = step_scalars(t.s, static_cast<float>(sums.pp), static_cast<float>(sums.uu), t.n);
+      const Preprocess pre = make_preprocess(loss_scale, clip_grad_value[i]);
+      t.apply = pick_flat_apply(params[i].scalar_type(), sr, pre.divide, t.st.denom == 1.0f);
     }
-    t.st = step_scalars(t.s, static_cast<float>(sums.pp), static_cast<float>(sums.uu), t.n);
-    const Preprocess pre = make_preprocess(loss_scale, clip_grad_value[i]);
-    t.apply = pick_flat_apply(params[i].scalar_type(), sr, pre.divide, t.st.denom == 1.0f);
-  }
-  run_flat(w.tensors, w.first, k, true);
+  });
   if (any_bad) set_found(found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr);
 }
 

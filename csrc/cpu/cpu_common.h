@@ -17,9 +17,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 
 #include "rounding.h"
@@ -76,23 +79,96 @@ constexpr int64_t kChunk = 32768;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u) for every unit u in [0, n_units), spread over torch's intra-op threads (each thread takes
-// a contiguous range). `backward` walks each thread's range from its end: a pass that follows
-// a forward pass then starts on the data that the last one left in the cache.
+// fn(u) for every unit u in [0, n_units), on torch's intra-op threads. The threads take batches
+// of units from a shared counter instead of fixed halves: on a machine shared with other work a
+// thread that loses its core holds up the others by one batch at most, not by its whole share.
+// (Which thread runs a unit never changes a result: a unit writes only its own outputs.)
 template <class Fn>
-void parallel_units(int64_t n_units, const Fn& fn, bool backward = false) {
+void parallel_units(int64_t n_units, const Fn& fn) {
   if (n_units <= 0) return;
-  if (n_units == 1) {
-    fn(int64_t{0});
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_units);
+  if (threads <= 1) {
+    for (int64_t u = 0; u < n_units; ++u) fn(u);
     return;
   }
-  at::parallel_for(0, n_units, 1, [&](int64_t begin, int64_t end) {
-    if (backward) {
-      for (int64_t u = end - 1; u >= begin; --u) fn(u);
-    } else {
-      for (int64_t u = begin; u < end; ++u) fn(u);
+  const int64_t batch = std::max<int64_t>(1, n_units / (threads * 16));  // ~16 grabs a thread
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t u0 = next.fetch_add(batch, std::memory_order_relaxed);
+      if (u0 >= n_units) break;
+      for (int64_t u = u0; u < std::min(n_units, u0 + batch); ++u) fn(u);
     }
   });
+}
+
+// Passes of one call in ONE parallel region: phase k runs fn(k, u) for its n_units(k) units
+// (taken in batches from a shared counter, as parallel_units), then the last thread to finish
+// them runs between(k) (serial work: sums of the partials, the next pass's scalars) while the
+// others wait, then phase k + 1 begins; n_units(k) is read only after between(k - 1), so a
+// phase can be skipped (0 units). One region instead of one per pass: the threads are woken
+// once per call, and a waiting thread yields its core instead of spinning (on a machine shared
+// with other work, spinning threads take the time their peers need).
+//
+// Each invocation of the parallel_for body stands for (end - begin) of the `threads` slots, so
+// the arrivals add up to `threads` however torch splits the range (one invocation running the
+// whole range, inside another parallel region, passes every barrier at once).
+constexpr int kMaxPhases = 4;
+
+template <class Units, class Fn, class Between>
+void parallel_phases(int n_phases, const Units& n_units, const Fn& fn, const Between& between) {
+  TORCH_CHECK(n_phases <= kMaxPhases, "parallel_phases: too many phases");
+  struct alignas(64) Sync {
+    std::atomic<int64_t> next{0}, arrived{0};
+    std::atomic<int> open{0};
+  };
+  Sync sync[kMaxPhases];
+  std::exception_ptr error;  // thrown by between(): the later phases are skipped, then rethrown
+  const int64_t threads = at::get_num_threads();
+  const auto run = [&](int64_t begin, int64_t end) {
+    const int64_t weight = end - begin;
+    for (int k = 0; k < n_phases; ++k) {
+      if (k > 0) {
+        for (int spin = 0; !sync[k - 1].open.load(std::memory_order_acquire); ++spin) {
+          if (spin < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+          } else {
+            std::this_thread::yield();
+          }
+        }
+      }
+      const int64_t n = error ? 0 : n_units(k);
+      const int64_t batch = std::max<int64_t>(1, n / (threads * 16));
+      for (;;) {
+        const int64_t u0 = sync[k].next.fetch_add(batch, std::memory_order_relaxed);
+        if (u0 >= n) break;
+        for (int64_t u = u0; u < std::min(n, u0 + batch); ++u) fn(k, u);
+      }
+      if (sync[k].arrived.fetch_add(weight, std::memory_order_acq_rel) + weight == threads) {
+        try {
+          if (!error) between(k);
+        } catch (...) {
+          error = std::current_exception();
+        }
+        sync[k].open.store(1, std::memory_order_release);
+      }
+    }
+  };
+#if AT_PARALLEL_OPENMP
+  if (threads <= 1)
+    run(0, 1);
+  else
+    at::parallel_for(0, threads, 1, run);
+  if (error) std::rethrow_exception(error);
+#else  // a task pool need not run the tasks at once: one region per phase, no barrier
+  (void)run;
+  for (int k = 0; k < n_phases; ++k) {
+    parallel_units(n_units(k), [&](int64_t u) { fn(k, u); });
+    between(k);
+  }
+#endif
 }
 
 // The compile-time choices of a loop: storage format, stochastic rounding, a non-power-of-two
@@ -182,9 +258,8 @@ void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1
 
 // fn(c, u) for every unit u (fn: a clone from NAME_pick).
 template <class Ctx>
-void run_units(void (*fn)(const Ctx&, int64_t), const Ctx& c, int64_t n_units,
-               bool backward = false) {
-  parallel_units(n_units, [&](int64_t u) { fn(c, u); }, backward);
+void run_units(void (*fn)(const Ctx&, int64_t), const Ctx& c, int64_t n_units) {
+  parallel_units(n_units, [&](int64_t u) { fn(c, u); });
 }
 
 }  // namespace cpu

@@ -45,11 +45,10 @@ LOMO_VEC_TYPES(8, 32)
 LOMO_VEC_TYPES(16, 64)
 #undef LOMO_VEC_TYPES
 
+// x in every lane (x - 0 is x for every x, -0 and NaN included, so this is a broadcast).
 template <int W>
 LOMO_CPU_INLINE typename Vec<W>::F splat(float x) {
-  typename Vec<W>::F v;
-  for (int k = 0; k < W; ++k) v[k] = x;
-  return v;
+  return x - typename Vec<W>::F{};
 }
 
 // {q*W, q*W + 1, ...}: the logical lane numbers of part q.
@@ -60,6 +59,35 @@ LOMO_CPU_INLINE typename Vec<W>::I lane_ids(int q) {
   return v;
 }
 
+// W 16-bit values widened to 32 bits, into the high half of each word (HIGH: bf16 -> fp32 bits)
+// or the low half (zero-extended). Interleaving with zeros compiles to one or two shuffles
+// (GCC splits __builtin_convertvector from 16 to 32 bits into halves).
+template <int W, bool HIGH>
+LOMO_CPU_INLINE typename Vec<W>::U widen16(const uint16_t* p) {
+  using V = Vec<W>;
+  typename V::H h;
+  std::memcpy(&h, p, sizeof h);
+  if constexpr (W == 4) {
+    const typename V::U w = __builtin_convertvector(h, typename V::U);
+    return HIGH ? w << 16 : w;
+  } else {
+    typedef uint16_t H2 __attribute__((vector_size(2 * sizeof(typename V::H))));
+    const typename V::H z = {};
+    H2 r;
+    if constexpr (W == 8) {
+      r = HIGH ? __builtin_shufflevector(z, h, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15)
+               : __builtin_shufflevector(h, z, 0, 8, 1, 8, 2, 8, 3, 8, 4, 8, 5, 8, 6, 8, 7, 8);
+    } else {
+      r = HIGH ? __builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0,
+                                         23, 0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30, 0, 31)
+               : __builtin_shufflevector(h, z, 0, 16, 1, 16, 2, 16, 3, 16, 4, 16, 5, 16, 6, 16, 7,
+                                         16, 8, 16, 9, 16, 10, 16, 11, 16, 12, 16, 13, 16, 14, 16,
+                                         15, 16);
+    }
+    return (typename V::U)r;
+  }
+}
+
 // Upcast of W stored elements (any alignment).
 template <Fmt F, int W>
 LOMO_CPU_INLINE typename Vec<W>::F vload(const storage_t<F>* p) {
@@ -68,40 +96,36 @@ LOMO_CPU_INLINE typename Vec<W>::F vload(const storage_t<F>* p) {
     typename V::F v;
     std::memcpy(&v, p, sizeof v);
     return v;
-  } else {
-    typename V::H h;
-    std::memcpy(&h, p, sizeof h);
-    const typename V::U w = __builtin_convertvector(h, typename V::U);
-    if constexpr (F == Fmt::BF16) {
-      return (typename V::F)(w << 16);
-    } else {  // f16_to_f32 of rounding.h, lane-wise (exact)
-      const typename V::U sign = (w & 0x8000u) << 16;
-      const typename V::U em = w & 0x7FFFu;
-      const typename V::U zero = {};
-      const typename V::U normal =
-          (em << 13) + (em >= 0x7C00u ? zero + 0x70000000u : zero + 0x38000000u);
-      const typename V::F sub = (typename V::F)(em + 0x3F000000u) - 0.5f;
-      return (typename V::F)(sign | (em < 0x0400u ? (typename V::U)sub : normal));
-    }
+  } else if constexpr (F == Fmt::BF16) {
+    return (typename V::F)widen16<W, true>(p);
+  } else {  // f16_to_f32 of rounding.h, lane-wise (exact)
+    const typename V::U w = widen16<W, false>(p);
+    const typename V::U sign = (w & 0x8000u) << 16;
+    const typename V::U em = w & 0x7FFFu;
+    const typename V::U zero = {};
+    const typename V::U normal =
+        (em << 13) + (em >= 0x7C00u ? zero + 0x70000000u : zero + 0x38000000u);
+    const typename V::F sub = (typename V::F)(em + 0x3F000000u) - 0.5f;
+    return (typename V::F)(sign | (em < 0x0400u ? (typename V::U)sub : normal));
   }
 }
 
-// docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise.
+// docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise, with the
+// scalars broadcast once (outside the loops).
 template <bool DIV, int W>
-LOMO_CPU_INLINE typename Vec<W>::F vpreprocess(typename Vec<W>::F g, float scale, float clip,
-                                               float coef) {
-  g = DIV ? g / scale : g * scale;
-  const typename Vec<W>::F lo = splat<W>(-clip), hi = splat<W>(clip);
-  g = g < lo ? lo : g;
-  g = g > hi ? hi : g;
-  return g * coef;
-}
-
-// g / loss_scale only (what the gradient-norm side output sums).
-template <bool DIV, int W>
-LOMO_CPU_INLINE typename Vec<W>::F vunscale(typename Vec<W>::F g, float scale) {
-  return DIV ? g / scale : g * scale;
-}
+struct VPre {
+  using VF = typename Vec<W>::F;
+  VF scale, lo, hi, coef;
+  LOMO_CPU_INLINE VPre(float s, float clip, float c)
+      : scale(splat<W>(s)), lo(splat<W>(-clip)), hi(splat<W>(clip)), coef(splat<W>(c)) {}
+  LOMO_CPU_INLINE VF unscale(VF g) const { return DIV ? g / scale : g * scale; }
+  LOMO_CPU_INLINE VF operator()(VF g) const {
+    g = unscale(g);
+    g = g < lo ? lo : g;
+    g = g > hi ? hi : g;
+    return g * coef;
+  }
+};
 
 // 16 stored elements, zero-padded after the first `len`, staged for a clone's vector loads.
 template <Fmt F>

@@ -60,9 +60,10 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     }
     if constexpr (K::GSQ) {  // the block's g is still in L1
       Lanes<W> acc;
+      const VPre<K::DIV, W> pre(s.scale, s.clip, coef);
       const auto add = [&](const S* x) __attribute__((always_inline)) {
         for (int q = 0; q < Lanes<W>::P; ++q) {
-          const auto u = vunscale<K::DIV, W>(vload<F, W>(x + q * W), s.scale);
+          const auto u = pre.unscale(vload<F, W>(x + q * W));
           acc.v[q] += u * u;
         }
       };
