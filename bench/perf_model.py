@@ -27,6 +27,8 @@ examples:
   python bench/perf_model.py                                   # the model only (no timing)
   python bench/perf_model.py --measure --shapes 4096x4096      # + CPU, 2 threads (one line)
   python bench/perf_model.py --measure --out bench/results/perf_model   # what is committed
+  python bench/perf_model.py --backward --repeats 5        # whole step of bench_backward's
+                                                           # bwd-small: Lomo / AdaLomo vs plain
 """
 
 from __future__ import annotations
@@ -133,29 +135,24 @@ def _op_fn(op: str, p, g):
                         1e-30, 1e-3, 1.0, "nearest", 0, 2, None, ws)
 
 
-def _time_interleaved(fns: dict, warmup_ms: float, rep_ms: float, min_reps: int) -> dict:
-    """Like common.time_interleaved (one call of each function per round), recording per call
-    the wall time and the CPU time of the whole process (all threads): {name: (wall ms median,
-    cpu ms median)}. On a shared machine the CPU time is the steadier of the two (it does not
-    count the time a thread waits for a core; it does count threads spinning at a barrier)."""
-    for f in fns.values():
-        f()
-    t_end = time.perf_counter() + warmup_ms * len(fns) / 1e3
-    while time.perf_counter() < t_end:
-        for f in fns.values():
-            f()
-    wall = {k: [] for k in fns}
+def _time_interleaved(fns: dict, **timing) -> dict:
+    """common.time_interleaved (one call of each function per round), also recording per call
+    the CPU time of the whole process (all threads): {name: (wall ms, CPU ms)}, medians. On a
+    shared machine the CPU time is the steadier of the two (it does not count the time a thread
+    waits for a core; it does count threads spinning at a barrier)."""
     cpu = {k: [] for k in fns}
-    t_end = time.perf_counter() + rep_ms * len(fns) / 1e3
-    rounds = 0
-    while rounds < min_reps or time.perf_counter() < t_end:
-        for k, f in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
+
+    def with_cpu_time(k, f):
+        def run():
+            c0 = time.process_time()
             f()
-            wall[k].append((time.perf_counter() - t0) * 1e3)
             cpu[k].append((time.process_time() - c0) * 1e3)
-        rounds += 1
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+        return run
+
+    t = common.time_interleaved({k: with_cpu_time(k, f) for k, f in fns.items()}, "cpu",
+                                **timing)
+    # the last `reps` calls are the timed ones (the others warmed up)
+    return {k: (t[k].median_ms, statistics.median(cpu[k][-t[k].reps:])) for k in fns}
 
 
 def measure_shape(op: str, shape, repeats: int, copy_cap_mib: float, timing: dict) -> dict:
@@ -199,6 +196,54 @@ def measure(op: str, token: str, repeats: int, copy_cap_mib: float, timing: dict
             "frac_copy_cpu_time": tot["copy_cpu_ms"] / tot["op_cpu_ms"],
             "load_1min_min": min(min(x) for x in loads),
             "load_1min_max": max(max(x) for x in loads), "per_shape": per_shape}
+
+
+def measure_backward(model: str, repeats: int, timing: dict, backend: str = "native") -> list:
+    """Forward + backward (+ the in-backward update) of bench_backward's `model`, plain / Lomo /
+    AdaLomo side by side (interleaved), `repeats` times: rows with the medians and the ratios to
+    the plain step."""
+    import copy
+
+    from bench import bench_backward
+
+    base, ids = bench_backward.build_model(model, DTYPE, "cpu")
+    variants = [("backward_plain", "none"), ("backward_lomo", backend),
+                ("backward_adalomo", backend)]
+    steps = {v: bench_backward._make_step(*v, copy.deepcopy(base), ids, "cpu")[0]
+             for v in variants}
+    res = {v: {"wall": [], "cpu": []} for v in variants}
+    loads = []
+    for _ in range(repeats):
+        load0 = os.getloadavg()[0]
+        t = _time_interleaved(steps, **timing)
+        for v in variants:
+            res[v]["wall"].append(t[v][0])
+            res[v]["cpu"].append(t[v][1])
+        loads.append((round(load0, 2), round(os.getloadavg()[0], 2)))
+    plain = res[variants[0]]
+    rows = []
+    for v in variants:
+        r = res[v]
+        rows.append({
+            "op": v[0], "backend": v[1], "shape": model, "wall_ms": statistics.median(r["wall"]),
+            "cpu_ms": statistics.median(r["cpu"]),
+            # the ratio of each interleaved timing, then the median over the repeats
+            "ratio_wall": statistics.median(a / b for a, b in zip(r["wall"], plain["wall"])),
+            "ratio_cpu": statistics.median(a / b for a, b in zip(r["cpu"], plain["cpu"])),
+            "wall_ms_all": r["wall"], "cpu_ms_all": r["cpu"], "load_1min": loads})
+    return rows
+
+
+def format_backward(rows) -> str:
+    out = [f"{'step':<18} {'backend':<8} {'model':<10} {'wall ms':>8} {'x plain':>8} "
+           f"{'CPU ms':>8} {'x plain (CPU time)':>18}  load"]
+    for r in rows:
+        lo = min(min(x) for x in r["load_1min"])
+        hi = max(max(x) for x in r["load_1min"])
+        out.append(f"{r['op']:<18} {r['backend']:<8} {r['shape']:<10} {r['wall_ms']:>8.1f} "
+                   f"{r['ratio_wall']:>8.3f} {r['cpu_ms']:>8.1f} {r['ratio_cpu']:>18.3f}  "
+                   f"{lo:.1f}-{hi:.1f}")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +302,27 @@ def main(argv=None) -> None:
     ap.add_argument("--rep-ms", type=float, default=400.0, help="timer budget per timing")
     ap.add_argument("--copy-cap-mib", type=float, default=512.0,
                     help="largest copy buffer (MiB); beyond the cache the bandwidth is flat")
+    ap.add_argument("--backward", nargs="?", const="bwd-small", default=None, metavar="MODEL",
+                    help="instead of the model: time forward + backward + update of "
+                         "bench_backward's MODEL (default bwd-small) against a plain one")
     ap.add_argument("--out", type=Path, default=None,
                     help="write perf_model.json and perf_model.md there")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     timing = dict(warmup_ms=50.0, rep_ms=a.rep_ms, min_reps=5)
+    if a.backward:
+        rows = measure_backward(a.backward, a.repeats, timing)
+        env = common.environment("cpu")
+        title = (f"{env['device_name']}, {a.threads} threads, torch {env['torch_version']}, "
+                 f"commit {env['git_commit']}" + (" (dirty)" if env["git_dirty"] else ""))
+        print(title)
+        print(format_backward(rows))
+        if a.out:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / f"backward_{a.backward}.json").write_text(json.dumps(
+                {"environment": env, "meta": {"argv": sys.argv[1:] if argv is None else argv},
+                 "rows": rows}, indent=1) + "\n")
+        return
     rows = []
     for token in a.shapes:
         shapes = shape_list(token)
