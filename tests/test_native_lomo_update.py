@@ -217,9 +217,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for rounding in ("nearest", "stochastic"):
         p = torch.randn(70001).to(dtype); g = (torch.randn(70001) * 3).to(dtype)
         acc = torch.zeros(1)
-        torch.ops.lomo_kernels.lomo_update_(p, g, torch.tensor(0.37), None, 3e-3, 0.1, 1000.0,
-                                            0.7, rounding, 5, 2, acc)
-        out += [p.float(), acc]
+        for coef, cgv in ((torch.tensor(0.37), 0.7), (None, 0.0)):  # with and without clipping
+            torch.ops.lomo_kernels.lomo_update_(p, g, coef, None, 3e-3, 0.1, 1000.0, cgv,
+                                                rounding, 5, 2, acc)
+            out += [p.float(), acc.clone()]
 torch.save(torch.cat(out), {path!r})
 """
 

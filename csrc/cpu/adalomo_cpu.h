@@ -20,6 +20,7 @@ struct AdaCall {
   AdaLomoScalars s;
   float coef;      // clip_coef, 1 when off
   bool sr, div;    // stochastic rounding; a non-power-of-two loss scale
+  bool clip;       // value clipping or clip_coef is on
   float* grad_sq;  // the gradient-norm side output, or null
   float* found;    // found_inf, or null
   int64_t stage;   // 0 (all passes) or 1, 2, 3

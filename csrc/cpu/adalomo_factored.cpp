@@ -129,7 +129,7 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
-  const VPre<K::DIV, W> pre(c.s.scale, c.s.clip, c.coef);
+  const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
   const VF eps1 = splat<W>(c.s.eps1);
   const int64_t w = t.w, n = geo.n;
   double* __restrict colpart = c.w.colpart + (t.s * geo.nrb + t.rg) * n + t.c0;
@@ -205,7 +205,7 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
-  const VPre<K::DIV, W> pre(c.s.scale, c.s.clip, c.coef);
+  const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
   DAcc<W> uu;
@@ -267,7 +267,7 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       const S* __restrict g = static_cast<const S*>(c.g) + begin;
       const int64_t len = stop - begin;
       for (int64_t j = 0; j < len; ++j) {
-        const float gv = preprocess<K::DIV>(to_f32<F>(g[j]), scale, clip, coef);
+        const float gv = preprocess<K::DIV, K::CLIP>(to_f32<F>(g[j]), scale, clip, coef);
         const float u = (rf * cfj[j]) * gv;
         const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
         p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u, bits);
@@ -356,17 +356,18 @@ void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
   Fn fn[3] = {};
   for (int k = 0; k < n; ++k) {
     if (pass[k] == kStats)
-      dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, a.div, a.grad_sq != nullptr, false,
+      dispatch_flags<kUseDIV | kUseGSQ | kUseCLIP>(dtype, false, a.div, a.grad_sq != nullptr,
+                                                   false, a.clip,
                                         [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); });
     if (pass[k] == kUnorm)
-      dispatch_flags<kUseDIV>(dtype, false, a.div, false, false,
+      dispatch_flags<kUseDIV | kUseCLIP>(dtype, false, a.div, false, false, a.clip,
                               [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); });
   }
   // Before the apply pass: its scalars and loop (update clipping inactive: no division).
   const auto prepare_apply = [&](int k) {
     c.st = step_scalars(c.s, h[0], h[2], a.numel_g);
-    dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(
-        dtype, a.sr, a.div, false, c.st.denom == 1.0f,
+    dispatch_flags<kUseSR | kUseDIV | kUseDEN1 | kUseCLIP>(
+        dtype, a.sr, a.div, false, c.st.denom == 1.0f, a.clip,
         [&](auto f) { fn[k] = fac_apply_pick<decltype(f), FacCtx>(); });
   };
   bool skip = false;  // a non-finite gradient: no further pass

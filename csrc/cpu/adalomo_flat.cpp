@@ -151,7 +151,7 @@ FlatSums flat_sums(const FlatTensor& t, int64_t units) {
 // once denom is known).
 FlatFn pick_flat_stats(at::ScalarType dtype, bool div, bool gsq) {
   FlatFn fn = nullptr;
-  dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, div, gsq, false, [&](auto k) {
+  dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, div, gsq, false, true, [&](auto k) {
     fn = flat_stats_pick<decltype(k), FlatTensor>();
   });
   return fn;
@@ -159,7 +159,7 @@ FlatFn pick_flat_stats(at::ScalarType dtype, bool div, bool gsq) {
 
 FlatFn pick_flat_apply(at::ScalarType dtype, bool sr, bool div, bool den1) {
   FlatFn fn = nullptr;
-  dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(dtype, sr, div, false, den1, [&](auto k) {
+  dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(dtype, sr, div, false, den1, true, [&](auto k) {
     fn = flat_apply_pick<decltype(k), FlatTensor>();
   });
   return fn;

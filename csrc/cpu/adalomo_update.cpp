@@ -48,6 +48,7 @@ void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS) {
   a.coef = clip_coef.has_value() ? clip_coef->data_ptr<float>()[0] : 1.0f;
   a.sr = sr;
   a.div = pre.divide;
+  a.clip = clip_grad_value > 0 || clip_coef.has_value();
   a.grad_sq = grad_sq.has_value() ? grad_sq->data_ptr<float>() : nullptr;
   a.found = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   a.stage = stage;

@@ -174,10 +174,12 @@ void parallel_phases(int n_phases, const Units& n_units, const Fn& fn, const Bet
 // The compile-time choices of a loop: storage format, stochastic rounding, a non-power-of-two
 // loss scale (a division instead of an exact multiply), the gradient-norm side output, and
 // AdaLomo's update clipping being inactive (denom == 1: no division per element).
-template <Fmt F_, bool SR_ = false, bool DIV_ = false, bool GSQ_ = false, bool DEN1_ = false>
+// CLIP: value clipping or clip_coef is on (false: the preprocessing is the loss scale only).
+template <Fmt F_, bool SR_ = false, bool DIV_ = false, bool GSQ_ = false, bool DEN1_ = false,
+          bool CLIP_ = true>
 struct Flags {
   static constexpr Fmt F = F_;
-  static constexpr bool SR = SR_, DIV = DIV_, GSQ = GSQ_, DEN1 = DEN1_;
+  static constexpr bool SR = SR_, DIV = DIV_, GSQ = GSQ_, DEN1 = DEN1_, CLIP = CLIP_;
 };
 
 // Defines the clones NAME_base / NAME_avx2 / NAME_avx512 of the always_inline template NAME
@@ -207,35 +209,41 @@ struct Flags {
 
 // Which runtime choices a loop is compiled for (the others are false): a loop instantiates only
 // the variants it uses.
-enum Use : unsigned { kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8 };
+enum Use : unsigned { kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8, kUseCLIP = 16 };
 
 namespace detail {
-template <unsigned U, unsigned Bit, class Next>
+// next(the flag's value) where the loop dispatches on it, else next(Default)
+template <unsigned U, unsigned Bit, bool Default, class Next>
 void with_flag(bool on, const Next& next) {
   if constexpr ((U & Bit) != 0) {
     if (on) {
       next(std::true_type{});
       return;
     }
+    next(std::false_type{});
+  } else {
+    next(std::integral_constant<bool, Default>{});
   }
-  next(std::false_type{});
 }
 }  // namespace detail
 
 // Calls body(Flags<...>{}) for the runtime choices, restricted to the flags in U (fp32 stores are
-// exact: stochastic rounding is off for them).
+// exact: stochastic rounding is off for them); a loop that does not dispatch on CLIP always
+// preprocesses in full.
 template <unsigned U, class Body>
-void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1,
+void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1, bool clip,
                     const Body& body) {
   auto with_fmt = [&](auto f_tag) {
     constexpr Fmt F = decltype(f_tag)::value;
     constexpr unsigned U2 = F == Fmt::F32 ? (U & ~unsigned{kUseSR}) : U;
-    detail::with_flag<U2, kUseSR>(sr, [&](auto s) {
-      detail::with_flag<U2, kUseDIV>(div, [&](auto d) {
-        detail::with_flag<U2, kUseGSQ>(gsq, [&](auto q) {
-          detail::with_flag<U2, kUseDEN1>(den1, [&](auto e) {
-            body(Flags<F, decltype(s)::value, decltype(d)::value, decltype(q)::value,
-                       decltype(e)::value>{});
+    detail::with_flag<U2, kUseSR, false>(sr, [&](auto s) {
+      detail::with_flag<U2, kUseDIV, false>(div, [&](auto d) {
+        detail::with_flag<U2, kUseGSQ, false>(gsq, [&](auto q) {
+          detail::with_flag<U2, kUseDEN1, false>(den1, [&](auto e) {
+            detail::with_flag<U2, kUseCLIP, true>(clip, [&](auto c) {
+              body(Flags<F, decltype(s)::value, decltype(d)::value, decltype(q)::value,
+                         decltype(e)::value, decltype(c)::value>{});
+            });
           });
         });
       });

@@ -112,7 +112,7 @@ LOMO_CPU_INLINE typename Vec<W>::F vload(const storage_t<F>* p) {
 
 // docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise, with the
 // scalars broadcast once (outside the loops).
-template <bool DIV, int W>
+template <bool DIV, int W, bool CLIP = true>
 struct VPre {
   using VF = typename Vec<W>::F;
   VF scale, lo, hi, coef;
@@ -121,6 +121,7 @@ struct VPre {
   LOMO_CPU_INLINE VF unscale(VF g) const { return DIV ? g / scale : g * scale; }
   LOMO_CPU_INLINE VF operator()(VF g) const {
     g = unscale(g);
+    if (!CLIP) return g;
     g = g < lo ? lo : g;
     g = g > hi ? hi : g;
     return g * coef;

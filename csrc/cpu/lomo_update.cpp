@@ -50,7 +50,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
       const float graw = to_f32<F>(g[j]);
       const bool ok = is_finite_f32(graw);
-      const float gv = preprocess<K::DIV>(graw, s.scale, s.clip, coef);
+      const float gv = preprocess<K::DIV, K::CLIP>(graw, s.scale, s.clip, coef);
       const float pv = to_f32<F>(p[j]);
       const float nv = __builtin_fmaf(gv, s.neg_lr, pv * s.decay);
       const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
@@ -78,9 +78,10 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
 }
 LOMO_CPU_CLONES(lomo_chunk)
 
-LomoFn pick_lomo(at::ScalarType dtype, bool sr, bool div, bool gsq) {
+LomoFn pick_lomo(at::ScalarType dtype, bool sr, bool div, bool gsq, bool clip) {
   LomoFn fn = nullptr;
-  dispatch_flags<kUseSR | kUseDIV | kUseGSQ>(dtype, sr, div, gsq, false, [&](auto k) {
+  dispatch_flags<kUseSR | kUseDIV | kUseGSQ | kUseCLIP>(dtype, sr, div, gsq, false, clip,
+                                                      [&](auto k) {
     fn = lomo_chunk_pick<decltype(k), LomoTensor>();
   });
   return fn;
@@ -118,6 +119,7 @@ namespace {
 struct LomoCommon {
   Preprocess pre;
   bool sr;
+  bool clip;  // value clipping or clip_coef is on
   float coef;
   float* grad_sq;
 };
@@ -133,7 +135,8 @@ cpu::LomoTensor make_tensor(const LomoCommon& c, const at::Tensor& param, const 
   t.n = param.numel();
   t.gsq = gsq;
   t.found = found;
-  t.fn = cpu::pick_lomo(param.scalar_type(), c.sr, c.pre.divide, c.grad_sq != nullptr);
+  t.fn = cpu::pick_lomo(param.scalar_type(), c.sr, c.pre.divide, c.grad_sq != nullptr,
+                        c.clip);
   return t;
 }
 
@@ -162,6 +165,7 @@ void lomo_update_cpu(LOMO_UPDATE_PARAMS) {
   if (n == 0) return;
 
   LomoCommon common{make_preprocess(loss_scale, clip_grad_value), sr,
+                    clip_grad_value > 0 || clip_coef.has_value(),
                     clip_coef.has_value() ? clip_coef->data_ptr<float>()[0] : 1.0f,
                     grad_sq.has_value() ? grad_sq->data_ptr<float>() : nullptr};
   const int64_t units = ceil_div(n, kChunk);
@@ -202,7 +206,8 @@ void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS) {
   std::atomic<int> found{0};
   units = 0;
   for (int64_t i = 0; i < k; ++i) {
-    const LomoCommon common{make_preprocess(loss_scale, clip_grad_value[i]), sr, coef, gs};
+    const LomoCommon common{make_preprocess(loss_scale, clip_grad_value[i]), sr,
+                            clip_grad_value[i] > 0 || clip_coef.has_value(), coef, gs};
     s.tensors[i] = make_tensor(common, params[i], grads[i], lr[i], weight_decay[i], seed[i],
                                step[i], s.parts + units, &found);
     s.first[i] = units;
