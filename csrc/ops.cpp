@@ -16,7 +16,7 @@
 namespace {
 
 // Bump together with CONTRACT_VERSION in lomo_kernels/ops.py whenever a schema changes.
-constexpr int64_t kContractVersion = 2;
+constexpr int64_t kContractVersion = 3;
 
 std::vector<std::unique_ptr<torch::Library>>& libraries() {
   static std::vector<std::unique_ptr<torch::Library>> libs;  // alive for the process
@@ -35,11 +35,13 @@ void register_kernels() {
   cpu->impl("adalomo_update_", &lomo::adalomo_update_cpu);
   cpu->impl("lomo_update_multi_", &lomo::lomo_update_multi_cpu);
   cpu->impl("adalomo_update_multi_", &lomo::adalomo_update_multi_cpu);
+  cpu->impl("golore_update_", &lomo::golore_update_cpu);
   libraries().push_back(std::move(cpu));
 #ifdef LOMO_KERNELS_WITH_CUDA
   auto cuda = impl_library(c10::DispatchKey::CUDA);
   cuda->impl("lomo_update_", &lomo::lomo_update_cuda);
   cuda->impl("adalomo_update_", &lomo::adalomo_update_cuda);
+  cuda->impl("golore_update_", &lomo::golore_update_cuda);
   libraries().push_back(std::move(cuda));
 #endif
 }

@@ -46,10 +46,25 @@ namespace lomo {
       c10::ArrayRef<int64_t> seed, c10::ArrayRef<int64_t> step,                              \
       const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace
 
+#define GOLORE_UPDATE_PARAMS                                                                 \
+  at::Tensor &r, const std::optional<at::Tensor> &param,                                    \
+      const std::optional<at::Tensor> &exp_avg, const std::optional<at::Tensor> &exp_avg_sq, \
+      const std::optional<at::Tensor> &momentum_buffer,                                      \
+      const std::optional<at::Tensor> &clip_coef, const std::optional<at::Tensor> &found_inf, \
+      std::string_view inner, double lr, double weight_decay, double scale, double beta1,    \
+      double beta2, double eps, double momentum, std::string_view rounding, int64_t seed,    \
+      int64_t step
+
+// The arguments of GOLORE_UPDATE_PARAMS, in order, to pass them on.
+#define GOLORE_UPDATE_ARGS                                                                   \
+  r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, lr,          \
+      weight_decay, scale, beta1, beta2, eps, momentum, rounding, seed, step
+
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
 void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS);
 void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS);
+void golore_update_cpu(GOLORE_UPDATE_PARAMS);
 
 // float32 workspace elements the CPU kernels of `op` need for `shapes` (op contract:
 // single-tensor ops, any one of the shapes; multi-tensor ops, the whole list in one call).
@@ -58,6 +73,7 @@ int64_t workspace_numel_cpu(const std::string &op, const std::vector<std::vector
 #ifdef LOMO_KERNELS_WITH_CUDA
 void lomo_update_cuda(LOMO_UPDATE_PARAMS);
 void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS);
+void golore_update_cuda(GOLORE_UPDATE_PARAMS);
 #endif
 
 }  // namespace lomo
