@@ -47,3 +47,22 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(i < 0, -(i & 0x7FFF), i)
 
     return (line(a) - line(b)).abs()
+
+
+def results_per_cpu_isa(script: str, tmp_path) -> dict:
+    """Runs ``script`` (Python, with a ``{path}`` to ``torch.save`` its result to) in a fresh
+    process for each CPU clone of the native kernels: LOMO_KERNELS_CPU_ISA=base, avx2, and the
+    default (the best this CPU has). Returns {"base": ..., "avx2": ..., "default": ...}."""
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("base", "avx2", "default"):
+        path = str(tmp_path / f"{isa}.pt")
+        env = dict(os.environ)
+        env.pop("LOMO_KERNELS_CPU_ISA", None)
+        if isa != "default":
+            env["LOMO_KERNELS_CPU_ISA"] = isa
+        subprocess.run([sys.executable, "-c", script.format(path=path)], env=env, check=True)
+        results[isa] = torch.load(path)
+    return results
