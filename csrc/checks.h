@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -58,6 +59,29 @@ inline void check_common(const char* op, const at::Tensor& param, const at::Tens
                 op, ": found_inf must be a 1-element float32 tensor on ", param.device(), ", got ",
                 f.scalar_type(), " ", f.sizes(), " on ", f.device());
   }
+}
+
+// An optional 1-element float32 output on param's device (grad_sq).
+inline void check_scalar_out(const char* op, const char* name,
+                             const std::optional<at::Tensor>& t, const at::Tensor& param) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(),
+              op, ": ", name, " must be a 1-element float32 tensor on ", param.device(), ", got ",
+              t->scalar_type(), " ", t->sizes(), " on ", t->device());
+}
+
+// The per-tensor lists of a multi-tensor op have one entry per parameter.
+inline void check_multi_lists(const char* op, at::TensorList params, at::TensorList grads,
+                              std::initializer_list<const c10::ArrayRef<double>*> floats,
+                              std::initializer_list<const c10::ArrayRef<int64_t>*> ints) {
+  const size_t k = params.size();
+  TORCH_CHECK(grads.size() == k, op, ": ", k, " params but ", grads.size(), " grads");
+  for (const auto* f : floats)
+    TORCH_CHECK(f->size() == k, op, ": a per-tensor float list has ", f->size(), " values for ",
+                k, " tensors");
+  for (const auto* i : ints)
+    TORCH_CHECK(i->size() == k, op, ": a per-tensor int list has ", i->size(), " values for ", k,
+                " tensors");
 }
 
 // The op contract's newer arguments that a kernel does not implement yet fail clearly.

@@ -43,6 +43,8 @@ void register_kernels() {
   auto cpu = impl_library("lomo_kernels", c10::DispatchKey::CPU);
   cpu->impl("lomo_update_", &lomo::lomo_update_cpu);
   cpu->impl("adalomo_update_", &lomo::adalomo_update_cpu);
+  cpu->impl("lomo_update_multi_", &lomo::lomo_update_multi_cpu);
+  cpu->impl("adalomo_update_multi_", &lomo::adalomo_update_multi_cpu);
   cpu->impl("golore_update_", &lomo::golore_update_cpu);
   libraries().push_back(std::move(cpu));
 #ifdef LOMO_KERNELS_WITH_CUDA
@@ -69,6 +71,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The version of the op schemas this build implements.");
   m.def("register_kernels", &register_kernels,
         "Register the CPU (and CUDA) kernels for the ops declared in lomo_kernels/ops.py.");
+  m.def(
+      "workspace_numel",
+      [](const std::string& op, const std::vector<std::vector<int64_t>>& shapes) {
+        return lomo::workspace_numel_cpu(op, shapes);
+      },
+      "float32 elements of the workspace the native kernels of `op` need for `shapes` (the op "
+      "contract: single-tensor ops, any one of them; multi-tensor ops, all in one call).");
   m.def(
       "has_cuda",
       [] {

@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
+#include <vector>
 
 namespace lomo {
 
@@ -26,6 +28,24 @@ namespace lomo {
       const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace,  \
       int64_t stage, int64_t global_rows, int64_t global_numel
 
+#define LOMO_UPDATE_MULTI_PARAMS                                                             \
+  at::TensorList params, at::TensorList grads, const std::optional<at::Tensor> &clip_coef,   \
+      const std::optional<at::Tensor> &found_inf, c10::ArrayRef<double> lr,                  \
+      c10::ArrayRef<double> weight_decay, double loss_scale,                                 \
+      c10::ArrayRef<double> clip_grad_value, std::string_view rounding,                      \
+      c10::ArrayRef<int64_t> seed, c10::ArrayRef<int64_t> step,                              \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace
+
+#define ADALOMO_UPDATE_MULTI_PARAMS                                                          \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avg_sqs,                   \
+      const std::optional<at::Tensor> &clip_coef, const std::optional<at::Tensor> &found_inf, \
+      c10::ArrayRef<double> lr, c10::ArrayRef<double> weight_decay, double loss_scale,       \
+      c10::ArrayRef<double> clip_grad_value, c10::ArrayRef<double> beta,                     \
+      c10::ArrayRef<double> eps1, c10::ArrayRef<double> eps2,                                \
+      c10::ArrayRef<double> clip_threshold, std::string_view rounding,                       \
+      c10::ArrayRef<int64_t> seed, c10::ArrayRef<int64_t> step,                              \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace
+
 #define GOLORE_UPDATE_PARAMS                                                                 \
   at::Tensor &r, const std::optional<at::Tensor> &param,                                    \
       const std::optional<at::Tensor> &exp_avg, const std::optional<at::Tensor> &exp_avg_sq, \
@@ -42,7 +62,13 @@ namespace lomo {
 
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
+void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS);
+void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update_cpu(GOLORE_UPDATE_PARAMS);
+
+// float32 workspace elements the CPU kernels of `op` need for `shapes` (op contract:
+// single-tensor ops, any one of the shapes; multi-tensor ops, the whole list in one call).
+int64_t workspace_numel_cpu(const std::string &op, const std::vector<std::vector<int64_t>> &shapes);
 
 // csrc/cuda/*.cu, compiled by nvcc ...
 namespace cuda {

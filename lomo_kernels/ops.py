@@ -336,8 +336,9 @@ def workspace_numel(op: str, shapes, *, backend: str = "auto",
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     shapes = [list(s) for s in shapes]
+    # cuda_emulated: the CUDA kernels take no workspace yet (the reference's need only)
     module = {"torch": reference, "triton": _triton, "native": _native,
-              "cuda_emulated": _native}[backend]
+              "cuda_emulated": None}[backend]
     fn = getattr(module, "workspace_numel", None)
     need = fn(op, shapes) if fn is not None else 0
     return max(int(need), reference.workspace_numel(op, shapes))

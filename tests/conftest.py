@@ -71,6 +71,25 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (line(a) - line(b)).abs()
 
 
+def results_per_cpu_isa(script: str, tmp_path) -> dict:
+    """Runs ``script`` (Python, with a ``{path}`` to ``torch.save`` its result to) in a fresh
+    process for each CPU clone of the native kernels: LOMO_KERNELS_CPU_ISA=base, avx2, and the
+    default (the best this CPU has). Returns {"base": ..., "avx2": ..., "default": ...}."""
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("base", "avx2", "default"):
+        path = str(tmp_path / f"{isa}.pt")
+        env = dict(os.environ)
+        env.pop("LOMO_KERNELS_CPU_ISA", None)
+        if isa != "default":
+            env["LOMO_KERNELS_CPU_ISA"] = isa
+        subprocess.run([sys.executable, "-c", script.format(path=path)], env=env, check=True)
+        results[isa] = torch.load(path)
+    return results
+
+
 # Tables of the static GPU budgets (lomo_kernels/budgets.py), filled by the tests that read compiled
 # sm_90 code and printed at the end of the run, so that CI's output shows them.
 BUDGET_TABLES: list[str] = []

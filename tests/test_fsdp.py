@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (2, 3)
 JOB_TIMEOUT = 900  # seconds for one job (all cases, one world size); the machine may be loaded
 FSDP_LOMO_BACKENDS = ("torch", "native")
-FSDP_ADALOMO_BACKENDS = ("torch",)
+FSDP_ADALOMO_BACKENDS = ("torch", "native")
 
 CASES = (
     [f"equivalence:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
@@ -33,8 +33,8 @@ CASES = (
     + [f"one_backward_clipping:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
     + [f"one_backward_clipping:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + ["mixed_precision:Lomo:torch", "mixed_precision:AdaLomo:torch"]
-    + ["nonfinite_on_one_rank:Lomo:torch", "nonfinite_on_one_rank:AdaLomo:torch",
-       "loss_scaler_agrees:torch"]
+    + ["nonfinite_on_one_rank:Lomo:torch", "loss_scaler_agrees:torch"]
+    + [f"nonfinite_on_one_rank:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + ["dcp_round_trip:Lomo:torch", "dcp_round_trip:AdaLomo:torch"]
     + ["ddp_refused", "golore_refused"]
     + [f"{case}:{cls}" for case in ("built_before_fully_shard", "shard_dim_1",

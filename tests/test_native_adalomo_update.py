@@ -16,7 +16,7 @@ the terms instead (a pointwise relative error is meaningless there).
 import pytest
 import torch
 from conftest import (NATIVE_TARGETS, ODD_SIZES, requires_cuda_emulation, requires_native,
-                      target_device, target_op, ulp_distance)
+                      results_per_cpu_isa, target_device, target_op, ulp_distance)
 from oracle import (DTYPES, EPS1, EPS2, LLM_SHAPES, adalomo_state, check_param, check_state,
                     f64_adalomo, rand)
 
@@ -246,3 +246,32 @@ def test_optimizer_native_matches_torch_backend(dtype, backend):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         else:
             assert ulp_distance(a, b).max().item() <= 2  # 6 steps of <= 1 ulp, rarely compounded
+
+
+_ISA_SCRIPT = """
+import torch, lomo_kernels
+from lomo_kernels import ops
+torch.manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shape in ((70001,), (67, 1031), (3, 5, 37)):
+        p = torch.randn(shape).to(dtype); g = (torch.randn(shape) * 3).to(dtype)
+        st = {{k: torch.rand(s) + 0.1 for k, s in ops.adalomo_state_shapes(shape).items()}}
+        acc = torch.zeros(1)
+        for coef, cgv in ((torch.tensor(0.37), 0.7), (None, 0.0)):  # with and without clipping
+            torch.ops.lomo_kernels.adalomo_update_(
+                p, g, st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"), st.get("exp_avg_sq"),
+                coef, None, 3e-3, 0.1, 1000.0, cgv, 0.3, 1e-30, 1e-3, 0.05, "stochastic", 5, 2,
+                acc)
+            out += [p.float().flatten(), acc.clone()] + [v.flatten() for v in st.values()]
+torch.save(torch.cat(out), {path!r})
+"""
+
+
+def test_every_cpu_clone_computes_the_same(tmp_path):
+    # The baseline, AVX2 and AVX-512 clones (LOMO_KERNELS_CPU_ISA caps the choice) hold the
+    # 16 lanes of every sum in vectors of different widths; the sums, the state and the
+    # parameters must still be bitwise the same.
+    results = results_per_cpu_isa(_ISA_SCRIPT, tmp_path)
+    assert torch.equal(results["base"].view(torch.int32), results["default"].view(torch.int32))
+    assert torch.equal(results["avx2"].view(torch.int32), results["default"].view(torch.int32))

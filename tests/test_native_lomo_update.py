@@ -12,14 +12,11 @@ torch's CUDA kernels, which divide by a scalar as a multiplication by its recipr
 contract is docs/spec.md's tolerances.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import (NATIVE_TARGETS, ODD_SIZES, requires_cuda, requires_cuda_emulation,
-                      requires_native, target_device, target_op, ulp_distance)
+                      requires_native, results_per_cpu_isa, target_device, target_op,
+                      ulp_distance)
 from oracle import DTYPES, LLM_SHAPES, f64_lomo, rand
 
 import lomo_kernels
@@ -206,9 +203,11 @@ out = []
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for rounding in ("nearest", "stochastic"):
         p = torch.randn(70001).to(dtype); g = (torch.randn(70001) * 3).to(dtype)
-        torch.ops.lomo_kernels.lomo_update_(p, g, torch.tensor(0.37), None, 3e-3, 0.1, 1000.0,
-                                            0.7, rounding, 5, 2)
-        out.append(p.float())
+        acc = torch.zeros(1)
+        for coef, cgv in ((torch.tensor(0.37), 0.7), (None, 0.0)):  # with and without clipping
+            torch.ops.lomo_kernels.lomo_update_(p, g, coef, None, 3e-3, 0.1, 1000.0, cgv,
+                                                rounding, 5, 2, acc)
+            out += [p.float(), acc.clone()]
         # GoLore's full-rank AdamW update (the projected mode runs the same loop body in fp32)
         m, v = torch.randn(70001) * 1e-2, torch.rand(70001) * 1e-2
         torch.ops.lomo_kernels.golore_update_(g, p, m, v, None, None, None, "adamw", 3e-3, 0.1,
@@ -220,17 +219,9 @@ torch.save(torch.cat(out), {path!r})
 
 def test_every_cpu_clone_rounds_the_same(tmp_path):
     # The baseline, AVX2 and AVX-512 clones of the CPU loops (LOMO_KERNELS_CPU_ISA caps the
-    # choice) must give bitwise the same parameters (LOMO, and GoLore's inner update with its
-    # state); the baseline uses libm's fma.
-    results = {}
-    for isa in ("base", "avx2", "default"):
-        path = str(tmp_path / f"{isa}.pt")
-        env = dict(os.environ)
-        env.pop("LOMO_KERNELS_CPU_ISA", None)
-        if isa != "default":
-            env["LOMO_KERNELS_CPU_ISA"] = isa
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(path=path)], env=env, check=True)
-        results[isa] = torch.load(path)
+    # choice) must give bitwise the same parameters (LOMO with its grad_sq, and GoLore's inner
+    # update with its state); the baseline uses libm's fma.
+    results = results_per_cpu_isa(_ISA_SCRIPT, tmp_path)
     assert torch.equal(results["base"].view(torch.int32), results["default"].view(torch.int32))
     assert torch.equal(results["avx2"].view(torch.int32), results["default"].view(torch.int32))
 

@@ -17,9 +17,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 
 #include "rounding.h"
@@ -76,76 +79,195 @@ constexpr int64_t kChunk = 32768;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u) for every unit u in [0, n_units), spread over torch's intra-op threads.
+// fn(u) for every unit u in [0, n_units), on torch's intra-op threads. The threads take batches
+// of units from a shared counter instead of fixed halves: on a machine shared with other work a
+// thread that loses its core holds up the others by one batch at most, not by its whole share.
+// (Which thread runs a unit never changes a result: a unit writes only its own outputs.)
 template <class Fn>
 void parallel_units(int64_t n_units, const Fn& fn) {
   if (n_units <= 0) return;
-  if (n_units == 1) {
-    fn(int64_t{0});
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_units);
+  if (threads <= 1) {
+    for (int64_t u = 0; u < n_units; ++u) fn(u);
     return;
   }
-  at::parallel_for(0, n_units, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) fn(u);
+  const int64_t batch = std::max<int64_t>(1, n_units / (threads * 16));  // ~16 grabs a thread
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t u0 = next.fetch_add(batch, std::memory_order_relaxed);
+      if (u0 >= n_units) break;
+      for (int64_t u = u0; u < std::min(n_units, u0 + batch); ++u) fn(u);
+    }
   });
 }
 
+// Passes of one call in ONE parallel region: phase k runs fn(k, u) for its n_units(k) units
+// (taken in batches from a shared counter, as parallel_units), then the last thread to finish
+// them runs between(k) (serial work: sums of the partials, the next pass's scalars) while the
+// others wait, then phase k + 1 begins; n_units(k) is read only after between(k - 1), so a
+// phase can be skipped (0 units). One region instead of one per pass: the threads are woken
+// once per call, and a waiting thread yields its core instead of spinning (on a machine shared
+// with other work, spinning threads take the time their peers need).
+//
+// Each invocation of the parallel_for body stands for (end - begin) of the `threads` slots, so
+// the arrivals add up to `threads` however torch splits the range (one invocation running the
+// whole range, inside another parallel region, passes every barrier at once).
+constexpr int kMaxPhases = 4;
+
+template <class Units, class Fn, class Between>
+void parallel_phases(int n_phases, const Units& n_units, const Fn& fn, const Between& between) {
+  TORCH_CHECK(n_phases <= kMaxPhases, "parallel_phases: too many phases");
+  struct alignas(64) Sync {
+    std::atomic<int64_t> next{0}, arrived{0};
+    std::atomic<int> open{0};
+  };
+  Sync sync[kMaxPhases];
+  std::exception_ptr error;  // thrown by between(): the later phases are skipped, then rethrown
+  const int64_t threads = at::get_num_threads();
+  const auto run = [&](int64_t begin, int64_t end) {
+    const int64_t weight = end - begin;
+    for (int k = 0; k < n_phases; ++k) {
+      if (k > 0) {
+        for (int spin = 0; !sync[k - 1].open.load(std::memory_order_acquire); ++spin) {
+          if (spin < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+          } else {
+            std::this_thread::yield();
+          }
+        }
+      }
+      const int64_t n = error ? 0 : n_units(k);
+      const int64_t batch = std::max<int64_t>(1, n / (threads * 16));
+      for (;;) {
+        const int64_t u0 = sync[k].next.fetch_add(batch, std::memory_order_relaxed);
+        if (u0 >= n) break;
+        for (int64_t u = u0; u < std::min(n, u0 + batch); ++u) fn(k, u);
+      }
+      if (sync[k].arrived.fetch_add(weight, std::memory_order_acq_rel) + weight == threads) {
+        try {
+          if (!error) between(k);
+        } catch (...) {
+          error = std::current_exception();
+        }
+        sync[k].open.store(1, std::memory_order_release);
+      }
+    }
+  };
+#if AT_PARALLEL_OPENMP
+  if (threads <= 1)
+    run(0, 1);
+  else
+    at::parallel_for(0, threads, 1, run);
+  if (error) std::rethrow_exception(error);
+#else  // a task pool need not run the tasks at once: one region per phase, no barrier
+  (void)run;
+  for (int k = 0; k < n_phases; ++k) {
+    parallel_units(n_units(k), [&](int64_t u) { fn(k, u); });
+    between(k);
+  }
+#endif
+}
+
+// The compile-time choices of a loop: storage format, stochastic rounding, a non-power-of-two
+// loss scale (a division instead of an exact multiply), the gradient-norm side output, and
+// AdaLomo's update clipping being inactive (denom == 1: no division per element).
+// CLIP: value clipping or clip_coef is on (false: the preprocessing is the loss scale only).
+template <Fmt F_, bool SR_ = false, bool DIV_ = false, bool GSQ_ = false, bool DEN1_ = false,
+          bool CLIP_ = true>
+struct Flags {
+  static constexpr Fmt F = F_;
+  static constexpr bool SR = SR_, DIV = DIV_, GSQ = GSQ_, DEN1 = DEN1_, CLIP = CLIP_;
+};
+
 // Defines the clones NAME_base / NAME_avx2 / NAME_avx512 of the always_inline template NAME
-// (signature `void NAME<F, SR, DIV>(const Ctx&, int64_t unit)`), and NAME_pick<...>() returning
-// the one for this CPU.
-#define LOMO_CPU_CLONE(NAME, SUFFIX, TARGET)                                                 \
-  template <::lomo::Fmt F, bool SR, bool DIV, class Ctx>                                    \
+// (signature `void NAME<K, W>(const Ctx&, int64_t unit)`, K a Flags type, W the fp32 lanes of
+// the clone's vectors: 4, 8, 16; see cpu_vec.h), and NAME_pick<K, Ctx>() returning the one for
+// this CPU.
+#define LOMO_CPU_CLONE(NAME, SUFFIX, TARGET, W)                                              \
+  template <class K, class Ctx>                                                              \
   TARGET void NAME##SUFFIX(const Ctx& c, int64_t unit) {                                     \
-    NAME<F, SR, DIV>(c, unit);                                                               \
+    NAME<K, W>(c, unit);                                                                     \
   }
 #define LOMO_CPU_CLONES(NAME)                                                                \
-  LOMO_CPU_CLONE(NAME, _base, )                                                              \
-  LOMO_CPU_CLONE(NAME, _avx2, LOMO_AVX2_TARGET)                                              \
-  LOMO_CPU_CLONE(NAME, _avx512, LOMO_AVX512_TARGET)                                          \
-  template <::lomo::Fmt F, bool SR, bool DIV, class Ctx>                                    \
+  LOMO_CPU_CLONE(NAME, _base, , 4)                                                           \
+  LOMO_CPU_CLONE(NAME, _avx2, LOMO_AVX2_TARGET, 8)                                           \
+  LOMO_CPU_CLONE(NAME, _avx512, LOMO_AVX512_TARGET, 16)                                      \
+  template <class K, class Ctx>                                                              \
   auto NAME##_pick() -> void (*)(const Ctx&, int64_t) {                                      \
     switch (::lomo::cpu::cpu_isa()) {                                                        \
       case ::lomo::cpu::Isa::Avx512:                                                         \
-        return &NAME##_avx512<F, SR, DIV, Ctx>;                                              \
+        return &NAME##_avx512<K, Ctx>;                                                       \
       case ::lomo::cpu::Isa::Avx2:                                                           \
-        return &NAME##_avx2<F, SR, DIV, Ctx>;                                                \
+        return &NAME##_avx2<K, Ctx>;                                                         \
       default:                                                                               \
-        return &NAME##_base<F, SR, DIV, Ctx>;                                                \
+        return &NAME##_base<K, Ctx>;                                                         \
     }                                                                                        \
   }
 
-// Calls body(fmt, sr, div) with std::integral_constant tags for the runtime choices, so the
-// loops get compile-time flags (fp32 stores are exact: stochastic rounding is off for them).
-template <class Body>
-void dispatch_flags(at::ScalarType dtype, bool sr, bool div, const Body& body) {
-  auto with_div = [&](auto f_tag, auto sr_tag) {
-    if (div)
-      body(f_tag, sr_tag, std::true_type{});
-    else
-      body(f_tag, sr_tag, std::false_type{});
-  };
-  auto with_sr = [&](auto f_tag) {
-    if constexpr (decltype(f_tag)::value == Fmt::F32) {
-      with_div(f_tag, std::false_type{});
-    } else {
-      if (sr)
-        with_div(f_tag, std::true_type{});
-      else
-        with_div(f_tag, std::false_type{});
+// Which runtime choices a loop is compiled for (the others are false): a loop instantiates only
+// the variants it uses.
+enum Use : unsigned { kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8, kUseCLIP = 16 };
+
+namespace detail {
+// next(the flag's value) where the loop dispatches on it, else next(Default)
+template <unsigned U, unsigned Bit, bool Default, class Next>
+void with_flag(bool on, const Next& next) {
+  if constexpr ((U & Bit) != 0) {
+    if (on) {
+      next(std::true_type{});
+      return;
     }
+    next(std::false_type{});
+  } else {
+    next(std::integral_constant<bool, Default>{});
+  }
+}
+}  // namespace detail
+
+// Calls body(Flags<...>{}) for the runtime choices, restricted to the flags in U (fp32 stores are
+// exact: stochastic rounding is off for them); a loop that does not dispatch on CLIP always
+// preprocesses in full.
+template <unsigned U, class Body>
+void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1, bool clip,
+                    const Body& body) {
+  auto with_fmt = [&](auto f_tag) {
+    constexpr Fmt F = decltype(f_tag)::value;
+    constexpr unsigned U2 = F == Fmt::F32 ? (U & ~unsigned{kUseSR}) : U;
+    detail::with_flag<U2, kUseSR, false>(sr, [&](auto s) {
+      detail::with_flag<U2, kUseDIV, false>(div, [&](auto d) {
+        detail::with_flag<U2, kUseGSQ, false>(gsq, [&](auto q) {
+          detail::with_flag<U2, kUseDEN1, false>(den1, [&](auto e) {
+            detail::with_flag<U2, kUseCLIP, true>(clip, [&](auto c) {
+              body(Flags<F, decltype(s)::value, decltype(d)::value, decltype(q)::value,
+                         decltype(e)::value, decltype(c)::value>{});
+            });
+          });
+        });
+      });
+    });
   };
   switch (dtype) {
     case at::kFloat:
-      with_sr(std::integral_constant<Fmt, Fmt::F32>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::F32>{});
       break;
     case at::kHalf:
-      with_sr(std::integral_constant<Fmt, Fmt::F16>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::F16>{});
       break;
     case at::kBFloat16:
-      with_sr(std::integral_constant<Fmt, Fmt::BF16>{});
+      with_fmt(std::integral_constant<Fmt, Fmt::BF16>{});
       break;
     default:
       TORCH_CHECK(false, "lomo_kernels: unsupported dtype ", dtype);
   }
+}
+
+// fn(c, u) for every unit u (fn: a clone from NAME_pick).
+template <class Ctx>
+void run_units(void (*fn)(const Ctx&, int64_t), const Ctx& c, int64_t n_units) {
+  parallel_units(n_units, [&](int64_t u) { fn(c, u); });
 }
 
 }  // namespace cpu

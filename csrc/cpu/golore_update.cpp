@@ -32,8 +32,9 @@ struct GoloreCtx {
 };
 
 // Pass 1 over one unit: a non-finite r element (checked on the raw value, before clip_coef).
-template <Fmt F, bool SR, bool DIV, Inner I, bool FULL>
+template <class K, int W, Inner I, bool FULL>
 LOMO_CPU_INLINE void golore_check_chunk(const GoloreCtx<I, FULL>& c, int64_t unit) {
+  constexpr Fmt F = K::F;
   using S = storage_t<F>;
   const int64_t begin = unit * kChunk;
   const int64_t len = std::min(c.n, begin + kChunk) - begin;
@@ -45,8 +46,10 @@ LOMO_CPU_INLINE void golore_check_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
 LOMO_CPU_CLONES(golore_check_chunk)
 
 // Pass 2 over one unit (only when every element is finite).
-template <Fmt F, bool SR, bool DIV, Inner I, bool FULL>
+template <class K, int W, Inner I, bool FULL>
 LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t unit) {
+  constexpr Fmt F = K::F;
+  constexpr bool SR = K::SR;
   using S = storage_t<F>;
   const GoloreScalars s = c.s;
   const float coef = c.coef;
@@ -94,23 +97,19 @@ LOMO_CPU_CLONES(golore_apply_chunk)
 template <Inner I, bool FULL>
 void run(const GoloreCtx<I, FULL>& ctx, at::ScalarType dtype, bool sr) {
   const int64_t units = ceil_div(ctx.n, kChunk);
-  dispatch_flags(dtype, sr, false, [&](auto f, auto sr_t, auto div_t) {
-    constexpr Fmt F = decltype(f)::value;
-    constexpr bool SR = decltype(sr_t)::value, DIV = decltype(div_t)::value;
+  // golore_update_ has no loss scale: only the format and stochastic rounding vary.
+  dispatch_flags<kUseSR>(dtype, sr, false, false, false, true, [&](auto k) {
+    using K = decltype(k);
     using Ctx = GoloreCtx<I, FULL>;
-    if constexpr (!DIV) {  // golore_update_ has no loss-scale division: only DIV = false runs
-      auto check = golore_check_chunk_pick<F, SR, DIV, Ctx>();
-      parallel_units(units, [&](int64_t u) { check(ctx, u); });
-      for (int64_t u = 0; u < units; ++u) {
-        if (ctx.bad[u]) {
-          if constexpr (!FULL)
-            std::fill(ctx.out, ctx.out + ctx.n, std::numeric_limits<float>::quiet_NaN());
-          return;
-        }
+    run_units(golore_check_chunk_pick<K, Ctx>(), ctx, units);
+    for (int64_t u = 0; u < units; ++u) {
+      if (ctx.bad[u]) {
+        if constexpr (!FULL)
+          std::fill(ctx.out, ctx.out + ctx.n, std::numeric_limits<float>::quiet_NaN());
+        return;
       }
-      auto apply = golore_apply_chunk_pick<F, SR, DIV, Ctx>();
-      parallel_units(units, [&](int64_t u) { apply(ctx, u); });
     }
+    run_units(golore_apply_chunk_pick<K, Ctx>(), ctx, units);
   });
 }
 

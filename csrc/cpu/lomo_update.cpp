@@ -1,9 +1,13 @@
-// LOMO on the CPU: p = p * (1 - lr * wd) - lr * g, one pass, fp32 math, in place (SPEC.md).
+// LOMO on the CPU: p = p * (1 - lr * wd) - lr * g, one pass, fp32 math, in place (docs/spec.md).
+// The single-tensor op is the multi-tensor op with one tensor: both run the same chunks and sum
+// the same partials, so a tensor gets bitwise the same update either way.
 #include <atomic>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_vec.h"
+#include "cpu/cpu_workspace.h"
 #include "ops.h"
 #include "update_args.h"
 
@@ -11,71 +15,207 @@ namespace lomo {
 namespace cpu {
 namespace {
 
-struct LomoCtx {
+struct LomoTensor;
+using LomoFn = void (*)(const LomoTensor&, int64_t);
+
+struct LomoTensor {
   LomoScalars s;
   float coef;  // clip_coef, 1 when global-norm clipping is off
   void* p;
   const void* g;
   int64_t n;
+  double* gsq;              // [units] partial sums of (g / loss_scale)**2, when asked for
   std::atomic<int>* found;  // set to 1 when a gradient element is non-finite
+  LomoFn fn;                // the chunk loop for this tensor's dtype and flags
 };
 
-// Elements [begin, end): one chunk. Elements whose raw gradient is NaN/Inf keep their value.
-template <Fmt F, bool SR, bool DIV>
-LOMO_CPU_INLINE void lomo_chunk(const LomoCtx& c, int64_t unit) {
+// Chunk `unit` of one tensor. Elements whose raw gradient is NaN/Inf keep their value.
+template <class K, int W>
+LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
+  constexpr Fmt F = K::F;
   using S = storage_t<F>;
   const LomoScalars s = c.s;
   const float coef = c.coef;
-  int64_t begin = unit * kChunk;
-  const int64_t end = std::min(c.n, begin + kChunk);
+  const int64_t begin = unit * kChunk;
+  const int64_t len = std::min(c.n - begin, kChunk);
+  // kChunk divides 2**32: the hash's high half is constant over a chunk.
+  const uint32_t hk = hash_high_key(s.key, static_cast<uint64_t>(begin));
+  const uint32_t lo = static_cast<uint32_t>(begin);
+  S* __restrict p = static_cast<S*>(c.p) + begin;
+  const S* __restrict g = static_cast<const S*>(c.g) + begin;
   uint32_t bad = 0;
-  while (begin < end) {
-    // The hash's high half is constant up to the next multiple of 2**32.
-    const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
-    const uint32_t hk = hash_high_key(s.key, static_cast<uint64_t>(begin));
-    const uint32_t lo = static_cast<uint32_t>(begin);
-    S* __restrict p = static_cast<S*>(c.p) + begin;
-    const S* __restrict g = static_cast<const S*>(c.g) + begin;
-    const int64_t len = stop - begin;
-    for (int64_t j = 0; j < len; ++j) {
+  DAcc<W> gsq;
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t bl = std::min(kBlock, len - b);
+    for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
       const float graw = to_f32<F>(g[j]);
       const bool ok = is_finite_f32(graw);
-      const float gv = preprocess<DIV>(graw, s.scale, s.clip, coef);
+      const float gv = preprocess<K::DIV, K::CLIP>(graw, s.scale, s.clip, coef);
       const float pv = to_f32<F>(p[j]);
       const float nv = __builtin_fmaf(gv, s.neg_lr, pv * s.decay);
-      const uint32_t bits = SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-      const S out = from_f32<F, SR>(nv, bits);
+      const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
+      const S out = from_f32<F, K::SR>(nv, bits);
       p[j] = ok ? out : p[j];
       bad |= ok ? 0u : 1u;
     }
-    begin = stop;
+    if constexpr (K::GSQ) {  // the block's g is still in L1
+      Lanes<W> acc;
+      const VPre<K::DIV, W> pre(s.scale, s.clip, coef);
+      const auto add = [&](const S* x) __attribute__((always_inline)) {
+        for (int q = 0; q < Lanes<W>::P; ++q) {
+          const auto u = pre.unscale(vload<F, W>(x + q * W));
+          acc.v[q] += u * u;
+        }
+      };
+      int64_t j = b;
+      for (; j + kLanes <= b + bl; j += kLanes) add(g + j);
+      if (j < b + bl) add(Padded<F>(g + j, b + bl - j).v);  // zeros add nothing
+      gsq.add(acc);
+    }
   }
+  if constexpr (K::GSQ) c.gsq[unit] = gsq.sum();
   if (bad) c.found->store(1, std::memory_order_relaxed);
 }
 LOMO_CPU_CLONES(lomo_chunk)
 
+LomoFn pick_lomo(at::ScalarType dtype, bool sr, bool div, bool gsq, bool clip) {
+  LomoFn fn = nullptr;
+  dispatch_flags<kUseSR | kUseDIV | kUseGSQ | kUseCLIP>(dtype, sr, div, gsq, false, clip,
+                                                      [&](auto k) {
+    fn = lomo_chunk_pick<decltype(k), LomoTensor>();
+  });
+  return fn;
+}
+
+using LomoScratch = TensorScratch<LomoTensor, double>;  // parts: gradient-norm partials
+
+int64_t lomo_scratch_numel(int64_t k, int64_t units, bool multi) {
+  Carver cv;
+  carve_tensors<LomoTensor, double>(cv, k, units, multi);
+  return scratch_numel(kHeader, cv.bytes());
+}
+
+void run_lomo(const LomoTensor* t, const int64_t* first, int64_t k) {
+  parallel_tensor_units(t, first, k, [](const LomoTensor& x, int64_t u) { x.fn(x, u); });
+}
+
 }  // namespace
+
+int64_t lomo_workspace_numel_cpu(const std::vector<std::vector<int64_t>>& shapes, bool multi) {
+  int64_t most = 0, all = 0;
+  for (const auto& s : shapes) {
+    most = std::max(most, ceil_div(numel_of(s), kChunk));
+    all += ceil_div(numel_of(s), kChunk);
+  }
+  return multi ? lomo_scratch_numel(static_cast<int64_t>(shapes.size()), all, true)
+               : lomo_scratch_numel(1, most, false);
+}
+
 }  // namespace cpu
 
+namespace {
+
+// The tensor-independent part of a call: flags and the shared outputs.
+struct LomoCommon {
+  Preprocess pre;
+  bool sr;
+  bool clip;  // value clipping or clip_coef is on
+  float coef;
+  float* grad_sq;
+};
+
+cpu::LomoTensor make_tensor(const LomoCommon& c, const at::Tensor& param, const at::Tensor& grad,
+                            double lr, double weight_decay, int64_t seed, int64_t step,
+                            double* gsq, std::atomic<int>* found) {
+  cpu::LomoTensor t{};
+  t.s = make_lomo_scalars(c.pre, lr, weight_decay, seed, step);
+  t.coef = c.coef;
+  t.p = param.data_ptr();
+  t.g = grad.data_ptr();
+  t.n = param.numel();
+  t.gsq = gsq;
+  t.found = found;
+  t.fn = cpu::pick_lomo(param.scalar_type(), c.sr, c.pre.divide, c.grad_sq != nullptr,
+                        c.clip);
+  return t;
+}
+
+// grad_sq += each tensor's sum, in list order (one float addition per tensor, as the
+// single-tensor op does).
+void add_grad_sq(float* grad_sq, const double* gsq, const int64_t* first, int64_t k) {
+  if (!grad_sq) return;
+  for (int64_t i = 0; i < k; ++i) {
+    if (first[i] == first[i + 1]) continue;
+    double s = 0.0;
+    for (int64_t u = first[i]; u < first[i + 1]; ++u) s += gsq[u];
+    grad_sq[0] += static_cast<float>(s);
+  }
+}
+
+}  // namespace
+
 void lomo_update_cpu(LOMO_UPDATE_PARAMS) {
+  using namespace cpu;
   constexpr const char* op = "lomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
-  check_not_implemented(op, grad_sq);
   CHECK_CPU(op, param);
+  check_scalar_out(op, "grad_sq", grad_sq, param);
   const bool sr = parse_rounding(op, rounding);
   const int64_t n = param.numel();
   if (n == 0) return;
 
-  const Preprocess pre = make_preprocess(loss_scale, clip_grad_value);
+  LomoCommon common{make_preprocess(loss_scale, clip_grad_value), sr,
+                    clip_grad_value > 0 || clip_coef.has_value(),
+                    clip_coef.has_value() ? clip_coef->data_ptr<float>()[0] : 1.0f,
+                    grad_sq.has_value() ? grad_sq->data_ptr<float>() : nullptr};
+  const int64_t units = ceil_div(n, kChunk);
+  double* gsq = nullptr;
+  std::optional<Scratch> scratch;
+  if (common.grad_sq) {  // the only scratch a single LOMO update needs
+    scratch.emplace(op, workspace, lomo_scratch_numel(1, units, false));
+    Carver cv = scratch->carver(kHeader);
+    gsq = carve_tensors<LomoTensor, double>(cv, 1, units, false).parts;
+  }
   std::atomic<int> found{0};
-  cpu::LomoCtx ctx{make_lomo_scalars(pre, lr, weight_decay, seed, step),
-                   clip_coef.has_value() ? clip_coef->data_ptr<float>()[0] : 1.0f,
-                   param.data_ptr(), grad.data_ptr(), n, &found};
-  cpu::dispatch_flags(param.scalar_type(), sr, pre.divide, [&](auto f, auto sr_t, auto div_t) {
-    auto fn = cpu::lomo_chunk_pick<decltype(f)::value, decltype(sr_t)::value,
-                                   decltype(div_t)::value, cpu::LomoCtx>();
-    cpu::parallel_units(cpu::ceil_div(n, cpu::kChunk), [&](int64_t u) { fn(ctx, u); });
-  });
+  const LomoTensor t = make_tensor(common, param, grad, lr, weight_decay, seed, step, gsq, &found);
+  const int64_t first[2] = {0, units};
+  run_lomo(&t, first, 1);
+  add_grad_sq(common.grad_sq, gsq, first, 1);
+  if (found.load() && found_inf.has_value()) found_inf->data_ptr<float>()[0] = 1.0f;
+}
+
+void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS) {
+  using namespace cpu;
+  constexpr const char* op = "lomo_update_multi_";
+  const int64_t k = static_cast<int64_t>(params.size());
+  check_multi_lists(op, params, grads, {&lr, &weight_decay, &clip_grad_value}, {&seed, &step});
+  int64_t units = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    check_common(op, params[i], grads[i], clip_coef, found_inf);
+    CHECK_CPU(op, params[i]);
+    check_scalar_out(op, "grad_sq", grad_sq, params[i]);
+    units += ceil_div(params[i].numel(), kChunk);
+  }
+  const bool sr = parse_rounding(op, rounding);
+  if (k == 0) return;
+  Scratch scratch(op, workspace, lomo_scratch_numel(k, units, true));
+  Carver cv = scratch.carver(kHeader);
+  const LomoScratch s = carve_tensors<LomoTensor, double>(cv, k, units, true);
+  const float coef = clip_coef.has_value() ? clip_coef->data_ptr<float>()[0] : 1.0f;
+  float* gs = grad_sq.has_value() ? grad_sq->data_ptr<float>() : nullptr;
+  std::atomic<int> found{0};
+  units = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const LomoCommon common{make_preprocess(loss_scale, clip_grad_value[i]), sr,
+                            clip_grad_value[i] > 0 || clip_coef.has_value(), coef, gs};
+    s.tensors[i] = make_tensor(common, params[i], grads[i], lr[i], weight_decay[i], seed[i],
+                               step[i], s.parts + units, &found);
+    s.first[i] = units;
+    units += ceil_div(params[i].numel(), kChunk);
+  }
+  s.first[k] = units;
+  run_lomo(s.tensors, s.first, k);
+  add_grad_sq(gs, s.parts, s.first, k);
   if (found.load() && found_inf.has_value()) found_inf->data_ptr<float>()[0] = 1.0f;
 }
 

@@ -1,0 +1,434 @@
+// AdaLomo on the CPU for factored parameters (dim >= 2: S slices of m x n; docs/spec.md). Three
+// passes, each a stage of the op contract (stage 0 runs them in one call; 1, 2, 3 one each, for a
+// parameter sharded on dim 0):
+//   stage 1: non-finite flag, sum(p*p), row sums of G = g*g + eps1 (-> the new r, kept in the
+//            scratch, and sum(r) per slice) and column sums of G, into the workspace header;
+//   stage 2: new c from the (all-reduced) column sums, sum(u*u) with the new r and c;
+//   stage 3: u / max(1, rms(u) / clip_threshold), apply, round, store p; commit r and c.
+// A non-finite gradient element leaves p and the state untouched (decided after stage 1).
+//
+// Work units are tiles of up to kTileCols columns and a row group (at most kMaxRowGroups per
+// slice), fixed by the shape alone. Each tile writes its partial sums to its own slot and its
+// column sums to its own row of partials; they are added in index order, so the results do not
+// depend on the number of threads. The sums are 16-lane fp32 blocks added into double
+// (cpu_vec.h); column sums are fp32 over at most kFlushRows rows, then double.
+#include <cmath>
+#include <cstring>
+
+#include "cpu/adalomo_cpu.h"
+#include "cpu/cpu_common.h"
+#include "cpu/cpu_vec.h"
+#include "cpu/cpu_workspace.h"
+
+namespace lomo {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileCols = 4096;
+constexpr int64_t kTileElems = 262144;
+constexpr int64_t kMaxRowGroups = 64;  // bounds the column-sum partials to 64 rows of n
+constexpr int64_t kFlushRows = 64;
+constexpr int64_t kColRun = 4096;  // columns per run of the column-sum reduction
+
+// ================================ factored parameters ========================================
+struct Geo {
+  int64_t S, m, n;  // slices of m x n
+  int64_t tc, ncb;  // tile columns, column blocks
+  int64_t tr, nrb;  // tile rows, row groups per slice
+  int64_t units;
+};
+
+Geo factored_geo(c10::IntArrayRef sizes) {
+  Geo g{};
+  const int64_t d = static_cast<int64_t>(sizes.size());
+  g.n = sizes[d - 1];
+  g.m = sizes[d - 2];
+  g.S = 1;
+  for (int64_t i = 0; i < d - 2; ++i) g.S *= sizes[i];
+  g.tc = std::max<int64_t>(1, std::min(g.n, kTileCols));
+  g.ncb = ceil_div(g.n, g.tc);
+  g.tr = std::min(g.m, std::max(ceil_div(kTileElems, g.tc), ceil_div(g.m, kMaxRowGroups)));
+  g.tr = std::max<int64_t>(g.tr, 1);
+  g.nrb = ceil_div(g.m, g.tr);
+  g.units = g.S * g.nrb * g.ncb;
+  return g;
+}
+
+int64_t header_floats(const Geo& g) { return kHeader + g.S + g.S * g.n; }
+
+struct FacScratch {
+  float* newr;       // [S*m] the new r (stage 1 -> 3)
+  float* cnew;       // [S*n] the new c (stage 2 -> 3)
+  float* cfac;       // [S*n] rsqrt(new c)
+  double* rowpart;   // [ncb][S*m] row sums of G per column block
+  double* colpart;   // [S*nrb][n] column sums of G per row group
+  Slot* slots;       // [units]
+};
+
+FacScratch carve_factored(Carver& cv, const Geo& g) {
+  FacScratch s;
+  s.newr = cv.take<float>(g.S * g.m);
+  s.cnew = cv.take<float>(g.S * g.n);
+  s.cfac = cv.take<float>(g.S * g.n);
+  s.rowpart = cv.take<double>(g.ncb * g.S * g.m);
+  s.colpart = cv.take<double>(g.S * g.nrb * g.n);
+  s.slots = cv.take<Slot>(g.units);
+  return s;
+}
+
+int64_t factored_numel(const Geo& g) {
+  Carver cv;
+  carve_factored(cv, g);
+  return scratch_numel(header_floats(g), cv.bytes());
+}
+
+struct FacCtx {
+  AdaLomoScalars s;
+  float coef;
+  void* p;
+  const void* g;
+  Geo geo;
+  FacScratch w;
+  float* hdr;         // the workspace header
+  float* r;           // state [S*m]
+  float* c;           // state [S*n]
+  int64_t rows_g;     // unsharded rows (the divisor of the means over rows)
+  AdaStep st;         // stage 3
+};
+
+struct Tile {
+  int64_t s, rg, cb, r0, r1, c0, w;
+};
+
+LOMO_CPU_INLINE Tile tile_of(const Geo& g, int64_t unit) {
+  Tile t;
+  t.cb = unit % g.ncb;
+  const int64_t srg = unit / g.ncb;
+  t.s = srg / g.nrb;
+  t.rg = srg % g.nrb;
+  t.r0 = t.rg * g.tr;
+  t.r1 = std::min(g.m, t.r0 + g.tr);
+  t.c0 = t.cb * g.tc;
+  t.w = std::min(g.n, t.c0 + g.tc) - t.c0;
+  return t;
+}
+
+// mean(new r) of slice s, from the (reduced) header
+LOMO_CPU_INLINE float mean_r(const FacCtx& c, int64_t s) {
+  return static_cast<float>(static_cast<double>(c.hdr[kHeader + s]) /
+                            static_cast<double>(c.rows_g));
+}
+
+// ---- stage 1 pass: row/column sums of G, sum(p*p), sum((g/ls)**2), non-finite flag ----------
+template <class K, int W>
+LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
+  constexpr Fmt F = K::F;
+  using S = storage_t<F>;
+  using VF = typename Vec<W>::F;
+  using VU = typename Vec<W>::U;
+  constexpr int P = Lanes<W>::P;
+  const Geo& geo = c.geo;
+  const Tile t = tile_of(geo, unit);
+  const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
+  const VF eps1 = splat<W>(c.s.eps1);
+  const int64_t w = t.w, n = geo.n;
+  double* __restrict colpart = c.w.colpart + (t.s * geo.nrb + t.rg) * n + t.c0;
+  double* __restrict rowpart = c.w.rowpart + t.cb * geo.S * geo.m;
+  alignas(64) float colf[kTileCols + kLanes];  // fp32 column sums of up to kFlushRows rows
+  DAcc<W> pp, gq;
+  VU emax[P] = {};  // the largest exponent field seen: 0xFF marks NaN/Inf
+  for (int64_t rb = t.r0; rb < t.r1; rb += kFlushRows) {
+    const int64_t re = std::min(t.r1, rb + kFlushRows);
+    std::memset(colf, 0, sizeof(float) * static_cast<size_t>(ceil_div(w, kLanes) * kLanes));
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t row = t.s * geo.m + r;
+      const S* __restrict g = static_cast<const S*>(c.g) + row * n + t.c0;
+      const S* __restrict p = static_cast<const S*>(c.p) + row * n + t.c0;
+      DAcc<W> racc;
+      for (int64_t b = 0; b < w; b += kBlock) {
+        const int64_t be = std::min(w, b + kBlock);
+        Lanes<W> fr, fp, fq;
+        // 16 elements from gs / ps (column j of the tile); `rest` < 16: a zero-padded tail
+        const auto group = [&](const S* gs, const S* ps, int64_t j, int rest)
+                               __attribute__((always_inline)) {
+          for (int q = 0; q < P; ++q) {
+            const VF graw = vload<F, W>(gs + q * W);
+            const VU e = (VU)graw & 0x7F800000u;
+            emax[q] = emax[q] > e ? emax[q] : e;
+            if constexpr (K::GSQ) {
+              const VF gu = pre.unscale(graw);
+              fq.v[q] += gu * gu;
+            }
+            const VF gv = pre(graw);
+            VF G = gv * gv + eps1;
+            if (rest) G = lane_ids<W>(q) < rest ? G : VF{};
+            fr.v[q] += G;
+            VF cs;
+            std::memcpy(&cs, colf + j + q * W, sizeof cs);
+            cs += G;
+            std::memcpy(colf + j + q * W, &cs, sizeof cs);
+            const VF pv = vload<F, W>(ps + q * W);
+            fp.v[q] += pv * pv;
+          }
+        };
+        int64_t j = b;
+        for (; j + kLanes <= be; j += kLanes) group(g + j, p + j, j, 0);
+        if (j < be) {
+          const int rest = static_cast<int>(be - j);
+          group(Padded<F>(g + j, rest).v, Padded<F>(p + j, rest).v, j, rest);
+        }
+        racc.add(fr);
+        pp.add(fp);
+        if constexpr (K::GSQ) gq.add(fq);
+      }
+      rowpart[row] = racc.sum();
+    }
+    if (rb == t.r0) {
+      for (int64_t j = 0; j < w; ++j) colpart[j] = colf[j];
+    } else {
+      for (int64_t j = 0; j < w; ++j) colpart[j] += colf[j];
+    }
+  }
+  uint32_t bad = 0;
+  for (int q = 0; q < P; ++q)
+    for (int k = 0; k < W; ++k) bad |= emax[q][k] == 0x7F800000u ? 1u : 0u;
+  c.w.slots[unit] = Slot{pp.sum(), K::GSQ ? gq.sum() : 0.0, 0.0, bad};
+}
+LOMO_CPU_CLONES(fac_stats)
+
+// ---- stage 2 pass: sum(u*u), u = (rfac * cfac) * g ------------------------------------------
+template <class K, int W>
+LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
+  constexpr Fmt F = K::F;
+  using S = storage_t<F>;
+  using VF = typename Vec<W>::F;
+  constexpr int P = Lanes<W>::P;
+  const Geo& geo = c.geo;
+  const Tile t = tile_of(geo, unit);
+  const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
+  const float mean = mean_r(c, t.s);
+  const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
+  DAcc<W> uu;
+  for (int64_t r = t.r0; r < t.r1; ++r) {
+    const int64_t row = t.s * geo.m + r;
+    const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
+    const S* __restrict g = static_cast<const S*>(c.g) + row * geo.n + t.c0;
+    for (int64_t b = 0; b < t.w; b += kBlock) {
+      const int64_t be = std::min(t.w, b + kBlock);
+      Lanes<W> fu;
+      const auto group = [&](const S* gs, const float* cs, int rest)
+                             __attribute__((always_inline)) {
+        for (int q = 0; q < P; ++q) {
+          VF cv;
+          std::memcpy(&cv, cs + q * W, sizeof cv);
+          VF u = (rf * cv) * pre(vload<F, W>(gs + q * W));
+          if (rest) u = lane_ids<W>(q) < rest ? u : VF{};
+          fu.v[q] += u * u;
+        }
+      };
+      int64_t j = b;
+      for (; j + kLanes <= be; j += kLanes) group(g + j, cf + j, 0);
+      if (j < be) {
+        const int rest = static_cast<int>(be - j);
+        float cbuf[kLanes] = {};
+        std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
+        group(Padded<F>(g + j, rest).v, cbuf, rest);
+      }
+      uu.add(fu);
+    }
+  }
+  c.w.slots[unit].uu = uu.sum();
+}
+LOMO_CPU_CLONES(fac_unorm)
+
+// ---- stage 3 pass: apply; commit this tile's share of the new state -------------------------
+template <class K, int W>
+LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
+  constexpr Fmt F = K::F;
+  using S = storage_t<F>;
+  const Geo& geo = c.geo;
+  const Tile t = tile_of(geo, unit);
+  const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
+  const float denom = c.st.denom, decay = c.st.decay, lr_t = c.st.lr_t;
+  const uint32_t key = c.s.key;
+  const float mean = mean_r(c, t.s);
+  const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
+  for (int64_t r = t.r0; r < t.r1; ++r) {
+    const int64_t row = t.s * geo.m + r;
+    const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
+    int64_t begin = row * geo.n + t.c0;
+    const int64_t end = begin + t.w;
+    const float* __restrict cfj = cf;
+    while (begin < end) {  // split where the hash's high half changes
+      const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
+      const uint32_t hk = hash_high_key(key, static_cast<uint64_t>(begin));
+      const uint32_t lo = static_cast<uint32_t>(begin);
+      S* __restrict p = static_cast<S*>(c.p) + begin;
+      const S* __restrict g = static_cast<const S*>(c.g) + begin;
+      const int64_t len = stop - begin;
+      for (int64_t j = 0; j < len; ++j) {
+        const float gv = preprocess<K::DIV, K::CLIP>(to_f32<F>(g[j]), scale, clip, coef);
+        const float u = (rf * cfj[j]) * gv;
+        const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
+        p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u, bits);
+      }
+      cfj += len;
+      begin = stop;
+    }
+  }
+  if (t.cb == 0)
+    std::memcpy(c.r + t.s * geo.m + t.r0, c.w.newr + t.s * geo.m + t.r0,
+                sizeof(float) * static_cast<size_t>(t.r1 - t.r0));
+  if (t.rg == 0)
+    std::memcpy(c.c + t.s * geo.n + t.c0, c.w.cnew + t.s * geo.n + t.c0,
+                sizeof(float) * static_cast<size_t>(t.w));
+}
+LOMO_CPU_CLONES(fac_apply)
+
+// new c = beta * c + (1 - beta) * colsum / rows (torch.add(c * b, mean, alpha=1-b): one fma)
+// and its rsqrt, for the columns [j0, j1) of all slices' flat index.
+void new_col_state(const FacCtx& c, int64_t j0, int64_t j1) {
+  const float b = c.s.beta, omb = c.s.one_minus_beta;
+  const float* colsum = c.hdr + kHeader + c.geo.S;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float mean = static_cast<float>(static_cast<double>(colsum[j]) /
+                                          static_cast<double>(c.rows_g));
+    c.w.cnew[j] = std::fma(mean, omb, c.c[j] * b);
+    c.w.cfac[j] = 1.0f / std::sqrt(c.w.cnew[j]);
+  }
+}
+
+// After the stage-1 pass: per slice the new r and sum(r); per column run the column sums into
+// the header (and, in one call, the new c at once: no all-reduce comes in between). On the
+// calling thread: O(rows + 64 x cols) additions cost less than another round of the threads.
+void fac_finalize(const FacCtx& c, bool fused) {
+  const Geo& g = c.geo;
+  const int64_t runs = ceil_div(g.n, kColRun);
+  const float b = c.s.beta, omb = c.s.one_minus_beta;
+  const auto fin = [&](int64_t u) {
+    if (u < g.S) {  // r = b * r + (1 - b) * mean(G, -1): one fma, as torch.add(.., alpha)
+      double sum_r = 0.0;
+      for (int64_t i = u * g.m; i < (u + 1) * g.m; ++i) {
+        double rs = 0.0;
+        for (int64_t cb = 0; cb < g.ncb; ++cb) rs += c.w.rowpart[cb * g.S * g.m + i];
+        const float r = std::fma(static_cast<float>(rs / static_cast<double>(g.n)), omb,
+                                 c.r[i] * b);
+        c.w.newr[i] = r;
+        sum_r += r;
+      }
+      c.hdr[kHeader + u] = static_cast<float>(sum_r);
+      return;
+    }
+    const int64_t s = (u - g.S) / runs, j0 = ((u - g.S) % runs) * kColRun;
+    const int64_t len = std::min(g.n - j0, kColRun);
+    double sum[kColRun];
+    for (int64_t j = 0; j < len; ++j) sum[j] = 0.0;
+    for (int64_t rg = 0; rg < g.nrb; ++rg) {
+      const double* __restrict cp = c.w.colpart + (s * g.nrb + rg) * g.n + j0;
+      for (int64_t j = 0; j < len; ++j) sum[j] += cp[j];
+    }
+    float* colsum = c.hdr + kHeader + g.S + s * g.n + j0;
+    for (int64_t j = 0; j < len; ++j) colsum[j] = static_cast<float>(sum[j]);
+    if (fused) new_col_state(c, s * g.n + j0, s * g.n + j0 + len);
+  };
+  for (int64_t u = 0; u < g.S + g.S * runs; ++u) fin(u);
+}
+
+template <class T, class Get>
+T sum_slots(const Slot* slots, int64_t n, Get get) {
+  T s = 0;
+  for (int64_t u = 0; u < n; ++u) s += get(slots[u]);
+  return s;
+}
+
+// The stages of a factored parameter, in one parallel region (parallel_phases): stage 0 runs the
+// three passes and stops after the first on a non-finite gradient; 1, 2, 3 run one pass each.
+void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
+  using Fn = void (*)(const FacCtx&, int64_t);
+  enum Pass { kStats, kUnorm, kApply };
+  const Geo& g = c.geo;
+  float* h = c.hdr;
+  Pass pass[3];
+  int n = 0;
+  if (a.stage <= 1) pass[n++] = kStats;
+  if (a.stage == 0 || a.stage == 2) pass[n++] = kUnorm;
+  if (a.stage == 0 || a.stage == 3) pass[n++] = kApply;
+  Fn fn[3] = {};
+  for (int k = 0; k < n; ++k) {
+    if (pass[k] == kStats)
+      dispatch_flags<kUseDIV | kUseGSQ | kUseCLIP>(dtype, false, a.div, a.grad_sq != nullptr,
+                                                   false, a.clip,
+                                        [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); });
+    if (pass[k] == kUnorm)
+      dispatch_flags<kUseDIV | kUseCLIP>(dtype, false, a.div, false, false, a.clip,
+                              [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); });
+  }
+  // Before the apply pass: its scalars and loop (update clipping inactive: no division).
+  const auto prepare_apply = [&](int k) {
+    c.st = step_scalars(c.s, h[0], h[2], a.numel_g);
+    dispatch_flags<kUseSR | kUseDIV | kUseDEN1 | kUseCLIP>(
+        dtype, a.sr, a.div, false, c.st.denom == 1.0f, a.clip,
+        [&](auto f) { fn[k] = fac_apply_pick<decltype(f), FacCtx>(); });
+  };
+  bool skip = false;  // a non-finite gradient: no further pass
+  if (a.stage == 2) {  // the new c from the all-reduced column sums
+    new_col_state(c, 0, g.S * g.n);
+    if (h[1] > 0) {
+      h[2] = 0.0f;
+      return;
+    }
+  }
+  if (a.stage == 3) {
+    if (h[1] > 0) return set_found(a.found);
+    prepare_apply(0);
+  }
+  const auto between = [&](int k) {
+    if (pass[k] == kStats) {
+      fac_finalize(c, a.stage == 0);
+      h[0] = static_cast<float>(sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.pp; }));
+      h[1] = sum_slots<uint32_t>(c.w.slots, g.units, [](const Slot& s) { return s.bad; }) ? 1.0f : 0.0f;
+      if (a.grad_sq && g.units)
+        a.grad_sq[0] += static_cast<float>(
+            sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.gsq; }));
+      if (a.stage == 0 && h[1] > 0) {
+        set_found(a.found);
+        skip = true;
+      }
+    } else if (pass[k] == kUnorm && !skip) {
+      h[2] = static_cast<float>(sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.uu; }));
+      if (a.stage == 0) prepare_apply(k + 1);
+    }
+  };
+  parallel_phases(
+      n, [&](int k) { return skip ? int64_t{0} : g.units; },
+      [&](int k, int64_t u) { fn[k](c, u); }, between);
+  if (pass[n - 1] == kApply && !skip && g.units == 0)  // an empty shard commits its copy of c
+    std::memcpy(c.c, c.w.cnew, sizeof(float) * static_cast<size_t>(g.S * g.n));
+}
+
+}  // namespace
+
+int64_t factored_workspace_numel(c10::IntArrayRef shape) {
+  return factored_numel(factored_geo(shape));
+}
+
+void factored_adalomo(const AdaCall& a, const at::Tensor& param, const at::Tensor& grad, float* r,
+                      float* c, int64_t global_rows, const std::optional<at::Tensor>& workspace) {
+  FacCtx x{};
+  x.geo = factored_geo(param.sizes());
+  Scratch scratch("adalomo_update_", workspace, factored_numel(x.geo));
+  Carver cv = scratch.carver(header_floats(x.geo));
+  x.w = carve_factored(cv, x.geo);
+  x.s = a.s;
+  x.coef = a.coef;
+  x.p = param.data_ptr();
+  x.g = grad.data_ptr();
+  x.hdr = scratch.header();
+  x.r = r;
+  x.c = c;
+  x.rows_g = global_rows ? global_rows : x.geo.m;
+  factored_update(x, a, param.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace lomo

@@ -1,0 +1,210 @@
+// Explicit vectors (GCC/Clang vector extensions) for the CPU loops that reduce.
+//
+// A compiler does not vectorise a floating-point sum without fast-math (that would reorder it),
+// so the reducing loops are written on vectors. They sum over 16 logical lanes: lane k of an
+// accumulator takes the elements j with j % 16 == k, in increasing j. A clone holds the 16 lanes
+// in vectors of its own width W (AVX-512: one of 16, AVX2: two of 8, baseline: four of 4; wider
+// vectors than the ISA has would be split element by element by GCC), so every clone computes
+// the same lanes in the same order and gives bitwise the same sums; the unit partition makes
+// them independent of the thread count.
+//
+// Accuracy without double arithmetic per element: each fp32 lane sums at most kBlock / 16 = 64
+// terms (relative error below 64 * 2**-24 = 4e-6 for the non-negative sums here), then the
+// block's lanes are added into double accumulators.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/cpu_common.h"
+#include "rounding.h"
+
+// Vectors as arguments of always_inline helpers: the ABI note about passing them is irrelevant.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace lomo {
+namespace cpu {
+
+constexpr int kLanes = 16;        // logical lanes of every sum
+constexpr int64_t kBlock = 1024;  // elements per fp32 accumulation block (64 per lane)
+
+// Native vectors of W fp32 lanes; D holds W / 2 doubles (one half of an F).
+template <int W>
+struct Vec;
+#define LOMO_VEC_TYPES(W, B)                                  \
+  template <>                                                 \
+  struct Vec<W> {                                             \
+    typedef float F __attribute__((vector_size(B)));          \
+    typedef int32_t I __attribute__((vector_size(B)));        \
+    typedef uint32_t U __attribute__((vector_size(B)));       \
+    typedef uint16_t H __attribute__((vector_size(B / 2)));   \
+    typedef double D __attribute__((vector_size(B)));         \
+  };
+LOMO_VEC_TYPES(4, 16)
+LOMO_VEC_TYPES(8, 32)
+LOMO_VEC_TYPES(16, 64)
+#undef LOMO_VEC_TYPES
+
+// x in every lane (x - 0 is x for every x, -0 and NaN included, so this is a broadcast).
+template <int W>
+LOMO_CPU_INLINE typename Vec<W>::F splat(float x) {
+  return x - typename Vec<W>::F{};
+}
+
+// {q*W, q*W + 1, ...}: the logical lane numbers of part q.
+template <int W>
+LOMO_CPU_INLINE typename Vec<W>::I lane_ids(int q) {
+  typename Vec<W>::I v;
+  for (int k = 0; k < W; ++k) v[k] = q * W + k;
+  return v;
+}
+
+// W 16-bit values widened to 32 bits, into the high half of each word (HIGH: bf16 -> fp32 bits)
+// or the low half (zero-extended). Interleaving with zeros compiles to one or two shuffles
+// (GCC splits __builtin_convertvector from 16 to 32 bits into halves).
+template <int W, bool HIGH>
+LOMO_CPU_INLINE typename Vec<W>::U widen16(const uint16_t* p) {
+  using V = Vec<W>;
+  typename V::H h;
+  std::memcpy(&h, p, sizeof h);
+  if constexpr (W == 4) {
+    const typename V::U w = __builtin_convertvector(h, typename V::U);
+    return HIGH ? w << 16 : w;
+  } else {
+    typedef uint16_t H2 __attribute__((vector_size(2 * sizeof(typename V::H))));
+    const typename V::H z = {};
+    H2 r;
+    if constexpr (W == 8) {
+      r = HIGH ? __builtin_shufflevector(z, h, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15)
+               : __builtin_shufflevector(h, z, 0, 8, 1, 8, 2, 8, 3, 8, 4, 8, 5, 8, 6, 8, 7, 8);
+    } else {
+      r = HIGH ? __builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0,
+                                         23, 0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30, 0, 31)
+               : __builtin_shufflevector(h, z, 0, 16, 1, 16, 2, 16, 3, 16, 4, 16, 5, 16, 6, 16, 7,
+                                         16, 8, 16, 9, 16, 10, 16, 11, 16, 12, 16, 13, 16, 14, 16,
+                                         15, 16);
+    }
+    return (typename V::U)r;
+  }
+}
+
+// Upcast of W stored elements (any alignment).
+template <Fmt F, int W>
+LOMO_CPU_INLINE typename Vec<W>::F vload(const storage_t<F>* p) {
+  using V = Vec<W>;
+  if constexpr (F == Fmt::F32) {
+    typename V::F v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else if constexpr (F == Fmt::BF16) {
+    return (typename V::F)widen16<W, true>(p);
+  } else {  // f16_to_f32 of rounding.h, lane-wise (exact)
+    const typename V::U w = widen16<W, false>(p);
+    const typename V::U sign = (w & 0x8000u) << 16;
+    const typename V::U em = w & 0x7FFFu;
+    const typename V::U zero = {};
+    const typename V::U normal =
+        (em << 13) + (em >= 0x7C00u ? zero + 0x70000000u : zero + 0x38000000u);
+    const typename V::F sub = (typename V::F)(em + 0x3F000000u) - 0.5f;
+    return (typename V::F)(sign | (em < 0x0400u ? (typename V::U)sub : normal));
+  }
+}
+
+// docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise, with the
+// scalars broadcast once (outside the loops).
+template <bool DIV, int W, bool CLIP = true>
+struct VPre {
+  using VF = typename Vec<W>::F;
+  VF scale, lo, hi, coef;
+  LOMO_CPU_INLINE VPre(float s, float clip, float c)
+      : scale(splat<W>(s)), lo(splat<W>(-clip)), hi(splat<W>(clip)), coef(splat<W>(c)) {}
+  LOMO_CPU_INLINE VF unscale(VF g) const { return DIV ? g / scale : g * scale; }
+  LOMO_CPU_INLINE VF operator()(VF g) const {
+    g = unscale(g);
+    if (!CLIP) return g;
+    g = g < lo ? lo : g;
+    g = g > hi ? hi : g;
+    return g * coef;
+  }
+};
+
+// 16 stored elements, zero-padded after the first `len`, staged for a clone's vector loads.
+template <Fmt F>
+struct Padded {
+  storage_t<F> v[kLanes];
+  Padded(const storage_t<F>* p, int64_t len) : v{} {
+    std::memcpy(v, p, static_cast<size_t>(len) * sizeof(storage_t<F>));
+  }
+};
+
+// One fp32 accumulator of 16 lanes in W-wide parts.
+template <int W>
+struct Lanes {
+  static constexpr int P = kLanes / W;
+  typename Vec<W>::F v[P];
+  LOMO_CPU_INLINE Lanes() : v{} {}
+};
+
+// Double accumulators of 16 lanes: lo[q] / hi[q] hold the lower / upper half of part q.
+template <int W>
+struct DAcc {
+  static constexpr int P = kLanes / W;
+  typename Vec<W>::D lo[P], hi[P];
+  LOMO_CPU_INLINE DAcc() : lo{}, hi{} {}
+  LOMO_CPU_INLINE void add(const Lanes<W>& f) {
+    for (int q = 0; q < P; ++q) {
+      const auto x = f.v[q];
+      if constexpr (W == 16) {
+        lo[q] += __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                                         typename Vec<W>::D);
+        hi[q] += __builtin_convertvector(
+            __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), typename Vec<W>::D);
+      } else if constexpr (W == 8) {
+        lo[q] += __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3),
+                                         typename Vec<W>::D);
+        hi[q] += __builtin_convertvector(__builtin_shufflevector(x, x, 4, 5, 6, 7),
+                                         typename Vec<W>::D);
+      } else {
+        lo[q] += __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1), typename Vec<W>::D);
+        hi[q] += __builtin_convertvector(__builtin_shufflevector(x, x, 2, 3), typename Vec<W>::D);
+      }
+    }
+  }
+  // lanes 0..15 in order
+  LOMO_CPU_INLINE double sum() const {
+    double s = 0.0;
+    for (int q = 0; q < P; ++q) {
+      for (int k = 0; k < W / 2; ++k) s += lo[q][k];
+      for (int k = 0; k < W / 2; ++k) s += hi[q][k];
+    }
+    return s;
+  }
+};
+
+// acc += sum of x[j]**2 for j in [0, len), len <= kBlock: one fp32 block (x: a staging buffer).
+template <int W>
+LOMO_CPU_INLINE void add_squares_block(DAcc<W>& acc, const float* __restrict x, int64_t len) {
+  using VF = typename Vec<W>::F;
+  Lanes<W> s;
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int q = 0; q < Lanes<W>::P; ++q) {
+      VF v;
+      std::memcpy(&v, x + j + q * W, sizeof v);
+      s.v[q] += v * v;
+    }
+  }
+  if (j < len) {
+    float buf[kLanes] = {};
+    std::memcpy(buf, x + j, static_cast<size_t>(len - j) * sizeof(float));
+    for (int q = 0; q < Lanes<W>::P; ++q) {
+      VF v;
+      std::memcpy(&v, buf + q * W, sizeof v);
+      s.v[q] += v * v;
+    }
+  }
+  acc.add(s);
+}
+
+}  // namespace cpu
+}  // namespace lomo
