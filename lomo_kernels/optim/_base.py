@@ -20,6 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import ops
+from ._norm import fp32_norm
 from .loss_scaler import DynamicLossScaler
 
 _GOLDEN32 = 0x9E3779B9
@@ -141,7 +142,7 @@ class InBackwardOptimizer(Optimizer):
         if g is None or self._mode == "skip" or p.numel() == 0:
             return
         if self._mode == "norm":
-            n = torch.linalg.vector_norm(g, dtype=torch.float32)
+            n = fp32_norm(g)
             s = self._active_scale
             self._grad_norms.append(n / s if s != 1.0 else n)
             return
