@@ -42,6 +42,10 @@ BACKWARD_MODELS = {
                      tie=False, batch=2, seq=32),
     "bwd-small": dict(hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4, vocab=4096,
                       tie=False, batch=2, seq=128),
+    # 125M parameters: big enough on CPU for the per-parameter work to show, small enough to
+    # time every variant several times in a few minutes
+    "bwd-medium": dict(hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=4,
+                       vocab=32000, tie=False, batch=1, seq=256),
     # TinyLlama-like ~1.0B (16 of its 22 layers): hidden 2048, intermediate 5632, 4 kv heads.
     "llama-1b": dict(hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=4,
                      vocab=32000, tie=False, batch=4, seq=1024),

@@ -65,7 +65,7 @@ MODELS = {
                       num_attention_heads=2, num_key_value_heads=1, vocab_size=None,
                       tie_word_embeddings=False),
 }
-DEFAULT_OPTIMIZERS = ("lk-adalomo", "lk-lomo", "adamw", "lomo_optim-adalomo")
+DEFAULT_OPTIMIZERS = optimizers.defaults("convergence")
 BASELINE = "adamw"
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 HELD_OUT_ONE_IN = 20

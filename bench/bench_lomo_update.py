@@ -1,5 +1,6 @@
-"""Microbenchmark of the fused LOMO update, ``ops.lomo_update_`` (docs/spec.md: ``p = p * (1 - lr *
-weight_decay) - lr * g``; fewest bytes: read p, read g, write p = 6 B/element in bf16).
+"""Microbenchmark of the fused LOMO update, ``ops.lomo_update_`` (docs/spec.md:
+``p = p * (1 - lr * weight_decay) - lr * g``; fewest bytes: read p, read g, write p = 6 B/element
+in bf16).
 
 Implementations timed on the same parameters, each the way its users run it:
 

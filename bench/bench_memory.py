@@ -22,14 +22,16 @@ Cases (``--optimizers``, comma-separated; the optimizers are bench/optimizers.py
 Every case runs in a fresh process (a clean allocator; one that runs out of memory cannot
 disturb the next). A case: build the model on the meta device and materialise it in ``--dtype``
 on the device (the model's own initialisation); one warm-up step (optimizer state is created);
-``--steps`` timed steps (forward, loss, backward with the update); on CPU one more step recorded
-by torch.profiler for the allocator's peak. On CPU the process may use at most ``--cpu-limit-gib``
+``--steps`` timed steps (forward, loss, backward with the update), the last of which, on CPU, is
+recorded by torch.profiler for the allocator's peak (its time includes the profiler's overhead,
+a few per cent; the resident peak is read before it). On CPU the process may use at most ``--cpu-limit-gib``
 above its baseline (an address-space limit; a case that needs more fails to allocate and is
 reported as "does not fit in N GiB", a result). Reported per case:
 
     peak_bytes        CUDA: torch.cuda.max_memory_allocated over the steps. CPU: the peak
-                      resident set over the warm-up and timed steps (VmHWM) minus the baseline
-                      (VmRSS after imports, before the model is built).
+                      resident set over the steps before the profiled one (VmHWM) minus the
+                      baseline (VmRSS after a toy step of the same code path, before the model
+                      is built).
     alloc_peak_bytes  torch's allocator: CUDA, the same as peak_bytes; CPU, parameters + state +
                       the highest sum of live allocations during the profiled step
                       (torch.profiler, profile_memory=True).
@@ -76,8 +78,7 @@ from lomo_kernels import ops
 from lomo_kernels.finetune import DTYPES, MODEL_CONFIGS, ByteTokenizer, build_config, build_model
 
 FLOORS = ("floor-params", "floor-backward")
-DEFAULT_CASES = FLOORS + ("lk-adalomo", "lk-lomo", "lomo_optim-adalomo", "lomo_optim-lomo",
-                          "adamw", "adafactor")
+DEFAULT_CASES = FLOORS + optimizers.defaults("memory")
 GB = 1e9
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,29 +231,40 @@ def run_case(case: dict) -> dict:
 
         times, losses = [], []
         probe.reset()
-        if name != "floor-params":
-            for i in range(1 + case["steps"]):
+        traced = device.type == "cpu" and case.get("allocator_trace", True)
+        n = 0 if name == "floor-params" else 1 + case["steps"]
+        trace = None
+        for i in range(n):
+            if traced and i == n - 1:  # the resident peak is taken before the profiler runs
+                row["peak_bytes"] = probe.peak() - base
+                out = []
                 t0 = time.perf_counter()
-                losses.append(float(step().detach()))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i > 0:
-                    times.append(time.perf_counter() - t0)
-        row["peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
+                trace = memprobe.allocation_trace(lambda: out.append(step()), device)
+                loss = out[0]
+            else:
+                t0 = time.perf_counter()
+                loss = step()
+            losses.append(float(loss.detach()))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+        if "peak_bytes" not in row:
+            row["peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
         state = optimizers.state_bytes(opt) if opt is not None else 0
         row["state_bytes"] = state
         if device.type == "cuda":
             row["alloc_peak_bytes"] = row["peak_bytes"]
         elif name == "floor-params":
             row["alloc_peak_bytes"] = row["param_bytes"]
-        elif case.get("allocator_trace", True):
-            trace = memprobe.allocation_trace(step, device)
+        elif trace is not None:
             row["alloc_peak_bytes"] = row["param_bytes"] + state + trace.peak
             row["alloc_largest_bytes"] = trace.largest
         if times:
             med = statistics.median(times)
             row.update(step_s=med, step_s_min=min(times), step_s_max=max(times),
-                       tokens_per_s=case["batch_size"] * case["seq_len"] / med)
+                       tokens_per_s=case["batch_size"] * case["seq_len"] / med,
+                       step_profiled=trace is not None)
         row["losses"] = losses
         row["finite"] = all(math.isfinite(x) for x in losses)
     except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -380,7 +392,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--optimizers", default=",".join(DEFAULT_CASES),
-                   help="comma-separated cases: " + ", ".join(FLOORS + tuple(optimizers.OPTIMIZERS)))
+                   help="comma-separated cases: "
+                        + ", ".join(FLOORS + tuple(optimizers.OPTIMIZERS)))
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="lk-* update kernels")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
@@ -502,8 +515,8 @@ def main(argv=None) -> dict:
             rows.append(r)
     search = None
     if args.memory_cap_gb is not None:
-        widths = [int(w) for w in (args.search_widths or
-                                   ("64,128" if cpu else "2048,3072,4096,5120,6144,8192")).split(",")]
+        default_widths = "64,128" if cpu else "2048,3072,4096,5120,6144,8192"
+        widths = [int(w) for w in (args.search_widths or default_widths).split(",")]
         log(f"searching the largest shape under {args.memory_cap_gb} GB with "
             f"{args.search_optimizer} ...")
         search = search_cap({**base, "optimizer": args.search_optimizer}, args.memory_cap_gb * GB,

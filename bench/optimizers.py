@@ -68,24 +68,37 @@ class OptimizerSpec:
     lr: float  # the convergence benchmark's learning rate (tuned by its --sweep)
     sweep: tuple = ()  # learning rates its --sweep tries
     family: str = ""  # optimizers that compute the same update share a family (and a tuned lr)
+    default_in: tuple = ()  # the committed runs that include it: "memory", "convergence"
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("lk-adalomo", "AdaLomo (lomo_kernels)", _lk("AdaLomo"), True,
-                  lr=5e-2, sweep=(2e-2, 5e-2, 1e-1, 2e-1), family="adalomo"),
+                  lr=5e-2, sweep=(2e-2, 5e-2, 1e-1, 2e-1), family="adalomo",
+                  default_in=("memory", "convergence")),
     OptimizerSpec("lk-lomo", "Lomo (lomo_kernels)", _lk("Lomo"), True,
-                  lr=0.1, sweep=(0.05, 0.1, 0.2, 0.4), family="lomo"),
+                  lr=0.1, sweep=(0.05, 0.1, 0.2, 0.4), family="lomo",
+                  default_in=("memory", "convergence")),
     OptimizerSpec("lomo_optim-adalomo", "AdaLomo (lomo-optim)", _lomo_optim("AdaLomo"), True,
-                  lr=5e-2, family="adalomo"),
+                  lr=5e-2, family="adalomo", default_in=("memory", "convergence")),
     OptimizerSpec("lomo_optim-lomo", "Lomo (lomo-optim)", _lomo_optim("Lomo"), True,
-                  lr=0.1, family="lomo"),
+                  lr=0.1, family="lomo", default_in=("memory",)),
     OptimizerSpec("adamw", "AdamW (torch, foreach)", _torch("AdamW", foreach=True), False,
-                  lr=3e-3, sweep=(1e-3, 2e-3, 4e-3, 8e-3), family="adamw"),
+                  lr=3e-3, sweep=(1e-3, 2e-3, 4e-3, 8e-3), family="adamw",
+                  default_in=("memory", "convergence")),
     OptimizerSpec("adamw-fused", "AdamW (torch, fused)", _torch("AdamW", fused=True), False,
                   lr=3e-3, family="adamw"),
     OptimizerSpec("adafactor", "Adafactor (torch, foreach)", _torch("Adafactor", foreach=True),
-                  False, lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="adafactor"),
+                  False, lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="adafactor",
+                  default_in=("memory",)),
+    # GoLore / GaLore: one entry each here, e.g.
+    # OptimizerSpec("lk-golore", "GoLore (lomo_kernels)", _lk("GoLore", rank=128), True,
+    #               lr=..., sweep=(...), family="golore", default_in=("memory", "convergence")),
 )}
+
+
+def defaults(bench: str) -> tuple[str, ...]:
+    """The optimizers a committed run of ``bench`` ("memory", "convergence") includes."""
+    return tuple(s.name for s in OPTIMIZERS.values() if bench in s.default_in)
 
 
 def get(name: str) -> OptimizerSpec:

@@ -191,7 +191,8 @@ def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | No
         labelled = set()
         for b in backends:
             for dt in ("bf16", "fp16", "fp32"):
-                sel = [r for r in rows if r.op == op and r.backend == b and r.dtype == dt and r.gbps]
+                sel = [r for r in rows
+                       if r.op == op and r.backend == b and r.dtype == dt and r.gbps]
                 # single tensors: a line over sizes; whole models (many tensors): stars
                 pts = sorted((r.numel, r.gbps) for r in sel if r.n_tensors == 1)
                 if pts:

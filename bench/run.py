@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     write_csv(Path(f"{stem}.csv"), rows, env)
     plotted = write_plot(Path(f"{stem}.png"), rows, env, copy["copy_gbps"])
     print()
-    print(wrap(f"wrote {stem}.json, .csv" + (", .png" if plotted else " (no plot: no microbenchmark "
-               "rows)") + f" in {meta['wall_s']} s"))
+    plot = ", .png" if plotted else " (no plot: no microbenchmark rows)"
+    print(wrap(f"wrote {stem}.json, .csv{plot} in {meta['wall_s']} s"))
     return 0
 
 

@@ -8,7 +8,8 @@ bench_adalomo_update.py, at small sizes:
 Not part of the test suite: ``pytest tests/`` never looks here, and a bare ``pytest`` from the
 repository root skips this folder (bench/conftest.py) unless ``--benchmark-only`` is given or
 bench/ is named on the command line. Implementations that cannot run here are skipped.
-Each benchmark's ``extra_info`` holds the fewest bytes (docs/spec.md) and the effective GB/s of its mean.
+Each benchmark's ``extra_info`` holds the fewest bytes (docs/spec.md) and the effective GB/s of
+its mean.
 """
 
 from __future__ import annotations
