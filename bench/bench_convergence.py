@@ -27,7 +27,9 @@ Reported per optimizer: eval loss (the mean over ``--eval-batches`` fixed held-o
 against steps and against training wall time (plots; evaluation time excluded), the final eval
 loss and its gap to AdamW's, tokens/s, optimizer-state bytes, and the peak resident memory above
 the process's baseline (taken after the corpus is loaded, before the model is built). The
-machine load (1/5/15-minute averages) is recorded before and after each run.
+machine load (1/5/15-minute averages) is recorded before and after each run. The JSON is
+written after every run (an interrupted run keeps what it measured); ``--merge`` keeps the runs
+of an existing file that this invocation does not repeat.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch
 from bench import memprobe, optimizers
 from bench.environment import add_output_args, environment, output_dir, script_parser
 from bench.report import plot_curves, plot_sweep, render_table, wrap
-from bench.results import write_json_payload
+from bench.results import merge_rows, write_json_payload
 
 MODELS = {
     # 18.0M parameters: 6 x 2.95M per layer + 2 x 259 x 512 embeddings
@@ -270,6 +272,9 @@ def parse_args(argv=None):
                     help="a ~30-second run of the whole pipeline (CI): "
                          + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     add_output_args(ap, "convergence.json / .png (convergence_sweep.* with --sweep)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of an existing convergence.json (convergence_sweep.json) "
+                         "in the output directory that this run does not repeat")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -317,28 +322,46 @@ def main(argv=None) -> dict:
                f"{corpus['held_out_tokens']:,} held-out tokens; {len(cases)} runs of "
                f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens"), flush=True)
     runner = run_isolated if args.isolation == "subprocess" else run_one
+    out = output_dir(args, env)
+    stem = "convergence_sweep" if args.sweep else "convergence"
+    key = (lambda r: (r["optimizer"], r["lr"])) if args.sweep else (lambda r: r["optimizer"])
+    old = []
+    if args.merge and (out / f"{stem}.json").exists():
+        old = json.loads((out / f"{stem}.json").read_text())["runs"]
+    done = []
+    payload = {"environment": env, "corpus": corpus,
+               "args": {k: v for k, v in vars(args).items() if k != "worker"}}
+
+    def save():  # after every run: a long run interrupted keeps what it measured
+        payload.update(load_avg_end=[round(x, 2) for x in os.getloadavg()],
+                       wall_s=round(time.perf_counter() - t0, 1),
+                       runs=merge_rows(old, sorted(done, key=cases_order), key))
+        write_json_payload(out / f"{stem}.json", payload)
+
+    cases_order = lambda r: next(i for i, c in enumerate(cases) if key(c) == key(r))  # noqa: E731
 
     def go(case):
         r = runner(case)
         msg = ("error" if "error" in r else
                f"final eval loss {r['final_eval_loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s")
         print(f"  {case['optimizer']} lr {case['lr']:g}: {msg}", file=sys.stderr, flush=True)
+        done.append(r)
+        save()
         return r
 
     if args.jobs > 1 and args.isolation == "subprocess":
         with ThreadPoolExecutor(args.jobs) as ex:
-            runs = list(ex.map(go, cases))
+            list(ex.map(go, cases))
     else:
-        runs = [go(c) for c in cases]
-    out = output_dir(args, env)
-    stem = "convergence_sweep" if args.sweep else "convergence"
-    payload = {"environment": env, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-               "corpus": corpus, "args": {k: v for k, v in vars(args).items() if k != "worker"},
-               "wall_s": round(time.perf_counter() - t0, 1), "runs": runs}
+        for c in cases:
+            go(c)
+    runs = payload["runs"]
     if args.sweep:
         for name in dict.fromkeys(r["optimizer"] for r in runs):
             ok = [r for r in runs if r["optimizer"] == name and "error" not in r
                   and math.isfinite(r["final_eval_loss"])]
+            for r in runs:
+                r.pop("best", None)
             if ok:
                 min(ok, key=lambda r: r["final_eval_loss"])["best"] = True
         print(sweep_table(runs))

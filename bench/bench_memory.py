@@ -73,7 +73,7 @@ from bench import memprobe, optimizers
 from bench.environment import add_output_args, environment, output_dir, script_parser
 from bench.memory_estimate import estimate
 from bench.report import fmt_bytes, plot_memory, render_table, wrap
-from bench.results import write_json_payload
+from bench.results import merge_rows as merge_by, write_json_payload
 from lomo_kernels import ops
 from lomo_kernels.finetune import DTYPES, MODEL_CONFIGS, ByteTokenizer, build_config, build_model
 
@@ -449,12 +449,8 @@ def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) 
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every (model, case) that ``new`` measured replaced, in ``old``'s order, then
-    the cases ``old`` lacks."""
-    key = lambda r: (r.get("model_config"), r["optimizer"])  # noqa: E731
-    fresh = {key(r): r for r in new}
-    out = [fresh.pop(key(r), r) for r in old]
-    return out + [r for r in new if key(r) in fresh]
+    """``old`` with every (model, case) that ``new`` measured replaced."""
+    return merge_by(old, new, lambda r: (r.get("model_config"), r["optimizer"]))
 
 
 def main(argv=None) -> dict:

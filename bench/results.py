@@ -120,3 +120,11 @@ def skipped_rows(op, dtype, shape_name, shapes, backends, kinds, note) -> list[R
                 n_tensors=len(shapes), numel=numel_of(shapes),
                 bytes_min=fewest_bytes(op, shapes, dtype), note=note)
             for b, k in zip(backends, kinds)]
+
+
+def merge_rows(old: list[dict], new: list[dict], key) -> list[dict]:
+    """``old`` with every row whose ``key(row)`` ``new`` also has replaced by ``new``'s, in
+    ``old``'s order, then ``new``'s other rows (a partial re-run of an earlier run)."""
+    fresh = {key(r): r for r in new}
+    out = [fresh.pop(key(r), r) for r in old]
+    return out + [r for r in new if key(r) in fresh]
