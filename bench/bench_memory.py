@@ -190,10 +190,7 @@ def run_case(case: dict) -> dict:
     name = case["optimizer"]
     probe = Probe(device)
     row = {"optimizer": name, "status": "ok", "limit_bytes": case.get("limit_bytes")}
-    vocab = case["shape"].get("vocab_size") or ByteTokenizer.vocab_size
-    row["estimate"] = estimate(name, case["shape"], vocab=vocab, seq=case["seq_len"],
-                               batch=case["batch_size"], es=torch.empty((), dtype=dtype).itemsize,
-                               checkpointing=case["gradient_checkpointing"])
+    row["estimate"] = _estimate(case)
     row["estimate_bytes"] = row["estimate"]["total"]
     model = opt = None
     try:
@@ -421,6 +418,9 @@ def parse_args(argv=None):
                    help="comma-separated widths (default: 2048..8192 on CUDA, 64,128 on CPU)")
     p.add_argument("--search-optimizer", default="lk-adalomo", choices=tuple(optimizers.OPTIMIZERS))
     add_output_args(p, "memory.json / memory.png")
+    p.add_argument("--reestimate", type=Path, default=None, metavar="DIR",
+                   help="only recompute the estimates of DIR/memory.json (after a change to "
+                        "memory_estimate.py) and redraw DIR/memory.png; nothing is measured")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -453,11 +453,34 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return merge_by(old, new, lambda r: (r.get("model_config"), r["optimizer"]))
 
 
+def _estimate(case: dict) -> dict:
+    return estimate(case["optimizer"], case["shape"],
+                    vocab=case["shape"].get("vocab_size") or ByteTokenizer.vocab_size,
+                    seq=case["seq_len"], batch=case["batch_size"],
+                    es=torch.empty((), dtype=DTYPES[case["dtype"]]).itemsize,
+                    checkpointing=case["gradient_checkpointing"])
+
+
+def reestimate(folder: Path) -> dict:
+    data = json.loads((folder / "memory.json").read_text())
+    a = data["args"]
+    for r in data["rows"]:
+        r["estimate"] = _estimate({**a, "optimizer": r["optimizer"],
+                                   "shape": a["shapes"][r["model_config"]]})
+        r["estimate_bytes"] = r["estimate"]["total"]
+    write_json_payload(folder / "memory.json", data)
+    plot_memory(folder / "memory.png", data["rows"], data["environment"], a)
+    print(format_rows(data["rows"]))
+    return data
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker is not None:  # a subprocess case
         print(json.dumps(run_case(json.loads(args.worker)), default=str), flush=True)
         return {}
+    if args.reestimate is not None:
+        return reestimate(args.reestimate)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = device.type == "cpu"
     configs = args.model_config or (["tiny"] if cpu else ["llama3-8b"])
@@ -473,13 +496,8 @@ def main(argv=None) -> dict:
             return run_case(case)
         note = ""
         if cpu:
-            est = estimate(case["optimizer"], case["shape"],
-                           vocab=case["shape"].get("vocab_size") or ByteTokenizer.vocab_size,
-                           seq=seq_len, batch=args.batch_size,
-                           es=torch.empty((), dtype=DTYPES[args.dtype]).itemsize,
-                           checkpointing=args.gradient_checkpointing)["total"]
-            limit, note = cpu_limit(int(args.cpu_limit_gib * 2**30), est, args.wait_minutes * 60,
-                                    log)
+            limit, note = cpu_limit(int(args.cpu_limit_gib * 2**30), _estimate(case)["total"],
+                                    args.wait_minutes * 60, log)
             case = {**case, "limit_bytes": limit}
         row = run_case_isolated(case, timeout=args.timeout)
         if note:

@@ -16,10 +16,12 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
     floor-params         P
     floor-backward       P + A + G
     lk-adalomo/lk-lomo   P + A + Gmax_live + S (AdaLomo: float32 rows + columns)
-    lomo_optim-lomo      P + A + Gmax_live + 8 * n_max (float32 copies of the largest gradient
-                         and parameter)
-    lomo_optim-adalomo   P + A + Gmax_live + 12 * n_max + S (float32 gradient, squared gradient /
-                         update, float32 parameter)
+    lomo_optim-lomo      P + A + 8 * n_max: float32 copies of the largest gradient and
+                         parameter (the bf16 gradient is freed once copied); with tied
+                         embeddings P + max(A + Gmax_live, 8 * n_max), as the shared matrix's
+                         gradient is complete only when the activations are gone
+    lomo_optim-adalomo   the same with 12 * n_max (float32 gradient, squared gradient / update,
+                         float32 parameter) + S
     adamw (foreach)      P + max(A + G, G + 2P + P): bf16 moments (2P) and torch._foreach_sqrt's
                          parameter-sized temporaries (P) during step()
     adafactor (foreach)  P + max(A + G, G + P + S): the full-size variance estimates of every
@@ -75,10 +77,17 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         return {"total": P, "params": P}
     if optimizer == "floor-backward":
         return {"total": P + A + P, "params": P, "activations": A, "gradients": P}
-    if optimizer in ("lk-adalomo", "lk-lomo", "lomo_optim-lomo", "lomo_optim-adalomo"):
+    if optimizer in ("lk-adalomo", "lk-lomo"):
         state = factored if optimizer.endswith("adalomo") else 0
-        fp32 = {"lomo_optim-lomo": 8, "lomo_optim-adalomo": 12}.get(optimizer, 0) * n_max
-        return {"total": P + A + gmax_live + fp32 + state, "params": P, "activations": A,
+        return {"total": P + A + gmax_live + state, "params": P, "activations": A,
+                "largest_gradient": gmax_live, "state": state}
+    if optimizer in ("lomo_optim-lomo", "lomo_optim-adalomo"):
+        state = factored if optimizer.endswith("adalomo") else 0
+        fp32 = {"lomo_optim-lomo": 8, "lomo_optim-adalomo": 12}[optimizer] * n_max
+        # the float32 copies replace the (freed) gradient; a tied matrix's gradient is complete
+        # only at the end of the backward, when the activations are gone
+        extra = max(A + gmax_live, fp32) if shape.get("tie_word_embeddings") else A + fp32
+        return {"total": P + extra + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "fp32_copies": fp32, "state": state}
     if optimizer in ("adamw", "adamw-fused", "adafactor"):
         if optimizer == "adafactor":
