@@ -28,6 +28,16 @@ requires_native = pytest.mark.skipif(
 ODD_SIZES = [1, 7, 4097, 278011]
 
 
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is faster and steadier than OpenMP threads on a shared CPU.
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise distance in units in the last place between two fp16/bf16 tensors."""
     assert a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)

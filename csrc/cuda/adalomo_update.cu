@@ -429,6 +429,7 @@ void run(at::Tensor& param, const at::Tensor& grad, float* row, float* col, floa
 void adalomo_update_cuda(ADALOMO_UPDATE_PARAMS) {
   constexpr const char* op = "adalomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
+  check_not_implemented(op, grad_sq, stage);
   CHECK_CUDA(op, param);
   check_adalomo_state(param, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq);
   const bool sr = parse_rounding(op, rounding);

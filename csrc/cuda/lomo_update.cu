@@ -81,6 +81,7 @@ void launch(at::Tensor& param, const at::Tensor& grad, const LomoScalars& s, con
 void lomo_update_cuda(LOMO_UPDATE_PARAMS) {
   constexpr const char* op = "lomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
+  check_not_implemented(op, grad_sq);
   CHECK_CUDA(op, param);
   const bool sr = parse_rounding(op, rounding);
   const int64_t n = param.numel();
