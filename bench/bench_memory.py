@@ -47,8 +47,9 @@ the deepest model under the cap, and that depth verified by a real run.
 
 Output (``--out`` / ``--update-committed``, else bench/results/runs/<device>-<date>/):
 memory.json {"environment", "args", "rows", "search"} and memory.png (bars per optimizer and
-model; the estimate and the limit marked). ``--merge`` keeps the rows of an existing memory.json
-that this run does not measure (to re-measure some cases; each row carries its date and commit).
+model; the estimate and the limit marked), written after every case. ``--merge`` keeps the rows
+of an existing memory.json that this run does not measure (to re-measure some cases; each row
+carries its date and commit).
 """
 
 from __future__ import annotations
@@ -513,7 +514,28 @@ def main(argv=None) -> dict:
             env[f"{mod}_version"] = __import__(mod).__version__
         except ImportError:
             env[f"{mod}_version"] = None
-    rows, shapes = [], {}
+    out = output_dir(args, env)
+    old = (json.loads((out / "memory.json").read_text())
+           if args.merge and (out / "memory.json").exists() else None)
+    rows, shapes, search = [], {}, None
+
+    def write() -> tuple[dict, bool]:
+        """memory.json and memory.png with every case measured so far (after each case: an
+        interrupted run keeps what it measured)."""
+        result = {"environment": env,
+                  "args": {**base, "model_configs": configs, "shapes": shapes, "cases": cases,
+                           "isolation": args.isolation, "cpu_limit_gib": args.cpu_limit_gib
+                           if cpu else None, "memory_cap_gb": args.memory_cap_gb},
+                  "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                  "rows": rows, "search": search}
+        if old is not None:
+            result["rows"] = merge_rows(old["rows"], rows)
+            result["args"]["model_configs"] = list(dict.fromkeys(
+                r["model_config"] for r in result["rows"]))
+            result["args"]["shapes"] = {**old["args"].get("shapes", {}), **shapes}
+        write_json_payload(out / "memory.json", result)
+        return result, plot_memory(out / "memory.png", result["rows"], env, result["args"])
+
     for config in configs:
         shape = shapes[config] = resolve_shape(config, {"hidden_size": args.hidden_size,
                                                         "num_hidden_layers": args.num_layers})
@@ -527,7 +549,7 @@ def main(argv=None) -> dict:
             log(f"  {config} {o}: {r['status']}, peak {fmt_bytes(r.get('peak_bytes'), si=False)}"
                 f" ({r['wall_s']} s)")
             rows.append(r)
-    search = None
+            write()
     if args.memory_cap_gb is not None:
         default_widths = "64,128" if cpu else "2048,3072,4096,5120,6144,8192"
         widths = [int(w) for w in (args.search_widths or default_widths).split(",")]
@@ -535,20 +557,8 @@ def main(argv=None) -> dict:
             f"{args.search_optimizer} ...")
         search = search_cap({**base, "optimizer": args.search_optimizer}, args.memory_cap_gb * GB,
                             widths, shapes[configs[0]].get("vocab_size"), runner, log=log)
-    result = {"environment": env,
-              "args": {**base, "model_configs": configs, "shapes": shapes, "cases": cases,
-                       "isolation": args.isolation, "cpu_limit_gib": args.cpu_limit_gib if cpu
-                       else None, "memory_cap_gb": args.memory_cap_gb},
-              "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-              "rows": rows, "search": search}
-    out = output_dir(args, env)
-    if args.merge and (out / "memory.json").exists():
-        old = json.loads((out / "memory.json").read_text())
-        rows = result["rows"] = merge_rows(old["rows"], rows)
-        result["args"]["model_configs"] = list(dict.fromkeys(r["model_config"] for r in rows))
-        result["args"]["shapes"] = {**old["args"].get("shapes", {}), **shapes}
-    write_json_payload(out / "memory.json", result)
-    plotted = plot_memory(out / "memory.png", rows, env, result["args"])
+    result, plotted = write()
+    rows = result["rows"]
     if not args.quiet:
         print(format_rows(rows))
         print(wrap(f"wrote {out / 'memory.json'}" + (", memory.png" if plotted else "")))

@@ -26,6 +26,10 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
                          parameter-sized temporaries (P) during step()
     adafactor (foreach)  P + max(A + G, G + P + S): the full-size variance estimates of every
                          matrix (row_var @ col_var, P) during step()
+    lk-golore/lk-galore  P + A + Gmax_live + S, S the float32 projector (min(m, n) x r) and two
+                         Adam moments (max(m, n) x r) of every matrix with min(m, n) > r, full-size
+                         float32 moments of the rest (the projection's and the randomised SVD's
+                         temporaries are O((m + n) r), not counted)
 
 The activation term is rough (a few hundred MB at seq 256); it is the same for every optimizer,
 so the differences between optimizers are what the estimate predicts best.
@@ -34,6 +38,8 @@ so the differences between optimizers are what the estimate predicts best.
 from __future__ import annotations
 
 import math
+
+from bench.optimizers import GOLORE
 
 
 def _param_shapes(shape: dict, vocab: int) -> list[tuple[int, ...]]:
@@ -89,6 +95,12 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         extra = max(A + gmax_live, fp32) if shape.get("tie_word_embeddings") else A + fp32
         return {"total": P + extra + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "fp32_copies": fp32, "state": state}
+    if optimizer in ("lk-golore", "lk-galore"):
+        r = GOLORE["rank"]
+        state = sum(4 * (min(s) * r + 2 * max(s) * r) if len(s) == 2 and min(s) > r
+                    else 8 * math.prod(s) for s in shapes)
+        return {"total": P + A + gmax_live + state, "params": P, "activations": A,
+                "largest_gradient": gmax_live, "state": state}
     if optimizer in ("adamw", "adamw-fused", "adafactor"):
         if optimizer == "adafactor":
             state, temp = factored * es // 4, P

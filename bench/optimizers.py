@@ -59,6 +59,12 @@ def _torch(cls_name: str, **kw):
     return make
 
 
+# GoLore / GaLore: every matrix low-rank (embeddings and output layer too, the smallest state),
+# inner AdamW, GaLore's scale 0.25; projectors refreshed every 50 updates, so that runs of a few
+# hundred steps see several subspaces. memory_estimate.py reads the rank from here.
+GOLORE = dict(rank=128, update_proj_gap=50)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     name: str
@@ -90,9 +96,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("adafactor", "Adafactor (torch, foreach)", _torch("Adafactor", foreach=True),
                   False, lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="adafactor",
                   default_in=("memory",)),
-    # GoLore / GaLore: one entry each here, e.g.
-    # OptimizerSpec("lk-golore", "GoLore (lomo_kernels)", _lk("GoLore", rank=128), True,
-    #               lr=..., sweep=(...), family="golore", default_in=("memory", "convergence")),
+    OptimizerSpec("lk-golore", "GoLore (lomo_kernels, random)",
+                  _lk("GoLore", projection="random", **GOLORE), True,
+                  lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="golore",
+                  default_in=("memory", "convergence")),
+    OptimizerSpec("lk-galore", "GaLore (lomo_kernels, svd)",
+                  _lk("GoLore", projection="svd", **GOLORE), True,
+                  lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="galore",
+                  default_in=("memory", "convergence")),
 )}
 
 
