@@ -36,6 +36,8 @@ reported as "does not fit in N GiB", a result). Reported per case:
                       the highest sum of live allocations during the profiled step
                       (torch.profiler, profile_memory=True).
     estimate_bytes    the independent estimate of bench/memory_estimate.py (from the shape only).
+    rss_file_evicted_bytes  CPU: mapped library pages the kernel evicted during the case
+                      (memory pressure from other processes); peak_bytes is low by up to it.
     step_s            median time of the timed steps; tokens_per_s.
     state_bytes       the optimizer's persistent state after the steps.
     param_bytes, largest_grad_bytes, n_params, build_peak_bytes (building the model).
@@ -200,6 +202,9 @@ def run_case(case: dict) -> dict:
         cfg = build_config(dict(case["shape"]), max_position_embeddings=max(4096, case["seq_len"]))
         memprobe.free_memory(device)
         base = probe.current()
+        # under memory pressure the kernel evicts mapped library pages, which lowers the RSS
+        # peak (not the allocator's): recorded, so that a low peak_bytes can be recognised
+        file_base = memprobe.proc_status_bytes("RssFile").get("RssFile", 0)
         if device.type == "cpu":
             limit_address_space(case.get("limit_bytes"))
         probe.reset()
@@ -249,6 +254,9 @@ def run_case(case: dict) -> dict:
                 times.append(time.perf_counter() - t0)
         if "peak_bytes" not in row:
             row["peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
+        if device.type == "cpu":
+            row["rss_file_evicted_bytes"] = max(
+                0, file_base - memprobe.proc_status_bytes("RssFile").get("RssFile", 0))
         state = optimizers.state_bytes(opt) if opt is not None else 0
         row["state_bytes"] = state
         if device.type == "cuda":

@@ -28,8 +28,9 @@ def markdown(headers, rows) -> str:
 
 def _machine(env: dict) -> str:
     load = env.get("load_avg_1_5_15min") or [env.get("load_avg_1min")]
-    return (f"{env['device_name']}, torch {env['torch_version']}, commit {env['git_commit']}, "
-            f"{env['date'][:10]}, load average {load[0]}")
+    mem = f", {env['memory_total_gib']:.0f} GiB" if env.get("memory_total_gib") else ""
+    return (f"{env['device_name']}{mem}, torch {env['torch_version']}, commit "
+            f"{env['git_commit']}, {env['date'][:10]}, load average {load[0]} at the start")
 
 
 def _gib(x) -> str:
@@ -68,8 +69,10 @@ def memory(path: Path) -> str:
            f"{' '.join(configs)} --seq-len {args['seq_len']}"
            + (" --gradient-checkpointing" if args["gradient_checkpointing"] else "")
            + " --update-committed")
+    loads = sorted(r["load_avg_1min_before"] for r in rows if "load_avg_1min_before" in r)
+    during = f"; 1-minute load during the cases {loads[0]}-{loads[-1]}" if loads else ""
     return (f"Memory (GiB above the process baseline; {args['dtype']}, seq {args['seq_len']} x "
-            f"batch {args['batch_size']}): {_machine(data['environment'])}.\n`{cmd}`\n\n"
+            f"batch {args['batch_size']}): {_machine(data['environment'])}{during}.\n`{cmd}`\n\n"
             + markdown(headers, table))
 
 
@@ -90,9 +93,13 @@ def convergence(path: Path) -> str:
                       f"{r['peak_rss_above_base_bytes'] / 2**20:,.0f}"])
     a = data["args"]
     loads = sorted({x for r in runs if "load_avg_before" in r for x in r["load_avg_before"][:1]})
+    flags = "".join(f" --{k.replace('_', '-')} {a[k]}" for k in
+                    ("model", "steps", "batch_size", "seq_len", "warmup", "eval_every",
+                     "eval_batches") if k in a)
     return (f"Convergence ({a['model']}, {a['steps']} steps x {a['batch_size']} x {a['seq_len']} "
             f"tokens): {_machine(data['environment'])}; 1-minute load during the runs "
-            f"{loads[0]}-{loads[-1]}.\n`python bench/bench_convergence.py --update-committed`\n\n"
+            f"{loads[0]}-{loads[-1]}.\n`python bench/bench_convergence.py{flags} "
+            f"--update-committed`\n\n"
             + markdown(["optimizer", "lr", "final eval loss", "vs AdamW", "tokens/s",
                         "state MiB (vs AdamW)", "peak RSS MiB"], table))
 
