@@ -250,12 +250,12 @@ def parse_args(argv=None):
     ap.add_argument("--lr", nargs="*", default=[], metavar="NAME=VALUE",
                     help="override the tuned learning rate of an optimizer")
     ap.add_argument("--model", choices=sorted(MODELS), default="conv-18m")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=20, help="warm-up steps")
-    ap.add_argument("--eval-every", type=int, default=40, help="steps between evaluations")
-    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=12, help="warm-up steps")
+    ap.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
+    ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
                     help="forward in bf16 autocast over fp32 parameters (default), or all fp32")
