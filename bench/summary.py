@@ -107,15 +107,15 @@ def convergence(path: Path) -> str:
 def step_time(path: Path) -> str:
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if r["op"].startswith("backward_")]
-    table = [[r["op"].removeprefix("backward_"), r["backend"],
+    table = [[r["shape"], r["op"].removeprefix("backward_"), r["backend"],
               f"{r['median_ms']:.1f}" if r["median_ms"] else "-",
               f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}" if r["p20_ms"] else "-",
               f"{r['ratio_to_plain_backward']:.3f}x" if r["ratio_to_plain_backward"] else "-"]
              for r in rows]
-    shape = f"{rows[0]['shape']}, {rows[0]['dtype']}, {rows[0]['note']}" if rows else ""
+    shape = f"{rows[0]['dtype']}, {rows[0]['note']}" if rows else ""
     return (f"Step time (forward + backward, {shape}): {_machine(data['environment'])}.\n"
             f"`python bench/run.py {' '.join(data['meta']['argv'])}`\n\n"
-            + markdown(["optimizer", "implementation", "median ms", "p20-p80 ms",
+            + markdown(["model", "optimizer", "implementation", "median ms", "p20-p80 ms",
                         "vs plain backward"], table))
 
 
