@@ -114,8 +114,13 @@ def free_memory(device) -> None:
 _CPU_RSS = None
 
 
-def peak_extra_bytes(fn: Callable[[], object], device) -> tuple[int | None, str | None]:
-    """Bytes ``fn()`` needs beyond what is allocated when it starts, and the method used."""
+def peak_extra_bytes(fn: Callable[[], object], device, *,
+                     settle: bool = False) -> tuple[int | None, str | None]:
+    """Bytes ``fn()`` needs beyond what is allocated when it starts, and the method used.
+    ``settle`` (CPU): call ``fn`` once more after ``malloc_trim`` and before the measured call, so
+    that heap pages it reuses for small blocks (released by the trim; how many depends on what
+    ran before in the process) are not counted; under ``exact_rss`` every block above the
+    threshold is mapped afresh by each call and still is."""
     global _CPU_RSS
     device = torch.device(device)
     if device.type == "cuda":
@@ -130,6 +135,8 @@ def peak_extra_bytes(fn: Callable[[], object], device) -> tuple[int | None, str 
     if not _CPU_RSS:
         return None, None
     malloc_trim()
+    if settle:
+        fn()
     reset_rss_peak()
     base = proc_status_bytes("VmRSS")["VmRSS"]
     fn()
