@@ -1,6 +1,6 @@
-"""Microbenchmark of the AdaLomo update, ``ops.adalomo_update_`` (SPEC.md: factored second
+"""Microbenchmark of the AdaLomo update, ``ops.adalomo_update_`` (docs/spec.md: factored second
 moments, grouped update normalisation, relative step size; fewest bytes for a 2-d bf16 parameter:
-g read 3x, p read 2x, p written once = 12 B/element; see bench/common.py for the 1-d count).
+g read 3x, p read 2x, p written once = 12 B/element; see bench/shapes.py for the 1-d count).
 
 Implementations timed on the same parameters, each the way its users run it:
 
@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # python bench/bench_adalomo_update.py
 
 import torch
 
-from bench import common
+from bench import microbench
+from bench.results import Row
 
 OP = "adalomo_update"
 REFERENCES = ("lomo_optim", "torch", "adafactor_foreach", "adafactor_single")
@@ -121,7 +122,7 @@ def has_adafactor() -> bool:
 
 
 def candidate_names(device, dtype, backends=None) -> list[tuple[str, str]]:
-    names = [(b, "kernel") for b in common.kernel_backends(device, backends)]
+    names = [(b, "kernel") for b in microbench.kernel_backends(device, backends)]
     for ref in ("lomo_optim", "adafactor_foreach", "adafactor_single"):
         if not backends or ref in backends or (ref.startswith("adafactor") and "adafactor" in backends):
             names.append((ref, "reference"))
@@ -156,7 +157,7 @@ def candidates(device, dtype, params, grads, backends):
                         ops.adalomo_update_(p, g, **s, **kw)
                 return fn, lambda: states
 
-            out.append(common.Candidate(name, kind, setup))
+            out.append(microbench.Candidate(name, kind, setup))
         elif name == "lomo_optim":
             ls = 1.0 if dtype == torch.float32 else LOSS_SCALE
 
@@ -172,10 +173,10 @@ def candidates(device, dtype, params, grads, backends):
 
             note = ("loss_scale 1.0 (fp32: lomo-optim divides the gradient in place)"
                     if dtype == torch.float32 else "")
-            out.append(common.Candidate(name, kind, setup, note))
+            out.append(microbench.Candidate(name, kind, setup, note))
         else:  # adafactor_foreach / adafactor_single
             if not has_adafactor():
-                out.append(common.Candidate(
+                out.append(microbench.Candidate(
                     name, kind, None, f"torch.optim.Adafactor does not exist in torch "
                     f"{torch.__version__}"))
                 continue
@@ -186,54 +187,32 @@ def candidates(device, dtype, params, grads, backends):
                 opt = torch.optim.Adafactor(params, lr=LR, foreach=foreach)
                 return opt.step, lambda: list(opt.state.values())
 
-            out.append(common.Candidate(name, kind, setup, "no loss scaling"))
+            out.append(microbench.Candidate(name, kind, setup, "no loss scaling"))
     return out
 
 
+def grad_std(dtype) -> float:
+    """Stored gradients are loss-scaled (2**10): about 1e-3 * 2**10."""
+    return 1.0
+
+
 def n_measurements(device, dtypes, shapes, backends=None) -> int:
-    return sum(len(candidate_names(device, dt, backends)) for dt in dtypes) * len(shapes)
+    return microbench.n_measurements(sys.modules[__name__], device, dtypes, shapes, backends)
 
 
 def run(device, dtypes, shapes, *, backends=None, timing=None, copy_gbps=None, progress=None,
-        **_) -> list[common.Row]:
-    """Time every implementation for each dtype and shape; returns the result rows (arguments as
-    ``bench_lomo_update.run``)."""
-    device = torch.device(device)
-    dtypes = [common.parse_dtype(d) if isinstance(d, str) else d for d in dtypes]
-    shapes = [common.parse_shape(s) if isinstance(s, str) else s for s in shapes]
-    timing = timing or common.timing_defaults(device)
-    if copy_gbps is None:
-        copy_gbps = common.copy_bandwidth(device, common.copy_mib_default(device, "small"),
-                                          **timing)["copy_gbps"]
-    rows = []
-    for dtype in dtypes:
-        for shape_name, shape_list in shapes:
-            names = candidate_names(device, dtype, backends)
-            need = common.memory_needed(shape_list, dtype)
-            avail = common.available_memory_bytes(device)
-            if avail is not None and need > 0.9 * avail:
-                rows += common.skipped_rows(
-                    OP, dtype, shape_name, shape_list, [n for n, _ in names],
-                    [k for _, k in names],
-                    f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free")
-                if progress is not None:
-                    progress.update(len(names))
-                continue
-            # stored gradients are loss-scaled (2**10): about 1e-3 * 2**10
-            params, grads = common.make_params(shape_list, dtype, device, g_std=1.0)
-            cands = candidates(device, dtype, params, grads, backends)
-            rows += common.measure_case(OP, dtype, shape_name, shape_list, cands, device,
-                                        timing=timing, copy_gbps=copy_gbps, progress=progress)
-            for p in params:
-                p.grad = None
-            del params, grads, cands
-            common.free_memory(device)
-    common.add_speedups(rows, REFERENCES)
-    return rows
+        **_) -> list[Row]:
+    """Time every implementation for each dtype and shape; returns the result rows.
+
+    ``dtypes``: torch dtypes or names ("bf16"); ``shapes``: tokens ("4096x4096", "llama7b") or
+    ``(name, [shape, ...])`` pairs. ``copy_gbps``: the device copy bandwidth of this run (measured
+    here when None)."""
+    return microbench.run_op(sys.modules[__name__], device, dtypes, shapes, backends=backends,
+                             timing_kw=timing, copy_gbps=copy_gbps, progress=progress)
 
 
 def main(argv=None) -> None:
-    common.op_script_main(run, __doc__, argv)
+    microbench.op_script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ in-backward optimizers free every gradient as soon as it is used).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -30,7 +29,11 @@ if __package__ in (None, ""):  # python bench/bench_backward.py
 
 import torch
 
-from bench import common
+from bench import memprobe, shapes, timing as timers
+from bench.microbench import kernel_backends
+from bench.optimizers import lomo_optim_on
+from bench.report import format_table
+from bench.results import Row, add_speedups
 
 # Llama-shaped models for the backward benchmark (hidden, layers, intermediate, heads, kv heads,
 # vocabulary, tied embeddings) and the batch each step processes.
@@ -39,6 +42,10 @@ BACKWARD_MODELS = {
                      tie=False, batch=2, seq=32),
     "bwd-small": dict(hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4, vocab=4096,
                       tie=False, batch=2, seq=128),
+    # 125M parameters: big enough on CPU for the per-parameter work to show, small enough to
+    # time every variant several times in a few minutes
+    "bwd-medium": dict(hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=4,
+                       vocab=32000, tie=False, batch=1, seq=256),
     # TinyLlama-like ~1.0B (16 of its 22 layers): hidden 2048, intermediate 5632, 4 kv heads.
     "llama-1b": dict(hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=4,
                      vocab=32000, tie=False, batch=4, seq=1024),
@@ -71,23 +78,9 @@ def build_model(name: str, dtype, device, seed=0):
     return model, ids
 
 
-@contextlib.contextmanager
-def _cuda_is_identity(device):
-    """lomo_optim.AdaLomo calls ``.cuda()`` on its state; on CPU make that a no-op."""
-    if torch.device(device).type == "cuda":
-        yield
-        return
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig
-
-
 def variant_names(device, backends=None) -> list[tuple[str, str]]:
     """(op, backend) of every variant that will run."""
-    ours = common.kernel_backends(device, backends)
+    ours = kernel_backends(device, backends)
     out = [("backward_plain", "none")]
     for opt in ("lomo", "adalomo"):
         out += [(f"backward_{opt}", b) for b in ours]
@@ -111,7 +104,7 @@ def _make_step(op, backend, model, ids, device):
         import lomo_optim
 
         cls = lomo_optim.Lomo if opt_name == "lomo" else lomo_optim.AdaLomo
-        with _cuda_is_identity(device):
+        with lomo_optim_on(device):
             opt = cls(model, lr=lr)
         state = (lambda: [opt.exp_avg_sq, opt.exp_avg_sq_row, opt.exp_avg_sq_col]) \
             if opt_name == "adalomo" else list
@@ -138,13 +131,13 @@ def n_measurements(device, models, backends=None) -> int:
 
 
 def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None, sizes="small",
-        progress=None, **_) -> list[common.Row]:
+        progress=None, **_) -> list[Row]:
     """Time every variant on each model in ``models`` (names of ``BACKWARD_MODELS``; default:
     the ``sizes`` preset); returns the result rows."""
     device = torch.device(device)
-    dtype = common.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = shapes.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     models = models or SIZE_MODELS[sizes]
-    timing = dict(timing or common.timing_defaults(device, sizes))
+    timing = dict(timing or timers.timing_defaults(device, sizes))
     if device.type == "cuda":  # steps take tens of ms: let do_bench take enough of them
         timing["rep_ms"] = max(timing.get("rep_ms", 100.0), 1000.0)
         timing["warmup_ms"] = max(timing.get("warmup_ms", 25.0), 200.0)
@@ -157,8 +150,8 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
         variants = variant_names(device, backends)
         model_rows = {}
         for op, backend in variants:
-            model_rows[(op, backend)] = common.Row(
-                op=op, backend=backend, kind="backward", dtype=common.dtype_name(dtype),
+            model_rows[(op, backend)] = Row(
+                op=op, backend=backend, kind="backward", dtype=shapes.dtype_name(dtype),
                 shape=name, n_tensors=n_tensors, numel=n_params,
                 note=f"batch {m['batch']} x seq {m['seq']}")
         if device.type == "cpu":
@@ -173,7 +166,7 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
             if progress is not None:
                 progress.set_postfix_str(f"backward {name} (interleaved)", refresh=True)
             try:
-                timings = common.time_interleaved({k: s for k, (s, _) in steps.items()}, device,
+                timings = timers.time_interleaved({k: s for k, (s, _) in steps.items()}, device,
                                                   **timing)
             except Exception as exc:  # noqa: BLE001
                 timings = {}
@@ -183,8 +176,8 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
                 if key in timings:
                     row = model_rows[key]
                     row.set_timing(timings[key], None)
-                    row.peak_extra_bytes, row.peak_method = common.peak_extra_bytes(step, device)
-                    row.state_bytes = common.tensor_bytes(state())
+                    row.peak_extra_bytes, row.peak_method = memprobe.peak_extra_bytes(step, device)
+                    row.state_bytes = memprobe.tensor_bytes(state())
             steps = None
             if progress is not None:
                 progress.update(len(variants))
@@ -196,25 +189,25 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
                 step = None
                 try:
                     step, state = _make_step(*key, copy.deepcopy(base), ids, device)
-                    row.set_timing(common.time_fn(step, device, **timing), None)
-                    row.peak_extra_bytes, row.peak_method = common.peak_extra_bytes(step, device)
-                    row.state_bytes = common.tensor_bytes(state())
+                    row.set_timing(timers.time_fn(step, device, **timing), None)
+                    row.peak_extra_bytes, row.peak_method = memprobe.peak_extra_bytes(step, device)
+                    row.state_bytes = memprobe.tensor_bytes(state())
                 except Exception as exc:  # noqa: BLE001 - report, go on with the others
                     _fail(row, exc)
                 finally:
                     step = None
-                    common.free_memory(device)
+                    memprobe.free_memory(device)
                 if progress is not None:
                     progress.update(1)
         rows += list(model_rows.values())
         del base
-        common.free_memory(device)
+        memprobe.free_memory(device)
     plain = {(r.dtype, r.shape): r.median_ms for r in rows if r.op == "backward_plain"}
     for r in rows:
         t0 = plain.get((r.dtype, r.shape))
         if t0 and r.median_ms:
             r.ratio_to_plain_backward = r.median_ms / t0
-    common.add_speedups(rows, REFERENCES)
+    add_speedups(rows, REFERENCES)
     return rows
 
 
@@ -233,9 +226,9 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     sizes = a.sizes or ("full" if a.device == "cuda" else "small")
-    rows = run(a.device, a.models, dtype=a.dtype, backends=common.split_list(a.backends) or None,
+    rows = run(a.device, a.models, dtype=a.dtype, backends=shapes.split_list(a.backends) or None,
                sizes=sizes)
-    print(common.format_table(rows))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ step's norm, which the update kernels sum as they read the gradients) and no cli
 forward + backward without any optimizer as the floor.
 
 Each variant trains its own copy of the model; on CPU the variants are timed round-robin
-(``common.time_interleaved``) so that load from other processes hits them alike. Each step is a
+(``timing.time_interleaved``) so that load from other processes hits them alike. Each step is a
 forward and the backward(s) of the variant. The load average before and after is printed: on a
 shared machine the absolute times move, the ratios much less.
 
@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # python bench/bench_clip_modes.py
 
 import torch
 
-from bench import common
+from bench import environment, shapes as model_shapes, timing as bench_timing
 from bench.bench_backward import BACKWARD_MODELS, LR, build_model
 
 MODES = ("unclipped", "exact", "previous")
@@ -65,7 +65,7 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
         clip_grad_norm=1.0, timing=None) -> dict:
     """Time every variant; returns the environment and one row per variant."""
     device = torch.device(device)
-    dtype = common.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = model_shapes.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     base, ids = build_model(model_name, dtype, device)
     variants = [(None, "plain backward")] + [(o, m) for o in ("lomo", "adalomo") for m in MODES]
     load_before = os.getloadavg()
@@ -75,8 +75,8 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
         warnings.simplefilter("ignore", RuntimeWarning)
         steps = {v: make_step(v[0], v[1], copy.deepcopy(base), ids, backend=backend,
                               clip_grad_norm=clip_grad_norm) for v in variants}
-        timings = common.time_interleaved(
-            steps, device, **(timing or common.timing_defaults(device, "small")))
+        timings = bench_timing.time_interleaved(
+            steps, device, **(timing or bench_timing.timing_defaults(device, "small")))
     load_after = os.getloadavg()
     plain = timings[variants[0]].median_ms
     rows = []
@@ -88,8 +88,8 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
             ratio_to_unclipped=t.median_ms / unclipped.median_ms if unclipped else None,
             ratio_to_plain_backward=t.median_ms / plain))
     m = BACKWARD_MODELS[model_name]
-    env = common.environment(device)
-    env.update(model=model_name, batch=m["batch"], seq=m["seq"], dtype=common.dtype_name(dtype),
+    env = environment.environment(device)
+    env.update(model=model_name, batch=m["batch"], seq=m["seq"], dtype=model_shapes.dtype_name(dtype),
                backend=backend, clip_grad_norm=clip_grad_norm,
                load_avg_before=[round(x, 2) for x in load_before],
                load_avg_after=[round(x, 2) for x in load_after])
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    timing = common.timing_defaults(a.device, "small")
+    timing = bench_timing.timing_defaults(a.device, "small")
     if a.rep_ms:
         timing["rep_ms"] = a.rep_ms
     result = run(a.device, a.model, a.dtype, backend=a.backend, clip_grad_norm=a.clip_grad_norm,

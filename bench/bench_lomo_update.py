@@ -1,5 +1,6 @@
-"""Microbenchmark of the fused LOMO update, ``ops.lomo_update_`` (SPEC.md: ``p = p * (1 - lr *
-weight_decay) - lr * g``; fewest bytes: read p, read g, write p = 6 B/element in bf16).
+"""Microbenchmark of the fused LOMO update, ``ops.lomo_update_`` (docs/spec.md:
+``p = p * (1 - lr * weight_decay) - lr * g``; fewest bytes: read p, read g, write p = 6 B/element
+in bf16).
 
 Implementations timed on the same parameters, each the way its users run it:
 
@@ -30,7 +31,8 @@ if __package__ in (None, ""):  # python bench/bench_lomo_update.py
 
 import torch
 
-from bench import common
+from bench import microbench
+from bench.results import Row
 
 OP = "lomo_update"
 REFERENCES = ("lomo_optim", "torch", "sgd_fused", "sgd_foreach")
@@ -105,7 +107,7 @@ def sgd_variant(device, dtype) -> str:
 
 
 def candidate_names(device, dtype, backends=None) -> list[tuple[str, str]]:
-    names = [(b, "kernel") for b in common.kernel_backends(device, backends)]
+    names = [(b, "kernel") for b in microbench.kernel_backends(device, backends)]
     for ref in ("lomo_optim", sgd_variant(device, dtype)):
         if not backends or ref in backends or (ref.startswith("sgd") and "sgd" in backends):
             names.append((ref, "reference"))
@@ -129,7 +131,7 @@ def candidates(device, dtype, params, grads, backends):
                         ops.lomo_update_(p, g, **kw)
                 return fn, list
 
-            out.append(common.Candidate(name, kind, setup))
+            out.append(microbench.Candidate(name, kind, setup))
         elif name == "lomo_optim":
             def setup():
                 def fn():
@@ -137,7 +139,7 @@ def candidates(device, dtype, params, grads, backends):
                         lomo_optim_lomo_update(p, g, lr=LR, **cfg)
                 return fn, list
 
-            out.append(common.Candidate(name, kind, setup))
+            out.append(microbench.Candidate(name, kind, setup))
         else:  # sgd_fused / sgd_foreach
             def setup(name=name):
                 for p, g in zip(params, grads):
@@ -149,57 +151,33 @@ def candidates(device, dtype, params, grads, backends):
             note = "" if name == "sgd_fused" else "fused SGD unsupported here: foreach"
             if dtype == torch.float16:
                 note = (note + "; " if note else "") + "no loss scaling or clipping"
-            out.append(common.Candidate(name, kind, setup, note))
+            out.append(microbench.Candidate(name, kind, setup, note))
     return out
 
 
+def grad_std(dtype) -> float:
+    """Stored gradients of about 1e-3, loss-scaled (2**16) in fp16 as lomo-optim's scaler leaves
+    them."""
+    return 1e-3 * FP16_LOSS_SCALE if dtype == torch.float16 else 1e-3
+
+
 def n_measurements(device, dtypes, shapes, backends=None) -> int:
-    return sum(len(candidate_names(device, dt, backends)) for dt in dtypes) * len(shapes)
+    return microbench.n_measurements(sys.modules[__name__], device, dtypes, shapes, backends)
 
 
 def run(device, dtypes, shapes, *, backends=None, timing=None, copy_gbps=None, progress=None,
-        **_) -> list[common.Row]:
+        **_) -> list[Row]:
     """Time every implementation for each dtype and shape; returns the result rows.
 
     ``dtypes``: torch dtypes or names ("bf16"); ``shapes``: tokens ("4096x4096", "llama7b") or
     ``(name, [shape, ...])`` pairs. ``copy_gbps``: the device copy bandwidth of this run (measured
     here when None)."""
-    device = torch.device(device)
-    dtypes = [common.parse_dtype(d) if isinstance(d, str) else d for d in dtypes]
-    shapes = [common.parse_shape(s) if isinstance(s, str) else s for s in shapes]
-    timing = timing or common.timing_defaults(device)
-    if copy_gbps is None:
-        copy_gbps = common.copy_bandwidth(device, common.copy_mib_default(device, "small"),
-                                          **timing)["copy_gbps"]
-    rows = []
-    for dtype in dtypes:
-        for shape_name, shape_list in shapes:
-            names = candidate_names(device, dtype, backends)
-            need = common.memory_needed(shape_list, dtype)
-            avail = common.available_memory_bytes(device)
-            if avail is not None and need > 0.9 * avail:
-                rows += common.skipped_rows(
-                    OP, dtype, shape_name, shape_list, [n for n, _ in names],
-                    [k for _, k in names],
-                    f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free")
-                if progress is not None:
-                    progress.update(len(names))
-                continue
-            params, grads = common.make_params(shape_list, dtype, device, g_std=(
-                1e-3 * FP16_LOSS_SCALE if dtype == torch.float16 else 1e-3))
-            cands = candidates(device, dtype, params, grads, backends)
-            rows += common.measure_case(OP, dtype, shape_name, shape_list, cands, device,
-                                        timing=timing, copy_gbps=copy_gbps, progress=progress)
-            for p in params:
-                p.grad = None
-            del params, grads, cands
-            common.free_memory(device)
-    common.add_speedups(rows, REFERENCES)
-    return rows
+    return microbench.run_op(sys.modules[__name__], device, dtypes, shapes, backends=backends,
+                             timing_kw=timing, copy_gbps=copy_gbps, progress=progress)
 
 
 def main(argv=None) -> None:
-    common.op_script_main(run, __doc__, argv)
+    microbench.op_script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,182 +1,89 @@
 """Peak memory and step time of full-parameter training of a Llama-shaped model, per optimizer.
 
-    # the goal: Llama-3-8B shape, bf16, seq 1024, batch 1, AdaLomo step <= 20 GB
-    python bench/bench_memory.py --model-config llama3-8b --seq-len 1024 --batch-size 1 \\
-        --gradient-checkpointing --output bench/results/memory_llama3-8b.json
-    # the largest shape (width x depth) that trains within a memory cap
+    # CPU, real shapes (the committed results): Llama-3.2-1B and -3B shapes, bf16, seq 256
+    python bench/bench_memory.py --device cpu --model-config 1b 3b --seq-len 256 \\
+        --gradient-checkpointing --update-committed
+    # GPU: Llama-3-8B shape, seq 1024; and the largest shape whose AdaLomo step fits in 20 GB
+    python bench/bench_memory.py --model-config llama3-8b --seq-len 1024 --gradient-checkpointing
     python bench/bench_memory.py --model-config llama3-8b --memory-cap-gb 20 \\
-        --gradient-checkpointing
-    # CPU: a tiny config, to exercise every code path (RSS-based numbers)
+        --gradient-checkpointing --optimizers lk-adalomo
+    # CPU, a tiny config: every code path in seconds
     python bench/bench_memory.py --device cpu
 
-Optimizers (``--optimizers``, comma-separated):
-    lk-adalomo, lk-lomo            this project's AdaLomo / Lomo (updates fused into the backward)
-    lomo_optim-adalomo,            the lomo-optim 0.1.1 package's AdaLomo / Lomo
+Cases (``--optimizers``, comma-separated; the optimizers are bench/optimizers.py's):
+    floor-params         the parameters alone (the model is built, nothing runs)
+    floor-backward       parameters + a plain forward and backward that keeps every gradient
+    lk-adalomo, lk-lomo  this project's AdaLomo / Lomo (updates fused into the backward)
+    lomo_optim-adalomo,  the lomo-optim 0.1.1 package's AdaLomo / Lomo
     lomo_optim-lomo
-    adamw-fused                    torch.optim.AdamW(fused=True) (fused=None where unsupported)
+    adamw                torch.optim.AdamW (foreach); adamw-fused: fused=True
+    adafactor            torch.optim.Adafactor (foreach)
 
-Every case runs in a fresh subprocess by default on CUDA (``--isolation subprocess``: a clean
-allocator, and an out-of-memory error, caught and reported as "OOM", cannot poison the next case);
-in-process on CPU. A case: build the model on the meta device and materialise it in ``--dtype``
-on the device; one warm-up step; ``--steps`` timed steps (forward, loss, backward with the update;
-AdamW: backward, step, zero_grad(set_to_none)). Reported:
+Every case runs in a fresh process (a clean allocator; one that runs out of memory cannot
+disturb the next). A case: build the model on the meta device and materialise it in ``--dtype``
+on the device (the model's own initialisation); one warm-up step (optimizer state is created);
+``--steps`` timed steps (forward, loss, backward with the update), the last of which, on CPU, is
+recorded by torch.profiler for the allocator's peak (its time includes the profiler's overhead,
+a few per cent; the resident peak is read before it). On CPU the process may use at most ``--cpu-limit-gib``
+above its baseline (an address-space limit; a case that needs more fails to allocate and is
+reported as "does not fit in N GiB", a result). Reported per case:
 
-    net_peak_bytes  what the cap search compares: peak_bytes on CUDA; on CPU
-                    peak_bytes - rss_base_bytes.
-    peak_bytes      CUDA: torch.cuda.max_memory_allocated over the training steps (parameters,
-                    state, activations, gradients; the peak of building the model is
-                    init_peak_bytes). CPU: the peak resident set of the process over the steps
-                    (VmHWM after resetting it through /proc/self/clear_refs), which includes the
-                    ~0.5 GB of libraries: compare with rss_base_bytes.
-    step_s          median step time (p20, p80 beside it), tokens_per_s.
-    floor_bytes     parameters + the largest gradient: what an in-backward optimizer cannot go
-                    below (activations excluded); floor_with_state_bytes adds AdaLomo's fp32
-                    factored state.
-    param_bytes, state_bytes (optimizer state after the steps), activation_headroom (peak - floor)
+    peak_bytes        CUDA: torch.cuda.max_memory_allocated over the steps. CPU: the peak
+                      resident set over the steps before the profiled one (VmHWM) minus the
+                      baseline (VmRSS after a toy step of the same code path, before the model
+                      is built).
+    alloc_peak_bytes  torch's allocator: CUDA, the same as peak_bytes; CPU, parameters + state +
+                      the highest sum of live allocations during the profiled step
+                      (torch.profiler, profile_memory=True).
+    estimate_bytes    the independent estimate of bench/memory_estimate.py (from the shape only).
+    rss_file_evicted_bytes  CPU: mapped library pages the kernel evicted during the case
+                      (memory pressure from other processes); peak_bytes is low by up to it.
+    step_s            median time of the timed steps; tokens_per_s.
+    state_bytes       the optimizer's persistent state after the steps.
+    param_bytes, largest_grad_bytes, n_params, build_peak_bytes (building the model).
 
-``--memory-cap-gb C`` then searches a family of Llama shapes: for each width (``--search-widths``;
-heads of 128 dims, 8 KV heads, intermediate 3.5x width, the model's vocabulary) the peak is
-measured at two depths, extrapolated linearly to the deepest model under the cap, and that depth
-is verified by a real run (one layer less while it does not fit). The largest shape (by parameter
-count) that fits is reported.
+``--memory-cap-gb C`` also searches a family of Llama shapes for the largest one whose step fits
+in C GB (1e9 B): for each width (``--search-widths``; heads of 128 dims, 8 KV heads, intermediate
+3.5x width, the model's vocabulary) the peak is measured at two depths, extrapolated linearly to
+the deepest model under the cap, and that depth verified by a real run.
 
-JSON (``--output``; printed when omitted): {"environment": device, versions, commit, date, ...,
-"args": ..., "rows": [...], "floor": ..., "search": ...}.
+Output (``--out`` / ``--update-committed``, else bench/results/runs/<device>-<date>/):
+memory.json {"environment", "args", "rows", "search"} and memory.png (bars per optimizer and
+model; the estimate and the limit marked), written after every case. ``--merge`` keeps the rows
+of an existing memory.json that this run does not measure (to re-measure some cases; each row
+carries its date and commit).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
-import gc
 import json
 import math
 import os
-import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
+
+if __package__ in (None, ""):  # python bench/bench_memory.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from bench import memprobe, optimizers
+from bench.environment import add_output_args, environment, output_dir, script_parser
+from bench.memory_estimate import estimate
+from bench.report import fmt_bytes, plot_memory, render_table, wrap
+from bench.results import merge_rows as merge_by, write_json_payload
+from lomo_kernels import ops
+from lomo_kernels.finetune import DTYPES, MODEL_CONFIGS, ByteTokenizer, build_config, build_model
 
-from lomo_kernels import AdaLomo, Lomo, ops  # noqa: E402
-from lomo_kernels.finetune import (  # noqa: E402
-    DTYPES,
-    MODEL_CONFIGS,
-    build_config,
-    build_model,
-    llama_num_params,
-)
-
-OPTIMIZERS = ("lk-adalomo", "lk-lomo", "lomo_optim-adalomo", "lomo_optim-lomo", "adamw-fused")
+FLOORS = ("floor-params", "floor-backward")
+DEFAULT_CASES = FLOORS + optimizers.defaults("memory")
 GB = 1e9
-
-# ---------------------------------------------------------------------------------------------
-# Environment record (bench/common.py's when it is there)
-# ---------------------------------------------------------------------------------------------
-
-
-def _git(*args):
-    try:
-        r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def environment(device) -> dict:
-    try:
-        from bench.common import environment as common_environment
-
-        env = common_environment(device)
-    except Exception:  # noqa: BLE001 - bench/common.py missing or failing: a local record
-        device = torch.device(device)
-        env = {
-            "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)",
-            "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda,
-            "python_version": platform.python_version(),
-            "backends_status": "; ".join(f"{k}: {v}" for k, v in ops.available_backends().items()),
-            "git_commit": _git("rev-parse", "--short", "HEAD"),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-    for mod in ("transformers", "lomo_optim"):
-        try:
-            env[f"{mod}_version"] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            env[f"{mod}_version"] = None
-    return env
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory probes
-# ---------------------------------------------------------------------------------------------
-
-
-def _proc_status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
-
-
-class MemoryProbe:
-    """Peak memory from ``reset()`` on: CUDA allocator bytes, or the CPU resident-set peak."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else None
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif _reset_rss_peak() and _proc_status("VmHWM") is not None:
-            self.kind = "cpu_rss_hwm"
-        else:
-            self.kind = None
-
-    def current(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        return _proc_status("VmRSS")
-
-    def peak(self) -> int | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        return _proc_status("VmHWM") if self.kind else None
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -184,7 +91,8 @@ def _is_oom(exc: BaseException) -> bool:
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t)
     # CUDA: "out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory"
     msg = str(exc).lower()
-    return isinstance(exc, oom_types) or "out of memory" in msg or "can't allocate memory" in msg
+    return (isinstance(exc, oom_types + (MemoryError,)) or "out of memory" in msg
+            or "can't allocate memory" in msg or "cannot allocate memory" in msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,146 +124,168 @@ def resolve_shape(model_config: str, overrides: dict | None = None) -> dict:
     return shape
 
 
-def floor_bytes(model) -> tuple[int, int, int, int]:
-    """(parameter bytes, largest gradient bytes, AdaLomo state bytes, parameter count)."""
-    params = [p for p in model.parameters()]
-    pbytes = sum(p.numel() * p.element_size() for p in params)
-    largest = max(p.numel() * p.element_size() for p in params if p.requires_grad)
-    state = 0
-    for p in params:
-        for shape in ops.adalomo_state_shapes(p.shape).values():
-            state += 4 * math.prod(shape)
-    return pbytes, largest, state, sum(p.numel() for p in params)
-
-
 # ---------------------------------------------------------------------------------------------
-# One case
+# One case (in its own process)
 # ---------------------------------------------------------------------------------------------
 
 
-def make_optimizer(name: str, model, device, *, lr: float, backend: str):
-    if name == "lk-adalomo":
-        return AdaLomo(model, lr=lr, backend=backend), "fused"
-    if name == "lk-lomo":
-        return Lomo(model, lr=lr, backend=backend), "fused"
-    if name in ("lomo_optim-adalomo", "lomo_optim-lomo"):
-        import lomo_optim
+class Probe:
+    """Peak memory from ``reset()`` on: CUDA allocator bytes, or the CPU resident-set peak."""
 
-        cls = lomo_optim.AdaLomo if name.endswith("adalomo") else lomo_optim.Lomo
-        # lomo-optim allocates its state with .cuda(); on CPU that must be the identity
-        ctx = (mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self)
-               if device.type != "cuda" else contextlib.nullcontext())
-        with ctx:
-            return cls(model, lr=lr), "fused"
-    if name == "adamw-fused":
-        try:
-            return torch.optim.AdamW(model.parameters(), lr=lr, fused=True), "plain"
-        except (RuntimeError, ValueError):  # fused unsupported for this device / dtype
-            return torch.optim.AdamW(model.parameters(), lr=lr), "plain"
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            memprobe.reset_rss_peak()
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return memprobe.proc_status_bytes("VmRSS")["VmRSS"]
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return memprobe.proc_status_bytes("VmHWM")["VmHWM"]
 
 
-def _state_bytes(opt) -> int:
-    total = 0
-    st = getattr(opt, "state", {})
-    for s in (st.values() if isinstance(st, dict) else []):
-        if isinstance(s, dict):
-            total += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
-    for attr in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):  # lomo-optim keeps dicts
-        d = getattr(opt, attr, None)
-        if isinstance(d, dict):
-            total += sum(v.numel() * v.element_size() for v in d.values() if torch.is_tensor(v))
-    return total
+def limit_address_space(limit_bytes: int | None) -> None:
+    """CPU: allow this process ``limit_bytes`` of address space above what it has now, so that a
+    case that needs more fails to allocate (and is reported) instead of exhausting the machine."""
+    if limit_bytes:
+        vm = memprobe.proc_status_bytes("VmSize")["VmSize"]
+        resource.setrlimit(resource.RLIMIT_AS, (vm + limit_bytes, vm + limit_bytes))
+
+
+def _largest_grad_bytes(model) -> int:
+    return max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def _warm_up(case: dict, device, dtype) -> None:
+    """One step of a toy model with the same code path (imports, kernels, thread pools), so that
+    the baseline taken after it holds everything but this case's tensors."""
+    shape = dict(case["shape"], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, vocab_size=None, head_dim=32)
+    cfg = build_config(shape, max_position_embeddings=max(4096, case["seq_len"]))
+    model = build_model(cfg, dtype=dtype, device=device, meta_init=True,
+                        gradient_checkpointing=case["gradient_checkpointing"], seed=0)
+    batch = torch.zeros((1, 8), dtype=torch.long, device=device)
+    if case["optimizer"] == "floor-backward":
+        model(input_ids=batch, labels=batch).loss.backward()
+    else:
+        spec = optimizers.get(case["optimizer"])
+        opt = spec.make(model, case["lr"], device, backend=case["backend"])
+        optimizers.train_step(spec, opt, model, batch, case["lr"])
+        optimizers.detach(opt)
 
 
 def run_case(case: dict) -> dict:
-    """Measure one (shape, optimizer) case in this process. ``case`` keys: shape (dict), optimizer,
-    device, dtype, seq_len, batch_size, steps, gradient_checkpointing, lr, backend."""
+    """Measure one (shape, optimizer) case in this process. ``case`` keys: optimizer, shape
+    (LlamaConfig keyword arguments), device, dtype, seq_len, batch_size, steps,
+    gradient_checkpointing, lr, backend, limit_bytes (CPU), allocator_trace."""
     device = torch.device(case["device"])
     dtype = DTYPES[case["dtype"]]
-    probe = MemoryProbe(device)
-    row = {"optimizer": case["optimizer"], "shape": case["shape"], "status": "ok"}
-    model = opt = batch = None
+    name = case["optimizer"]
+    probe = Probe(device)
+    row = {"optimizer": name, "status": "ok", "limit_bytes": case.get("limit_bytes")}
+    row["estimate"] = _estimate(case)
+    row["estimate_bytes"] = row["estimate"]["total"]
+    model = opt = None
     try:
-        _free(device)
-        rss_base = probe.current()
-        probe.reset()
+        if name != "floor-params":
+            _warm_up(case, device, dtype)
         cfg = build_config(dict(case["shape"]), max_position_embeddings=max(4096, case["seq_len"]))
+        memprobe.free_memory(device)
+        base = probe.current()
+        # under memory pressure the kernel evicts mapped library pages, which lowers the RSS
+        # peak (not the allocator's): recorded, so that a low peak_bytes can be recognised
+        file_base = memprobe.proc_status_bytes("RssFile").get("RssFile", 0)
+        if device.type == "cpu":
+            limit_address_space(case.get("limit_bytes"))
+        probe.reset()
         model = build_model(cfg, dtype=dtype, device=device, meta_init=True,
                             gradient_checkpointing=case["gradient_checkpointing"], seed=0)
-        row["init_peak_bytes"] = probe.peak()
-        pbytes, largest, adalomo_state, n_params = floor_bytes(model)
-        row.update(n_params=n_params, param_bytes=pbytes, largest_grad_bytes=largest,
-                   floor_bytes=pbytes + largest,
-                   floor_with_state_bytes=pbytes + largest + adalomo_state)
-        opt, kind = make_optimizer(case["optimizer"], model, device, lr=case["lr"],
-                                   backend=case["backend"])
-        if case["optimizer"].startswith("lk-"):
-            row["backend"] = ops.resolve_backend(case["backend"], device)
-        vocab = cfg.vocab_size
-        g = torch.Generator().manual_seed(0)
-        batch = torch.randint(0, min(vocab, 256), (case["batch_size"], case["seq_len"]),
-                              generator=g)
-        batch = batch.to(device)
+        row["build_peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
+        row.update(n_params=sum(p.numel() for p in model.parameters()),
+                   param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                   largest_grad_bytes=_largest_grad_bytes(model))
+        spec = None if name in FLOORS else optimizers.get(name)
+        if spec is not None:
+            opt = spec.make(model, case["lr"], device, backend=case["backend"])
+            if name.startswith("lk-"):
+                row["backend"] = ops.resolve_backend(case["backend"], device)
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, min(cfg.vocab_size, 256), (case["batch_size"], case["seq_len"]),
+                              generator=gen).to(device)
 
         def step():
-            loss = model(input_ids=batch, labels=batch).loss
-            if kind == "fused":
-                opt.fused_backward(loss, case["lr"])
-            else:
+            if name == "floor-backward":
+                for p in model.parameters():
+                    p.grad = None  # the previous step's; this step's stay until it ends
+                loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return loss
+                return loss
+            return optimizers.train_step(spec, opt, model, batch, case["lr"])
 
-        probe.reset()  # the training peak: parameters are resident throughout
-        rss_before = probe.current()
         times, losses = [], []
-        for i in range(1 + case["steps"]):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            loss = step()
+        probe.reset()
+        traced = device.type == "cpu" and case.get("allocator_trace", True)
+        n = 0 if name == "floor-params" else 1 + case["steps"]
+        trace = None
+        for i in range(n):
+            if traced and i == n - 1:  # the resident peak is taken before the profiler runs
+                row["peak_bytes"] = probe.peak() - base
+                out = []
+                t0 = time.perf_counter()
+                trace = memprobe.allocation_trace(lambda: out.append(step()), device)
+                loss = out[0]
+            else:
+                t0 = time.perf_counter()
+                loss = step()
+            losses.append(float(loss.detach()))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i > 0:
                 times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-        peak = probe.peak()
-        times.sort()
-        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-        row.update(
-            peak_bytes=peak,
-            peak_kind=probe.kind,
-            rss_base_bytes=rss_base if device.type == "cpu" else None,
-            rss_before_steps_bytes=rss_before if device.type == "cpu" else None,
-            step_s=statistics.median(times) if times else None,
-            step_s_p20=q(0.2) if times else None,
-            step_s_p80=q(0.8) if times else None,
-            tokens_per_s=(case["batch_size"] * case["seq_len"] / statistics.median(times)
-                          if times else None),
-            state_bytes=_state_bytes(opt),
-            losses=losses,
-            finite=all(math.isfinite(x) for x in losses),
-        )
-        # the peak this case adds to the process: CUDA, all of it; CPU, above the libraries' RSS
-        row["net_peak_bytes"] = (peak if device.type == "cuda" or peak is None or rss_base is None
-                                 else peak - rss_base)
-        if device.type == "cuda" and peak is not None:
-            row["activation_headroom_bytes"] = peak - row["floor_bytes"]
+        if "peak_bytes" not in row:
+            row["peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
+        if device.type == "cpu":
+            row["rss_file_evicted_bytes"] = max(
+                0, file_base - memprobe.proc_status_bytes("RssFile").get("RssFile", 0))
+        state = optimizers.state_bytes(opt) if opt is not None else 0
+        row["state_bytes"] = state
+        if device.type == "cuda":
+            row["alloc_peak_bytes"] = row["peak_bytes"]
+        elif name == "floor-params":
+            row["alloc_peak_bytes"] = row["param_bytes"]
+        elif trace is not None:
+            row["alloc_peak_bytes"] = row["param_bytes"] + state + trace.peak
+            row["alloc_largest_bytes"] = trace.largest
+        if times:
+            med = statistics.median(times)
+            row.update(step_s=med, step_s_min=min(times), step_s_max=max(times),
+                       tokens_per_s=case["batch_size"] * case["seq_len"] / med,
+                       step_profiled=trace is not None)
+        row["losses"] = losses
+        row["finite"] = all(math.isfinite(x) for x in losses)
     except Exception as exc:  # noqa: BLE001 - reported in the row
         if _is_oom(exc):
-            row["status"] = "OOM"
-            row["peak_bytes"] = "OOM"
-            row["step_s"] = "OOM"
+            row["status"] = "does not fit"
+            row["note"] = (f"does not fit in {fmt_bytes(case.get('limit_bytes'), si=False)}"
+                           if case.get("limit_bytes") else "out of memory")
         else:
             row["status"] = "error"
-            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["note"] = f"{type(exc).__name__}: {exc}"[:500]
     finally:
-        if isinstance(opt, (Lomo, AdaLomo)):
-            opt.remove_hooks()
-        del model, opt, batch
-        _free(device)
+        if opt is not None:
+            optimizers.detach(opt)
+        model = opt = None
+        memprobe.free_memory(device)
     return row
 
 
@@ -365,68 +295,64 @@ def run_case_isolated(case: dict, timeout: float | None = None) -> dict:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
-        return {"optimizer": case["optimizer"], "shape": case["shape"], "status": "timeout"}
+        return {"optimizer": case["optimizer"], "status": "timeout"}
     for line in reversed(r.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = (r.stderr or "")[-2000:]
-    status = "OOM" if "out of memory" in tail.lower() or r.returncode in (-9, 137) else "error"
-    return {"optimizer": case["optimizer"], "shape": case["shape"], "status": status,
-            "peak_bytes": "OOM" if status == "OOM" else None, "returncode": r.returncode,
-            "error": tail}
+    killed = r.returncode in (-9, 137)
+    return {"optimizer": case["optimizer"], "status": "does not fit" if killed else "error",
+            "note": "killed (out of memory?)" if killed else tail, "returncode": r.returncode}
 
 
 # ---------------------------------------------------------------------------------------------
-# Cap search
+# Cap search (GPU)
 # ---------------------------------------------------------------------------------------------
 
 
 def search_cap(base_case: dict, cap_bytes: float, widths, vocab_size, runner, *,
                probe_depths=(2, 4), max_depth: int = 160, log=print) -> dict:
     """For each width the deepest family shape whose measured peak is <= ``cap_bytes``."""
+    from lomo_kernels.finetune import llama_num_params
+
+    def peak_of(shape):
+        r = runner({**base_case, "shape": shape})
+        return r if r.get("status") == "ok" and isinstance(r.get("peak_bytes"), int) else None
+
     results = []
     for width in widths:
-        peaks = {}
-        for d in probe_depths:
-            r = runner({**base_case, "shape": family_shape(width, d, vocab_size)})
-            peaks[d] = r.get("net_peak_bytes") if r.get("status") == "ok" else None
         d1, d2 = probe_depths
+        peaks = {d: peak_of(family_shape(width, d, vocab_size)) for d in probe_depths}
+        peaks = {d: (r["peak_bytes"] if r else None) for d, r in peaks.items()}
         entry = {"width": width, "probe_peaks": {str(k): v for k, v in peaks.items()}}
-        if peaks[d1] is None or not isinstance(peaks[d1], int) or peaks[d1] > cap_bytes:
+        if peaks[d1] is None or peaks[d1] > cap_bytes:
             entry.update(depth=0, fits=False, note="the smallest probe depth does not fit")
             results.append(entry)
             log(f"  width {width}: depth {d1} does not fit")
             continue
-        if peaks[d2] is None or not isinstance(peaks[d2], int):
+        if peaks[d2] is None:
             per_layer, depth = None, d1
         else:
             per_layer = max(1, (peaks[d2] - peaks[d1]) / (d2 - d1))
             depth = int(min(max_depth, d1 + (cap_bytes - peaks[d1]) // per_layer))
         verified = None
-        tries = 0
-        while depth >= d1 and tries < 4:
-            r = runner({**base_case, "shape": family_shape(width, depth, vocab_size)})
-            tries += 1
-            net = r.get("net_peak_bytes") if r.get("status") == "ok" else None
-            if isinstance(net, int) and net <= cap_bytes:
+        for _ in range(4):
+            if depth < d1:
+                break
+            r = peak_of(family_shape(width, depth, vocab_size))
+            if r is not None and r["peak_bytes"] <= cap_bytes:
                 verified = r
                 break
             depth -= 1 if per_layer is None else max(1, int(0.02 * depth))
-        if verified is None and depth < d1:
-            depth, verified = d1, None
-        shape = family_shape(width, depth, vocab_size)
-        entry.update(
-            depth=depth if verified is not None else 0,
-            fits=verified is not None,
-            per_layer_bytes=per_layer,
-            shape=shape,
-            n_params=llama_num_params(shape, vocab_size),
-            peak_bytes=verified.get("net_peak_bytes") if verified else None,
-            step_s=verified.get("step_s") if verified else None,
-        )
+        shape = family_shape(width, max(depth, d1), vocab_size)
+        entry.update(depth=depth if verified else 0, fits=verified is not None,
+                     per_layer_bytes=per_layer, shape=shape,
+                     n_params=llama_num_params(shape, vocab_size),
+                     peak_bytes=verified["peak_bytes"] if verified else None,
+                     step_s=verified.get("step_s") if verified else None)
         results.append(entry)
         log(f"  width {width}: depth {entry['depth']} fits={entry['fits']} "
-            f"({entry['n_params'] / 1e9:.2f}B params, peak {_gb(entry['peak_bytes'])})")
+            f"({entry['n_params'] / 1e9:.2f}B params, peak {fmt_bytes(entry['peak_bytes'])})")
     fitting = [e for e in results if e.get("fits")]
     best = max(fitting, key=lambda e: e["n_params"]) if fitting else None
     return {"cap_bytes": cap_bytes, "optimizer": base_case["optimizer"], "widths": results,
@@ -438,136 +364,212 @@ def search_cap(base_case: dict, cap_bytes: float, widths, vocab_size, runner, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def _gb(x):
-    if x is None:
-        return "n/a"
-    if isinstance(x, str):
-        return x
-    return f"{x / GB:.2f} GB" if abs(x) >= 1e8 else f"{x / 1e6:.1f} MB"
-
-
 def format_rows(rows) -> str:
-    head = f"{'optimizer':<20} {'status':<7} {'peak':>10} {'floor':>10} {'step s':>9} {'tok/s':>9}"
-    lines = [head, "-" * len(head)]
+    """One table of every case (GiB = 2**30 bytes), split to fit 100 columns; notes below."""
+    gib = lambda x: "-" if not isinstance(x, (int, float)) else f"{x / 2**30:.2f}"  # noqa: E731
+    table, notes = [], []
     for r in rows:
+        note = "; ".join(n for n in (r.get("note"), r.get("limit_note")) if n)
+        if note and note not in notes:
+            notes.append(note)
         st = r.get("step_s")
-        tps = r.get("tokens_per_s")
-        lines.append(
-            f"{r['optimizer']:<20} {r['status']:<7} {_gb(r.get('peak_bytes')):>10} "
-            f"{_gb(r.get('floor_bytes')):>10} "
-            f"{(f'{st:.4f}' if isinstance(st, float) else str(st)):>9} "
-            f"{(f'{tps:,.0f}' if isinstance(tps, float) else 'n/a'):>9}"
-            + (f"  {r['error'][:80]}" if r.get("error") else "")
-        )
-    return "\n".join(lines)
+        table.append([r.get("model_config", ""), r["optimizer"], r["status"],
+                      gib(r.get("peak_bytes")), gib(r.get("alloc_peak_bytes")),
+                      gib(r.get("estimate_bytes")), gib(r.get("state_bytes")),
+                      "-" if st is None else f"{st:.2f}",
+                      "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+                      f"[{notes.index(note) + 1}]" if note else ""])
+    out = render_table(["model", "case", "status", "peak RSS+ (GiB)", "alloc peak (GiB)",
+                        "estimate (GiB)", "state (GiB)", "step (s)", "tokens/s", "note"],
+                       table, keys=2)
+    if notes:
+        out += "\n" + "\n".join(wrap(f"[{i}] {n}") for i, n in enumerate(notes, 1))
+    return out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench/bench_memory.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", default=None, choices=sorted(MODEL_CONFIGS),
-                   help="default: llama3-8b on CUDA, tiny on CPU")
+    p = script_parser("python bench/bench_memory.py", __doc__)
+    p.add_argument("--model-config", nargs="+", default=None, choices=sorted(MODEL_CONFIGS),
+                   help="one or more shapes (default: llama3-8b on CUDA, tiny on CPU)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the config's width")
     p.add_argument("--num-layers", type=int, default=None, help="override the config's depth")
     p.add_argument("--seq-len", type=int, default=None, help="default: 1024 on CUDA, 64 on CPU")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma-separated subset of {OPTIMIZERS}")
+    p.add_argument("--optimizers", default=",".join(DEFAULT_CASES),
+                   help="comma-separated cases: "
+                        + ", ".join(FLOORS + tuple(optimizers.OPTIMIZERS)))
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="lk-* update kernels")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--isolation", choices=("subprocess", "inprocess"), default=None,
-                   help="default: subprocess on CUDA, inprocess on CPU")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case")
+    p.add_argument("--cpu-limit-gib", type=float, default=16.0,
+                   help="CPU: memory a case may use above its baseline; a case needing more "
+                        "does not fit (default 16 GiB; lowered to what is free, less 1.5 GiB)")
+    p.add_argument("--wait-minutes", type=float, default=60,
+                   help="CPU: how long a case waits for other processes to free the memory it "
+                        "is estimated to need before it runs under a lower limit (default 60)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other rows of an existing memory.json in the output "
+                        "directory (re-measure some cases of an earlier run)")
+    p.add_argument("--no-allocator-trace", action="store_true",
+                   help="CPU: skip the profiled step (the allocator's peak)")
+    p.add_argument("--isolation", choices=("subprocess", "inprocess"), default="subprocess",
+                   help="a fresh process per case (default), or all in this one (tests; no "
+                        "memory limit, and the peaks of one case include what earlier cases "
+                        "left resident)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per isolated case")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="also search the largest Llama-family shape whose peak fits this cap "
-                   "(GB = 1e9 B)")
+                        "(GB = 1e9 B)")
     p.add_argument("--search-widths", default=None,
                    help="comma-separated widths (default: 2048..8192 on CUDA, 64,128 on CPU)")
-    p.add_argument("--search-optimizer", default="lk-adalomo", choices=OPTIMIZERS)
-    p.add_argument("--output", default=None, help="JSON file (default: print the JSON)")
+    p.add_argument("--search-optimizer", default="lk-adalomo", choices=tuple(optimizers.OPTIMIZERS))
+    add_output_args(p, "memory.json / memory.png")
+    p.add_argument("--reestimate", type=Path, default=None, metavar="DIR",
+                   help="only recompute the estimates of DIR/memory.json (after a change to "
+                        "memory_estimate.py) and redraw DIR/memory.png; nothing is measured")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+MARGIN = int(1.5 * 2**30)  # left free for the rest of the machine
+
+
+def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) -> tuple[int, str]:
+    """The address-space limit of a CPU case: ``limit_bytes``, unless less than that (plus a
+    margin) is free. A case whose estimate (x 1.2) would not fit in the free memory waits up to
+    ``wait_s`` for other processes to finish; then it runs with the lower limit, and says so."""
+    need = limit_bytes if not estimate_bytes else min(limit_bytes, int(1.2 * estimate_bytes))
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = (memprobe.proc_meminfo_bytes("MemAvailable") or 0) - MARGIN
+        if free >= need or time.monotonic() >= deadline:
+            break
+        log(f"    waiting for memory: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} needed")
+        time.sleep(20)
+    if free >= limit_bytes:
+        return limit_bytes, ""
+    low = max(2**29, free)
+    return low, (f"limit lowered from {limit_bytes / 2**30:.1f} to {low / 2**30:.1f} GiB: "
+                 "the rest of the machine's memory was in use")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every (model, case) that ``new`` measured replaced."""
+    return merge_by(old, new, lambda r: (r.get("model_config"), r["optimizer"]))
+
+
+def _estimate(case: dict) -> dict:
+    return estimate(case["optimizer"], case["shape"],
+                    vocab=case["shape"].get("vocab_size") or ByteTokenizer.vocab_size,
+                    seq=case["seq_len"], batch=case["batch_size"],
+                    es=torch.empty((), dtype=DTYPES[case["dtype"]]).itemsize,
+                    checkpointing=case["gradient_checkpointing"])
+
+
+def reestimate(folder: Path) -> dict:
+    data = json.loads((folder / "memory.json").read_text())
+    a = data["args"]
+    for r in data["rows"]:
+        r["estimate"] = _estimate({**a, "optimizer": r["optimizer"],
+                                   "shape": a["shapes"][r["model_config"]]})
+        r["estimate_bytes"] = r["estimate"]["total"]
+    write_json_payload(folder / "memory.json", data)
+    plot_memory(folder / "memory.png", data["rows"], data["environment"], a)
+    print(format_rows(data["rows"]))
+    return data
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker is not None:  # a subprocess case
-        row = run_case(json.loads(args.worker))
-        print(json.dumps(row, default=str), flush=True)
-        return row
+        print(json.dumps(run_case(json.loads(args.worker)), default=str), flush=True)
+        return {}
+    if args.reestimate is not None:
+        return reestimate(args.reestimate)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = device.type == "cpu"
-    model_config = args.model_config or ("tiny" if cpu else "llama3-8b")
+    configs = args.model_config or (["tiny"] if cpu else ["llama3-8b"])
     seq_len = args.seq_len or (64 if cpu else 1024)
-    isolation = args.isolation or ("inprocess" if cpu else "subprocess")
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    for o in optimizers:
-        if o not in OPTIMIZERS:
-            raise SystemExit(f"unknown optimizer {o!r}; choose from {OPTIMIZERS}")
-    shape = resolve_shape(model_config, {"hidden_size": args.hidden_size,
-                                         "num_hidden_layers": args.num_layers})
+    cases = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    for o in cases:
+        if o not in FLOORS:
+            optimizers.get(o)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     def runner(case):
-        if isolation == "subprocess":
-            return run_case_isolated(case, timeout=args.timeout)
-        return run_case(case)
+        if args.isolation == "inprocess":  # no address-space limit on this process
+            return run_case(case)
+        note = ""
+        if cpu:
+            limit, note = cpu_limit(int(args.cpu_limit_gib * 2**30), _estimate(case)["total"],
+                                    args.wait_minutes * 60, log)
+            case = {**case, "limit_bytes": limit}
+        row = run_case_isolated(case, timeout=args.timeout)
+        if note:
+            row["limit_note"] = note
+        return row
 
     base = dict(device=str(device), dtype=args.dtype, seq_len=seq_len, batch_size=args.batch_size,
                 steps=args.steps, gradient_checkpointing=args.gradient_checkpointing, lr=args.lr,
-                backend=args.backend)
+                backend=args.backend, allocator_trace=not args.no_allocator_trace)
     env = environment(device)
-    n_params = llama_num_params(shape)
-    log(f"bench_memory: {model_config} ({n_params / 1e9:.3f}B params), {args.dtype}, "
-        f"seq {seq_len} x batch {args.batch_size}, {device}, isolation {isolation}")
-    rows = []
-    for o in optimizers:
-        log(f"  {o} ...")
-        r = runner({**base, "optimizer": o, "shape": shape})
-        r["model_config"] = model_config
-        rows.append(r)
-    if not args.quiet:
-        print(format_rows(rows), file=sys.stderr)
-    floor = None
-    ok = [r for r in rows if r.get("floor_bytes")]
-    if ok:
-        keys = ("n_params", "param_bytes", "largest_grad_bytes", "floor_bytes",
-                "floor_with_state_bytes")
-        floor = {k: ok[0][k] for k in keys}
-    search = None
+    for mod in ("transformers", "lomo_optim"):
+        try:
+            env[f"{mod}_version"] = __import__(mod).__version__
+        except ImportError:
+            env[f"{mod}_version"] = None
+    out = output_dir(args, env)
+    old = (json.loads((out / "memory.json").read_text())
+           if args.merge and (out / "memory.json").exists() else None)
+    rows, shapes, search = [], {}, None
+
+    def write() -> tuple[dict, bool]:
+        """memory.json and memory.png with every case measured so far (after each case: an
+        interrupted run keeps what it measured)."""
+        result = {"environment": env,
+                  "args": {**base, "model_configs": configs, "shapes": shapes, "cases": cases,
+                           "isolation": args.isolation, "cpu_limit_gib": args.cpu_limit_gib
+                           if cpu else None, "memory_cap_gb": args.memory_cap_gb},
+                  "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                  "rows": rows, "search": search}
+        if old is not None:
+            result["rows"] = merge_rows(old["rows"], rows)
+            result["args"]["model_configs"] = list(dict.fromkeys(
+                r["model_config"] for r in result["rows"]))
+            result["args"]["shapes"] = {**old["args"].get("shapes", {}), **shapes}
+        write_json_payload(out / "memory.json", result)
+        return result, plot_memory(out / "memory.png", result["rows"], env, result["args"])
+
+    for config in configs:
+        shape = shapes[config] = resolve_shape(config, {"hidden_size": args.hidden_size,
+                                                        "num_hidden_layers": args.num_layers})
+        for o in cases:
+            t0 = time.perf_counter()
+            load = os.getloadavg()[0]
+            r = runner({**base, "optimizer": o, "shape": shape})
+            r.update(model_config=config, load_avg_1min_before=round(load, 2),
+                     wall_s=round(time.perf_counter() - t0, 1), date=env["date"],
+                     git_commit=env["git_commit"])
+            log(f"  {config} {o}: {r['status']}, peak {fmt_bytes(r.get('peak_bytes'), si=False)}"
+                f" ({r['wall_s']} s)")
+            rows.append(r)
+            write()
     if args.memory_cap_gb is not None:
         default_widths = "64,128" if cpu else "2048,3072,4096,5120,6144,8192"
         widths = [int(w) for w in (args.search_widths or default_widths).split(",")]
         log(f"searching the largest shape under {args.memory_cap_gb} GB with "
             f"{args.search_optimizer} ...")
-        search = search_cap({**base, "optimizer": args.search_optimizer},
-                            args.memory_cap_gb * GB, widths, shape.get("vocab_size"), runner,
-                            log=log)
-        if search["largest"] and not args.quiet:
-            b = search["largest"]
-            log(f"largest: width {b['width']} depth {b['depth']} = "
-                f"{b['n_params'] / 1e9:.2f}B params, "
-                f"peak {_gb(b['peak_bytes'])}")
-    result = {
-        "environment": env,
-        "args": {**base, "model_config": model_config, "shape": shape, "isolation": isolation,
-                 "optimizers": optimizers, "memory_cap_gb": args.memory_cap_gb},
-        "rows": rows,
-        "floor": floor,
-        "search": search,
-    }
-    text = json.dumps(result, indent=1, default=str)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-        log(f"wrote {args.output}")
-    elif not args.quiet:
-        print(text)
+        search = search_cap({**base, "optimizer": args.search_optimizer}, args.memory_cap_gb * GB,
+                            widths, shapes[configs[0]].get("vocab_size"), runner, log=log)
+    result, plotted = write()
+    rows = result["rows"]
+    if not args.quiet:
+        print(format_rows(rows))
+        print(wrap(f"wrote {out / 'memory.json'}" + (", memory.png" if plotted else "")))
     return result
 
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # python bench/launch_count.py
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench import common
+from bench import shapes as model_shapes
 from lomo_kernels import AdaLomo, Lomo, ops
 
 TABLE_FILE = Path(__file__).with_name("launches_per_call.json")
@@ -48,8 +48,8 @@ def launch_table(path: Path = TABLE_FILE) -> dict:
 
 
 def meta_params(model: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16):
-    """Every parameter of ``model`` (``bench.common.MODEL_CONFIGS``) on the meta device."""
-    shapes = common.llama_param_shapes(**common.MODEL_CONFIGS[model])
+    """Every parameter of ``model`` (``bench.shapes.MODEL_CONFIGS``) on the meta device."""
+    shapes = model_shapes.llama_param_shapes(**model_shapes.MODEL_CONFIGS[model])
     return [torch.nn.Parameter(torch.empty(s, dtype=dtype, device=META)) for s in shapes]
 
 
@@ -146,7 +146,7 @@ def report(model: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16) -> lis
             for kernels, backends in table.items():
                 for backend, launches in backends.items():
                     rows.append(dict(
-                        model=model, dtype=common.dtype_name(dtype), optimizer=name,
+                        model=model, dtype=model_shapes.dtype_name(dtype), optimizer=name,
                         kernels=kernels, backend=backend, batching=batching,
                         op_calls=len(counted["calls"]),
                         launches=launches_of(counted["calls"], launches),
@@ -161,10 +161,10 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama3-8b", choices=sorted(common.MODEL_CONFIGS))
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(model_shapes.MODEL_CONFIGS))
     ap.add_argument("--dtype", default="bf16")
     a = ap.parse_args(argv)
-    rows = report(a.model, common.parse_dtype(a.dtype))
+    rows = report(a.model, model_shapes.parse_dtype(a.dtype))
     r0 = rows[0]
     print(f"{a.model}: {r0['n_params']} parameters, {r0['numel']:,} elements, {a.dtype}; "
           "update-kernel launches of one step (no GPU: op calls x launches per call)")

@@ -6,7 +6,7 @@ For each op (``lomo_update``, ``adalomo_update``, bf16) and shape (a 4096x4096 w
 
 * bytes: docs/spec.md's fewest bytes (LOMO: read p, read g, write p = 6 B/element in bf16;
   AdaLomo 2-d: g read 3x, p read 2x, p written once = 12 B/element; 1-d: 5 x element size + 12,
-  see bench/common.py) plus the fp32 AdaLomo state read and written once (r, c or v);
+  see bench/shapes.py) plus the fp32 AdaLomo state read and written once (r, c or v);
 * launches per backend (CUDA native, Triton), today and after the kernels' rewrite, from the
   ``LAUNCHES`` table below (the kernels' owners keep it current);
 * predicted time = bytes / bandwidth + launches x launch latency, at the peak HBM bandwidths of an
@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # python bench/perf_model.py
 
 import torch
 
-from bench import common
+from bench import environment, memprobe, shapes as model_shapes, timing as bench_timing
 
 OPS = ("lomo_update", "adalomo_update")
 SHAPES = ("4096x4096", "32000x4096", "128256x4096", "llama3-8b")
@@ -81,12 +81,12 @@ LR, LOSS_SCALE, BETA = 1e-3, 2.0**10, 1.0 - 2.0**-0.8  # AdaLomo at t = 2 (bench
 
 
 def shape_list(token: str):
-    return common.parse_shape(token)[1]
+    return model_shapes.parse_shape(token)[1]
 
 
 def model_bytes(op: str, shapes) -> int:
     """Fewest bytes (docs/spec.md) + the fp32 AdaLomo state read and written once."""
-    total = common.fewest_bytes(op, shapes, DTYPE)
+    total = model_shapes.fewest_bytes(op, shapes, DTYPE)
     if op == "adalomo_update":
         for s in shapes:  # the 1-d state is already in fewest_bytes (the 12 B per element)
             if len(s) >= 2:
@@ -137,7 +137,7 @@ def _op_fn(op: str, p, g):
 
 
 def _time_interleaved(fns: dict, **timing) -> dict:
-    """common.time_interleaved (one call of each function per round), also recording per call
+    """timing.time_interleaved (one call of each function per round), also recording per call
     the CPU time of the whole process (all threads): {name: (wall ms, CPU ms)}, medians. On a
     shared machine the CPU time is the steadier of the two (it does not count the time a thread
     waits for a core; it does count threads spinning at a barrier)."""
@@ -150,7 +150,7 @@ def _time_interleaved(fns: dict, **timing) -> dict:
             cpu[k].append((time.process_time() - c0) * 1e3)
         return run
 
-    t = common.time_interleaved({k: with_cpu_time(k, f) for k, f in fns.items()}, "cpu",
+    t = bench_timing.time_interleaved({k: with_cpu_time(k, f) for k, f in fns.items()}, "cpu",
                                 **timing)
     # the last `reps` calls are the timed ones (the others warmed up)
     return {k: (t[k].median_ms, statistics.median(cpu[k][-t[k].reps:])) for k in fns}
@@ -159,7 +159,7 @@ def _time_interleaved(fns: dict, **timing) -> dict:
 def measure_shape(op: str, shape, repeats: int, copy_cap_mib: float, timing: dict) -> dict:
     """Median ms of one update of `shape` and of a same-size copy, interleaved, `repeats` times."""
     nbytes = model_bytes(op, [shape])
-    params, grads = common.make_params([shape], DTYPE, "cpu", g_std=1e-3 * LOSS_SCALE)
+    params, grads = model_shapes.make_params([shape], DTYPE, "cpu", g_std=1e-3 * LOSS_SCALE)
     fn = _op_fn(op, params[0], grads[0])
     copy_n = int(min(nbytes / 2, copy_cap_mib * 2**20)) // 4
     src = torch.randn(copy_n)
@@ -188,7 +188,7 @@ def measure(op: str, token: str, repeats: int, copy_cap_mib: float, timing: dict
             tot[k] += count * m[k + "_median"]
         loads += m["load_1min"]
         per_shape["x".join(map(str, shape))] = {"count": count, **m}
-        common.free_memory("cpu")
+        memprobe.free_memory("cpu")
     nbytes = model_bytes(op, shape_list(token))
     return {"cpu_ms": tot["op_ms"], "cpu_gbps": nbytes / (tot["op_ms"] * 1e-3) / 1e9,
             "copy_same_size_gbps": nbytes / (tot["copy_ms"] * 1e-3) / 1e9,
@@ -313,7 +313,7 @@ def main(argv=None) -> None:
     timing = dict(warmup_ms=50.0, rep_ms=a.rep_ms, min_reps=5)
     if a.backward:
         rows = measure_backward(a.backward, a.repeats, timing)
-        env = common.environment("cpu")
+        env = environment.environment("cpu")
         title = (f"{env['device_name']}, {a.threads} threads, torch {env['torch_version']}, "
                  f"commit {env['git_commit']}" + (" (dirty)" if env["git_dirty"] else ""))
         print(title)
@@ -328,13 +328,13 @@ def main(argv=None) -> None:
     for token in a.shapes:
         shapes = shape_list(token)
         for op in a.ops:
-            row = {"shape": token, "n_tensors": len(shapes), "numel": common.numel_of(shapes),
+            row = {"shape": token, "n_tensors": len(shapes), "numel": model_shapes.numel_of(shapes),
                    **predict(op, shapes, a.launch_us)}
             if a.measure:
                 row.update(measure(op, token, a.repeats, a.copy_cap_mib, timing))
             rows.append(row)
             print(f"# {op} {token} done", file=sys.stderr, flush=True)
-    env = common.environment("cpu")
+    env = environment.environment("cpu")
     title = (f"GPU times are PREDICTIONS (bytes / peak bandwidth + launches x {a.launch_us:g} us; "
              f"{', '.join(f'{k} {v / 1e12:.1f} TB/s' for k, v in GPUS.items())})"
              + (f"; CPU: measured on {env['device_name']}, {a.threads} threads, "

@@ -1,19 +1,23 @@
-"""Run every lomo_kernels benchmark, print one table, write JSON + CSV + a PNG plot.
+"""Run every lomo_kernels benchmark, print the tables, write JSON + CSV + a PNG plot.
 
 Microbenchmarks of the fused updates (bench_lomo_update.py, bench_adalomo_update.py) over
 shapes x dtypes x implementations (this project's native / triton / torch backends and the
 references: lomo-optim's per-tensor update, torch.optim.SGD(fused=True), torch.optim.Adafactor),
 then the whole-backward benchmark (bench_backward.py: forward + backward of a Llama-shaped model
 with in-backward Lomo / AdaLomo against a plain backward). Every row carries the device,
-versions, git commit and date; GB/s come from SPEC.md's fewest bytes and are compared with a
-device copy bandwidth measured in the same run.
+versions, git commit, date and machine load; GB/s come from the fewest bytes each update must
+move (docs/spec.md) and are compared with a device copy bandwidth measured in the same run.
+Results go to a new directory per run, bench/results/runs/<device>-<date>/, unless --out or
+--update-committed says otherwise.
 
 examples:
   python bench/run.py                                     # GPU if there is one: full sizes
   python bench/run.py --device cpu --sizes tiny --out /tmp/b   # CI smoke run (seconds)
   python bench/run.py --device cpu --threads 2 --shapes 4096x4096 --dtypes bf16
-        # issue 4: native CPU kernels against lomo-optim's per-tensor math and backend="torch",
+        # native CPU kernels against lomo-optim's per-tensor math and backend="torch",
         # and the fraction of the measured CPU copy bandwidth (see the summary at the end)
+  python bench/run.py --device cpu --threads 2 --ops none --update-committed --tag backward
+        # the whole-backward step times quoted in README.md
   python bench/run.py --device cuda --ops adalomo --shapes llama3-8b --no-backward
   python bench/run.py --device cuda --ops none --backward-models llama-1b
 """
@@ -29,7 +33,11 @@ if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench import bench_adalomo_update, bench_backward, bench_lomo_update, common
+from bench import bench_adalomo_update, bench_backward, bench_lomo_update, shapes, timing
+from bench.environment import add_output_args, environment, output_dir
+from bench.microbench import add_common_args, resolve_common_args
+from bench.report import format_table, wrap, write_plot
+from bench.results import write_csv, write_json
 
 OPS = {"lomo": bench_lomo_update, "adalomo": bench_adalomo_update}
 _OP_ALIASES = {"lomo": "lomo", "lomo_update": "lomo", "lomo_update_": "lomo",
@@ -42,7 +50,7 @@ def parse_args(argv=None):
         prog="python bench/run.py", description=__doc__.split("\n\nexamples:")[0],
         epilog="examples:" + __doc__.split("examples:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    add_common_args(ap)
     ap.add_argument("--ops", nargs="+", default=["lomo", "adalomo"], metavar="OP",
                     help="microbenchmarks to run: lomo, adalomo, or none (default: both)")
     ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
@@ -57,9 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--copy-mib", type=int, default=None,
                     help="size of the copy-bandwidth buffer in MiB (default: 1024 on CUDA, "
                          "512 on CPU, 64 with --sizes tiny)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output directory for results.json / results.csv / results.png "
-                         "(default: bench/results/<device-slug>/)")
+    add_output_args(ap, "results.json / results.csv / results.png")
     ap.add_argument("--tag", default=None,
                     help="file name prefix: results-TAG.json etc. (to keep several runs, e.g. a "
                          "full GPU run split by --ops/--shapes, in one directory)")
@@ -70,7 +76,8 @@ def parse_args(argv=None):
 def _summary(rows, env, copy: dict) -> list[str]:
     lines = [f"device: {env['device_name']} | torch {env['torch_version']} | triton "
              f"{env['triton_version']} | CUDA {env['cuda_version']} | threads {env['cpu_threads']}"
-             f" | commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}",
+             f" | commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}"
+             f" | load (1/5/15 min) {env['load_avg_1_5_15min']}",
              f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({copy['copy_mib']} MiB dst.copy_(src))",
              f"backends: {env['backends_status']}"]
     for r in rows:
@@ -93,24 +100,23 @@ def _summary(rows, env, copy: dict) -> list[str]:
 def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
-    kw = common.resolve_common_args(args)
+    kw = resolve_common_args(args)
     device, sizes = kw["device"], kw["sizes"]
     ops = []
-    for o in common.split_list(args.ops):
+    for o in shapes.split_list(args.ops):
         if o.lower() not in _OP_ALIASES:
             raise SystemExit(f"--ops: unknown op {o!r}; use lomo, adalomo or none")
         if _OP_ALIASES[o.lower()] and _OP_ALIASES[o.lower()] not in ops:
             ops.append(_OP_ALIASES[o.lower()])
-    bwd_models = (common.split_list(args.backward_models) if args.backward_models
+    bwd_models = (shapes.split_list(args.backward_models) if args.backward_models
                   else bench_backward.SIZE_MODELS[sizes]) if args.backward else []
     for m in bwd_models:
         if m not in bench_backward.BACKWARD_MODELS:
             raise SystemExit(f"--backward-models: unknown model {m!r}; "
                              f"use {', '.join(bench_backward.BACKWARD_MODELS)}")
 
-    env = common.environment(device)
-    out = args.out or (common.REPO_ROOT / "bench" / "results" / common.device_slug(env))
-    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    out = output_dir(args, env)
 
     total = sum(OPS[o].n_measurements(device, kw["dtypes"], kw["shapes"], kw["backends"])
                 for o in ops)
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
 
     if bar is not None:
         bar.set_postfix_str("copy bandwidth", refresh=True)
-    copy = common.copy_bandwidth(device, args.copy_mib or common.copy_mib_default(device, sizes),
+    copy = timing.copy_bandwidth(device, args.copy_mib or timing.copy_mib_default(device, sizes),
                                  **kw["timing"])
     if bar is not None:
         bar.update(1)
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "sizes": sizes,
         "shapes": [name for name, _ in kw["shapes"]],
-        "dtypes": [common.dtype_name(d) for d in kw["dtypes"]],
+        "dtypes": [shapes.dtype_name(d) for d in kw["dtypes"]],
         "ops": ops,
         "backward_models": bwd_models,
         "timing": kw["timing"],
@@ -152,18 +158,18 @@ def main(argv=None) -> int:
         "wall_s": None,
         "tag": args.tag,
     }
-    print(common.format_table(rows))
+    print(format_table(rows))
     print()
     for line in _summary(rows, env, copy):
-        print(line)
+        print(wrap(line))
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     stem = out / (f"results-{args.tag}" if args.tag else "results")
-    common.write_json(Path(f"{stem}.json"), rows, env, meta)
-    common.write_csv(Path(f"{stem}.csv"), rows, env)
-    plotted = common.write_plot(Path(f"{stem}.png"), rows, env, copy["copy_gbps"])
-    print(f"\nwrote {stem}.json, {stem}.csv"
-          + (f", {stem}.png" if plotted else " (no plot: no microbenchmark rows)")
-          + f" in {meta['wall_s']} s")
+    write_json(Path(f"{stem}.json"), rows, env, meta)
+    write_csv(Path(f"{stem}.csv"), rows, env)
+    plotted = write_plot(Path(f"{stem}.png"), rows, env, copy["copy_gbps"])
+    print()
+    plot = ", .png" if plotted else " (no plot: no microbenchmark rows)"
+    print(wrap(f"wrote {stem}.json, .csv{plot} in {meta['wall_s']} s"))
     return 0
 
 

@@ -8,7 +8,8 @@ bench_adalomo_update.py, at small sizes:
 Not part of the test suite: ``pytest tests/`` never looks here, and a bare ``pytest`` from the
 repository root skips this folder (bench/conftest.py) unless ``--benchmark-only`` is given or
 bench/ is named on the command line. Implementations that cannot run here are skipped.
-Each benchmark's ``extra_info`` holds SPEC.md's fewest bytes and the effective GB/s of its mean.
+Each benchmark's ``extra_info`` holds the fewest bytes (docs/spec.md) and the effective GB/s of
+its mean.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import os
 import pytest
 import torch
 
-from bench import bench_adalomo_update, bench_lomo_update, common
+from bench import bench_adalomo_update, bench_lomo_update, shapes
+from bench.environment import environment
+from bench.timing import synchronize
 
 MODULES = {"lomo_update": bench_lomo_update, "adalomo_update": bench_adalomo_update}
 IMPLS = {
@@ -46,14 +49,14 @@ CASES = [(op, impl) for op, impls in IMPLS.items() for impl in impls]
 def test_update(benchmark, op, impl, dtype, shape):
     device = _device()
     mod = MODULES[op]
-    dt = common.parse_dtype(dtype)
-    shape_name, shapes = common.parse_shape(shape)
-    params, grads = common.make_params(shapes, dt, device)
+    dt = shapes.parse_dtype(dtype)
+    shape_name, shape_list = shapes.parse_shape(shape)
+    params, grads = shapes.make_params(shape_list, dt, device)
     found = [c for c in mod.candidates(device, dt, params, grads, [impl])
              if c.backend == impl or (impl == "sgd" and c.backend.startswith("sgd"))]
     if not found:
         pytest.skip(f"{impl} cannot run on {device} "
-                    f"({common.environment(device)['backends_status']})")
+                    f"({environment(device)['backends_status']})")
     cand = found[0]
     if cand.setup is None:
         pytest.skip(cand.note)
@@ -61,11 +64,11 @@ def test_update(benchmark, op, impl, dtype, shape):
 
     def call():
         fn()
-        common.synchronize(device)
+        synchronize(device)
 
     benchmark.group = f"{op} {dtype} {shape_name} ({device.type})"
     benchmark.extra_info["backend"] = cand.backend
-    benchmark.extra_info["bytes_min"] = common.fewest_bytes(op, shapes, dt)
+    benchmark.extra_info["bytes_min"] = shapes.fewest_bytes(op, shape_list, dt)
     benchmark.pedantic(call, warmup_rounds=3, rounds=30 if device.type == "cpu" else 200,
                        iterations=1)
     mean = benchmark.stats.stats.mean

@@ -1,6 +1,7 @@
 """CI smoke test of the benchmarks: ``python bench/run.py --device cpu --sizes tiny`` runs once
-(so the scripts cannot rot) and its JSON / CSV carry every field DESIGN.md asks of a benchmark
-row, with sane values. Takes ~15-30 s on a 2-core CPU."""
+(so the scripts cannot rot) and its JSON / CSV carry every field docs/design.md asks of a benchmark
+row, with sane values, and the printed tables fit 100 columns. Takes ~15-30 s on a 2-core
+CPU."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def test_outputs_written(bench_run):
     else:
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "copy bandwidth" in stdout and "lomo_update" in stdout
+    assert max(len(line) for line in stdout.splitlines()) <= 100
+
+
+def test_results_go_to_a_directory_per_run(tmp_path, monkeypatch):
+    """Without --out, a run never writes over the committed results."""
+    import argparse
+
+    from bench import environment
+
+    monkeypatch.setattr(environment, "RESULTS", tmp_path)
+    env = {"device": "cpu", "device_name": "x", "date": "2026-01-02T03:04:05+00:00"}
+    ns = argparse.Namespace(out=None, update_committed=False)
+    assert environment.output_dir(ns, env) == tmp_path / "runs" / "cpu-20260102T030405Z"
+    ns.update_committed = True
+    assert environment.output_dir(ns, env) == tmp_path / "cpu"
+    ns.out = tmp_path / "elsewhere"
+    assert environment.output_dir(ns, env) == tmp_path / "elsewhere"
 
 
 def test_json_rows(bench_run):

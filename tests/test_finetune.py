@@ -1,8 +1,5 @@
-"""End-to-end fine-tuning (lomo_kernels.finetune) and the memory benchmark, on tiny CPU configs."""
+"""End-to-end fine-tuning (lomo_kernels.finetune) on tiny CPU configs."""
 
-import copy
-import importlib.util
-import json
 import math
 import subprocess
 import sys
@@ -27,14 +24,6 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 FAST = ["--quiet", "--seq-len", "64", "--batch-size", "8", "--eval-batches", "1"]
-
-
-def _bench_memory():
-    path = REPO / "bench" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tiny(layers=2, **kw):
@@ -229,51 +218,3 @@ def test_large_configs_on_the_meta_device(name):
 def test_unknown_config_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model config"):
         ft.build_config("gpt5")
-
-
-# ------------------------------------------------------------------------------- bench_memory
-
-
-def test_bench_memory_tiny_cpu(tmp_path):
-    bm = _bench_memory()
-    out = tmp_path / "mem.json"
-    res = bm.main(["--device", "cpu", "--steps", "1", "--seq-len", "32", "--quiet",
-                   "--memory-cap-gb", "0.5", "--search-widths", "64", "--output", str(out)])
-    data = json.loads(out.read_text())
-    assert data["rows"] == json.loads(json.dumps(res["rows"], default=str))
-    env = data["environment"]
-    for key in ("device", "torch_version", "git_commit", "date", "transformers_version"):
-        assert key in env
-    names = [r["optimizer"] for r in data["rows"]]
-    assert names == list(bm.OPTIMIZERS)
-    for r in data["rows"]:
-        assert r["status"] == "ok", r
-        assert r["finite"] and r["step_s"] > 0 and r["tokens_per_s"] > 0
-        assert r["peak_kind"] in ("cpu_rss_hwm", None)
-        assert r["floor_bytes"] == r["param_bytes"] + r["largest_grad_bytes"]
-    by = {r["optimizer"]: r for r in data["rows"]}
-    # AdamW keeps two moments per parameter; AdaLomo only factored fp32 rows and columns
-    assert by["adamw-fused"]["state_bytes"] >= 2 * by["adamw-fused"]["param_bytes"]
-    assert 0 < by["lk-adalomo"]["state_bytes"] < by["adamw-fused"]["state_bytes"] / 4
-    assert by["lk-lomo"]["state_bytes"] == 0
-    assert data["floor"]["floor_bytes"] == by["lk-adalomo"]["floor_bytes"]
-    search = data["search"]
-    assert search["widths"][0]["width"] == 64 and search["largest"] is not None
-    assert search["largest"]["depth"] >= 2
-
-
-def test_bench_memory_isolated_case_and_oom_row():
-    bm = _bench_memory()
-    case = dict(device="cpu", dtype="fp32", seq_len=16, batch_size=1, steps=1,
-                gradient_checkpointing=True, lr=1e-3, backend="auto", optimizer="lk-lomo",
-                shape=bm.family_shape(32, 1, None))
-    row = bm.run_case_isolated(case, timeout=300)
-    assert row["status"] == "ok", row
-    assert row["n_params"] == bm.llama_num_params(case["shape"])
-    # an allocation failure is reported as "OOM", not raised
-    oom = copy.deepcopy(case)
-    oom["shape"] = bm.family_shape(32, 1, None)
-    oom["shape"]["vocab_size"] = 2**40  # an impossible embedding
-    row = bm.run_case(oom)
-    assert row["status"] == "OOM", row
-    assert row["peak_bytes"] == "OOM" and row["step_s"] == "OOM"

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import common, perf_model  # noqa: E402
+from bench import microbench, perf_model  # noqa: E402
 
 
 def test_bytes_follow_the_spec():
@@ -47,7 +47,7 @@ def test_prediction_is_bytes_over_bandwidth_plus_launches():
         assert math.isclose(row[f"pred_us_{gpu}_cuda_target"], want)
 
 
-@pytest.mark.skipif(not common.kernel_backends("cpu", ["native"]), reason="no native backend")
+@pytest.mark.skipif(not microbench.kernel_backends("cpu", ["native"]), reason="no native backend")
 def test_a_tiny_measured_run_writes_its_results(tmp_path, capsys):
     perf_model.main(["--measure", "--threads", "1", "--shapes", "64x96", "--repeats", "1",
                      "--rep-ms", "5", "--out", str(tmp_path)])

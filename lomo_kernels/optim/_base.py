@@ -67,6 +67,7 @@ from ._guards import (
     compiled_autograd_message,
     with_note,
 )
+from ._norm import fp32_norm
 from ._ownership import OptimizerReplacedWarning
 from .loss_scaler import DynamicLossScaler
 
@@ -466,7 +467,7 @@ class InBackwardOptimizer(Optimizer):
         if g is None or self._mode == "skip" or p.numel() == 0:
             return
         if self._mode == "norm":
-            n = torch.linalg.vector_norm(g, dtype=torch.float32)
+            n = fp32_norm(g)
             s = self._active_scale
             # sharded: local norms, summed across the shard group by grad_norm()
             (self._grad_norms if shard is None else self._sharding.norms).append(

@@ -1,0 +1,150 @@
+"""No update, no gradient-norm pass and no fused backward allocates a parameter-sized temporary.
+
+The reason in-backward optimizers exist is memory: parameters + activations + the largest
+gradient. One float32 copy of a bf16 gradient (what ``g.float()`` or
+``vector_norm(g, dtype=torch.float32)`` makes on CPU) is twice the gradient and undoes that.
+
+Two probes (bench/memprobe.py), two bounds:
+
+* torch's allocator events recorded by ``torch.profiler`` (exact for every tensor, blind to
+  ``malloc`` inside C++ kernels): no allocation, and no rise of live allocations, above
+  ``BOUND`` = 1/8 of the parameter's bytes (1 MiB for the 2048x2048 bf16 parameter);
+* the rise of the process's peak resident set, with glibc told to map every block of 128 KiB
+  or more afresh (``exact_rss``; sees every page a call touches, C++ temporaries included):
+  at most ``RSS_BOUND`` = 1/4 of the parameter's bytes (2 MiB; the probe's noise is a few
+  hundred KiB).
+
+A float32 copy of the gradient is 16 MiB, 16x and 8x these bounds. The control tests show both
+probes do see such copies: the pure-PyTorch reference makes them.
+"""
+
+import pytest
+import torch
+
+from bench.memprobe import allocation_trace, exact_rss, peak_extra_bytes
+from lomo_kernels import AdaLomo, Lomo, ops
+from lomo_kernels.optim._norm import fp32_norm
+
+SHAPE = (2048, 2048)
+DTYPE = torch.bfloat16
+PARAM_BYTES = 2048 * 2048 * 2
+BOUND_FRACTION = 1 / 8
+BOUND = int(PARAM_BYTES * BOUND_FRACTION)
+RSS_BOUND = PARAM_BYTES // 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _exact_rss():
+    with exact_rss():
+        yield
+
+
+def kernel_backends() -> list[str]:
+    """Every non-reference backend that loaded and runs on CPU tensors. Triton is left out: on
+    CPU it runs only in its interpreter (NumPy emulation), whose allocations say nothing about
+    the kernel."""
+    status = ops.available_backends()
+    return [b for b, s in status.items() if b not in ("torch", "triton") and s.startswith("loaded")]
+
+
+def _update(op, backend, seed):
+    """One update of a fresh 2048x2048 bf16 parameter by ``op`` on ``backend``: (call, param)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = (torch.randn(SHAPE, generator=gen) * 0.02).to(DTYPE)
+    g = torch.randn(SHAPE, generator=gen).to(DTYPE)
+    flag = torch.zeros(1)
+    if op == "lomo_update_":
+        return (lambda: ops.lomo_update_(p, g, lr=1e-3, found_inf=flag, backend=backend)), p
+    state = {k: torch.zeros(s) for k, s in ops.adalomo_state_shapes(p.shape).items()}
+    return (lambda: ops.adalomo_update_(p, g, **state, lr=1e-3, beta=0.5, loss_scale=1024.0,
+                                        found_inf=flag, step=2, backend=backend)), p
+
+
+@pytest.mark.parametrize("op", ["lomo_update_", "adalomo_update_"])
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_update_allocates_no_parameter_sized_temporary(backend, op):
+    call, p = _update(op, backend, seed=11)
+    before = p.clone()
+    call()  # warm-up: lazy state, worker threads
+    assert not torch.equal(p, before), "the update changed nothing: the probe would be vacuous"
+    trace = allocation_trace(call)
+    assert trace.largest <= BOUND, f"{backend} {op}: a {trace.largest} B allocation"
+    assert trace.peak <= BOUND, f"{backend} {op}: {trace.peak} B live at once"
+    rise, method = peak_extra_bytes(call, "cpu")
+    assert method is None or rise <= RSS_BOUND, f"{backend} {op}: resident memory rose {rise} B"
+
+
+@pytest.mark.parametrize("op", ["lomo_update_", "adalomo_update_"])
+def test_probes_see_the_references_fp32_copies(op):
+    """Control: the reference upcasts p and g to float32 copies; both probes must see them."""
+    call, _ = _update(op, "torch", seed=12)
+    call()
+    assert allocation_trace(call).largest >= 2 * PARAM_BYTES
+    rise, method = peak_extra_bytes(call, "cpu")
+    assert method is None or rise >= PARAM_BYTES
+
+
+def test_fp32_norm_has_no_fp32_copy():
+    g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13)).to(DTYPE)
+    want = torch.linalg.vector_norm(g.double())
+    assert abs(float(fp32_norm(g)) / float(want) - 1) < 1e-5
+    trace = allocation_trace(lambda: fp32_norm(g))
+    assert trace.largest <= BOUND and trace.peak <= BOUND, trace
+    rise, method = peak_extra_bytes(lambda: fp32_norm(g), "cpu", settle=True)
+    assert method is None or rise <= RSS_BOUND, rise
+    # control: the one-call float32 norm makes the copy the helper avoids
+    assert allocation_trace(lambda: torch.linalg.vector_norm(g, dtype=torch.float32)).largest \
+        >= 2 * PARAM_BYTES
+
+
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo])
+def test_grad_norm_pass_allocates_only_the_gradient(cls):
+    """``grad_norm(loss)``: the backward allocates the gradient (PARAM_BYTES), the norm nothing
+    parameter-sized."""
+    gen = torch.Generator().manual_seed(14)
+    p = torch.nn.Parameter((torch.randn(SHAPE, generator=gen) * 0.02).to(DTYPE))
+    c = torch.randn(SHAPE, generator=gen).to(DTYPE)
+    opt = cls([p], lr=1e-3, clip_grad_norm=1.0)
+    loss = (p * c).sum()  # d loss / d p = c: one parameter-sized allocation
+    opt.grad_norm(loss)  # warm-up
+    trace = allocation_trace(lambda: opt.grad_norm(loss))
+    assert trace.largest <= PARAM_BYTES and trace.peak <= PARAM_BYTES + BOUND, trace
+    rise, method = peak_extra_bytes(lambda: opt.grad_norm(loss), "cpu", settle=True)
+    assert method is None or rise <= PARAM_BYTES + RSS_BOUND, rise
+    norm = float(opt.grad_norm(loss))
+    assert norm == pytest.approx(float(torch.linalg.vector_norm(c.double())), rel=1e-5)
+    opt.remove_hooks()
+
+
+def _small_llama():
+    pytest.importorskip("transformers")
+    from lomo_kernels.finetune import build_config, build_model
+
+    cfg = build_config(dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
+                            tie_word_embeddings=False), max_position_embeddings=64)
+    model = build_model(cfg, dtype=DTYPE, seed=15)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(16))
+    return model, ids
+
+
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo])
+def test_fused_backward_peak_is_the_largest_gradient(cls):
+    """A whole fused backward of a small Llama (2 layers, 8.9M bf16 parameters, largest 4 MiB):
+    what it allocates beyond the parameters and the forward's activations stays below the
+    largest gradient + 1/8 of it (the activation gradients of 16 tokens are ~0.3 MiB). A plain
+    backward keeping every gradient allocates all of them (the control)."""
+    model, ids = _small_llama()
+    grads = [p.numel() * p.element_size() for p in model.parameters()]
+    largest = max(grads)
+    opt = cls(model, lr=1e-3)
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss, 1e-3)  # warm-up: state
+    loss = model(input_ids=ids, labels=ids).loss
+    trace = allocation_trace(lambda: opt.fused_backward(loss, 1e-3))
+    assert trace.peak <= largest * (1 + BOUND_FRACTION), (trace, largest)
+    assert all(p.grad is None for p in model.parameters())
+    opt.remove_hooks()
+
+    loss = model(input_ids=ids, labels=ids).loss
+    plain = allocation_trace(lambda: loss.backward())
+    assert plain.peak >= sum(grads)
