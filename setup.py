@@ -1,24 +1,28 @@
-"""Build and install lomo_kernels.
+"""Build the native extension of lomo_kernels (the project metadata is in pyproject.toml).
 
-Always installs the pure-Python package (``lomo_kernels``, with the top-level ``triton_kernels/``
-folder installed as ``lomo_kernels.triton_kernels``). The native extension ``lomo_kernels._C`` is
-optional and built from ``csrc/`` when possible:
+The native extension ``lomo_kernels._C`` is compiled from ``csrc/`` against the torch installed
+in the target environment, so the build must see that torch:
 
-  * CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) whenever torch is importable at build time
-    and a C++ compiler works (install with ``pip install --no-build-isolation .`` so the build
-    sees the installed torch);
-  * CUDA kernels (``csrc/cuda/*.cu``) when torch has CUDA and nvcc is found. Architectures come
-    from ``TORCH_CUDA_ARCH_LIST``, else the visible GPU, else a default list with PTX for the
-    newest (so a machine without a GPU, such as CI, still compiles them).
+    pip install --no-build-isolation .          # or -e . for a development install
 
+  * CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built; a failure (torch not
+    importable at build time -- pip's default isolated build hides it --, no C++ compiler, a
+    compile error) fails the install with a message that says why and what to do, so that no
+    install silently runs the slow pure-PyTorch path.
+  * CUDA kernels (``csrc/cuda/*.cu``) are built when torch has CUDA and nvcc is found.
+    Architectures come from ``TORCH_CUDA_ARCH_LIST``, else the visible GPU, else a default list
+    with PTX for the newest (so a machine without a GPU, such as CI, still compiles them). Without
+    nvcc the CPU kernels are built alone (on CUDA, ``backend="auto"`` then uses Triton).
   * the same CUDA kernels compiled as host C++ for the SIMT emulation (``csrc/emulated/``,
     backend ``cuda_emulated``: the CUDA code run on CPU tensors, for tests) when
     ``LOMO_KERNELS_CUDA_EMULATION=1`` (CI sets it); needs no CUDA toolkit.
 
-Environment: ``LOMO_KERNELS_SKIP_CUDA_BUILD=1`` builds the CPU kernels only;
-``LOMO_KERNELS_FORCE_BUILD=1`` fails loudly instead of falling back to the pure-Python package;
-``MAX_JOBS`` limits parallel compile jobs; ``CUDA_HOME`` names the CUDA toolkit (otherwise found
-from the usual places, skipping an ``nvcc`` wrapper script whose folder has no CUDA headers).
+Environment: ``LOMO_KERNELS_PURE_PYTHON=1`` installs without the native extension, on purpose
+(no compiler, no torch at build time; ``backend="auto"`` then warns once at run time);
+``LOMO_KERNELS_SKIP_CUDA_BUILD=1`` builds the CPU kernels only; ``LOMO_KERNELS_FORCE_BUILD=1``
+also fails when the CUDA kernels cannot be built (CI); ``MAX_JOBS`` limits parallel compile jobs;
+``CUDA_HOME`` names the CUDA toolkit (otherwise found from the usual places, skipping an ``nvcc``
+wrapper script whose folder has no CUDA headers).
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ import glob
 import os
 import shutil
 import sys
-import warnings
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's SPDX license needs it
+    raise SystemExit(
+        f"lomo_kernels needs setuptools >= 77 to build (found {setuptools.__version__}): "
+        "pip install --upgrade setuptools wheel"
+    )
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORCE = os.environ.get("LOMO_KERNELS_FORCE_BUILD", "0") == "1"
+PURE_PYTHON = os.environ.get("LOMO_KERNELS_PURE_PYTHON", "0") == "1"
 SKIP_CUDA = os.environ.get("LOMO_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
 EMULATION = os.environ.get("LOMO_KERNELS_CUDA_EMULATION", "0") == "1"
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200, PTX for newer GPUs
@@ -45,11 +56,18 @@ def _log(msg: str) -> None:
     print(f"[lomo_kernels setup] {msg}", file=sys.stderr)
 
 
-def _fail_or_warn(msg: str) -> None:
-    if FORCE:
-        raise RuntimeError(f"LOMO_KERNELS_FORCE_BUILD=1: {msg}")
-    warnings.warn(f"lomo_kernels: {msg}; installing without it")
-    _log(msg)
+def _fail(msg: str) -> None:
+    """Stop the install: building the native extension is required unless opted out."""
+    raise SystemExit(
+        "\n" + "=" * 79 + f"\nlomo_kernels: cannot build the native extension: {msg}.\n\n"
+        "The extension is compiled against the torch installed in your environment, so the\n"
+        "build must see that torch (and a C++ compiler). Install with:\n\n"
+        "    pip install torch            # first, if it is not installed yet\n"
+        "    pip install --no-build-isolation .\n\n"
+        "or, to install without the native kernels (the pure-PyTorch reference: much slower; on\n"
+        "CUDA, Triton), on purpose:\n\n"
+        "    LOMO_KERNELS_PURE_PYTHON=1 pip install .\n" + "=" * 79
+    )
 
 
 def _find_cuda_home() -> str | None:
@@ -108,10 +126,13 @@ def _arch_tokens(arch_list: str) -> str:
 
 def _extensions():
     """The lomo_kernels._C extension, or [] when it cannot be built here."""
+    if PURE_PYTHON:
+        _log("LOMO_KERNELS_PURE_PYTHON=1: installing without the native extension")
+        return []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if not sources:
-        return []
+        _fail("its sources (csrc/) are missing from this source tree")
     cuda_home = _find_cuda_home()
     if cuda_home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
@@ -119,11 +140,8 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # no torch in the build environment
-        _fail_or_warn(
-            f"torch is not importable at build time ({exc}); the native extension needs "
-            "`pip install --no-build-isolation .`"
-        )
-        return []
+        _fail(f"torch is not importable at build time ({type(exc).__name__}: {exc}); pip builds "
+              "in an isolated environment without your torch unless given --no-build-isolation")
 
     with_cuda = bool(cuda_sources) and not SKIP_CUDA and torch.version.cuda is not None
     if with_cuda and cpp_extension.CUDA_HOME is None:
@@ -184,15 +202,17 @@ def _extensions():
     return [ext]
 
 
-class OptionalBuildExt(build_ext):
-    """torch's BuildExtension (ninja, MAX_JOBS) that falls back to pure Python on failure."""
+class NativeBuildExt(build_ext):
+    """torch's BuildExtension (ninja, MAX_JOBS); a failure stops the install with a clear
+    message (see _fail)."""
 
     def run(self):
+        if not self.extensions:
+            return
         try:
             from torch.utils.cpp_extension import BuildExtension
         except Exception as exc:
-            _fail_or_warn(f"cannot build the native extension ({exc})")
-            return
+            _fail(f"torch.utils.cpp_extension is not importable ({exc})")
         impl = BuildExtension(self.distribution, use_ninja=shutil.which("ninja") is not None)
         for attr in ("build_lib", "build_temp", "inplace", "force", "debug", "parallel",
                      "plat_name", "editable_mode"):
@@ -203,41 +223,11 @@ class OptionalBuildExt(build_ext):
             impl.ensure_finalized()
             impl.run()
         except Exception as exc:
-            _fail_or_warn(f"building the native extension failed ({exc})")
-
-    def get_outputs(self):
-        # A failed optional build produces no outputs; do not claim any.
-        return [o for o in super().get_outputs() if os.path.exists(o)]
+            _fail(f"compiling it failed ({type(exc).__name__}: {exc}; the compiler output is "
+                  "above). A C++ compiler (g++ or clang++) is needed")
 
 
 setup(
-    name="lomo_kernels",
-    version="0.1.0",
-    description="Fused LOMO / AdaLomo optimizer updates inside the backward pass "
-    "(C++/CUDA, Triton and PyTorch backends)",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=["lomo_kernels", "lomo_kernels.optim", "lomo_kernels.triton_kernels"],
-    package_dir={"lomo_kernels.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": OptionalBuildExt},
-    install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "tqdm",
-    ],
-    extras_require={
-        "test": [
-            "pytest",
-            "pytest-benchmark",
-            "hypothesis",
-            "lomo-optim==0.1.1",
-            "transformers",
-            "accelerate>=1.1",  # transformers.Trainer needs it (tests/test_trainer.py)
-        ],
-        "bench": ["matplotlib", "lomo-optim==0.1.1", "transformers"],
-    },
-    zip_safe=False,
+    cmdclass={"build_ext": NativeBuildExt},
 )

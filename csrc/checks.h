@@ -6,7 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
+
+#include "update_args.h"
 
 #define LOMO_CHECK_DEVICE_TYPE(op, x, dev_type)                                              \
   TORCH_CHECK((x).device().type() == (dev_type), op, ": " #x " must be a ", (dev_type),     \
@@ -57,6 +60,13 @@ inline void check_common(const char* op, const at::Tensor& param, const at::Tens
   }
 }
 
+// The op contract's newer arguments that a kernel does not implement yet fail clearly.
+inline void check_not_implemented(const char* op, const std::optional<at::Tensor>& grad_sq,
+                                  int64_t stage = 0) {
+  TORCH_CHECK(!grad_sq.has_value(), op, ": grad_sq is not implemented by this backend yet");
+  TORCH_CHECK(stage == 0, op, ": stage ", stage, " is not implemented by this backend yet");
+}
+
 // AdaLomo state: factored (row, col) for dim >= 2, unfactored (v) otherwise, float32 contiguous
 // of the documented shapes on param's device.
 inline void check_adalomo_state(const at::Tensor& param,
@@ -89,6 +99,97 @@ inline void check_adalomo_state(const at::Tensor& param,
     none("exp_avg_sq_row", row);
     none("exp_avg_sq_col", col);
   }
+}
+
+// golore_update_: r float32 (projected mode) or param's dtype/shape/device (full-rank mode); the
+// state tensors the inner optimizer needs, float32 of r's shape, the others None. Returns the
+// inner kind.
+inline Inner check_golore(const at::Tensor& r, const std::optional<at::Tensor>& param,
+                          const std::optional<at::Tensor>& exp_avg,
+                          const std::optional<at::Tensor>& exp_avg_sq,
+                          const std::optional<at::Tensor>& momentum_buffer,
+                          const std::optional<at::Tensor>& clip_coef,
+                          const std::optional<at::Tensor>& found_inf, std::string_view inner,
+                          double momentum, int64_t step) {
+  constexpr const char* op = "golore_update_";
+  TORCH_CHECK(inner == "adamw" || inner == "sgd", op, ": inner must be 'adamw' or 'sgd', got '",
+              std::string(inner), "'");
+  if (param.has_value()) {
+    const at::Tensor& p = *param;
+    auto dt = p.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+                ": param must be float32, float16 or bfloat16, got ", dt);
+    TORCH_CHECK(r.scalar_type() == dt && r.sizes() == p.sizes() && r.device() == p.device(), op,
+                ": r (the gradient) must have param's dtype, shape and device: got ",
+                r.scalar_type(), " ", r.sizes(), " on ", r.device(), ", param ", dt, " ",
+                p.sizes(), " on ", p.device());
+    CHECK_CONTIGUOUS(op, p);
+  } else {
+    TORCH_CHECK(r.scalar_type() == at::kFloat, op,
+                ": r (the projected gradient) must be float32, got ", r.scalar_type());
+  }
+  CHECK_CONTIGUOUS(op, r);
+  auto scalar = [&](const char* name, const std::optional<at::Tensor>& t) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == r.device(),
+                op, ": ", name, " must be a 1-element float32 tensor on ", r.device(), ", got ",
+                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  };
+  scalar("clip_coef", clip_coef);
+  scalar("found_inf", found_inf);
+  const Inner kind = inner == "adamw" ? Inner::AdamW
+                     : momentum != 0.0 ? Inner::SgdMomentum
+                                       : Inner::Sgd;
+  auto state = [&](const char* name, const std::optional<at::Tensor>& t, bool needed) {
+    if (!needed) {
+      TORCH_CHECK(!t.has_value(), op, ": ", name, " must be None for inner='",
+                  std::string(inner), "' with momentum=", momentum);
+      return;
+    }
+    TORCH_CHECK(t.has_value(), op, ": ", name, " is required for inner='", std::string(inner),
+                "'");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == r.sizes() &&
+                    t->device() == r.device(),
+                op, ": ", name, " must be float32 of shape ", r.sizes(), " on ", r.device(),
+                ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    CHECK_CONTIGUOUS(op, *t);
+  };
+  state("exp_avg", exp_avg, kind == Inner::AdamW);
+  state("exp_avg_sq", exp_avg_sq, kind == Inner::AdamW);
+  state("momentum_buffer", momentum_buffer, kind == Inner::SgdMomentum);
+  TORCH_CHECK(kind != Inner::AdamW || step >= 1, op,
+              ": step must be >= 1 for inner='adamw' (bias correction), got ", step);
+  return kind;
+}
+
+// What both golore_update_ entry points need after the checks.
+struct GoloreSetup {
+  Inner kind;
+  bool stochastic;
+  GoloreScalars s;
+};
+
+inline GoloreSetup golore_setup(const at::Tensor& r, const std::optional<at::Tensor>& param,
+                                const std::optional<at::Tensor>& exp_avg,
+                                const std::optional<at::Tensor>& exp_avg_sq,
+                                const std::optional<at::Tensor>& momentum_buffer,
+                                const std::optional<at::Tensor>& clip_coef,
+                                const std::optional<at::Tensor>& found_inf,
+                                std::string_view inner, double lr, double weight_decay,
+                                double scale, double beta1, double beta2, double eps,
+                                double momentum, std::string_view rounding, int64_t seed,
+                                int64_t step) {
+  const Inner kind = check_golore(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef,
+                                  found_inf, inner, momentum, step);
+  const bool sr = parse_rounding("golore_update_", rounding);
+  return {kind, sr,
+          make_golore_scalars(kind, lr, weight_decay, scale, beta1, beta2, eps, momentum, seed,
+                              step)};
+}
+
+// The float32 data of an optional tensor, or nullptr.
+inline float* float_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
 }  // namespace lomo

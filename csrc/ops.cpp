@@ -1,7 +1,16 @@
-// lomo_kernels._C: registers the native kernels for the ops that lomo_kernels/ops.py declares
-// (the schemas live there, once; importing this module only adds CPU/CUDA implementations).
+// lomo_kernels._C: the native kernels for the ops that lomo_kernels/ops.py declares (the schemas
+// live there, once; this module only adds CPU/CUDA implementations).
+//
+// Registration is a function, not a static TORCH_LIBRARY_IMPL: a static registration whose C++
+// signature does not match the declared schema (an extension built from an older checkout) aborts
+// the whole process at import. ops.py first compares contract_version() with its own, then calls
+// register_kernels(), whose errors surface as Python exceptions.
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -15,20 +24,67 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
 #define LOMO_STR_(...) #__VA_ARGS__
 #define LOMO_STR(...) LOMO_STR_(__VA_ARGS__)
 
-TORCH_LIBRARY_IMPL(lomo_kernels, CPU, m) {
-  m.impl("lomo_update_", &lomo::lomo_update_cpu);
-  m.impl("adalomo_update_", &lomo::adalomo_update_cpu);
+namespace {
+
+// Bump together with CONTRACT_VERSION in lomo_kernels/ops.py whenever a schema changes.
+constexpr int64_t kContractVersion = 3;
+
+std::vector<std::unique_ptr<torch::Library>>& libraries() {
+  static std::vector<std::unique_ptr<torch::Library>> libs;  // alive for the process
+  return libs;
 }
 
-#ifdef LOMO_KERNELS_WITH_CUDA
-TORCH_LIBRARY_IMPL(lomo_kernels, CUDA, m) {
-  m.impl("lomo_update_", &lomo::cuda::lomo_update);
-  m.impl("adalomo_update_", &lomo::cuda::adalomo_update);
+std::unique_ptr<torch::Library> impl_library(const char* ns, c10::DispatchKey key) {
+  return std::make_unique<torch::Library>(torch::Library::IMPL, ns, key, __FILE__, __LINE__);
 }
+
+void register_kernels() {
+  if (!libraries().empty()) return;
+  auto cpu = impl_library("lomo_kernels", c10::DispatchKey::CPU);
+  cpu->impl("lomo_update_", &lomo::lomo_update_cpu);
+  cpu->impl("adalomo_update_", &lomo::adalomo_update_cpu);
+  cpu->impl("golore_update_", &lomo::golore_update_cpu);
+  libraries().push_back(std::move(cpu));
+#ifdef LOMO_KERNELS_WITH_CUDA
+  auto cuda = impl_library("lomo_kernels", c10::DispatchKey::CUDA);
+  cuda->impl("lomo_update_", &lomo::cuda::lomo_update);
+  cuda->impl("adalomo_update_", &lomo::cuda::adalomo_update);
+  cuda->impl("lomo_update_multi_", &lomo::cuda::lomo_update_multi);
+  cuda->impl("adalomo_update_multi_", &lomo::cuda::adalomo_update_multi);
+  cuda->impl("golore_update_", &lomo::cuda::golore_update);
+  libraries().push_back(std::move(cuda));
 #endif
+#ifdef LOMO_KERNELS_WITH_CUDA_EMULATION
+  // the emulated CUDA kernels: CPU tensors, their own namespace (never the CPU kernels' place)
+  auto emulated = impl_library("lomo_kernels_cuda_emulated", c10::DispatchKey::CPU);
+  lomo::emu::register_emulated_kernels(*emulated);
+  libraries().push_back(std::move(emulated));
+#endif
+}
+
+// The CUDA kernels' workspace need (ops.workspace_numel takes the max with the reference's).
+int64_t workspace_numel(const std::string& op, const lomo::Shapes& shapes) {
+#if defined(LOMO_KERNELS_WITH_CUDA)
+  return lomo::cuda::workspace_numel(op, shapes);
+#elif defined(LOMO_KERNELS_WITH_CUDA_EMULATION)
+  return lomo::cuda_emulated::workspace_numel(op, shapes);
+#else
+  (void)op;
+  (void)shapes;
+  return 0;
+#endif
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lomo_kernels native kernels (C++/OpenMP CPU, CUDA); ops via torch.ops.lomo_kernels";
+  m.def("contract_version", [] { return kContractVersion; },
+        "The version of the op schemas this build implements.");
+  m.def("register_kernels", &register_kernels,
+        "Register the CPU (and CUDA) kernels for the ops declared in lomo_kernels/ops.py.");
+  m.def("workspace_numel", &workspace_numel, pybind11::arg("op"), pybind11::arg("shapes"),
+        "float32 elements of the workspace the native kernels need for `op` on `shapes`.");
   m.def(
       "has_cuda",
       [] {

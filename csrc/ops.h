@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 #include <string_view>
+#include <vector>
 
 namespace lomo {
 
@@ -13,7 +15,8 @@ namespace lomo {
   at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &clip_coef,    \
       const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
       double loss_scale, double clip_grad_value, std::string_view rounding, int64_t seed,     \
-      int64_t step
+      int64_t step, const std::optional<at::Tensor> &grad_sq,                                \
+      const std::optional<at::Tensor> &workspace
 
 #define ADALOMO_UPDATE_PARAMS                                                                \
   at::Tensor &param, const at::Tensor &grad, const std::optional<at::Tensor> &exp_avg_sq_row, \
@@ -21,21 +24,69 @@ namespace lomo {
       const std::optional<at::Tensor> &exp_avg_sq, const std::optional<at::Tensor> &clip_coef, \
       const std::optional<at::Tensor> &found_inf, double lr, double weight_decay,            \
       double loss_scale, double clip_grad_value, double beta, double eps1, double eps2,      \
-      double clip_threshold, std::string_view rounding, int64_t seed, int64_t step
+      double clip_threshold, std::string_view rounding, int64_t seed, int64_t step,           \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace,  \
+      int64_t stage, int64_t global_rows, int64_t global_numel
+
+#define GOLORE_UPDATE_PARAMS                                                                 \
+  at::Tensor &r, const std::optional<at::Tensor> &param,                                    \
+      const std::optional<at::Tensor> &exp_avg, const std::optional<at::Tensor> &exp_avg_sq, \
+      const std::optional<at::Tensor> &momentum_buffer,                                      \
+      const std::optional<at::Tensor> &clip_coef, const std::optional<at::Tensor> &found_inf, \
+      std::string_view inner, double lr, double weight_decay, double scale, double beta1,    \
+      double beta2, double eps, double momentum, std::string_view rounding, int64_t seed,    \
+      int64_t step
+
+// The arguments of GOLORE_UPDATE_PARAMS, in order, to pass them on.
+#define GOLORE_UPDATE_ARGS                                                                   \
+  r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, lr,          \
+      weight_decay, scale, beta1, beta2, eps, momentum, rounding, seed, step
+
+// The multi-tensor ops (lists of small tensors, per-tensor scalars as lists).
+#define LOMO_UPDATE_MULTI_PARAMS                                                             \
+  at::TensorList params, at::TensorList grads, const std::optional<at::Tensor> &clip_coef,  \
+      const std::optional<at::Tensor> &found_inf, at::ArrayRef<double> lr,                   \
+      at::ArrayRef<double> weight_decay, double loss_scale,                                  \
+      at::ArrayRef<double> clip_grad_value, std::string_view rounding,                       \
+      at::ArrayRef<int64_t> seed, at::ArrayRef<int64_t> step,                                \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace
+
+#define ADALOMO_UPDATE_MULTI_PARAMS                                                          \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avg_sqs,                   \
+      const std::optional<at::Tensor> &clip_coef, const std::optional<at::Tensor> &found_inf, \
+      at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay, double loss_scale,         \
+      at::ArrayRef<double> clip_grad_value, at::ArrayRef<double> beta,                       \
+      at::ArrayRef<double> eps1, at::ArrayRef<double> eps2,                                  \
+      at::ArrayRef<double> clip_threshold, std::string_view rounding,                        \
+      at::ArrayRef<int64_t> seed, at::ArrayRef<int64_t> step,                                \
+      const std::optional<at::Tensor> &grad_sq, const std::optional<at::Tensor> &workspace
+
+// float32 elements of the workspace the CUDA kernels need for `op` on `shapes` (single ops: any
+// one shape; multi ops: the whole list), ops.workspace_numel's native part.
+using Shapes = std::vector<std::vector<int64_t>>;
 
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
+void golore_update_cpu(GOLORE_UPDATE_PARAMS);
 
 // csrc/cuda/*.cu, compiled by nvcc ...
 namespace cuda {
 void lomo_update(LOMO_UPDATE_PARAMS);
 void adalomo_update(ADALOMO_UPDATE_PARAMS);
+void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
+void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
+void golore_update(GOLORE_UPDATE_PARAMS);
+int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda
 
 // ... and the same source compiled as host C++ for the SIMT emulation (csrc/emulated/), CPU tensors.
 namespace cuda_emulated {
 void lomo_update(LOMO_UPDATE_PARAMS);
 void adalomo_update(ADALOMO_UPDATE_PARAMS);
+void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
+void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
+void golore_update(GOLORE_UPDATE_PARAMS);
+int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda_emulated
 
 }  // namespace lomo

@@ -92,4 +92,55 @@ LOMO_HD float adalomo_denom(const AdaLomoScalars& s, float rms_u) {
   return d < 1.0f ? 1.0f : d;
 }
 
+// GoLore's inner optimizer (reference.golore_update_): host scalars as reference.golore_scalars.
+enum class Inner { AdamW, Sgd, SgdMomentum };
+
+struct GoloreScalars {
+  float b1, omb1, b2, omb2, bc1, bc2, eps, momentum;
+  float decay;         // (float)(1 - lr * weight_decay)     (full-rank mode)
+  float neg_lr_scale;  // (float)(-lr * scale)
+  uint32_t key;        // stochastic-rounding key of (seed, step)
+};
+
+inline GoloreScalars make_golore_scalars(Inner inner, double lr, double weight_decay, double scale,
+                                         double beta1, double beta2, double eps, double momentum,
+                                         int64_t seed, int64_t step) {
+  const bool adam = inner == Inner::AdamW;
+  const double t = static_cast<double>(step);
+  return {static_cast<float>(beta1),
+          static_cast<float>(1.0 - beta1),
+          static_cast<float>(beta2),
+          static_cast<float>(1.0 - beta2),
+          static_cast<float>(adam ? 1.0 - std::pow(beta1, t) : 1.0),
+          static_cast<float>(adam ? 1.0 - std::pow(beta2, t) : 1.0),
+          static_cast<float>(eps),
+          static_cast<float>(momentum),
+          static_cast<float>(1.0 - lr * weight_decay),
+          static_cast<float>(-lr * scale),
+          rounding_key(seed, step)};
+}
+
+// N from g (r * clip_coef) and the state of one element, in reference.golore_update_'s float32
+// order; the new state is written back through m / v / buf (the caller decides whether to store).
+template <Inner I>
+LOMO_HD float golore_direction(const GoloreScalars& s, float g, float& m, float& v, float& buf) {
+  if constexpr (I == Inner::AdamW) {
+#if defined(__CUDA_ARCH__)
+    m = __fmaf_rn(g, s.omb1, __fmul_rn(m, s.b1));
+    v = __fmaf_rn(__fmul_rn(g, g), s.omb2, __fmul_rn(v, s.b2));
+    // sqrtf is IEEE in device code without fast-math (-prec-sqrt=true, the default)
+    return __fdiv_rn(__fdiv_rn(m, s.bc1), __fadd_rn(sqrtf(__fdiv_rn(v, s.bc2)), s.eps));
+#else
+    m = __builtin_fmaf(g, s.omb1, m * s.b1);
+    v = __builtin_fmaf(g * g, s.omb2, v * s.b2);
+    return (m / s.bc1) / (__builtin_sqrtf(v / s.bc2) + s.eps);
+#endif
+  } else if constexpr (I == Inner::SgdMomentum) {
+    buf = buf * s.momentum + g;
+    return buf;
+  } else {
+    return g;
+  }
+}
+
 }  // namespace lomo

@@ -1,19 +1,27 @@
-"""lomo_kernels: fused LOMO / AdaLomo updates inside the backward pass, with native (C++/CUDA),
-Triton and pure-PyTorch backends. See README.md."""
+"""lomo_kernels: fused LOMO / AdaLomo / GoLore updates inside the backward pass, with native
+(C++/CUDA), Triton and pure-PyTorch backends. See README.md, docs/spec.md (the numerical
+contract) and docs/design.md (the architecture)."""
 
 from . import ops, reference
-from .ops import available_backends
+from .ops import BackendFallbackWarning, available_backends
 from .optim import (
     AdaLomo,
     DynamicLossScaler,
+    GaLore,
+    GoLore,
+    InBackwardOptimizer,
+    IndependentRanksWarning,
     Lomo,
     LossScaleOverflowWarning,
     NonFiniteGradientWarning,
+    OptimizerReplacedWarning,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Lomo", "AdaLomo", "DynamicLossScaler", "NonFiniteGradientWarning", "LossScaleOverflowWarning",
+    "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
+    "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
+    "BackendFallbackWarning", "IndependentRanksWarning",
     "available_backends", "ops", "reference", "__version__",
 ]

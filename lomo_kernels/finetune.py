@@ -1,17 +1,22 @@
-"""End-to-end fine-tuning of a Llama-shaped causal LM with ``AdaLomo``, ``Lomo`` or AdamW.
+"""End-to-end fine-tuning of a Llama-shaped causal LM with ``AdaLomo``, ``Lomo``, ``GoLore``,
+``GaLore`` or AdamW.
 
     python -m lomo_kernels.finetune                       # the demo: tiny model, CPU, < 2 minutes
     python -m lomo_kernels.finetune --optimizer lomo      # fused SGD
+    python -m lomo_kernels.finetune --optimizer golore    # subspace AdamW, random projections
+    python -m lomo_kernels.finetune --optimizer galore --rank 32   # SVD projections
     python -m lomo_kernels.finetune --optimizer adamw     # torch.optim.AdamW, for comparison
     python -m lomo_kernels.finetune --model-config llama3-8b --dtype bf16 --device cuda \\
         --seq-len 1024 --batch-size 1 --gradient-checkpointing --steps 20
+    torchrun --nproc-per-node 2 -m lomo_kernels.finetune --fsdp   # sharded over 2 ranks
 
 The default run needs no network and no GPU: a tiny Llama-shaped model built from a config, a
 byte-level tokenizer (256 byte values + BOS/EOS/PAD) and a corpus made of text every Python
 installation has (the Zen of Python and the docstrings of some standard-library modules). It
 prints a progress bar (loss, tokens/s) and a summary: first/last training loss, held-out loss
 before and after, tokens/s, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-process's peak resident set from ``resource.getrusage``), optimizer and backend.
+process's peak resident set from ``resource.getrusage``), the optimizer's state bytes, optimizer
+and backend.
 
 Large shapes (``--model-config 1b``, ``llama2-7b``, ``llama3-8b``, ...; the public shapes, never
 any weights) are built on the meta device and materialised directly in the target dtype on the
@@ -19,6 +24,12 @@ target device (``to_empty`` + the model's own initialisation), so an 8B model in
 exists in fp32 or on the host. Attention is SDPA; ``--gradient-checkpointing`` uses
 non-reentrant checkpointing (reentrant checkpointing hands a weight shared between segments its
 gradient in pieces, which in-backward updates cannot take).
+
+``--fsdp`` (under ``torchrun``): the model is sharded with FSDP2 (``fully_shard`` on every decoder
+layer, then the root) over all ranks, gloo on CPU and NCCL on CUDA (one GPU per rank), before its
+parameters are materialised (with meta init each rank allocates and initialises only its shards);
+``--batch-size`` is per rank, every rank draws its own batches, the logged loss is the mean over
+ranks and the summary (printed by rank 0) gives the largest per-rank peak memory.
 
 On CPU the tiny/small configs run on one thread unless ``--threads`` says otherwise (their
 small matrices are faster on one core than with OpenMP threads spin-waiting on a shared machine).
@@ -45,7 +56,7 @@ from typing import Sequence
 import torch
 
 from . import ops
-from .optim import AdaLomo, Lomo
+from .optim import AdaLomo, GaLore, GoLore, Lomo
 
 # ---------------------------------------------------------------------------------------------
 # Model shapes (Llama-shaped; public configuration numbers only, no weights)
@@ -91,12 +102,18 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS = ("adalomo", "lomo", "adamw")
+OPTIMIZERS = ("adalomo", "lomo", "golore", "galore", "adamw")
+IN_BACKWARD = (AdaLomo, Lomo, GoLore)
 #: Default learning rates (constant schedule), tuned on the tiny demo (from scratch, 200 steps):
 #: AdaLomo's lr is relative (scaled by max(1e-3, rms(p)), rms(p) ~0.02 for matrices, 1 for norms);
 #: 1e-2..4e-2 all train stably there (fine-tuning a pretrained model wants ~1e-3..1e-2). Lomo's
-#: is plain SGD (0.2 and above oscillate or diverge); AdamW's is Adam's.
-DEFAULT_LR = {"adalomo": 2e-2, "lomo": 0.1, "adamw": 3e-3}
+#: is plain SGD (0.2 and above oscillate or diverge); AdamW's is Adam's. GoLore/GaLore run Adam
+#: in the subspace with GaLore's scale 0.25 on the low-rank update (embeddings, norms and the
+#: head are full rank: see make_optimizer), so their lr is Adam's times ~1/scale.
+DEFAULT_LR = {"adalomo": 2e-2, "lomo": 0.1, "golore": 1e-2, "galore": 1e-2, "adamw": 3e-3}
+#: What GaLore's recipe trains at full rank: the embeddings and the output head (and every
+#: parameter of fewer than two dimensions, always).
+GOLORE_EXCLUDE = ("*embed_tokens*", "lm_head.weight")
 
 
 def _transformers():
@@ -274,8 +291,17 @@ def build_config(name: str | dict = "tiny", *, vocab_size: int | None = None,
     return cfg
 
 
+def shard_model(model) -> None:
+    """FSDP2: ``fully_shard`` every decoder layer, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", meta_init: bool = True,
-                gradient_checkpointing: bool = False, seed: int = 0):
+                gradient_checkpointing: bool = False, seed: int = 0, fsdp: bool = False):
     """A freshly initialised ``LlamaForCausalLM``.
 
     ``meta_init=True``: the module tree is built on the meta device (no memory), then every
@@ -284,6 +310,8 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
     the RoPE inverse frequencies recomputed in fp32); tied embeddings are re-tied.
     ``meta_init=False``: the ordinary construction (initialised on the host in ``dtype``, then
     moved to ``device``).
+    ``fsdp=True``: sharded by ``shard_model`` over the default process group, on meta before the
+    parameters are allocated (so each rank allocates and initialises its shards only).
     """
     transformers = _transformers()
     device = torch.device(device)
@@ -291,6 +319,8 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
     if meta_init:
         with torch.device("meta"), default_dtype(dtype):
             model = transformers.LlamaForCausalLM(config)
+        if fsdp:
+            shard_model(model)
         model.to_empty(device=device)
         for m in model.modules():  # nothing was initialised on meta: make sure nothing is skipped
             if hasattr(m, "_is_hf_initialized"):
@@ -313,6 +343,8 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
         with default_dtype(dtype):
             model = transformers.LlamaForCausalLM(config)
         model.to(device=device)
+        if fsdp:
+            shard_model(model)
     model.config.use_cache = False
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -326,7 +358,16 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, device="cpu", met
 
 def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_grad_norm=None,
                    clip_grad_value=None, weight_decay: float = 0.0, rounding: str = "nearest",
-                   seed: int = 0, fused_adamw: bool | None = None):
+                   seed: int = 0, fused_adamw: bool | None = None, rank: int = 16,
+                   update_proj_gap: int = 50, golore_scale: float = 0.25, svd_steps: int = 0):
+    if name in ("golore", "galore"):
+        if clip_grad_value:
+            raise ValueError(f"{name}: --clip-grad-value is not supported (the gradient is "
+                             "projected before any element-wise step); use --clip-grad-norm")
+        cls = GoLore if name == "golore" else GaLore
+        return cls(model, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=golore_scale,
+                   svd_steps=svd_steps, clip_grad_norm=clip_grad_norm, weight_decay=weight_decay,
+                   exclude=GOLORE_EXCLUDE, backend=backend, rounding=rounding, seed=seed)
     if name == "adalomo":
         return AdaLomo(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                        weight_decay=weight_decay, backend=backend, rounding=rounding, seed=seed)
@@ -345,6 +386,13 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (moments, factors,
+    projectors, step counters)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v))
 
 
 def peak_rss_bytes() -> int:
@@ -367,12 +415,13 @@ def _fmt_bytes(n) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lomo_kernels.finetune",
-        description="Fine-tune a Llama-shaped causal LM with AdaLomo / Lomo (in-backward updates) "
+        description="Fine-tune a Llama-shaped causal LM with AdaLomo / Lomo / GoLore / GaLore "
+        "(in-backward updates) "
         "or AdamW. The defaults train a tiny model on CPU in about 30 seconds.",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
     p.add_argument("--backend", choices=ops.BACKENDS, default="auto",
-                   help="update kernels of Lomo/AdaLomo (ignored by adamw)")
+                   help="update kernels of Lomo/AdaLomo/GoLore/GaLore (ignored by adamw)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default per optimizer: {DEFAULT_LR})")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
@@ -382,12 +431,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="global L2-norm clipping (Lomo/AdaLomo: two backward passes per step)")
+                   help="global L2-norm clipping (in-backward optimizers: two backward passes per "
+                   "step)")
     p.add_argument("--clip-grad-value", type=float, default=None)
+    p.add_argument("--rank", type=int, default=16, help="GoLore/GaLore subspace rank")
+    p.add_argument("--update-proj-gap", type=int, default=50,
+                   help="GoLore/GaLore: steps between projector refreshes")
+    p.add_argument("--golore-scale", type=float, default=0.25,
+                   help="GoLore/GaLore: scale of the back-projected update")
+    p.add_argument("--svd-steps", type=int, default=0,
+                   help="GoLore: SVD projections for the first N steps, random after")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype")
     p.add_argument("--rounding", choices=ops.ROUNDINGS, default="nearest",
-                   help="Lomo/AdaLomo rounding of bf16/fp16 parameters")
+                   help="rounding of bf16/fp16 parameters (in-backward optimizers)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default="tiny")
@@ -403,6 +460,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "small matrices run faster on one thread than with OpenMP spin-waits on a "
                    "shared machine; torch's default otherwise; 0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary print")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 over the ranks torchrun launched (gloo on CPU, "
+                   "NCCL on CUDA); --batch-size is per rank")
     return p.parse_args(argv)
 
 
@@ -434,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = args.fsdp and _init_distributed(device)
+    if args.fsdp and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     threads = args.threads
     if threads is None and device.type == "cpu" and args.model_config in ("tiny", "small"):
         threads = 1
@@ -444,6 +507,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return _run(args, device)
     finally:
         torch.set_num_threads(old_threads)
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _local(p):
+    """The local shard of a sharded (DTensor) parameter, else the parameter."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA: one GPU per local
+    rank). Returns True when it was initialised here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(
+            "--fsdp runs under torchrun, which starts one process per rank: "
+            "torchrun --nproc-per-node N -m lomo_kernels.finetune --fsdp ..."
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _mean_over_ranks(x: float, device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _max_over_ranks(x: int, device) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def _run(args, device) -> dict:
@@ -461,29 +569,36 @@ def _run(args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(config, dtype=dtype, device=device, meta_init=args.meta_init,
-                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
+                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                        fsdp=args.fsdp)
+    world, rank = 1, 0
+    if args.fsdp:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    n_params = sum(p.numel() for p in model.parameters())  # global sizes (sharded: DTensors)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = make_optimizer(args.optimizer, model, args.lr, backend=args.backend,
                          clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
-                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed)
-    in_backward = isinstance(opt, (Lomo, AdaLomo))
+                         weight_decay=args.weight_decay, rounding=args.rounding, seed=args.seed,
+                         rank=args.rank, update_proj_gap=args.update_proj_gap,
+                         golore_scale=args.golore_scale, svd_steps=args.svd_steps)
+    in_backward = isinstance(opt, IN_BACKWARD)
 
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 7919 * rank)  # every rank its own batches
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
     eval_batches = [sample_batch(eval_stream, args.batch_size, args.seq_len, eval_gen).to(device)
                     for _ in range(args.eval_batches)]
     eval_start = _eval_loss(model, eval_batches)
 
     progress = None
-    if not args.quiet:
+    quiet = args.quiet or rank != 0
+    if not quiet:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=args.steps, desc=f"{args.optimizer} {args.model_config}",
                         unit="step", dynamic_ncols=True)
 
     losses, lrs = [], []
-    tokens_per_step = args.batch_size * args.seq_len
+    tokens_per_step = args.batch_size * args.seq_len * world
     t_train0 = time.perf_counter()
     t_after_first = None
     for step in range(args.steps):
@@ -504,7 +619,7 @@ def _run(args, device) -> dict:
                 torch.nn.utils.clip_grad_value_(model.parameters(), args.clip_grad_value)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())  # one host sync per step, for the log
+        loss_value = _mean_over_ranks(float(loss.detach()), device)  # one host sync per step
         losses.append(loss_value)
         lrs.append(lr)
         if step == 0:
@@ -533,6 +648,7 @@ def _run(args, device) -> dict:
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     else:
         peak, peak_kind = peak_rss_bytes(), "cpu_max_rss"
+    peak = _max_over_ranks(peak, device)  # the largest rank's
     summary = {
         "optimizer": args.optimizer,
         "backend": backend,
@@ -561,9 +677,14 @@ def _run(args, device) -> dict:
         "wall_s": time.perf_counter() - t_start,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "step_s": tokens_per_step / tok_s if tok_s else None,
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
         "finite": all(math.isfinite(x) for x in losses),
+        "world_size": world,
+        "param_bytes_per_rank": _max_over_ranks(sum(
+            _local(p).numel() * p.element_size() for p in model.parameters()), device),
     }
-    if not args.quiet:
+    if not quiet:
         print(format_summary(summary))
     return summary
 
@@ -580,13 +701,18 @@ def format_summary(s: dict) -> str:
         f"{s['device']}{', grad ckpt' if s['gradient_checkpointing'] else ''})",
         f"optimizer   {s['optimizer']}" + (f" (backend {s['backend']})" if s["backend"] else "")
         + f", lr {s['lr']:g} {s['schedule']}",
-        f"steps       {s['steps']} x {s['batch_size']} x {s['seq_len']} tokens",
+        f"steps       {s['steps']} x {s['batch_size']} x {s['seq_len']} tokens"
+        + (f" x {s['world_size']} ranks (FSDP2)" if s.get("world_size", 1) > 1 else ""),
         f"train loss  first {f(s['first_loss'])} -> last {f(s['last_loss'])} "
         f"(mean of first/last {k}: {f(s['first_loss_avg'])} -> {f(s['last_loss_avg'])})",
         f"eval loss   {f(s['eval_loss_start'])} -> {f(s['eval_loss_end'])} (held-out)",
-        f"throughput  {s['tokens_per_s']:,.0f} tokens/s",
-        f"peak memory {_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']}); "
-        f"parameters {_fmt_bytes(s['param_bytes'])}",
+        f"throughput  {s['tokens_per_s']:,.0f} tokens/s ({s['step_s'] * 1e3:.1f} ms/step)",
+        f"opt. state  {_fmt_bytes(s['optimizer_state_bytes'])}",
+        f"peak memory {_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']}"
+        + ("" if s.get("world_size", 1) == 1 else ", the largest rank's") + "); "
+        f"parameters {_fmt_bytes(s['param_bytes'])}"
+        + ("" if s.get("world_size", 1) == 1
+           else f" ({_fmt_bytes(s['param_bytes_per_rank'])} on the largest rank)"),
         f"wall time   {s['wall_s']:.1f} s (training {s['train_s']:.1f} s)",
     ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Using ``Lomo`` / ``AdaLomo`` with the Hugging Face ``transformers.Trainer``.
+"""Using ``Lomo`` / ``AdaLomo`` / ``GoLore`` / ``GaLore`` with the Hugging Face
+``transformers.Trainer``.
 
 The optimizers update every parameter inside ``loss.backward()`` (post-accumulate-grad hooks) and
 free each gradient at once; ``optimizer.step()`` is a no-op that marks the step boundary and the
@@ -33,9 +34,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
 * ``max_grad_norm > 0`` (the Trainer's default 1.0): ``clip_grad_norm_`` runs after the backward,
   on parameters whose gradients are already applied and freed (``p.grad is None``): it clips
   nothing and reports a norm of 0 (the logged ``grad_norm`` is 0.0 whatever ``max_grad_norm``
-  is: the Trainer computes it from ``p.grad``, which is None). Set
-  ``max_grad_norm=0`` and use the optimizer's ``clip_grad_value`` (element clipping inside the
-  update, works with a plain backward). Global-norm clipping needs two backward passes
+  is: the Trainer computes it from ``p.grad``, which is None); a bare optimizer handed to such a
+  Trainer warns once, at the first step. Set ``max_grad_norm=0`` and use the optimizer's
+  ``clip_grad_value`` (element clipping inside the update, works with a plain backward). Global-norm clipping needs two backward passes
   (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
   loop does not do; the optimizer's own ``clip_grad_norm`` must stay None in the Trainer
   (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
@@ -49,6 +50,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   non-reentrant checkpointing where a weight is shared between checkpointed segments (it would
   get its gradient in pieces, which the optimizer refuses): the default of transformers >= 5;
   older versions: ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+* compiled autograd (``torch._dynamo.config.compiled_autograd = True``, as set by some
+  ``torch_compile`` recipes) traces the gradient hooks once: the optimizers refuse it with a clear
+  error at construction or at the first backward. A ``torch.compile``'d forward is fine.
 * transformers' built-in ``optim="lomo"`` / ``"adalomo"`` import ``lomo_optim``; ours is passed
   through ``optimizers=`` instead and is driven by a plain ``backward`` (no ``learning_rate``
   argument to ``accelerator.backward``).
@@ -58,7 +62,7 @@ from __future__ import annotations
 
 import warnings
 
-from .optim import AdaLomo, Lomo
+from .optim import AdaLomo, GaLore, GoLore, Lomo
 
 __all__ = ["make_trainer_optimizers", "check_training_args"]
 
@@ -103,7 +107,8 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
     args: the ``TrainingArguments`` (checked by ``check_training_args``; its ``learning_rate``,
         ``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs`` and ``max_steps`` build
         the scheduler). None: no checks, no scheduler.
-    optimizer: ``"adalomo"`` or ``"lomo"`` (or an already-built ``Lomo`` / ``AdaLomo``).
+    optimizer: ``"adalomo"``, ``"lomo"``, ``"golore"`` or ``"galore"`` (or an already-built
+        instance of one of them).
     lr: the base lr (default ``args.learning_rate``; AdaLomo's is relative to ``rms(p)``).
     num_training_steps: for the scheduler when ``args.max_steps`` is not set. If neither is
         known the scheduler is None and the Trainer builds its own (same type) in ``train()``.
@@ -129,17 +134,19 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
         )
     if lr is None:
         lr = args.learning_rate if args is not None else 1e-3
-    if isinstance(optimizer, (Lomo, AdaLomo)):
+    classes = {"adalomo": AdaLomo, "lomo": Lomo, "golore": GoLore, "galore": GaLore}
+    if isinstance(optimizer, (Lomo, AdaLomo, GoLore)):
         opt = optimizer
-    elif optimizer == "adalomo":
-        opt = AdaLomo(model, lr=lr, **optimizer_kwargs)
-    elif optimizer == "lomo":
-        opt = Lomo(model, lr=lr, **optimizer_kwargs)
+    elif optimizer in classes:
+        opt = classes[optimizer](model, lr=lr, **optimizer_kwargs)
     else:
         raise ValueError(
-            f"optimizer must be 'adalomo', 'lomo' or a Lomo/AdaLomo instance, got {optimizer!r}"
+            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo or "
+            f"GoLore, got {optimizer!r}"
         )
 
+    if args is not None:
+        opt._trainer_args_checked = True  # check_training_args has said what there is to say
     scheduler = None
     if args is not None:
         steps = num_training_steps

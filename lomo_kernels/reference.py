@@ -28,11 +28,20 @@ import torch
 __all__ = [
     "lomo_update_",
     "adalomo_update_",
+    "golore_update_",
+    "golore_scalars",
     "round_to_dtype",
     "random_bits",
     "rounding_key",
     "mix32",
     "f32",
+    "lomo_update_multi_",
+    "adalomo_update_multi_",
+    "adalomo_workspace_regions",
+    "adalomo_workspace_numel",
+    "workspace_numel",
+    "lomo_multi_loop",
+    "adalomo_multi_loop",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -165,6 +174,16 @@ def _preprocess(g, loss_scale, clip_grad_value, clip_coef):
     return g32
 
 
+def _add_grad_sq(grad_sq, grad, loss_scale):
+    """grad_sq += sum(g_unscaled ** 2): after dividing by the loss scale, before value clipping and
+    clip_coef (what grad_norm() measures). Summed in float64, added in float32."""
+    if grad_sq is not None:
+        g32 = grad.to(torch.float32)
+        if loss_scale != 1.0:
+            g32 = g32 / f32(loss_scale)
+        grad_sq.add_(torch.sum(g32.double() * g32.double()).to(grad_sq.dtype).view_as(grad_sq))
+
+
 def _mark_found_inf(found_inf, bad: torch.Tensor):
     if found_inf is not None:
         found_inf.copy_(torch.maximum(found_inf, bad.any().to(found_inf.dtype)).view_as(found_inf))
@@ -177,11 +196,16 @@ def _mark_found_inf(found_inf, bad: torch.Tensor):
 
 def lomo_update_(
     param, grad, clip_coef, found_inf, lr, weight_decay, loss_scale, clip_grad_value,
-    rounding, seed, step,
+    rounding, seed, step, grad_sq=None, workspace=None,
 ):
-    """p = p * (1 - lr * weight_decay) - lr * g, with g preprocessed (SPEC.md), in place."""
+    """p = p * (1 - lr * weight_decay) - lr * g, with g preprocessed (docs/spec.md), in place.
+
+    ``grad_sq`` (optional 1-element float32): ``sum((g / loss_scale)**2)`` of this parameter is
+    added to it (the gradient-norm side output). ``workspace`` is backend scratch; the reference
+    needs none."""
     if param.numel() == 0:
         return
+    _add_grad_sq(grad_sq, grad, loss_scale)
     g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
     p32 = param.to(torch.float32)
     new = p32
@@ -203,20 +227,94 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
 
 
+# ---------------------------------------------------------------------------------------------
+# The AdaLomo workspace: the public header every backend shares (docs/spec.md, "Workspace").
+#
+# A float32 1-D tensor owned by the caller, zero-filled when created and sized by
+# ``lomo_kernels.ops.workspace_numel``. Between calls it holds zeros or stale values; a backend's
+# private region (after the header) must be left so that the next call works (ticket counters
+# back to zero). The header is what a sharded caller all-reduces (sum) between the stages:
+#
+#   [WS_SUM_PP]            sum(p*p) over the local elements                   (after stage 1)
+#   [WS_BAD]               > 0 when a local gradient element is NaN/Inf        (after stage 1)
+#   [WS_SUM_UU]            sum(u*u) over the local elements                   (after stage 2)
+#   [WS_HEADER, +S)        factored: sum of the new r over each slice's local rows (stage 1)
+#   [WS_HEADER + S, +S*n)  factored: column sums of G = g*g + eps1 over local rows  (stage 1)
+# (S = slices, n = columns.) The reference keeps the new r after that ([.., +S*m)).
+# ---------------------------------------------------------------------------------------------
+WS_SUM_PP, WS_BAD, WS_SUM_UU = 0, 1, 2
+WS_HEADER = 4
+
+
+def _geometry(shape):
+    """(slices, m, n) of a factored parameter (dim >= 2), else None."""
+    if len(shape) < 2:
+        return None
+    m, n = shape[-2], shape[-1]
+    return (math.prod(shape[:-2]), m, n)
+
+
+def adalomo_workspace_regions(shape):
+    """[(start, stop), ...] of the header to all-reduce after stage 1, and after stage 2.
+
+    Sharded on dim 0, a 2-D parameter splits its rows: the column sums and the sum of r span
+    shards. A parameter of 3 or more dims splits whole slices, so only the scalars do."""
+    after1 = [(WS_SUM_PP, WS_BAD + 1)]
+    if len(shape) == 2:
+        after1.append((WS_HEADER, WS_HEADER + 1 + shape[-1]))
+    return after1, [(WS_SUM_UU, WS_SUM_UU + 1)]
+
+
+def adalomo_workspace_numel(shape) -> int:
+    """float32 elements of the reference's workspace for one parameter of ``shape``."""
+    geo = _geometry(tuple(shape))
+    if geo is None:
+        return WS_HEADER
+    s, m, n = geo
+    return WS_HEADER + s + s * n + s * m
+
+
 def adalomo_update_(
     param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf,
     lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
-    rounding, seed, step,
+    rounding, seed, step, grad_sq=None, workspace=None, stage=0, global_rows=0, global_numel=0,
 ):
-    """One AdaLomo update of ``param`` in place (SPEC.md), with its second-moment state.
+    """One AdaLomo update of ``param`` in place (docs/spec.md), with its second-moment state.
 
     Factored (``param.dim() >= 2``): ``exp_avg_sq_row`` (shape ``param.shape[:-1]``) and
     ``exp_avg_sq_col`` (shape ``param.shape[:-2] + param.shape[-1:]``), ``exp_avg_sq`` None.
     Unfactored (``param.dim() <= 1``): ``exp_avg_sq`` (shape of ``param``), the others None.
     All state is float32. ``beta`` is the host-computed ``1 - t ** decay``.
+
+    ``stage`` 0 runs the three passes in one call. ``stage`` 1, 2, 3 run one pass each, for a
+    parameter sharded across ranks: the caller all-reduces the workspace header
+    (``adalomo_workspace_regions``) after stages 1 and 2, and ``global_rows`` / ``global_numel``
+    give the unsharded sizes that means and RMS divide by (0: the local sizes). The state and
+    ``param`` are written in stage 3 only, and not at all when the (reduced) header says a
+    gradient was non-finite.
     """
-    if param.numel() == 0:
+    if stage == 0:
+        if param.numel() == 0:
+            return
+        _add_grad_sq(grad_sq, grad, loss_scale)
+        _adalomo_one_call(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef,
+                          found_inf, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1,
+                          eps2, clip_threshold, rounding, seed, step)
         return
+    if workspace is None:
+        raise ValueError("adalomo_update_: stages 1-3 need a workspace")
+    (_adalomo_stage1, _adalomo_stage2, _adalomo_stage3)[stage - 1](
+        param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf, grad_sq,
+        workspace, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
+        clip_threshold, rounding, seed, step,
+        global_rows or (param.shape[-2] if param.dim() >= 2 else 0),
+        global_numel or param.numel())
+
+
+def _adalomo_one_call(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef,
+                      found_inf, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
+                      clip_threshold, rounding, seed, step):
+    """The three passes in lomo-optim's fp32 order (the oracle of stage 0)."""
     g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
     bad = ~torch.isfinite(grad)
     ok = ~bad.any()
@@ -244,3 +342,224 @@ def adalomo_update_(
     out = round_to_dtype(new, param.dtype, rounding, seed, step)
     param.copy_(torch.where(ok, out, param))
     _mark_found_inf(found_inf, bad)
+
+
+# The staged form (sharded parameters). Sums are float64 here and stored as float32 in the
+# header; every division uses the global sizes. A parameter whose local shard is empty still
+# takes part (its sums are zero).
+
+
+def _ws_views(ws, param):
+    geo = _geometry(tuple(param.shape))
+    if geo is None:
+        return None, None, None
+    s, m, n = geo
+    h = WS_HEADER
+    return (ws[h: h + s], ws[h + s: h + s + s * n].view(s, n),
+            ws[h + s + s * n: h + s + s * n + s * m].view(s, m))
+
+
+def _adalomo_stage1(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws, lr,
+                    weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
+                    rounding, seed, step, global_rows, global_numel):
+    ws[:WS_SUM_UU + 1].zero_()
+    geo = _geometry(tuple(param.shape))
+    sum_r, colsum, new_r = _ws_views(ws, param)
+    if geo is not None:
+        sum_r.zero_()
+        colsum.zero_()
+    if param.numel() == 0:
+        return
+    _add_grad_sq(grad_sq, grad, loss_scale)
+    p64 = param.double()
+    ws[WS_SUM_PP] = (p64 * p64).sum().float()
+    ws[WS_BAD] = (~torch.isfinite(grad)).any().float()
+    if geo is None:
+        return
+    s, m, n = geo
+    g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef).reshape(s, m, n)
+    sq = g32 * g32 + f32(eps1)
+    r = torch.add(row.reshape(s, m) * f32(beta), sq.mean(dim=-1), alpha=f32(1.0 - beta))
+    new_r.copy_(r)
+    sum_r.copy_(r.double().sum(-1).float())
+    colsum.copy_(sq.double().sum(-2).float())
+
+
+def _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value, beta, eps1,
+              global_rows):
+    """(u, new c or new v) from the reduced header (stages 2 and 3)."""
+    g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
+    b, omb = f32(beta), f32(1.0 - beta)
+    geo = _geometry(tuple(param.shape))
+    if geo is None:
+        vn = torch.add(v * b, g32 * g32 + f32(eps1), alpha=omb)
+        return vn.rsqrt() * g32, vn
+    s, m, n = geo
+    sum_r, colsum, new_r = _ws_views(ws, param)
+    c = torch.add(col.reshape(s, n) * b, colsum / global_rows, alpha=omb)
+    mean_r = (sum_r / global_rows).unsqueeze(-1)
+    u = ((new_r / mean_r).rsqrt().unsqueeze(-1) * c.rsqrt().unsqueeze(-2)) * g32.reshape(s, m, n)
+    return u.reshape(param.shape), c
+
+
+def _adalomo_stage2(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws, lr,
+                    weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
+                    rounding, seed, step, global_rows, global_numel):
+    ws[WS_SUM_UU] = 0.0
+    if ws[WS_BAD] > 0:
+        return
+    u, _ = _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value, beta,
+                     eps1, global_rows)
+    u64 = u.double()
+    ws[WS_SUM_UU] = (u64 * u64).sum().float()
+
+
+def _adalomo_stage3(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws, lr,
+                    weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2, clip_threshold,
+                    rounding, seed, step, global_rows, global_numel):
+    if ws[WS_BAD] > 0:
+        _mark_found_inf(found_inf, torch.ones((), dtype=torch.bool))
+        return
+    # an empty shard still commits its copy of the (replicated) column state
+    u, state = _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value,
+                         beta, eps1, global_rows)
+    rms_u = torch.sqrt(ws[WS_SUM_UU].double() / global_numel).float()
+    rms_p = torch.sqrt(ws[WS_SUM_PP].double() / global_numel).float()
+    u = u / (rms_u / f32(clip_threshold)).clamp(min=1.0)
+    p32 = param.to(torch.float32)
+    lr_t = f32(lr) * rms_p.clamp(min=f32(eps2))
+    new = p32
+    if weight_decay != 0.0:
+        new = new * (1.0 - lr_t * f32(weight_decay))
+    new = new - lr_t * u
+    param.copy_(round_to_dtype(new, param.dtype, rounding, seed, step))
+    if v is not None:
+        v.copy_(state)
+    else:
+        _, _, new_r = _ws_views(ws, param)
+        row.copy_(new_r.view_as(row))
+        col.copy_(state.view_as(col))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor forms: many small parameters in one call (one launch on GPU backends). Each
+# tensor is updated exactly as the single-tensor op would (bitwise, within a backend); per-tensor
+# scalars come as lists. AdaLomo's multi form takes unfactored (0-d / 1-d) parameters only.
+# ---------------------------------------------------------------------------------------------
+
+
+def lomo_multi_loop(single, params, grads, clip_coef, found_inf, lr, weight_decay, loss_scale,
+                    clip_grad_value, rounding, seed, step, grad_sq=None, workspace=None):
+    """The multi-tensor LOMO op as a loop of ``single`` (any backend's lomo_update_)."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        single(p, g, clip_coef, found_inf, lr[i], weight_decay[i], loss_scale, clip_grad_value[i],
+               rounding, seed[i], step[i], grad_sq, workspace)
+
+
+def adalomo_multi_loop(single, params, grads, exp_avg_sqs, clip_coef, found_inf, lr,
+                       weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
+                       clip_threshold, rounding, seed, step, grad_sq=None, workspace=None):
+    """The multi-tensor AdaLomo op as a loop of ``single`` (any backend's adalomo_update_)."""
+    for i, (p, g, v) in enumerate(zip(params, grads, exp_avg_sqs)):
+        single(p, g, None, None, v, clip_coef, found_inf, lr[i], weight_decay[i], loss_scale,
+               clip_grad_value[i], beta[i], eps1[i], eps2[i], clip_threshold[i], rounding,
+               seed[i], step[i], grad_sq, workspace)
+
+
+def lomo_update_multi_(
+    params, grads, clip_coef, found_inf, lr, weight_decay, loss_scale, clip_grad_value,
+    rounding, seed, step, grad_sq=None, workspace=None,
+):
+    lomo_multi_loop(lomo_update_, params, grads, clip_coef, found_inf, lr, weight_decay,
+                    loss_scale, clip_grad_value, rounding, seed, step, grad_sq, workspace)
+
+
+def adalomo_update_multi_(
+    params, grads, exp_avg_sqs, clip_coef, found_inf, lr, weight_decay, loss_scale,
+    clip_grad_value, beta, eps1, eps2, clip_threshold, rounding, seed, step, grad_sq=None,
+    workspace=None,
+):
+    adalomo_multi_loop(adalomo_update_, params, grads, exp_avg_sqs, clip_coef, found_inf, lr,
+                       weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
+                       clip_threshold, rounding, seed, step, grad_sq, workspace)
+
+
+def workspace_numel(op: str, shapes) -> int:
+    """float32 workspace elements the reference needs (the staged AdaLomo header and new r)."""
+    if op.startswith("adalomo"):
+        return max([adalomo_workspace_numel(s) for s in shapes] + [WS_HEADER])
+    return WS_HEADER
+
+
+# ---------------------------------------------------------------------------------------------
+# GoLore / GaLore: the inner optimizer on the projected gradient R (docs/spec.md "GoLore")
+# ---------------------------------------------------------------------------------------------
+
+
+def golore_scalars(inner, lr, weight_decay, scale, beta1, beta2, eps, momentum, step):
+    """The float32 scalars of one ``golore_update_`` call, computed once on the host in float64
+    and rounded to float32 (every backend receives exactly these values):
+
+    ``b1, omb1 = 1 - b1, b2, omb2 = 1 - b2, bc1 = 1 - b1**step, bc2 = 1 - b2**step, eps,
+    momentum, decay = 1 - lr * weight_decay, neg_lr_scale = -lr * scale``."""
+    bc1 = 1.0 - beta1**step if inner == "adamw" else 1.0
+    bc2 = 1.0 - beta2**step if inner == "adamw" else 1.0
+    return {
+        "b1": f32(beta1), "omb1": f32(1.0 - beta1), "b2": f32(beta2), "omb2": f32(1.0 - beta2),
+        "bc1": f32(bc1), "bc2": f32(bc2), "eps": f32(eps), "momentum": f32(momentum),
+        "decay": f32(1.0 - lr * weight_decay), "neg_lr_scale": f32(-lr * scale),
+    }
+
+
+def golore_update_(
+    r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, lr,
+    weight_decay, scale, beta1, beta2, eps, momentum, rounding, seed, step,
+):
+    """The inner optimizer of GoLore / GaLore on ``r``, element-wise, fp32 state.
+
+    ``g = r * clip_coef`` (clip_coef optional), then, in float32 and in this order:
+
+        adamw:  m = fma(g, 1 - b1, m * b1);  v = fma(g * g, 1 - b2, v * b2)
+                N = (m / (1 - b1**step)) / (sqrt(v / (1 - b2**step)) + eps)
+        sgd:    buf = buf * momentum + g;  N = buf       (no buffer when momentum == 0: N = g)
+
+    Two modes:
+      * ``param`` None ("projected"): ``r`` is the projected gradient R (float32) and is
+        overwritten with N; the caller back-projects N into the weight.
+      * ``param`` given ("full rank"): ``r`` is the gradient (``param``'s dtype and shape, only
+        read) and ``param = round(fma(N, -lr * scale, param * (1 - lr * weight_decay)))``, with
+        ``rounding`` as for the other updates (the hash of (seed, step, element index)).
+
+    A NaN/Inf anywhere in ``r`` leaves ``param`` and the whole state untouched, sets ``found_inf``
+    and (projected mode) fills ``r`` with NaN, so that anything computed from N is not finite and
+    is never applied. ``step`` (>= 1) is this parameter's update count, for Adam's bias correction.
+    """
+    if r.numel() == 0:
+        return
+    s = golore_scalars(inner, lr, weight_decay, scale, beta1, beta2, eps, momentum, step)
+    g = r.to(torch.float32)
+    ok = torch.isfinite(g).all()  # of the raw r, before clip_coef
+    if clip_coef is not None:
+        g = g * clip_coef.to(torch.float32)
+    if inner == "adamw":
+        m = torch.add(exp_avg * s["b1"], g, alpha=s["omb1"])  # one fma per element
+        v = torch.add(exp_avg_sq * s["b2"], g * g, alpha=s["omb2"])
+        # sqrt in float64 rounded once to float32 is the correctly rounded float32 sqrt (as the
+        # kernels' IEEE sqrt); torch's vectorised CPU sqrt is off by an ulp now and then.
+        n = (m / s["bc1"]) / ((v / s["bc2"]).double().sqrt().float() + s["eps"])
+        exp_avg.copy_(torch.where(ok, m, exp_avg))
+        exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
+    elif inner == "sgd":
+        n = g
+        if momentum_buffer is not None:
+            n = momentum_buffer * s["momentum"] + g
+            momentum_buffer.copy_(torch.where(ok, n, momentum_buffer))
+    else:
+        raise ValueError(f"golore_update_: inner must be 'adamw' or 'sgd', got {inner!r}")
+    if param is None:
+        r.copy_(torch.where(ok, n, torch.full_like(n, math.nan)))
+    else:
+        new = torch.add(param.to(torch.float32) * s["decay"], n, alpha=s["neg_lr_scale"])
+        out = round_to_dtype(new, param.dtype, rounding, seed, step)
+        param.copy_(torch.where(ok, out, param))
+    _mark_found_inf(found_inf, ~ok)

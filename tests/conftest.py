@@ -50,6 +50,16 @@ def target_op(target: str, op: str):
     return getattr(getattr(torch.ops, namespace), op)
 
 
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is faster and steadier than OpenMP threads on a shared CPU.
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise distance in units in the last place between two fp16/bf16 tensors."""
     assert a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)

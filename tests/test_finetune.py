@@ -57,13 +57,28 @@ def test_demo_reduces_loss():
     assert len(s["losses"]) == len(s["lrs"]) == 40
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lomo", "adalomo"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo", "adalomo", "golore", "galore"])
 def test_each_optimizer_trains(optimizer):
     s = ft.main(FAST + ["--steps", "12", "--optimizer", optimizer])
     assert s["optimizer"] == optimizer and s["finite"]
     assert s["lr"] == ft.DEFAULT_LR[optimizer]
     assert (s["backend"] is None) == (optimizer == "adamw")
     assert s["last_loss_avg"] < s["first_loss"] - 0.2, s["losses"]
+
+
+def test_golore_state_bytes_are_the_documented_layout():
+    # The README's Llama-3-8B state bytes come from bench_golore.state_bytes; here the same
+    # function against a real run's state on the demo model (embeddings and head full rank).
+    sys.path.insert(0, str(REPO))
+    from bench.bench_golore import state_bytes
+
+    s = ft.main(FAST + ["--steps", "2", "--optimizer", "golore", "--rank", "8"])
+    model = ft.build_model(ft.build_config("tiny"))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert s["optimizer_state_bytes"] == state_bytes("golore", shapes, 8, ft.GOLORE_EXCLUDE)
+    assert state_bytes("golore", shapes, 8) < s["optimizer_state_bytes"]
+    with pytest.raises(ValueError, match="clip-grad-value is not supported"):
+        ft.main(FAST + ["--steps", "1", "--optimizer", "galore", "--clip-grad-value", "1"])
 
 
 def test_clip_grad_norm_and_schedule():

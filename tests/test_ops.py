@@ -134,3 +134,73 @@ def test_empty_parameters_are_a_no_op():
     ops.lomo_update_(p, g, lr=0.1, backend="torch")
     ops.adalomo_update_(p, g, exp_avg_sq_row=torch.zeros(0), exp_avg_sq_col=torch.zeros(3),
                         lr=0.1, beta=0.0, backend="torch")
+
+
+# ---------------------------------------------------------------- workspace, grad_sq, multi
+
+
+def test_opcheck_multi_ops_and_new_arguments():
+    ps = [torch.randn(7).bfloat16(), torch.randn(()).bfloat16()]
+    gs = [torch.randn(7).bfloat16(), torch.randn(()).bfloat16()]
+    torch.library.opcheck(torch.ops.lomo_kernels.lomo_update_multi_, (
+        ps, gs, None, torch.zeros(1), [0.1, 0.2], [0.0, 0.1], 2.0, [0.0, 0.5], "nearest", [1, 2],
+        [3, 3], torch.zeros(1), None))
+    vs = [torch.rand(7) + 0.1, torch.rand(()) + 0.1]
+    torch.library.opcheck(torch.ops.lomo_kernels.adalomo_update_multi_, (
+        ps, gs, vs, None, None, [0.1, 0.2], [0.0, 0.1], 2.0, [0.0, 0.5], [0.3, 0.3],
+        [1e-30] * 2, [1e-3] * 2, [1.0] * 2, "nearest", [1, 2], [3, 3], torch.zeros(1), None))
+    a = _adalomo_args((5, 9))
+    ws = torch.zeros(ops.workspace_numel("adalomo_update_", [(5, 9)], backend="torch"))
+    torch.library.opcheck(torch.ops.lomo_kernels.adalomo_update_, a + (None, ws, 0, 0, 0))
+
+
+def test_workspace_and_grad_sq_are_checked():
+    p, g = torch.randn(5, 7), torch.randn(5, 7)
+    row, col = torch.zeros(5), torch.zeros(7)
+    kw = dict(exp_avg_sq_row=row, exp_avg_sq_col=col, lr=0.1, beta=0.0, backend="torch")
+    with pytest.raises(ValueError, match="workspace has 3 elements, needs"):
+        ops.adalomo_update_(p, g, workspace=torch.zeros(3), **kw)
+    with pytest.raises(ValueError, match="workspace must be a contiguous 1-d float32"):
+        ops.adalomo_update_(p, g, workspace=torch.zeros(100, dtype=torch.float64), **kw)
+    with pytest.raises(ValueError, match="stage 2 needs a workspace"):
+        ops.adalomo_update_(p, g, stage=2, **kw)
+    with pytest.raises(ValueError, match="stage must be"):
+        ops.adalomo_update_(p, g, stage=4, workspace=torch.zeros(1000), **kw)
+    with pytest.raises(ValueError, match="grad_sq must be a 1-element float32"):
+        ops.lomo_update_(p, g, lr=0.1, grad_sq=torch.zeros(2), backend="torch")
+    p0 = p.clone()
+    acc = torch.zeros(1)
+    ws = torch.zeros(ops.workspace_numel("adalomo_update_", [p.shape], backend="torch"))
+    ops.adalomo_update_(p, g, workspace=ws, grad_sq=acc, **kw)
+    assert not torch.equal(p, p0)
+    torch.testing.assert_close(acc, (g.double() ** 2).sum().float().view(1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_multi_entry_points_equal_single_calls(backend):
+    if backend == "native" and not ops.available_backends()["native"].startswith("loaded"):
+        pytest.skip("native backend not built")
+    shapes = [(7,), (33,), ()]
+    ps = [torch.randn(s).bfloat16() for s in shapes]
+    gs = [torch.randn(s).bfloat16() for s in shapes]
+    vs = [torch.rand(s) + 0.1 for s in shapes]
+    one, v1 = [p.clone() for p in ps], [v.clone() for v in vs]
+    for i, (p, g, v) in enumerate(zip(one, gs, v1)):
+        ops.adalomo_update_(p, g, exp_avg_sq=v, lr=0.1 * (i + 1), beta=0.4, seed=i, step=3,
+                            rounding="stochastic", backend=backend)
+    many, v2 = [p.clone() for p in ps], [v.clone() for v in vs]
+    ops.adalomo_update_multi_(many, gs, v2, lr=[0.1, 0.2, 0.3], beta=0.4, seed=[0, 1, 2], step=3,
+                              rounding="stochastic", backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(one + v1, many + v2))
+    with pytest.raises(ValueError, match="lr has 2 values for 3 tensors"):
+        ops.lomo_update_multi_(many, gs, lr=[0.1, 0.2], backend=backend)
+    with pytest.raises(ValueError, match="0-d and 1-d tensors only"):
+        ops.adalomo_update_multi_([torch.zeros(2, 2)], [torch.zeros(2, 2)], [torch.zeros(2)],
+                                  lr=0.1, beta=0.0, backend=backend)
+
+
+def test_a_stale_native_build_is_refused_not_fatal():
+    # ops.py compares the extension's contract version before registering any kernel
+    assert ops.CONTRACT_VERSION >= 2
+    if ops.available_backends()["native"].startswith("loaded"):
+        assert ops._native.contract_version() == ops.CONTRACT_VERSION

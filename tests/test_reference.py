@@ -219,3 +219,104 @@ def test_stochastic_rounding_special_values():
 def test_rounding_argument_is_checked():
     with pytest.raises(ValueError, match="rounding"):
         reference.round_to_dtype(torch.ones(2), torch.bfloat16, "up", 0, 0)
+
+
+# ---------------------------------------------------------------- gradient-norm side output
+
+
+@pytest.mark.parametrize("ls", [1.0, 1024.0, 3.0])
+@pytest.mark.parametrize("shape", [(7,), (37, 129), (3, 5, 9)])
+def test_grad_sq_adds_the_unscaled_squared_norm(shape, ls):
+    p, g = _rand(shape, torch.bfloat16), _rand(shape, torch.bfloat16, scale=ls)
+    want = ((g.double() / reference.f32(ls)) ** 2).sum()
+    acc = torch.full((1,), 0.25)
+    # value clipping and clip_coef do not change what is measured
+    reference.lomo_update_(p.clone(), g, torch.tensor(0.5), None, 0.1, 0.0, ls, 1e-3, "nearest",
+                           0, 1, acc)
+    torch.testing.assert_close(acc.double(), want.view(1) + 0.25, rtol=1e-6, atol=0)
+    st = _state(shape)
+    acc.fill_(0.0)
+    reference.adalomo_update_(p.clone(), g, st["exp_avg_sq_row"], st["exp_avg_sq_col"],
+                              st["exp_avg_sq"], torch.tensor(0.5), None, 0.1, 0.0, ls, 1e-3, 0.5,
+                              1e-30, 1e-3, 1.0, "nearest", 0, 1, acc)
+    torch.testing.assert_close(acc.double(), want.view(1), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- staged (sharded) AdaLomo
+
+STAGED_SHAPES = {(37,): [20, 17], (37, 129): [13, 0, 24], (4, 6, 9): [1, 3], (5, 33): [5],
+                 (2, 3): [1, 1, 0, 0]}
+
+
+@pytest.mark.parametrize("shape", list(STAGED_SHAPES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_shards_match_the_one_call_update(shape, dtype):
+    from adalomo_shards import run_sharded
+
+    h = dict(lr=3e-2, wd=0.1, ls=3.0, cgv=0.02, coef=0.7, beta=0.3, ct=0.05)
+    p, g = _rand(shape, dtype), _rand(shape, dtype, scale=0.05)
+    st = {k: v for k, v in _state(shape).items() if v is not None}
+    want, st_want = p.clone(), {k: v.clone() for k, v in st.items()}
+    reference.adalomo_update_(want, g, st_want.get("exp_avg_sq_row"), st_want.get("exp_avg_sq_col"),
+                              st_want.get("exp_avg_sq"), torch.tensor(0.7), None, h["lr"], h["wd"],
+                              h["ls"], h["cgv"], h["beta"], 1e-30, 1e-3, h["ct"], "nearest", 5, 2)
+    got, st_got, found = run_sharded(reference.adalomo_update_, p, g, st, h, STAGED_SHAPES[shape],
+                                     "torch")
+    assert not any(f.item() for f in found)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    else:
+        assert (ulp_distance(got, want) <= 1).all()
+    for k in st_want:
+        torch.testing.assert_close(st_got[k], st_want[k], rtol=1e-5, atol=0)
+
+
+def test_staged_non_finite_on_one_shard_skips_every_shard():
+    from adalomo_shards import run_sharded
+
+    h = dict(lr=3e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None, beta=0.3, ct=1.0)
+    p, g = _rand((10, 8), torch.float32), _rand((10, 8), torch.float32)
+    g[7, 3] = float("inf")
+    st = {k: v for k, v in _state((10, 8)).items() if v is not None}
+    got, st_got, found = run_sharded(reference.adalomo_update_, p, g, st, h, [5, 5], "torch")
+    assert torch.equal(got, p) and all(f.item() == 1.0 for f in found)
+    for k in st:
+        assert torch.equal(st_got[k], st[k])
+
+
+def test_workspace_regions():
+    assert reference.adalomo_workspace_regions((9,)) == ([(0, 2)], [(2, 3)])
+    assert reference.adalomo_workspace_regions((4, 9)) == ([(0, 2), (4, 14)], [(2, 3)])
+    assert reference.adalomo_workspace_regions((3, 4, 9)) == ([(0, 2)], [(2, 3)])
+
+
+# ---------------------------------------------------------------- multi-tensor forms
+
+
+def test_multi_tensor_ops_equal_the_single_tensor_op():
+    shapes = [(7,), (64,), (), (5, 3)]
+    ps = [_rand(s, torch.bfloat16) for s in shapes]
+    gs = [_rand(s, torch.bfloat16) for s in shapes]
+    k = len(shapes)
+    lrs, wds, cgvs = [0.1, 0.2, 0.3, 0.4], [0.0, 0.1, 0.0, 0.2], [0.0, 0.5, 0.0, 0.0]
+    seeds, steps = [1, 2, 3, 4], [5, 5, 6, 6]
+    one = [p.clone() for p in ps]
+    for i in range(k):
+        reference.lomo_update_(one[i], gs[i], None, None, lrs[i], wds[i], 2.0, cgvs[i],
+                               "stochastic", seeds[i], steps[i])
+    many = [p.clone() for p in ps]
+    reference.lomo_update_multi_(many, gs, None, None, lrs, wds, 2.0, cgvs, "stochastic", seeds,
+                                 steps)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    ps, gs, k = ps[:3], gs[:3], 3
+    vs = [torch.rand(p.shape) + 0.1 for p in ps]
+    one, v1 = [p.clone() for p in ps], [v.clone() for v in vs]
+    for i in range(k):
+        reference.adalomo_update_(one[i], gs[i], None, None, v1[i], None, None, lrs[i], wds[i],
+                                  2.0, cgvs[i], 0.5, 1e-30, 1e-3, 1.0, "nearest", seeds[i],
+                                  steps[i])
+    many, v2 = [p.clone() for p in ps], [v.clone() for v in vs]
+    reference.adalomo_update_multi_(many, gs, v2, None, None, lrs[:k], wds[:k], 2.0, cgvs[:k],
+                                    [0.5] * k, [1e-30] * k, [1e-3] * k, [1.0] * k, "nearest",
+                                    seeds[:k], steps[:k])
+    assert all(torch.equal(a, b) for a, b in zip(one + v1, many + v2))

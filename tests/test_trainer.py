@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lomo_kernels import AdaLomo, Lomo  # noqa: E402
+from lomo_kernels import AdaLomo, GaLore, GoLore, Lomo  # noqa: E402
 from lomo_kernels.finetune import build_config, build_model  # noqa: E402
 from lomo_kernels.hf import check_training_args, make_trainer_optimizers  # noqa: E402
 
@@ -100,8 +100,12 @@ def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize(
     "cls,kw",
     [(AdaLomo, {}), (Lomo, {}), (AdaLomo, {"clip_grad_value": 1e-4}),
-     (AdaLomo, {"weight_decay": 0.1})],
-    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd"],
+     (AdaLomo, {"weight_decay": 0.1}),
+     # inner SGD: linear in the gradient, so the Trainer's loss (rounded a little differently)
+     # cannot be amplified the way Adam amplifies tiny projected gradients
+     (GoLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "momentum": 0.9}),
+     (GaLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "weight_decay": 0.1})],
+    ids=["adalomo", "lomo", "adalomo-clip-value", "adalomo-wd", "golore", "galore-wd"],
 )
 def test_trainer_updates_like_fused_backward(tmp_path, cls, kw):
     model, data = _model(), _data()
@@ -202,6 +206,32 @@ def test_max_grad_norm_clips_nothing(tmp_path):
 
 
 @requires_accelerate
+@pytest.mark.parametrize("mgn", [1.0, 0.0])
+def test_bare_optimizer_under_max_grad_norm_warns_once_at_the_first_step(tmp_path, mgn):
+    model = _model()
+    opt = Lomo(model, lr=1e-2)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_grad_norm=mgn),
+                                   train_dataset=_data(), optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(x.message) for x in w if "nothing is clipped" in str(x.message)]
+    if mgn:
+        assert len(said) == 1 and "max_grad_norm=1.0" in said[0] and "Lomo" in said[0]
+    else:
+        assert not said
+    # the helper already said it (strict=False): not twice
+    args = _args(tmp_path, max_grad_norm=1.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = _model()
+        opt, _ = make_trainer_optimizers(model, args, "lomo", strict=False)
+        transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                             optimizers=(opt, None)).train()
+    assert len([x for x in w if "nothing is clipped" in str(x.message)]) == 1
+
+
+@requires_accelerate
 def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path):
     model = _model()
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
@@ -232,6 +262,9 @@ def test_helper_checks_arguments():
         make_trainer_optimizers(model, None, "sgd")
     opt, sched = make_trainer_optimizers(model, None, "lomo", lr=0.5, backend="torch")
     assert isinstance(opt, Lomo) and sched is None and opt.param_groups[0]["lr"] == 0.5
+    for name, cls in (("golore", GoLore), ("galore", GaLore)):
+        opt, _ = make_trainer_optimizers(_model(), None, name, lr=0.5, rank=4)
+        assert type(opt) is cls and opt.param_groups[0]["rank"] == 4
 
 
 def test_helper_builds_the_scheduler_without_a_trainer():

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import triton
 from conftest import ODD_SIZES, requires_cuda, requires_triton, ulp_distance
 from oracle import EPS1, EPS2, adalomo_state, f64_adalomo
 from oracle import rand as _rand
@@ -120,17 +121,28 @@ def test_adalomo_large(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(4097,), (1, 300), (300, 1), (37, 129), (3, 17, 33),
-                                   (9, 2, 70, 3)])
+                                   (3, 2, 40, 3)])
 def test_adalomo_many_partials(device, shape, monkeypatch):
-    # Tiny tiles and blocks: many tiles per row and column, every reduction loop (over tile
-    # partials, row chunks, batches) runs several times, as on a large matrix.
+    # Tiny tiles and blocks: tiles of several sub-blocks, many tiles per row and column, and every
+    # reduction loop (tile partials, row and column finishers, slices, sum_parts) runs several
+    # times, as on a large matrix.
     from lomo_kernels.triton_kernels import adalomo_update as mod
 
-    for name, value in dict(TILE=64, REDUCE=64, MAX_PARTS=4, SCALAR_BLOCK=8).items():
+    small = dict(TILE=256, BUCKETS=((128, 2, 32), (17, 4, 16), (0, 8, 4)), P_MIN=1, COL_FIN=2,
+                 ROW_FIN=(2, 8), HDR_FIN=(2, 2), PARTS=triton.language.constexpr(4))
+    for name, value in small.items():
         monkeypatch.setattr(mod, name, value)
-    h = HYPER["all"]
-    out, ref, p0, g, st0 = _triton_and_reference(shape, torch.float32, h, device, data_seed=11)
-    _check_nearest(out, ref, p0, g, st0, h)
+    mod.geometry.cache_clear()
+    try:
+        if len(shape) >= 2:
+            S, m, n, SB, BN, nsub, P, _ = mod.geometry(shape)
+            assert P > S  # several tiles per slice
+        h = HYPER["all"]
+        out, ref, p0, g, st0 = _triton_and_reference(shape, torch.float32, h, device,
+                                                     data_seed=11)
+        _check_nearest(out, ref, p0, g, st0, h)
+    finally:
+        mod.geometry.cache_clear()
 
 
 @pytest.mark.parametrize("device", DEVICES)

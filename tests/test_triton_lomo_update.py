@@ -11,6 +11,7 @@ import torch
 from conftest import ODD_SIZES, requires_cuda, requires_triton, ulp_distance
 from oracle import f64_lomo
 from oracle import rand as _rand
+from triton_launches import capture
 
 import lomo_kernels
 from lomo_kernels import ops, reference
@@ -364,3 +365,90 @@ def test_lomo_optimizer_triton_matches_torch_over_steps(device, dtype, rounding)
         else:  # per-element ulp differences in one step may change the next step's gradients
             assert ulp_distance(a, b).max().item() <= 2
             assert (a == b).float().mean().item() > 0.9
+
+
+# ---------------------------------------------------------------- unaligned views, multi-tensor
+
+
+def _lomo_all(impl_args, p, g, device, ws_shapes):
+    found, acc = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    ws = torch.zeros(lomo_kernels.triton_kernels.workspace_numel("lomo_update_", ws_shapes),
+                     device=device)
+    lomo_kernels.triton_kernels.lomo_update_(p, g, torch.tensor(0.9, device=device), found,
+                                             *impl_args, acc, ws)
+    return found.cpu(), acc.cpu()
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter, Inf/NaN
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("p_off,g_off", [(3, 3), (1, 1), (3, 5), (0, 2)])
+def test_lomo_unaligned_views_update_like_aligned_tensors(device, dtype, p_off, g_off):
+    # (3, 3), (1, 1): equally misaligned, the kernel peels the head and vectorises the body;
+    # (3, 5), (0, 2): not peelable. Either way: bitwise the update of aligned copies, nothing
+    # outside the view touched, a non-finite gradient in the head and in the body skipped.
+    n = 2 * 4096 + 37
+    base_p = _rand((n + 16,), dtype, seed=21).to(device)
+    base_g = _rand((n + 16,), dtype, seed=22).to(device)
+    base_g[g_off + 1] = float("nan")
+    base_g[g_off + 5000] = float("inf")
+    p, g = base_p[p_off: p_off + n], base_g[g_off: g_off + n]
+    if p_off == g_off and p_off:
+        assert lomo_kernels.triton_kernels.launch.peel(p, g)[0] > 0
+    p_copy, g_copy = p.clone(), g.clone()
+    before = base_p.clone()
+    args = (3e-2, 0.1, 4.0, 0.5, "stochastic", 7, 9)
+    f1, a1 = _lomo_all(args, p, g, device, [(n,)])
+    f2, a2 = _lomo_all(args, p_copy, g_copy, device, [(n,)])
+    assert torch.equal(p.cpu().view(torch.uint8), p_copy.cpu().view(torch.uint8))
+    assert f1.item() == f2.item() == 1.0
+    assert torch.isnan(a1).all() and torch.isnan(a2).all()  # the true norm of a NaN gradient
+    outside = torch.ones(n + 16, dtype=torch.bool)
+    outside[p_off: p_off + n] = False
+    assert torch.equal(base_p.cpu()[outside], before.cpu()[outside])
+    for i in (1, 5000):
+        assert torch.equal(p.cpu()[i: i + 1].view(torch.uint8),
+                           before.cpu()[p_off + i: p_off + i + 1].view(torch.uint8))
+    # and the squared norm of a finite gradient does not depend on the peeling
+    g_fin = torch.nan_to_num(g, nan=0.5, posinf=0.5)
+    f1, a1 = _lomo_all(args, p, g_fin, device, [(n,)])
+    f2, a2 = _lomo_all(args, p_copy, g_fin.clone(), device, [(n,)])
+    torch.testing.assert_close(a1, a2, rtol=1e-6, atol=0)
+    want = ((g_fin.cpu().double() / 4.0) ** 2).sum()
+    torch.testing.assert_close(a1.double(), want.view(1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lomo_multi_with_mixed_dtypes_and_views_is_bitwise_the_single_op(device):
+    # two dtype groups (two launches), interleaved in the list, peeled and unpeeled views; grad_sq
+    # adds the per-tensor sums in list order across the groups
+    base = _rand((9000,), torch.bfloat16, seed=5).to(device)
+    gbase = _rand((9000,), torch.bfloat16, seed=6).to(device)
+    params = [base[3:4500], _rand((33,), torch.float32, seed=7).to(device), base[4600:4607],
+              _rand((5000,), torch.float32, seed=8).to(device), base[4700:8900]]
+    grads = [gbase[3:4500], _rand((33,), torch.float32, seed=9).to(device), gbase[4601:4608],
+             _rand((5000,), torch.float32, seed=10).to(device), gbase[4700:8900]]
+    k = len(params)
+    lr, wd, cgv = [0.01 * (i + 1) for i in range(k)], [0.1, 0.0] * 2 + [0.1], [0.0, 0.2] * 2 + [0.0]
+    seed, step = list(range(k)), [5] * k
+    tk = lomo_kernels.triton_kernels
+    shapes = [p.shape for p in params]
+    want = [p.clone() for p in params]
+    f1, a1 = torch.zeros(1, device=device), torch.full((1,), 0.25, device=device)
+    ws = torch.zeros(tk.workspace_numel("lomo_update_", shapes), device=device)
+    snapshot = base.clone()
+    for i in range(k):  # the single op on copies that keep each view's misalignment
+        tmp = snapshot.clone() if params[i].dtype == torch.bfloat16 else None
+        p_i = tmp[params[i].storage_offset(): params[i].storage_offset() + params[i].numel()] \
+            if tmp is not None else want[i]
+        tk.lomo_update_(p_i, grads[i], None, f1, lr[i], wd[i], 2.0, cgv[i], "stochastic",
+                        seed[i], step[i], a1, ws)
+        want[i] = p_i.clone()
+    f2, a2 = torch.zeros(1, device=device), torch.full((1,), 0.25, device=device)
+    ws = torch.zeros(tk.workspace_numel("lomo_update_multi_", shapes), device=device)
+    with capture(run=True) as seen:
+        tk.lomo_update_multi_(params, grads, None, f2, lr, wd, 2.0, cgv, "stochastic", seed, step,
+                              a2, ws)
+    assert len(seen) == 2
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(params, want))
+    assert torch.equal(a1.cpu(), a2.cpu()) and f1.item() == f2.item() == 0.0

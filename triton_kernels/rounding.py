@@ -11,6 +11,7 @@ All hash arithmetic is on uint32 tensors, so ``*`` wraps modulo 2**32 and ``>>``
 shift, exactly as the reference's masked int64 arithmetic.
 """
 
+import functools
 import math
 
 import triton
@@ -43,8 +44,26 @@ def high_key(idx, key):
 
 
 @triton.jit
+def span_bits(first, local, key, INDEX64: tl.constexpr):
+    """The random bits of the elements ``first + local``: ``first`` a scalar or one value per row
+    (int64 when INDEX64), ``local`` int32 in [0, 2**31). All per-element work is 32-bit: the low
+    word is a wrapping uint32 sum, and the high-word key is one value per call (32-bit indices:
+    every tensor of fewer than 2**31 elements, whose high word is 0) or two per span (the first
+    high word and the next) selected by the carry of that sum, never a hash per element."""
+    k = key.to(tl.uint32, bitcast=True)
+    lo0 = tl.cast(first, tl.uint32)  # i mod 2**32 (first may be a literal 0)
+    lo = lo0 + local.to(tl.uint32)
+    if INDEX64:
+        hi = (first >> 32).to(tl.uint32)
+        hkey = tl.where(lo < lo0, mix32((hi + 1) ^ k), mix32(hi ^ k))
+    else:
+        hkey = mix32(k)
+    return mix32(lo ^ hkey)
+
+
+@triton.jit
 def random_bits(idx, hkey):
-    """The 32 random bits of element ``idx`` (int64), given ``hkey = high_key(idx, key)``."""
+    """The 32 random bits of element ``idx`` (int32 or int64), given ``hkey = high_key(idx, key)``."""
     return mix32(idx.to(tl.uint32) ^ hkey)  # int64 -> uint32 keeps i mod 2**32
 
 
@@ -83,6 +102,18 @@ def stochastic_fp16(x, bits):
 
 
 @triton.jit
+def round_span(x, first, local, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+               INDEX64: tl.constexpr):
+    """fp32 ``x`` of the elements ``first + local`` rounded to ``DTYPE`` (see span_bits)."""
+    if STOCHASTIC and DTYPE == tl.bfloat16:
+        return stochastic_bf16(x, span_bits(first, local, key, INDEX64))
+    elif STOCHASTIC and DTYPE == tl.float16:
+        return stochastic_fp16(x, span_bits(first, local, key, INDEX64))
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def round_to(x, idx, hkey, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
     """fp32 ``x`` rounded to ``DTYPE``: to nearest even, or stochastically for fp16/bf16.
 
@@ -103,21 +134,30 @@ def is_finite(x):
 
 
 @triton.jit
-def preprocess(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr, CLIP_VALUE: tl.constexpr,
-               HAS_CLIP_COEF: tl.constexpr):
-    """SPEC.md gradient preprocessing of fp32 ``g``, in order: unscale, clamp, global-norm coef.
-
-    LOSS_SCALE 0: none; 1: multiply by ``scale`` = 1/loss_scale, an exact power of two, which gives
-    the same bits as dividing and is cheaper; 2: IEEE division by ``scale`` = loss_scale."""
+def unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr,
+                 CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr):
+    """docs/spec.md gradient preprocessing of fp32 ``g``: (g / loss_scale, and that clamped and
+    multiplied by the global-norm coefficient). LOSS_SCALE 0: none; 1: multiply by ``scale`` =
+    1/loss_scale, an exact power of two, which gives the same bits as dividing and is cheaper;
+    2: IEEE division by ``scale`` = loss_scale."""
     if LOSS_SCALE == 1:
         g = g * scale
     elif LOSS_SCALE == 2:
         g = tl.math.div_rn(g, scale)
+    gc = g
     if CLIP_VALUE:
-        g = tl.minimum(tl.maximum(g, -clip_value), clip_value)
+        gc = tl.minimum(tl.maximum(gc, -clip_value), clip_value)
     if HAS_CLIP_COEF:
-        g = g * clip_coef
-    return g
+        gc = gc * clip_coef
+    return g, gc
+
+
+@triton.jit
+def load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF: tl.constexpr):
+    if HAS_CLIP_COEF:
+        return tl.load(clip_coef_ptr).to(tl.float32)
+    else:
+        return 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +165,7 @@ def preprocess(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr, CLIP_V
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
 def loss_scale_args(loss_scale: float):
     """(LOSS_SCALE mode, runtime scale argument) for ``preprocess``; see its docstring."""
     if loss_scale == 1.0:
@@ -135,6 +176,7 @@ def loss_scale_args(loss_scale: float):
     return 2, f32(loss_scale)
 
 
+@functools.lru_cache(maxsize=256)  # every parameter of a step hashes the same (seed, step)
 def key_arg(seed: int, step: int) -> int:
     """reference.rounding_key as the int32 with the same bits: a uint32 >= 2**31 would be typed
     int64 by Triton and compile a second kernel variant."""

@@ -351,6 +351,7 @@ void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS) {
   using namespace cpu;
   constexpr const char* op = "adalomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
+  check_not_implemented(op, grad_sq, stage);
   CHECK_CPU(op, param);
   check_adalomo_state(param, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq);
   const bool sr = parse_rounding(op, rounding);

@@ -60,6 +60,7 @@ LOMO_CPU_CLONES(lomo_chunk)
 void lomo_update_cpu(LOMO_UPDATE_PARAMS) {
   constexpr const char* op = "lomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
+  check_not_implemented(op, grad_sq);
   CHECK_CPU(op, param);
   const bool sr = parse_rounding(op, rounding);
   const int64_t n = param.numel();

@@ -1,9 +1,13 @@
 from ._base import InBackwardOptimizer, NonFiniteGradientWarning
+from ._distributed import IndependentRanksWarning
+from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
+from .golore import GaLore, GoLore
 from .lomo import Lomo
 from .loss_scaler import DynamicLossScaler, LossScaleOverflowWarning
 
 __all__ = [
-    "Lomo", "AdaLomo", "InBackwardOptimizer", "DynamicLossScaler", "NonFiniteGradientWarning",
-    "LossScaleOverflowWarning",
+    "Lomo", "AdaLomo", "GoLore", "GaLore", "InBackwardOptimizer", "DynamicLossScaler",
+    "NonFiniteGradientWarning", "LossScaleOverflowWarning", "OptimizerReplacedWarning",
+    "IndependentRanksWarning",
 ]

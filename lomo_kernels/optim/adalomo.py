@@ -4,102 +4,107 @@ a drop-in replacement for ``lomo_optim.AdaLomo``."""
 
 from __future__ import annotations
 
-import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from .. import ops
-from ._base import InBackwardOptimizer
+from .._checks import eps_pair, number
+from . import _distributed
+from ._base import InBackwardOptimizer, ParamsT
 
 
 class AdaLomo(InBackwardOptimizer):
-    """AdaLomo, fused into the backward pass (SPEC.md).
+    """AdaLomo, fused into the backward pass (the math: docs/spec.md, "AdaLomo").
 
     Arguments, defaults and semantics as ``lomo_optim.AdaLomo`` 0.1.1:
 
     model: an ``nn.Module`` (its trainable parameters) or an iterable of parameters / param groups.
     lr: learning rate (default 1e-3), relative: scaled by ``max(eps[1], rms(p))``; read from
-        ``param_groups`` at every update.
-    loss_scale: static loss scale (default 2**10): the loss is multiplied by it, the gradient
-        divided. 0 or None: off.
-    eps: ``(eps1, eps2)`` = (1e-30, 1e-3): added to ``g*g``; the floor of the parameter RMS.
-    clip_threshold: grouped update normalisation threshold on ``rms(u)`` (default 1.0).
-    decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8).
+        ``param_groups`` at every update. A finite number >= 0.
+    loss_scale: static loss scale (default 2**10) used by ``fused_backward`` and ``grad_norm``:
+        the loss is multiplied by it, the gradient divided. 0 or None: off. Else finite > 0.
+    eps: ``(eps1, eps2)`` = (1e-30, 1e-3), finite, >= 0: added to ``g*g``; the floor of the
+        parameter RMS.
+    clip_threshold: grouped update normalisation threshold on ``rms(u)`` (default 1.0), > 0.
+    decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8),
+        <= 0.
     clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before ``fused_backward``;
-        applied only once ``grad_norm`` has run, as in lomo-optim. Must be positive. None: off.
-    clip_grad_value: clamp every gradient element to ``[-v, v]``. None or <= 0: off.
-    weight_decay: decoupled weight decay, scaled by the relative step size (default 0).
+        applied only once ``grad_norm`` has run, as in lomo-optim. None (off) or > 0.
+    clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
+    weight_decay: decoupled weight decay, scaled by the relative step size (default 0), >= 0.
 
-    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed`` as in ``Lomo``.
+    Keyword-only (lomo_kernels): ``backend``, ``rounding``, ``seed``, ``independent_ranks`` as in
+    ``Lomo``; FSDP2-sharded parameters as in ``Lomo`` (the statistics that span shards are
+    all-reduced between the three passes of the update).
 
     State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
-    ``exp_avg_sq`` (0-d and 1-d parameters).
+    ``exp_avg_sq`` (0-d and 1-d parameters); DTensors for sharded parameters (from construction).
     """
 
     _name = "AdaLomo"
     _op = "adalomo_update_"
 
+    def _group_rules(self) -> Dict[str, Callable[[Any, str], Any]]:
+        return {
+            **super()._group_rules(),
+            "eps": eps_pair,
+            "clip_threshold": lambda v, n: number(v, n, gt=0.0),
+            "decay_rate": lambda v, n: number(v, n, le=0.0),
+        }
+
     def __init__(
         self,
-        model,
-        lr=1e-3,
-        loss_scale=2**10,
-        eps=(1e-30, 1e-3),
-        clip_threshold=1.0,
-        decay_rate=-0.8,
-        clip_grad_norm=None,
-        clip_grad_value=None,
-        weight_decay=0.0,
+        model: ParamsT,
+        lr: float = 1e-3,
+        loss_scale: Optional[float] = 2**10,
+        eps: Tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        clip_grad_norm: Optional[float] = None,
+        clip_grad_value: Optional[float] = None,
+        weight_decay: float = 0.0,
         *,
-        backend="auto",
-        rounding="nearest",
-        seed=0,
-    ):
-        if loss_scale is not None and loss_scale < 0:
-            raise ValueError(f"AdaLomo: loss_scale must be >= 0, got {loss_scale}")
-        if len(eps) != 2 or eps[0] < 0 or eps[1] < 0:
-            raise ValueError(f"AdaLomo: eps must be a pair of non-negative floats, got {eps}")
-        if clip_threshold <= 0:
-            raise ValueError(f"AdaLomo: clip_threshold must be > 0, got {clip_threshold}")
+        backend: str = "auto",
+        rounding: str = "nearest",
+        seed: int = 0,
+        independent_ranks: bool = False,
+    ) -> None:
+        number(loss_scale, "AdaLomo: loss_scale", ge=0.0, none_ok=True,
+               none_means="off; 0 is off too")
         self.loss_scale = loss_scale
-        self._warned_unclipped = False
         defaults = dict(
-            lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-            weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+            lr=lr, eps=eps_pair(eps, "AdaLomo: eps"), clip_threshold=clip_threshold,
+            decay_rate=decay_rate, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
         )
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed,
+            seed=seed, independent_ranks=independent_ranks,
         )
+
+    def _repr_extra(self) -> Dict[str, Any]:
+        return {"loss_scale": self.loss_scale, **super()._repr_extra()}
 
     def _check_clip(self, plain: bool) -> None:
         # As in lomo-optim, clipping applies once grad_norm() has run. A plain loss.backward()
         # never runs it: say so once rather than silently train unclipped.
-        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
-                and not self._warned_unclipped):
-            self._warned_unclipped = True
-            warnings.warn(
+        if self.clip_grad_norm is not None and self.clip_coef is None and plain:
+            self._warn_once(
+                "unclipped",
                 "AdaLomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
                 "clipping (it needs optimizer.grad_norm(loss) before optimizer.fused_backward(loss, "
                 "lr)); training proceeds unclipped. Use clip_grad_value instead.",
-                UserWarning,
-                stacklevel=4,
             )
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0
 
-    def _update(self, p, g, group, state, seed) -> None:
-        if not state:
-            state["step"] = 0
-            for name, shape in ops.adalomo_state_shapes(p.shape).items():
-                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["step"] += 1
-        t = state["step"]
+    def _op_args(self, p, g, group, state, seed, t) -> tuple:
+        """The adalomo_update_ arguments up to ``step``."""
         eps1, eps2 = group["eps"]
         cgv = group["clip_grad_value"]
-        self._impl(p.device)(
+        return (
             p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"), self._clip_coef_on(p.device), self._device_flag(p.device),
             float(group["lr"]), float(group["weight_decay"]), self._active_scale,
@@ -107,3 +112,50 @@ class AdaLomo(InBackwardOptimizer):
             self._beta(t, group["decay_rate"]), float(eps1), float(eps2),
             float(group["clip_threshold"]), self.rounding, seed, t,
         )
+
+    def _update(self, p, g, group, state, seed) -> None:
+        if not state:
+            state["step"] = 0
+            for name, shape in ops.adalomo_state_shapes(p.shape).items():
+                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        t = state["step"] + 1
+        self._impl(p.device)(*self._op_args(p, g, group, state, seed, t))
+        state["step"] = t
+
+    def _update_sharded(self, p, g, group, state, seed, shard) -> None:
+        # The staged op with the workspace header all-reduced between the stages; the state
+        # holds DTensors, the op their local shards (_distributed.py).
+        t = state["step"] + 1
+        ws, pack = self._sharding.workspace(p.device)
+        _distributed.adalomo_staged(
+            self._staged_impl(p.device),
+            self._op_args(p, g, group, _distributed.locals_of(state), seed, t), shard, ws, pack)
+        state["step"] = t
+
+    def _staged_impl(self, device):
+        """The backend's staged op; with backend="auto", the reference when the backend has no
+        stages (yet), said once. Checked at the first sharded update, before anything changes."""
+        impl = self._staged_impls.get(device)
+        if impl is None:
+            impl = self._impl(device)
+            backend = self._resolve_backend(device, "?")
+            why = _distributed.staged_support(impl, backend, device)
+            if why is not None:
+                if self.backend != "auto":
+                    raise RuntimeError(
+                        f"AdaLomo: backend {self.backend!r} cannot update parameters sharded by "
+                        f"fully_shard on {device} ({why}); use backend='auto' or 'torch'")
+                self._warn_once(
+                    f"staged-{device}",
+                    f"AdaLomo: the {backend} backend has no staged update (sharded parameters) "
+                    f"on {device} yet ({why}); sharded parameters use the pure-PyTorch reference",
+                    ops.BackendFallbackWarning)
+                impl = ops.get_impl(self._op, "torch", device)
+            self._staged_impls[device] = impl
+        return impl
+
+    def _configure(self) -> None:
+        self._staged_impls: Dict[torch.device, Callable] = {}  # device -> staged op (sharded)
+
+    def _sharded_state(self, shard) -> Dict[str, Any]:
+        return _distributed.adalomo_state(shard)

@@ -3,34 +3,49 @@ Language Models with Limited Resources"), a drop-in replacement for ``lomo_optim
 
 from __future__ import annotations
 
-import logging
+import warnings
+from typing import Any, Dict, Optional
 
 import torch
 
-from ._base import InBackwardOptimizer
+from .._stack import user_stacklevel
+from ._base import InBackwardOptimizer, ParamsT
 from .loss_scaler import DynamicLossScaler
-
-logger = logging.getLogger("lomo_kernels")
 
 
 class Lomo(InBackwardOptimizer):
-    """LOMO: ``p = p * (1 - lr * weight_decay) - lr * g``, fused into the backward pass.
+    """LOMO: ``p = p * (1 - lr * weight_decay) - lr * g``, fused into the backward pass
+    (the math: docs/spec.md, "LOMO").
 
     Arguments, defaults and semantics as ``lomo_optim.Lomo`` 0.1.1:
 
     model: an ``nn.Module`` (its trainable parameters) or an iterable of parameters / param groups.
-    lr: learning rate (default 1e-3); read from ``param_groups`` at every update, so LR schedulers
-        work; ``fused_backward(loss, lr)`` sets it for every group.
+    lr: learning rate (default 1e-3), a finite number >= 0; read from ``param_groups`` at every
+        update, so LR schedulers work; ``fused_backward(loss, lr)`` sets it for every group.
     clip_grad_norm: global L2-norm clipping, two backward passes: ``grad_norm(loss)`` then
-        ``fused_backward(loss, lr)``. Must be positive. None: off.
-    clip_grad_value: clamp every gradient element to ``[-v, v]``. None or <= 0: off.
-    weight_decay: decoupled weight decay (default 0).
-    loss_scale_args: arguments of the dynamic loss scaler, created when the loss is fp16 (which
-        also turns ``clip_grad_norm`` on at 1.0 when it is None, as lomo-optim does).
+        ``fused_backward(loss, lr)``. None (off) or > 0.
+    clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
+    weight_decay: decoupled weight decay (default 0), >= 0.
+    loss_scale_args: arguments of the dynamic loss scaler (``DynamicLossScaler``: init_scale,
+        scale_factor, scale_window, min_scale, delayed_shift, consecutive_hysteresis,
+        raise_error_at_min_scale). The scaler is on when a trainable parameter is float16 (from
+        construction) or the loss is float16 (from the first backward, as lomo-optim does); it
+        scales the loss of ``fused_backward`` / ``grad_norm``. Its initial scale is 2**16 here
+        (lomo-optim: 2**32, which wastes about 16 skipped steps). When it turns on and
+        ``clip_grad_norm`` is None, ``clip_grad_norm`` becomes 1.0 (as lomo-optim does): overflow
+        is found by the ``grad_norm`` pass, which must then run before every ``fused_backward``.
 
-    Keyword-only (lomo_kernels): ``backend`` ("auto" | "native" | "triton" | "torch"),
-    ``rounding`` ("nearest" | "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic
-    rounding).
+    Keyword-only (lomo_kernels): ``backend`` (one of ``lomo_kernels.ops.BACKENDS``; "auto"
+    picks the fastest that runs on each parameter's device), ``rounding`` ("nearest", or
+    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding),
+    ``independent_ranks`` (default False: plain parameters while ``torch.distributed`` runs several
+    ranks get an ``IndependentRanksWarning``, since nothing averages their gradients before the
+    update; True: each rank trains its own parameters on purpose, e.g. a single-process reference
+    inside a sharded job, or pipeline stages, and nothing is said).
+
+    Parameters sharded by FSDP2 (``fully_shard``, applied before the optimizer is created) are
+    updated shard by shard after the reduce-scatter, with the result of one process on the global
+    batch (README, "Beyond one GPU"); ``DistributedDataParallel`` is refused.
     """
 
     _name = "Lomo"
@@ -38,71 +53,105 @@ class Lomo(InBackwardOptimizer):
 
     def __init__(
         self,
-        model,
-        lr=1e-3,
-        clip_grad_norm=None,
-        clip_grad_value=None,
-        weight_decay=0.0,
-        loss_scale_args=None,
+        model: ParamsT,
+        lr: float = 1e-3,
+        clip_grad_norm: Optional[float] = None,
+        clip_grad_value: Optional[float] = None,
+        weight_decay: float = 0.0,
+        loss_scale_args: Optional[Dict[str, Any]] = None,
         *,
-        backend="auto",
-        rounding="nearest",
-        seed=0,
-    ):
+        backend: str = "auto",
+        rounding: str = "nearest",
+        seed: int = 0,
+        independent_ranks: bool = False,
+    ) -> None:
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            raise TypeError("Lomo: loss_scale_args must be None or a dict of DynamicLossScaler "
+                            f"arguments, got {type(loss_scale_args).__name__}")
         self.loss_scale_args = dict(loss_scale_args or {})
+        DynamicLossScaler.check_args(self.loss_scale_args, "Lomo: loss_scale_args")
         self._first_backward = True
+        self._auto_clip = False  # clip_grad_norm turned on by the loss scaler, not by the user
         defaults = dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value)
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed,
+            seed=seed, independent_ranks=independent_ranks,
         )
+
+    def _configure(self) -> None:
+        if self._fp16:
+            self._engage_loss_scaler("float16 parameters")
+
+    def _engage_loss_scaler(self, why: str) -> None:
+        self._first_backward = False
+        if self.loss_scaler is not None:
+            return
+        self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
+        msg = (f"Lomo: {why}: dynamic loss scaling is on for fused_backward / grad_norm "
+               f"(initial scale {self.loss_scaler.loss_scale:g})")
+        if self.clip_grad_norm is None:
+            self.clip_grad_norm = 1.0
+            self._auto_clip = True
+            msg += ("; clip_grad_norm was None and is now 1.0, as lomo-optim does: call "
+                    "optimizer.grad_norm(loss) before every optimizer.fused_backward(loss, lr) "
+                    "(that pass finds overflows and skips the step), or pass clip_grad_norm "
+                    "yourself to choose the threshold")
+        warnings.warn(msg, UserWarning, stacklevel=user_stacklevel())
 
     def _prepare(self, loss) -> None:
         super()._prepare(loss)
         if self._first_backward:
             self._first_backward = False
             if loss.dtype == torch.float16:
-                self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
-                if self.clip_grad_norm is None:
-                    self.clip_grad_norm = 1.0
-                    logger.warning(
-                        "Loss scale is recommended to be used with grad norm to get better "
-                        "performance. Set grad norm to 1.0."
-                    )
+                self._engage_loss_scaler("float16 loss")
 
     def _loss_scale(self) -> float:
         return 1.0 if self.loss_scaler is None else self.loss_scaler.loss_scale
 
+    def _repr_extra(self) -> Dict[str, Any]:
+        extra = super()._repr_extra()
+        if self.loss_scaler is not None:
+            extra["loss_scale"] = self.loss_scaler.loss_scale
+        return extra
+
     def _check_clip(self, plain: bool) -> None:
-        if self.clip_grad_norm is not None and self.clip_coef is None:
-            if plain:
-                raise ValueError(
-                    "Lomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
-                    "clipping (it needs two backward passes: optimizer.grad_norm(loss), then "
-                    "optimizer.fused_backward(loss, lr)). Use clip_grad_value, or drop "
-                    "clip_grad_norm, when the training loop (e.g. transformers.Trainer) calls "
-                    "backward itself."
-                )
+        if self.clip_grad_norm is None or self.clip_coef is not None:
+            return
+        if plain:
+            if self._auto_clip:
+                return  # a plain backward is not scaled: the scaler's clipping does not apply
             raise ValueError(
-                "clip_grad_norm is not None, but clip_coef is None. "
-                "Please call optimizer.grad_norm() before optimizer.fused_backward()."
+                "Lomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
+                "clipping (it needs two backward passes: optimizer.grad_norm(loss), then "
+                "optimizer.fused_backward(loss, lr)). Use clip_grad_value, or drop "
+                "clip_grad_norm, when the training loop (e.g. transformers.Trainer) calls "
+                "backward itself."
             )
+        why = (" (turned on at 1.0 with the float16 loss scaler, as lomo-optim does: the "
+               "grad_norm pass finds overflows)" if self._auto_clip else "")
+        raise ValueError(
+            f"clip_grad_norm is not None{why}, but clip_coef is None. "
+            "Please call optimizer.grad_norm() before optimizer.fused_backward()."
+        )
 
     def _update(self, p, g, group, state, seed) -> None:
-        state["step"] = state.get("step", 0) + 1
+        t = state.get("step", 0) + 1
         cgv = group["clip_grad_value"]
         self._impl(p.device)(
             p, g, self._clip_coef_on(p.device), self._device_flag(p.device), float(group["lr"]),
             float(group["weight_decay"]), self._active_scale,
-            float(cgv) if cgv is not None and cgv > 0 else 0.0, self.rounding, seed, state["step"],
+            float(cgv) if cgv is not None and cgv > 0 else 0.0, self.rounding, seed, t,
         )
+        state["step"] = t
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
         sd["lomo_kernels"]["first_backward"] = self._first_backward
+        sd["lomo_kernels"]["auto_clip"] = self._auto_clip
         return sd
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         extra = state_dict.get("lomo_kernels") or {}
-        self._first_backward = extra.get("first_backward", self._first_backward)
         super().load_state_dict(state_dict)
+        self._first_backward = extra.get("first_backward", self._first_backward)
+        self._auto_clip = extra.get("auto_clip", self._auto_clip)

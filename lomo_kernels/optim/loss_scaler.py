@@ -1,4 +1,5 @@
-"""Dynamic loss scaling for fp16 LOMO, with lomo-optim's arguments and defaults.
+"""Dynamic loss scaling for fp16 LOMO, with lomo-optim's arguments and defaults (except the
+initial scale: 2**16 instead of 2**32).
 
 Differences from ``lomo_optim.lomo.DynamicLossScaler`` (0.1.1), on purpose:
   * overflow is detected from the device-side gradient norm after the backward (one check a step),
@@ -11,7 +12,15 @@ Differences from ``lomo_optim.lomo.DynamicLossScaler`` (0.1.1), on purpose:
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from typing import Any, Dict
+
+from .._checks import integer, number
+
+#: The initial scale. lomo-optim starts at 2**32, which overflows float16 gradients for about 16
+#: steps (each skipped) before the scale is small enough; torch.amp.GradScaler starts at 2**16.
+DEFAULT_INIT_SCALE = 2.0**16
 
 
 class LossScaleOverflowWarning(RuntimeWarning):
@@ -19,22 +28,23 @@ class LossScaleOverflowWarning(RuntimeWarning):
 
 
 class DynamicLossScaler:
+    """Dynamic loss scaling: halve the scale on overflow (the step is skipped), double it after
+    ``scale_window`` steps without one. Arguments as lomo-optim's, except ``init_scale``'s
+    default (2**16, see ``DEFAULT_INIT_SCALE``)."""
+
     def __init__(
         self,
-        init_scale=2**32,
-        scale_factor=2.0,
-        scale_window=1000,
-        min_scale=1,
-        delayed_shift=1,
-        consecutive_hysteresis=False,
-        raise_error_at_min_scale=True,
-        dtype=None,
-    ):
-        if init_scale <= 0 or scale_factor <= 1 or scale_window < 1 or min_scale <= 0:
-            raise ValueError(
-                "DynamicLossScaler needs init_scale > 0, scale_factor > 1, scale_window >= 1 and "
-                f"min_scale > 0; got {init_scale}, {scale_factor}, {scale_window}, {min_scale}"
-            )
+        init_scale: float = DEFAULT_INIT_SCALE,
+        scale_factor: float = 2.0,
+        scale_window: int = 1000,
+        min_scale: float = 1,
+        delayed_shift: int = 1,
+        consecutive_hysteresis: bool = False,
+        raise_error_at_min_scale: bool = True,
+        dtype: Any = None,
+    ) -> None:
+        self._check("DynamicLossScaler: {}", init_scale=init_scale, scale_factor=scale_factor,
+                    scale_window=scale_window, min_scale=min_scale, delayed_shift=delayed_shift)
         self.cur_scale = float(init_scale)
         self.cur_iter = 0
         self.last_overflow_iter = -1
@@ -45,6 +55,28 @@ class DynamicLossScaler:
         self.cur_hysteresis = int(delayed_shift)
         self.consecutive_hysteresis = bool(consecutive_hysteresis)
         self.raise_error_at_min_scale = bool(raise_error_at_min_scale)
+
+    @staticmethod
+    def _check(name: str, init_scale: float = DEFAULT_INIT_SCALE, scale_factor: float = 2.0,
+               scale_window: int = 1000, min_scale: float = 1, delayed_shift: int = 1,
+               **_: Any) -> None:
+        number(init_scale, name.format("init_scale"), gt=0.0)
+        number(scale_factor, name.format("scale_factor"), gt=1.0)
+        integer(scale_window, name.format("scale_window"), ge=1)
+        number(min_scale, name.format("min_scale"), gt=0.0)
+        integer(delayed_shift, name.format("delayed_shift"), ge=1)
+        if min_scale > init_scale:
+            raise ValueError(f"{name.format('min_scale')} ({min_scale}) must be <= "
+                             f"{name.format('init_scale')} ({init_scale})")
+
+    @classmethod
+    def check_args(cls, args: Dict[str, Any], name: str) -> None:
+        """Check ``args`` (keyword arguments of the constructor; ``name``: what to call them)."""
+        accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+        for key in args:
+            if key not in accepted:
+                raise TypeError(f"{name}: unknown argument {key!r}; accepted: {', '.join(accepted)}")
+        cls._check(name + "['{}']", **args)
 
     @property
     def loss_scale(self) -> float:
