@@ -174,9 +174,9 @@ def test_bad_settings_are_rejected(monkeypatch):
 LAUNCHES = {
     ("lomo_update_", 1): 1,
     ("lomo_update_", 2): 1,
-    ("adalomo_update_", 1): 5,  # stats, finalize, update norm, finalize, apply
-    ("adalomo_update_", 2): 6,  # stats, state, finalize, update norm, finalize, apply
-    ("adalomo_update_", 3): 6,
+    ("adalomo_update_", 1): 1,  # one tile: statistics and apply in one launch (the last tile)
+    ("adalomo_update_", 2): 3,  # statistics, update norm, apply (finalised by tickets)
+    ("adalomo_update_", 3): 3,
 }
 
 

@@ -55,8 +55,9 @@ struct Geom {
   int64_t ngroups, T;      // column-reduction groups per slice, tiles
 };
 
-Geom make_geom(int64_t S, int64_t m, int64_t n, int64_t TC) {
-  Geom g{S, m, n, kMinTileRows, 0, ceil_div(n, TC), 0, 0};
+// `shift`: the column grid starts that many columns before column 0 (alignment peeling, see Args).
+Geom make_geom(int64_t S, int64_t m, int64_t n, int64_t TC, int64_t shift) {
+  Geom g{S, m, n, kMinTileRows, 0, ceil_div(n + shift, TC), 0, 0};
   if (m > 0) {
     const int64_t target = std::min(ceil_div(m, kMinTileRows), kMaxRowBlocks);
     g.rpt = ceil_div(ceil_div(m, target), kRowStep) * kRowStep;
@@ -115,7 +116,11 @@ struct Args {
   Layout ws;
   float global_rows;    // the rows means divide by (float, as the reference's / int)
   double global_numel;  // the elements rms divides by
-  bool vec;             // 16-byte packs: n % N == 0 and p, g aligned
+  // 16-byte packs: n % N == 0 and p, g at the same offset modulo 16 bytes. Every row then starts
+  // `head` elements before a 16-byte boundary; the column grid is shifted left by shift =
+  // (N - head) % N so that every pack but each row's first starts on a boundary (peeling).
+  bool vec;
+  int shift;
 };
 
 struct TilePos {
@@ -136,20 +141,23 @@ __device__ __forceinline__ TilePos tile_pos(const Args& a) {
   const unsigned tid = fresh_thread_index();
   t.lane = tid & 31;
   t.warp = tid >> 5;
-  t.c0 = t.cb * TC + t.lane * N;
+  t.c0 = t.cb * TC + t.lane * N - a.shift;
   return t;
 }
 
+__device__ __forceinline__ bool valid_col(int64_t c, int64_t n) { return c >= 0 && c < n; }
+
+// The N columns from c0 of one row (`row` points at its column 0).
 template <typename S>
-__device__ __forceinline__ void load_cols(const S* src, S* dst, int64_t c0, int64_t n, bool full) {
+__device__ __forceinline__ void load_cols(const S* row, S* dst, int64_t c0, int64_t n, bool full) {
   constexpr int N = Pack<S>::N;
   if (full) {
-    const Pack<S> x = load_pack(src);
+    const Pack<S> x = load_pack(row + c0);
 #pragma unroll
     for (int k = 0; k < N; ++k) dst[k] = x.v[k];
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = c0 + k < n ? src[k] : S(0);
+    for (int k = 0; k < N; ++k) dst[k] = valid_col(c0 + k, n) ? row[c0 + k] : S(0);
   }
 }
 
@@ -186,10 +194,10 @@ __device__ void finish_cols(const Args& a, const TilePos& t, int* flag) {
   const int64_t first = group * kColGroup;
   const int64_t size = geo.nrb - first < kColGroup ? geo.nrb - first : kColGroup;
   const unsigned tid = fresh_thread_index();
-  const int64_t col = t.cb * TC + tid;
+  const int64_t col = t.cb * TC + tid - a.shift;
   int* t1 = a.ws.col_ticket1 + (t.slice * geo.ncb + t.cb) * geo.ngroups + group;
   if (!last_arrival(t1, static_cast<int>(size), flag)) return;
-  if (tid < TC && col < geo.n) {
+  if (tid < TC && valid_col(col, geo.n)) {
     double sum = 0.0;
     for (int64_t rb = first; rb < first + size; ++rb)
       sum += __ldcg(a.ws.colpart + (t.slice * geo.nrb + rb) * geo.n + col);
@@ -201,7 +209,7 @@ __device__ void finish_cols(const Args& a, const TilePos& t, int* flag) {
   if (!last_arrival(a.ws.col_ticket2 + t.slice * geo.ncb + t.cb, static_cast<int>(geo.ngroups),
                     flag))
     return;
-  if (tid < TC && col < geo.n) {
+  if (tid < TC && valid_col(col, geo.n)) {
     double sum = 0.0;
     for (int64_t gr = 0; gr < geo.ngroups; ++gr)
       sum += __ldcg(a.ws.colpart2 + (t.slice * geo.ngroups + gr) * geo.n + col);
@@ -222,7 +230,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
   const TilePos t = tile_pos<TC, N>(a);
   const S* p = static_cast<const S*>(a.p);
   const S* g = static_cast<const S*>(a.g);
-  const bool active = t.c0 < geo.n, full = a.vec && active;
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
   const int64_t rows = geo.S * geo.m;
 
@@ -237,9 +246,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
     for (int u = 0; u < kRowUnroll; ++u) {  // every load of the step first
       const int64_t ru = r + u * kWarps;
       if (ru < t.rend && active) {
-        const int64_t base = (t.slice * geo.m + ru) * geo.n + t.c0;
-        load_cols(g + base, gv[u], t.c0, geo.n, full);
-        load_cols(p + base, pv[u], t.c0, geo.n, full);
+        const int64_t row0 = (t.slice * geo.m + ru) * geo.n;
+        load_cols(g + row0, gv[u], t.c0, geo.n, full);
+        load_cols(p + row0, pv[u], t.c0, geo.n, full);
       } else {
 #pragma unroll
         for (int k = 0; k < N; ++k) gv[u][k] = pv[u][k] = S(0);
@@ -251,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
       float rowsum = 0.0f;
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        if (ru < t.rend && t.c0 + k < geo.n) {
+        if (ru < t.rend && valid_col(t.c0 + k, geo.n)) {
           const float graw = to_f32<F>(gv[u][k]);
           bad |= !is_finite_f32(graw);
           const float gu = unscale<DIV>(graw, a.s.scale);
@@ -276,8 +285,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += col_smem[w * TC + tid];
-    const int64_t col = t.cb * TC + tid;
-    if (col < geo.n) a.ws.colpart[t.srb * geo.n + col] = sum;
+    const int64_t col = t.cb * TC + tid - a.shift;
+    if (valid_col(col, geo.n)) a.ws.colpart[t.srb * geo.n + col] = sum;
   }
   pp = block_sum<kThreads>(pp, red);
   gsq = block_sum<kThreads>(gsq, red);
@@ -314,7 +323,7 @@ __device__ __forceinline__ float factors(const Args& a, const TilePos& t, float*
   for (int k = 0; k < N; ++k) {
     const int64_t c = t.c0 + k;
     cf[k] = 0.0f;
-    if (c < geo.n) {
+    if (valid_col(c, geo.n)) {
       const int64_t i = t.slice * geo.n + c;
       float cn;
       if (FROM_HEADER) {
@@ -343,7 +352,8 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
   const Geom& geo = a.geo;
   const TilePos t = tile_pos<TC, N>(a);
   const S* g = static_cast<const S*>(a.g);
-  const bool active = t.c0 < geo.n, full = a.vec && active;
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
   float cf[N];
   const float mean_r = factors<N, true>(a, t, cf);
@@ -357,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
       rf[u] = 0.0f;
       if (ru < t.rend && active) {
         const int64_t row = t.slice * geo.m + ru;
-        load_cols(g + row * geo.n + t.c0, gv[u], t.c0, geo.n, full);
+        load_cols(g + row * geo.n, gv[u], t.c0, geo.n, full);
         rf[u] = __ldcg(a.ws.new_r + row);
       } else {
 #pragma unroll
@@ -374,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
         const float gp =
             clip_scale(unscale<DIV>(to_f32<F>(gv[u][k]), a.s.scale), a.s.clip, coef);
         const float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
-        uu += t.c0 + k < geo.n ? uval * uval : 0.0f;
+        uu += valid_col(t.c0 + k, geo.n) ? uval * uval : 0.0f;
       }
     }
   }
@@ -395,7 +405,8 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
   const Geom& geo = a.geo;
   S* p = static_cast<S*>(a.p);
   const S* g = static_cast<const S*>(a.g);
-  const bool active = t.c0 < geo.n, full = a.vec && active;
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
     S gv[kRowUnroll][N], pv[kRowUnroll][N];
     float rf[kRowUnroll];
@@ -405,9 +416,8 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
       rf[u] = 0.0f;
       if (ru < t.rend && active) {
         const int64_t row = t.slice * geo.m + ru;
-        const int64_t base = row * geo.n + t.c0;
-        load_cols(g + base, gv[u], t.c0, geo.n, full);
-        load_cols(p + base, pv[u], t.c0, geo.n, full);
+        load_cols(g + row * geo.n, gv[u], t.c0, geo.n, full);
+        load_cols(p + row * geo.n, pv[u], t.c0, geo.n, full);
         rf[u] = __ldcg(a.ws.new_r + row);
       }
     }
@@ -417,8 +427,9 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
       if (ru >= t.rend || !active) continue;
       const int64_t base = (t.slice * geo.m + ru) * geo.n + t.c0;
       const float rs = 1.0f / sqrtf(__fdiv_rn(rf[u], mean_r));
-      // a full pack starts at a multiple of N (n % N == 0): never across a multiple of 2**32
+      // a shifted (peeled) pack may cross a multiple of 2**32 (pack_bits)
       const uint32_t hk = SR ? hash_high_key(a.s.key, base) : 0u;
+      const bool crosses = SR && static_cast<uint32_t>(base) > 0xFFFFFFFFu - (N - 1);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float gp =
@@ -427,7 +438,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
         if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
         const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u][k]), decay), __fmul_rn(lr_t, uval));
         uint32_t bits = 0u;
-        if (SR) bits = full ? mix32(static_cast<uint32_t>(base + k) ^ hk)
+        if (SR) bits = full ? pack_bits(a.s.key, hk, base, k, crosses)
                             : random_bits(a.s.key, base + k);
         pv[u][k] = from_f32<F, SR>(nv, bits);
       }
@@ -439,7 +450,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
       } else {
 #pragma unroll
         for (int k = 0; k < N; ++k)
-          if (t.c0 + k < geo.n) p[base + k] = pv[u][k];
+          if (valid_col(t.c0 + k, geo.n)) p[base + k] = pv[u][k];
       }
     }
   }
@@ -479,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const int64_t c = t.c0 + k;
-      if (c < geo.n) a.col_state[t.slice * geo.n + c] = __ldcg(a.ws.cnew + t.slice * geo.n + c);
+      if (valid_col(c, geo.n)) a.col_state[t.slice * geo.n + c] = __ldcg(a.ws.cnew + t.slice * geo.n + c);
     }
   }
 }
@@ -519,7 +530,8 @@ int64_t factored_numel(const std::vector<int64_t>& shape) {
   const int64_t n = shape.back(), m = shape[shape.size() - 2];
   int64_t S = 1;
   for (size_t i = 0; i + 2 < shape.size(); ++i) S *= shape[i];
-  return carve(make_geom(S, m, n, kMinTC), Carver(), nullptr);
+  // fp32 (the most column blocks); a peeled grid has at most 3 columns more
+  return carve(make_geom(S, m, n, kMinTC, 3), Carver(), nullptr);
 }
 
 // The flat layout of `tensors` tensors of `tiles` tiles in all: headers (4 each; the single op's is
@@ -710,15 +722,18 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS) {
       for (int64_t i = 0; i + 2 < param.dim(); ++i) prod *= param.size(i);
       return prod;
     }();
-    const int64_t N = 16 / param.element_size();
-    a.geo = make_geom(S, m, n, 32 * N);
+    const int64_t N = 16 / param.element_size(), size = param.element_size();
+    const auto pa = reinterpret_cast<uintptr_t>(a.p), ga = reinterpret_cast<uintptr_t>(a.g);
+    a.vec = n % N == 0 && pa % 16 == ga % 16 && pa % size == 0;
+    const int64_t head = a.vec ? static_cast<int64_t>((16 - pa % 16) % 16) / size : 0;
+    a.shift = static_cast<int>((N - head) % N);
+    a.geo = make_geom(S, m, n, 32 * N, a.shift);
     TORCH_CHECK(a.geo.T < (int64_t{1} << 31) && a.geo.nrb * a.geo.ncb < (int64_t{1} << 30), op,
                 ": tensor too large (", a.geo.T, " tiles)");
     at::Tensor ws = workspace_or_scratch(op, workspace, carve(a.geo, Carver(), nullptr), param);
     carve(a.geo, Carver(ws.data_ptr<float>(), ws.numel()), &a.ws);
     a.global_rows = static_cast<float>(global_rows > 0 ? global_rows : m);
     a.global_numel = gnumel;
-    a.vec = n % N == 0 && aligned16(a.p) && aligned16(a.g);
     with_format(param.scalar_type(), d, op, [&](auto f_tag, auto sr_tag, auto div_tag) {
       run_factored<decltype(f_tag)::value, decltype(sr_tag)::value, decltype(div_tag)::value>(
           a, static_cast<int>(stage));
