@@ -37,6 +37,8 @@ REGISTER_BUDGETS = [
     (r"^stats_kernel<", 80, "AdaLomo pass 1 (4 rows x 8 columns of g and p in flight, the "
                             "ticketed finishers): 3 blocks per SM"),
     (r"^unorm_kernel<", 80, "AdaLomo pass 2 (4 rows x 8 columns in flight): 3 blocks per SM"),
+    (r"^apply_kernel<\w+, \w+, true>", 80, "AdaLomo pass 3 with a non-power-of-two loss scale "
+                                           "(IEEE division per element): 3 blocks per SM"),
     (r"^apply_kernel<", 64, "AdaLomo pass 3 (stochastic rounding included): full occupancy"),
     (r"^adalomo_flat_kernel<", 80, "AdaLomo 0-d/1-d and multi-tensor (4 packs of g, p, v in "
                                    "flight): 3 blocks per SM"),

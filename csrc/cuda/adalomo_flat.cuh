@@ -21,7 +21,7 @@ namespace lomo {
 namespace LOMO_CUDA_NS {
 namespace {
 
-constexpr int kFlatUnroll = 4;   // packs per thread per tile, loads issued first
+constexpr int kFlatUnroll = 2;   // packs per thread per tile, loads issued first
 constexpr int kFuseTiles = 8;    // a tensor of at most this many tiles is applied by its last tile
 constexpr int kMaxMulti = 16;    // tensors per multi-tensor launch (kernel parameter space)
 
@@ -75,15 +75,14 @@ __device__ __forceinline__ float clip_scale(float g, float clip, float coef) {
 }
 
 template <typename S>
-__device__ __forceinline__ void load_flat(const S* src, S* dst, int64_t e, int64_t n, bool full) {
+__device__ __forceinline__ void load_flat(const S* src, Pack<S>& dst, int64_t e, int64_t n,
+                                          bool full) {
   constexpr int N = Pack<S>::N;
   if (full) {
-    const Pack<S> x = load_pack(src + e);
-#pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = x.v[k];
+    dst = load_pack(src + e);
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = e + k < n ? src[e + k] : S(0);
+    for (int k = 0; k < N; ++k) dst.v[k] = e + k < n ? src[e + k] : S(0);
   }
 }
 __device__ __forceinline__ void load_v(const float* v, float* dst, int64_t e, int64_t n,
@@ -116,7 +115,7 @@ __device__ void flat_stats_tile(const FlatCall& c, const FlatTensor& t, int tile
   const int64_t n = t.n, t0 = tile * flat_tile<S>();
   float pp = 0.0f, uu = 0.0f, gsq = 0.0f;
   bool bad = false;
-  S gv[kFlatUnroll][N], pv[kFlatUnroll][N];
+  Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {  // every load first
@@ -135,14 +134,14 @@ __device__ void flat_stats_tile(const FlatCall& c, const FlatTensor& t, int tile
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (e + k < n) {
-        const float graw = to_f32<F>(gv[u][k]);
+        const float graw = to_f32<F>(gv[u].v[k]);
         bad |= !is_finite_f32(graw);
         const float gu = unscale<DIV>(graw, t.s.scale);
         gsq += gu * gu;
         float vn;
         const float uval = flat_u(t.s, clip_scale(gu, t.s.clip, coef), vv[u][k], vn);
         uu += uval * uval;
-        const float pf = to_f32<F>(pv[u][k]);
+        const float pf = to_f32<F>(pv[u].v[k]);
         pp += pf * pf;
       }
     }
@@ -169,7 +168,7 @@ __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float
   S* p = static_cast<S*>(t.p);
   const S* g = static_cast<const S*>(t.g);
   const int64_t n = t.n, t0 = tile * flat_tile<S>();
-  S gv[kFlatUnroll][N], pv[kFlatUnroll][N];
+  Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {
@@ -192,17 +191,14 @@ __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float
     float vn[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float gp = clip_scale(unscale<DIV>(to_f32<F>(gv[u][k]), t.s.scale), t.s.clip, coef);
+      const float gp = clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), t.s.scale), t.s.clip, coef);
       float uval = flat_u(t.s, gp, vv[u][k], vn[k]);
       if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
-      const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u][k]), decay), __fmul_rn(lr_t, uval));
-      pv[u][k] = from_f32<F, SR>(nv, SR ? mix32(static_cast<uint32_t>(e + k) ^ hk) : 0u);
+      const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u].v[k]), decay), __fmul_rn(lr_t, uval));
+      pv[u].v[k] = from_f32<F, SR>(nv, SR ? mix32(static_cast<uint32_t>(e + k) ^ hk) : 0u);
     }
     if (full) {
-      Pack<S> out;
-#pragma unroll
-      for (int k = 0; k < N; ++k) out.v[k] = pv[u][k];
-      store_pack(p + e, out);
+      store_pack(p + e, pv[u]);
 #pragma unroll
       for (int q = 0; q < N; q += 4) {
         Pack<float> vo;
@@ -214,7 +210,7 @@ __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (e + k < n) {
-          p[e + k] = pv[u][k];
+          p[e + k] = pv[u].v[k];
           t.v[e + k] = vn[k];
         }
       }
@@ -277,7 +273,7 @@ __device__ void flat_finish(const FlatCall& c, const FlatTensor& t, float coef, 
 
 // The one flat kernel: block b is tile (b - first) of the record whose range holds b.
 template <Fmt F, bool SR, bool DIV>
-__global__ void __launch_bounds__(kThreads) adalomo_flat_kernel(const __grid_constant__ FlatCall c) {
+__global__ void __launch_bounds__(kThreads, 3) adalomo_flat_kernel(const __grid_constant__ FlatCall c) {
   __shared__ float red[32];
   __shared__ double dred[32];
   __shared__ int flag;

@@ -43,6 +43,8 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowUnroll = 4;                    // rows per warp per step
 constexpr int kRowStep = kWarps * kRowUnroll;    // rows per block step
+constexpr int kStatsUnroll = 2;                  // pass 1 keeps 8 column sums live: 2 rows
+constexpr int kApplyUnroll = 1;                  // pass 3: g and p of one row (64 registers)
 constexpr int kMinTileRows = 64;
 constexpr int64_t kMaxRowBlocks = 64;            // row blocks per slice (bounds the workspace)
 constexpr int64_t kColGroup = 8;                 // row blocks per first-level column reduction
@@ -148,16 +150,16 @@ __device__ __forceinline__ TilePos tile_pos(const Args& a) {
 __device__ __forceinline__ bool valid_col(int64_t c, int64_t n) { return c >= 0 && c < n; }
 
 // The N columns from c0 of one row (`row` points at its column 0).
+// (Kept as a Pack: 16-bit values stay two to a register.)
 template <typename S>
-__device__ __forceinline__ void load_cols(const S* row, S* dst, int64_t c0, int64_t n, bool full) {
+__device__ __forceinline__ void load_cols(const S* row, Pack<S>& dst, int64_t c0, int64_t n,
+                                          bool full) {
   constexpr int N = Pack<S>::N;
   if (full) {
-    const Pack<S> x = load_pack(row + c0);
-#pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = x.v[k];
+    dst = load_pack(row + c0);
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = valid_col(c0 + k, n) ? row[c0 + k] : S(0);
+    for (int k = 0; k < N; ++k) dst.v[k] = valid_col(c0 + k, n) ? row[c0 + k] : S(0);
   }
 }
 
@@ -218,7 +220,7 @@ __device__ void finish_cols(const Args& a, const TilePos& t, int* flag) {
 }
 
 template <Fmt F, bool DIV>
-__global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
@@ -240,10 +242,10 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
   for (int k = 0; k < N; ++k) colacc[k] = 0.0f;
   float pp = 0.0f, gsq = 0.0f;
   bool bad = false;
-  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
-    S gv[kRowUnroll][N], pv[kRowUnroll][N];
+  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kStatsUnroll) {
+    Pack<S> gv[kStatsUnroll], pv[kStatsUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {  // every load of the step first
+    for (int u = 0; u < kStatsUnroll; ++u) {  // every load of the step first
       const int64_t ru = r + u * kWarps;
       if (ru < t.rend && active) {
         const int64_t row0 = (t.slice * geo.m + ru) * geo.n;
@@ -251,17 +253,17 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
         load_cols(p + row0, pv[u], t.c0, geo.n, full);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) gv[u][k] = pv[u][k] = S(0);
+        for (int k = 0; k < N; ++k) gv[u].v[k] = pv[u].v[k] = S(0);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kStatsUnroll; ++u) {
       const int64_t ru = r + u * kWarps;
       float rowsum = 0.0f;
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (ru < t.rend && valid_col(t.c0 + k, geo.n)) {
-          const float graw = to_f32<F>(gv[u][k]);
+          const float graw = to_f32<F>(gv[u].v[k]);
           bad |= !is_finite_f32(graw);
           const float gu = unscale<DIV>(graw, a.s.scale);
           gsq += gu * gu;
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a) {
           const float G = __fadd_rn(__fmul_rn(gp, gp), a.s.eps1);
           rowsum += G;
           colacc[k] += G;
-          const float pf = to_f32<F>(pv[u][k]);
+          const float pf = to_f32<F>(pv[u].v[k]);
           pp += pf * pf;
         }
       }
@@ -341,7 +343,7 @@ __device__ __forceinline__ float factors(const Args& a, const TilePos& t, float*
 }
 
 template <Fmt F, bool DIV>
-__global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
@@ -359,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
   const float mean_r = factors<N, true>(a, t, cf);
   float uu = 0.0f;
   for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
-    S gv[kRowUnroll][N];
+    Pack<S> gv[kRowUnroll];
     float rf[kRowUnroll];
 #pragma unroll
     for (int u = 0; u < kRowUnroll; ++u) {
@@ -371,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
         rf[u] = __ldcg(a.ws.new_r + row);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) gv[u][k] = S(0);
+        for (int k = 0; k < N; ++k) gv[u].v[k] = S(0);
       }
     }
 #pragma unroll
@@ -382,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(const Args a) {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float gp =
-            clip_scale(unscale<DIV>(to_f32<F>(gv[u][k]), a.s.scale), a.s.clip, coef);
+            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
         const float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
         uu += valid_col(t.c0 + k, geo.n) ? uval * uval : 0.0f;
       }
@@ -407,11 +409,11 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
   const S* g = static_cast<const S*>(a.g);
   const bool active = t.c0 + N > 0 && t.c0 < geo.n;
   const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
-  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
-    S gv[kRowUnroll][N], pv[kRowUnroll][N];
-    float rf[kRowUnroll];
+  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kApplyUnroll) {
+    Pack<S> gv[kApplyUnroll], pv[kApplyUnroll];
+    float rf[kApplyUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll; ++u) {
       const int64_t ru = r + u * kWarps;
       rf[u] = 0.0f;
       if (ru < t.rend && active) {
@@ -422,7 +424,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
       }
     }
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll; ++u) {
       const int64_t ru = r + u * kWarps;
       if (ru >= t.rend || !active) continue;
       const int64_t base = (t.slice * geo.m + ru) * geo.n + t.c0;
@@ -433,31 +435,33 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float gp =
-            clip_scale(unscale<DIV>(to_f32<F>(gv[u][k]), a.s.scale), a.s.clip, coef);
+            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
         float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
         if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
-        const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u][k]), decay), __fmul_rn(lr_t, uval));
+        const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u].v[k]), decay), __fmul_rn(lr_t, uval));
         uint32_t bits = 0u;
         if (SR) bits = full ? pack_bits(a.s.key, hk, base, k, crosses)
                             : random_bits(a.s.key, base + k);
-        pv[u][k] = from_f32<F, SR>(nv, bits);
+        pv[u].v[k] = from_f32<F, SR>(nv, bits);
       }
       if (full) {
-        Pack<S> out;
+        Pack<S> out;  // (a fresh pack: storing pv[u] itself compiled to 16-bit stores)
 #pragma unroll
-        for (int k = 0; k < N; ++k) out.v[k] = pv[u][k];
+        for (int k = 0; k < N; ++k) out.v[k] = pv[u].v[k];
         store_pack(p + base, out);
       } else {
 #pragma unroll
         for (int k = 0; k < N; ++k)
-          if (valid_col(t.c0 + k, geo.n)) p[base + k] = pv[u][k];
+          if (valid_col(t.c0 + k, geo.n)) p[base + k] = pv[u].v[k];
       }
     }
   }
 }
 
+// 64 registers (4 blocks per SM); a non-power-of-two loss scale (an IEEE division per element)
+// needs more: 3 blocks.
 template <Fmt F, bool SR, bool DIV>
-__global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;

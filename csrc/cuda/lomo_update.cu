@@ -24,7 +24,7 @@ namespace lomo {
 namespace LOMO_CUDA_NS {
 namespace {
 
-constexpr int kUnroll = 4;      // packs per thread per tile, loads issued first
+constexpr int kUnroll = 2;      // packs per thread per tile, loads issued first (64 registers)
 constexpr int kLomoMulti = 32;  // records per launch (kernel parameter space)
 
 template <typename S>
@@ -75,7 +75,7 @@ __device__ __forceinline__ bool lomo_elem(storage_t<F>& p, float graw, const Lom
 }
 
 template <Fmt F, bool SR, bool DIV, bool GSQ>
-__global__ void __launch_bounds__(kThreads) lomo_update_kernel(const __grid_constant__ LomoCall c) {
+__global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_constant__ LomoCall c) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   __shared__ float red[32];
@@ -101,19 +101,18 @@ __global__ void __launch_bounds__(kThreads) lomo_update_kernel(const __grid_cons
       ok = false;
   }
   const int64_t t0 = t.head + tile * lomo_tile<S>();
-  S gv[kUnroll][N], pv[kUnroll][N];
+  Pack<S> gv[kUnroll], pv[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {  // every load first
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + tid) * N;
     if (t.vec && e + N <= n) {
-      const Pack<S> gp = load_pack(g + e), pp = load_pack(p + e);
-#pragma unroll
-      for (int k = 0; k < N; ++k) gv[u][k] = gp.v[k], pv[u][k] = pp.v[k];
+      gv[u] = load_pack(g + e);
+      pv[u] = load_pack(p + e);
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        gv[u][k] = e + k < n ? g[e + k] : S(0);
-        pv[u][k] = e + k < n ? p[e + k] : S(0);
+        gv[u].v[k] = e + k < n ? g[e + k] : S(0);
+        pv[u].v[k] = e + k < n ? p[e + k] : S(0);
       }
     }
   }
@@ -125,20 +124,17 @@ __global__ void __launch_bounds__(kThreads) lomo_update_kernel(const __grid_cons
     const uint32_t hk = SR ? hash_high_key(t.key, e) : 0u;
     const bool crosses = SR && static_cast<uint32_t>(e) > 0xFFFFFFFFu - (N - 1);
     if (full) {
-      Pack<S> out;
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        out.v[k] = pv[u][k];
-        ok &= lomo_elem<F, SR, DIV>(out.v[k], to_f32<F>(gv[u][k]), t, c.scale, coef,
+      for (int k = 0; k < N; ++k)
+        ok &= lomo_elem<F, SR, DIV>(pv[u].v[k], to_f32<F>(gv[u].v[k]), t, c.scale, coef,
                                     SR ? pack_bits(t.key, hk, e, k, crosses) : 0u, gsq);
-      }
-      store_pack(p + e, out);
+      store_pack(p + e, pv[u]);
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (e + k < n) {
-          S v = pv[u][k];
-          if (lomo_elem<F, SR, DIV>(v, to_f32<F>(gv[u][k]), t, c.scale, coef,
+          S v = pv[u].v[k];
+          if (lomo_elem<F, SR, DIV>(v, to_f32<F>(gv[u].v[k]), t, c.scale, coef,
                                     SR ? pack_bits(t.key, hk, e, k, crosses) : 0u, gsq))
             p[e + k] = v;
           else
