@@ -43,7 +43,7 @@ REGISTER_BUDGETS = [
     (r"^adalomo_flat_kernel<", 80, "AdaLomo 0-d/1-d and multi-tensor (4 packs of g, p, v in "
                                    "flight): 3 blocks per SM"),
     (r"^empty_shard_kernel", 64, "AdaLomo stages of an empty local shard: one block"),
-    (r"^golore_update_kernel<", 64, "GoLore inner update: full occupancy"),
+    (r"^golore_update_kernel", 64, "GoLore inner update: full occupancy"),
     (r"^triton:(lomo|stats|unorm)_", 128, "Triton, 8 warps, 16 elements a thread: 2 blocks per SM"),
     (r"^triton:apply_", 176, "Triton AdaLomo apply, 8 warps: above 128 registers (fp32 and 1-D "
                              "variants) only 1 block per SM; smaller tiles would double that"),

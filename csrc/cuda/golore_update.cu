@@ -55,7 +55,9 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
   }
   const GoloreScalars s = a.s;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
-  for (int64_t i = tid; i < a.n; i += stride) {
+  // the stride is re-read from gridDim: kept live across the IEEE division's slow-path calls it
+  // was spilled to the stack (sm_90)
+  for (int64_t i = tid; i < a.n; i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const float g = __fmul_rn(to_f32<F>(r[i]), coef);
     float m = 0.0f, v = 0.0f, b = 0.0f;
     if constexpr (I == Inner::AdamW) {
