@@ -295,6 +295,18 @@ def _backend_impl(op: str, backend: str, device: torch.device) -> Callable | Non
     return getattr(torch.ops.lomo_kernels, op) if _has_native_kernel(op, device) else None
 
 
+def _raw_impl(op: str, backend: str) -> Callable:
+    """``backend``'s callable for ``op`` whatever the device (the doctor's view: native is the
+    dispatcher's op, which routes CPU/CUDA tensors to the C++ kernels)."""
+    if backend == "torch":
+        return getattr(reference, op)
+    if backend == "triton":
+        return getattr(_triton, op)
+    if backend == "cuda_emulated":
+        return getattr(getattr(torch.ops, EMULATED_NAMESPACE), op)
+    return getattr(torch.ops.lomo_kernels, op)
+
+
 def get_impl(op: str, backend: str, device: torch.device | str) -> Callable:
     """The callable implementing ``op`` for ``backend`` on ``device`` (resolved once).
 

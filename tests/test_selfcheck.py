@@ -34,9 +34,9 @@ def _skips_the_last_element(impl):
 
 @pytest.fixture
 def broken_native(monkeypatch):
-    raw = ops._raw_impl
-    monkeypatch.setattr(ops, "_raw_impl", lambda op, backend: _skips_the_last_element(raw(
-        op, backend)) if backend == "native" else raw(op, backend))
+    raw = ops._backend_impl
+    monkeypatch.setattr(ops, "_backend_impl", lambda op, backend, device: _skips_the_last_element(
+        raw(op, backend, device)) if backend == "native" else raw(op, backend, device))
 
 
 def _lomo_args(shape=(1000,), dtype=torch.bfloat16):
@@ -98,7 +98,7 @@ def test_a_correct_kernel_passes_once_per_dtype(monkeypatch):
 def test_the_emulated_cuda_kernels_pass_the_first_use_check(monkeypatch):
     monkeypatch.setenv("LOMO_KERNELS_SELF_CHECK", "all")
     for dtype in ops.SUPPORTED_DTYPES:
-        for op in ops.OPS:
+        for op in ("lomo_update_", "adalomo_update_"):  # what the self-check calls
             verdict = selfcheck.check_kernel(op, ops.get_impl(op, "cuda_emulated", "cpu"), dtype,
                                              torch.device("cpu"))
             assert verdict.ok, verdict.detail
