@@ -5,7 +5,7 @@ optimizer runs one updating backward over them (``backend="torch"``: the referen
 tensors); every call of an update op is recorded with the shapes it updates. The launches a GPU
 backend would make are the calls times the launches per call of that backend's kernels, read
 from ``bench/launches_per_call.json`` ("before": the kernels as they were when batching was
-added; "after": the kernels' target pass structure; the kernels' authors keep it current).
+added; "after": the kernels as they are, counted by the emulation and the Triton launchers).
 
 Also reported: the small-parameter gradients the optimizer keeps until the end of the backward
 (``batch_small_params``), and the optimizer's own per-step operations outside the update kernels

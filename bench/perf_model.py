@@ -64,8 +64,9 @@ LAUNCH_US = 4.0
 # pass).
 LAUNCHES = {
     "cuda": {
-        # adalomo: memset of the flag + stats, state, finalize, unorm, finalize, apply
-        "today": {"lomo": (1, 1, None), "adalomo": (7, 6, None)},
+        # adalomo 2-d: stats, unorm, apply with ticketed finishers; a 1-d tensor up to 65,536
+        # elements, or a multi-tensor call per dtype: one launch (tests/test_cuda_contract.py)
+        "today": {"lomo": (1, 1, 1), "adalomo": (3, 1, 1)},
         "target": {"lomo": (1, 1, 1), "adalomo": (3, 2, 2)},
     },
     "triton": {

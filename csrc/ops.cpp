@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -17,7 +18,6 @@
 #include "emulated/emulation_api.h"
 namespace lomo::cuda_emulated {
 void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64_t arg2);
-void register_emulated(torch::Library& lib);  // csrc/emulated/register.cpp
 }
 #endif
 
@@ -51,15 +51,30 @@ void register_kernels() {
   auto cuda = impl_library("lomo_kernels", c10::DispatchKey::CUDA);
   cuda->impl("lomo_update_", &lomo::cuda::lomo_update);
   cuda->impl("adalomo_update_", &lomo::cuda::adalomo_update);
+  cuda->impl("lomo_update_multi_", &lomo::cuda::lomo_update_multi);
+  cuda->impl("adalomo_update_multi_", &lomo::cuda::adalomo_update_multi);
   cuda->impl("golore_update_", &lomo::cuda::golore_update);
   libraries().push_back(std::move(cuda));
 #endif
 #ifdef LOMO_KERNELS_WITH_CUDA_EMULATION
-  // The emulated CUDA kernels: CPU kernels of their own namespace (ops.EMULATED_NAMESPACE), so
-  // they never take the CPU dispatch key of lomo_kernels:: from the native CPU kernels.
+  // the emulated CUDA kernels: CPU tensors, their own namespace (never the CPU kernels' place)
   auto emulated = impl_library("lomo_kernels_cuda_emulated", c10::DispatchKey::CPU);
-  lomo::cuda_emulated::register_emulated(*emulated);
+  lomo::emu::register_emulated_kernels(*emulated);
   libraries().push_back(std::move(emulated));
+#endif
+}
+
+// The CUDA kernels' workspace need, also the emulation's (ops.workspace_numel takes the max with
+// the reference's).
+int64_t workspace_numel_cuda(const std::string& op, const lomo::Shapes& shapes) {
+#if defined(LOMO_KERNELS_WITH_CUDA)
+  return lomo::cuda::workspace_numel(op, shapes);
+#elif defined(LOMO_KERNELS_WITH_CUDA_EMULATION)
+  return lomo::cuda_emulated::workspace_numel(op, shapes);
+#else
+  (void)op;
+  (void)shapes;
+  return 0;
 #endif
 }
 
@@ -71,6 +86,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The version of the op schemas this build implements.");
   m.def("register_kernels", &register_kernels,
         "Register the CPU (and CUDA) kernels for the ops declared in lomo_kernels/ops.py.");
+  m.def("workspace_numel_cuda", &workspace_numel_cuda, pybind11::arg("op"),
+        pybind11::arg("shapes"),
+        "float32 elements of the workspace the CUDA kernels (native or emulated) need for `op` on "
+        "`shapes`; 0 when neither is built.");
   m.def(
       "workspace_numel",
       [](const std::string& op, const std::vector<std::vector<int64_t>>& shapes) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 #include <string>
@@ -60,6 +61,10 @@ namespace lomo {
   r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, lr,          \
       weight_decay, scale, beta1, beta2, eps, momentum, rounding, seed, step
 
+// float32 elements of the workspace the CUDA kernels need for `op` on `shapes` (single ops: any
+// one shape; multi ops: the whole list), ops.workspace_numel's native part.
+using Shapes = std::vector<std::vector<int64_t>>;
+
 void lomo_update_cpu(LOMO_UPDATE_PARAMS);
 void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
 void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS);
@@ -74,14 +79,20 @@ int64_t workspace_numel_cpu(const std::string &op, const std::vector<std::vector
 namespace cuda {
 void lomo_update(LOMO_UPDATE_PARAMS);
 void adalomo_update(ADALOMO_UPDATE_PARAMS);
+void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
+void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update(GOLORE_UPDATE_PARAMS);
+int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda
 
 // ... and the same source compiled as host C++ for the SIMT emulation (csrc/emulated/), CPU tensors.
 namespace cuda_emulated {
 void lomo_update(LOMO_UPDATE_PARAMS);
 void adalomo_update(ADALOMO_UPDATE_PARAMS);
+void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
+void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update(GOLORE_UPDATE_PARAMS);
+int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda_emulated
 
 }  // namespace lomo

@@ -10,7 +10,7 @@
 
 namespace lomo {
 
-// SPEC.md "Gradient preprocessing": g / loss_scale, clamp(+-clip_grad_value), * clip_coef.
+// docs/spec.md "Gradient preprocessing": g / loss_scale, clamp(+-clip_grad_value), * clip_coef.
 struct Preprocess {
   float scale;  // divisor when `divide`, else an exact multiplier (1 or 1/loss_scale)
   float clip;   // +Inf when value clipping is off: the clamp is then the identity

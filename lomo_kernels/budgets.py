@@ -28,29 +28,35 @@ from dataclasses import dataclass, field
 ARCH = "sm_90"
 
 # (pattern on the kernel name, registers per thread, why). Names: native kernels as
-# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16; AdaLomo passes: kStats, kUnorm, kApply),
-# Triton kernels as "triton:<call>:<kernel>" (tests/test_triton_compile.py).
+# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16), Triton kernels as
+# "triton:<call>:<kernel>" (tests/test_triton_compile.py). The AdaLomo passes are one kernel each since the ticketed
+# finalisation (stats_kernel, unorm_kernel, apply_kernel; adalomo_flat_kernel for 0-d/1-d and
+# multi-tensor updates), which replaced tile_kernel / flat_kernel / state_kernel / finalize_*.
 REGISTER_BUDGETS = [
     (r"^lomo_update_kernel<", 64, "LOMO, 256 threads: full occupancy"),
-    (r"^tile_kernel<", 80, "AdaLomo tile passes (8 columns a lane, the hash): 3 blocks per SM"),
-    (r"^flat_kernel<", 64, "AdaLomo 1-D passes: full occupancy"),
-    (r"^state_kernel", 64, "AdaLomo new row/column state: full occupancy"),
-    (r"^finalize_(stats|unorm)_kernel", 64, "one block of 1024 threads must fit"),
-    (r"^golore_update_kernel<", 64, "GoLore inner update, 256 threads: full occupancy"),
+    (r"^stats_kernel<", 80, "AdaLomo pass 1 (4 rows x 8 columns of g and p in flight, the "
+                            "ticketed finishers): 3 blocks per SM"),
+    (r"^unorm_kernel<", 80, "AdaLomo pass 2 (4 rows x 8 columns in flight): 3 blocks per SM"),
+    (r"^apply_kernel<\w+, \w+, true>", 80, "AdaLomo pass 3 with a non-power-of-two loss scale "
+                                           "(IEEE division per element): 3 blocks per SM"),
+    (r"^apply_kernel<", 64, "AdaLomo pass 3 (stochastic rounding included): full occupancy"),
+    (r"^adalomo_flat_kernel<", 80, "AdaLomo 0-d/1-d and multi-tensor (4 packs of g, p, v in "
+                                   "flight): 3 blocks per SM"),
+    (r"^empty_shard_kernel", 64, "AdaLomo stages of an empty local shard: one block"),
+    (r"^golore_update_kernel", 64, "GoLore inner update: full occupancy"),
     (r"^triton:", 128, "Triton, 8 or 16 warps (tests/test_triton_compile.py: <= 96 for the bf16 "
                     "stochastic-rounding apply kernels): <= 128 keeps two 8-warp blocks per SM"),
 ]
 
 # (pattern, needs 128-bit loads, needs 128-bit stores, where): the bf16 hot paths. "loop": inside
-# a back-edge range of the SASS (the native kernels' grid-stride and row loops); "body": anywhere
-# (a Triton program handles one tile; back edges in its SASS are library slow paths).
+# a back-edge range of the SASS (the AdaLomo row loops); "body": anywhere (a LOMO block or a flat
+# AdaLomo stats tile handles one tile, unrolled; back edges in its SASS are the record search).
 VECTOR_RULES = [
-    (r"^lomo_update_kernel<BF16,", True, True, "loop"),
-    (r"^tile_kernel<BF16, false, (false|true), kStats>", True, False, "loop"),
-    (r"^tile_kernel<BF16, false, (false|true), kUnorm>", True, False, "loop"),
-    (r"^tile_kernel<BF16, (false|true), (false|true), kApply>", True, True, "loop"),
-    (r"^flat_kernel<BF16, false, (false|true), kStats>", True, False, "loop"),
-    (r"^flat_kernel<BF16, (false|true), (false|true), kApply>", True, True, "loop"),
+    (r"^lomo_update_kernel<BF16,", True, True, "body"),
+    (r"^stats_kernel<BF16, (false|true)>", True, False, "loop"),
+    (r"^unorm_kernel<BF16, (false|true)>", True, False, "loop"),
+    (r"^apply_kernel<BF16, (false|true), (false|true)>", True, True, "loop"),
+    (r"^adalomo_flat_kernel<BF16, (false|true), (false|true)>", True, True, "body"),
     (r"^triton:lomo_bf16:_lomo_update_kernel$", True, True, "body"),
     (r"^triton:lomo_multi_bf16:_lomo_update_multi_kernel$", True, True, "body"),
     (r"^triton:adalomo_bf16:_adalomo_stats_kernel$", True, False, "body"),

@@ -195,7 +195,8 @@ def _triton_status() -> str:
 
 
 def available_backends() -> dict[str, str]:
-    """What can run here, and why not: ``{"native": "...", "triton": "...", "torch": "loaded"}``.
+    """What can run here, and why not: ``{"native": "...", "triton": "...", "torch": "loaded",
+    "cuda_emulated": "..."}``.
     A status starting with ``"loaded"`` can run; otherwise it says ``"unavailable: <reason>"``."""
     return {**_STATUS, "triton": _triton_status()}
 
@@ -336,10 +337,12 @@ def workspace_numel(op: str, shapes, *, backend: str = "auto",
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     shapes = [list(s) for s in shapes]
-    # cuda_emulated: the CUDA kernels take no workspace yet (the reference's need only)
-    module = {"torch": reference, "triton": _triton, "native": _native,
-              "cuda_emulated": None}[backend]
-    fn = getattr(module, "workspace_numel", None)
+    if backend in ("native", "cuda_emulated") and _native is not None:
+        # the native CPU kernels' need, or the CUDA kernels' (also what the emulation runs)
+        cuda = backend == "cuda_emulated" or device.type == "cuda"
+        fn = getattr(_native, "workspace_numel_cuda" if cuda else "workspace_numel", None)
+    else:
+        fn = getattr({"torch": reference, "triton": _triton}.get(backend), "workspace_numel", None)
     need = fn(op, shapes) if fn is not None else 0
     return max(int(need), reference.workspace_numel(op, shapes))
 

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference of every lomo_kernels op: the oracle every backend is tested against.
 
-It computes exactly what SPEC.md specifies, step by step in the order ``lomo-optim`` 0.1.1 uses,
-so that with ``rounding="nearest"`` it reproduces ``lomo_optim.Lomo`` / ``lomo_optim.AdaLomo``.
+It computes exactly what docs/spec.md specifies, step by step in the order ``lomo-optim`` 0.1.1
+uses, so that with ``rounding="nearest"`` it reproduces ``lomo_optim.Lomo`` /
+``lomo_optim.AdaLomo``.
 It is readable, not fast: it allocates fp32 copies of the parameter and gradient (the very thing
 the fused kernels avoid).
 
@@ -9,13 +10,13 @@ Host-side scalars (``1 - lr * weight_decay``, ``-lr``, ``beta``, ``1 - beta``) a
 float64 from the Python arguments and rounded once to float32, as ``lomo-optim``'s Python code
 does; every backend follows that convention.
 
-Where this deviates from ``lomo-optim`` (and SPEC.md), on purpose:
+Where this deviates from ``lomo-optim`` (and docs/spec.md), on purpose:
   * non-finite gradient elements never reach the parameter. LOMO leaves each element whose
     gradient is NaN/Inf unchanged; AdaLomo leaves the whole parameter and its state unchanged
     (its statistics would be poisoned). Either way ``found_inf`` (if given) is set to 1.
     ``lomo-optim`` writes NaN into the parameter.
-  * parameters of more than two dimensions are factored over their last two dimensions (SPEC.md);
-    ``lomo-optim`` crashes on them.
+  * parameters of more than two dimensions are factored over their last two dimensions
+    (docs/spec.md); ``lomo-optim`` crashes on them.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared preprocessing (SPEC.md "Gradient preprocessing"), in lomo-optim's order.
+# Shared preprocessing (docs/spec.md "Gradient preprocessing"), in lomo-optim's order.
 # ---------------------------------------------------------------------------------------------
 
 

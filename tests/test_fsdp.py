@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORLD_SIZES = (2, 3)
 JOB_TIMEOUT = 900  # seconds for one job (all cases, one world size); the machine may be loaded
-FSDP_LOMO_BACKENDS = ("torch", "native")
-FSDP_ADALOMO_BACKENDS = ("torch", "native")
+FSDP_LOMO_BACKENDS = ("torch", "native", "cuda_emulated")
+FSDP_ADALOMO_BACKENDS = ("torch", "native", "cuda_emulated")
 
 CASES = (
     [f"equivalence:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]

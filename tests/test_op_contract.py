@@ -15,7 +15,8 @@ from conftest import ulp_distance
 from lomo_kernels import ops, reference
 
 # (backend, device) pairs under test
-CONTRACT_BACKENDS = [("torch", "cpu"), ("native", "cpu"), ("triton", "cpu")]
+CONTRACT_BACKENDS = [("torch", "cpu"), ("native", "cpu"), ("triton", "cpu"),
+                     ("cuda_emulated", "cpu")]
 
 SHAPES = [(7,), (4097,), (37, 129), (130, 256), (3, 17, 33), (1, 4096), (4096, 1), ()]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference against float64 evaluations of SPEC.md, and its rounding hash."""
+"""The pure-PyTorch reference against float64 evaluations of docs/spec.md, and its rounding hash."""
 
 import math
 

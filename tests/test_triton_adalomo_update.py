@@ -291,7 +291,7 @@ def _tiny_llama(dtype):
 
 
 def _tiny_conv(dtype):
-    # a 4-D conv weight (8, 2, 3, 3): factored over (3, 3), batched over 16 (SPEC.md)
+    # a 4-D conv weight (8, 2, 3, 3): factored over (3, 3), batched over 16 (docs/spec.md)
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3), torch.nn.Tanh(), torch.nn.Flatten(),
                                torch.nn.Linear(8 * 4 * 4, 3)).to(dtype)

@@ -1,28 +1,37 @@
-// AdaLomo on CUDA (SPEC.md): three passes over g, one write of p, no host synchronisation.
+// AdaLomo on CUDA (docs/spec.md): one launch per pass, no host synchronisation, and with the
+// caller's workspace no allocation and no memset.
 //
-// Factored (dim >= 2, batched over leading dims): the tensor is cut into tiles of kTileRows rows
-// x (32 lanes * N) columns inside one [m, n] slice; lane l of a warp owns N consecutive columns
-// (one 16-byte load) and the warp walks rows.
-//   pass 1  tile_kernel<kStats>: G = g*g + eps1 row sums (warp butterfly) and column sums (over the
-//           tile's rows, warps added in order via shared memory) to per-tile slots; sum(p*p) per
-//           tile; a non-finite flag (plain store of 1);
-//   state_kernel: row/column slots summed in a fixed order (double) -> new r, c, written only
-//           when the flag is clear; finalize_kernel (one block): mean(r) per slice, lr_t, decay;
-//   pass 2  tile_kernel<kUnorm>: sum(u*u) per tile; finalize: denom = max(1, rms(u)/threshold);
-//   pass 3  tile_kernel<kApply>: u / denom, p = p*decay - lr_t*u, round, store.
-// Unfactored (0-d / 1-d): the same three passes over flat 16-byte packs.
+// Factored (dim >= 2, batched over leading dims): tiles of `rpt` rows x TC = 32 * N columns inside
+// one [m, n] slice; lane l owns N consecutive columns (one 16-byte load), warp w the rows w, w + 8,
+// ..., four rows per step with every load issued before the math.
+//   pass 1 (stats):  per tile: row sums of G = g*g + eps1 over its columns, column sums over its
+//       rows, sum(p*p), sum(g_unscaled^2), a bad flag. Finalisation by tickets (reduce.cuh):
+//       the last column block of a row block sums the row partials -> new r (kept in the
+//       workspace) and its sum; the last row block of a slice -> sum r of the slice; columns in two
+//       levels (the last tile of a group of kColGroup row blocks sums the group, the last group
+//       sums the groups) -> the header's column sums; the last tile overall -> sum_pp, bad, grad_sq.
+//   pass 2 (unorm):  new c from the header (kept in the workspace), sum(u*u) per tile, the last
+//       tile -> header[2].
+//   pass 3 (apply):  lr_t, decay and denom from the header (every block computes the same floats),
+//       p = p*decay - lr_t*u/denom (no division when denom == 1), round, store; the state (r', c')
+//       is committed here only, by the tiles of the first column / row block.
+// The workspace header is the public one of reference.py (WS_*), so stages 1/2/3 (sharded
+// parameters) are exactly these passes with an all-reduce between them.
+// Unfactored (0-d / 1-d) and the multi-tensor op: adalomo_flat.cuh (1 launch, 2 for large tensors).
 //
-// Cost: pass 1 reads g and p, pass 2 reads g, pass 3 reads g and p and writes p (12 bytes per bf16
-// element in all, the SPEC minimum). When g fits in L2 (50 MB on H100: up to ~25M bf16 elements,
-// less what pass 1's p reads evict) pass 2's re-read of g, and part of pass 3's, hits L2 (several
-// TB/s) instead of HBM, so passes 2 and 3 then cost about as much as LOMO's single pass; larger
-// tensors pay the full 12 bytes from HBM. The small kernels between passes touch O(m + n) floats.
-//
-// Determinism: tile/block partials are written to scratch slots and reduced in index order by one
-// thread or one block (no floating-point atomics); the partition depends only on the shape.
-#include <ATen/ops/empty.h>
+// Cost: 12 bytes per bf16 element (pass 1 reads g, p; pass 2 g; pass 3 g, p and writes p). The
+// workspace is O(rows * column blocks + columns * row blocks + tiles) floats with at most
+// kMaxRowBlocks row blocks per slice. Determinism: every reduction has a fixed order that depends on
+// the shape only; tickets decide who reduces, never the order.
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <string_view>
+#include <vector>
 
 #include "checks.h"
+#include "cuda/adalomo_flat.cuh"
+#include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 #include "ops.h"
 #include "update_args.h"
@@ -32,424 +41,824 @@ namespace LOMO_CUDA_NS {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileRows = 64;        // 8 rows per warp
-constexpr int kFinalThreads = 1024;  // the one-block reductions
-constexpr int kMaxFlatBlocks = 1024;
+constexpr int kRowUnroll = 4;                    // rows per warp per step
+constexpr int kRowStep = kWarps * kRowUnroll;    // rows per block step
+constexpr int kStatsUnroll = 2;                  // pass 1 keeps 8 column sums live: 2 rows
+constexpr int kApplyUnroll = 1;                  // pass 3: g and p of one row (64 registers)
+constexpr int kMinTileRows = 64;
+constexpr int64_t kMaxRowBlocks = 64;            // row blocks per slice (bounds the workspace)
+constexpr int64_t kColGroup = 8;                 // row blocks per first-level column reduction
+constexpr int kHeader = 4;                       // reference.WS_HEADER
 
-enum Pass { kStats, kUnorm, kApply };
-
-// Device scratch of one call (see alloc_scratch).
-struct Scratch {
-  int* bad;        // 1: a gradient element is NaN/Inf
-  float* scalars;  // lr_t, decay, denom
-  float* meanr;    // [slices] mean of the new r over each slice
-  float* rowpart;  // [ncb][rows] row sums of G per column block
-  float* colpart;  // [slices * nrb][n] column sums of G per row block
-  float* part;     // [tiles or blocks] sum(p*p) in pass 1, sum(u*u) in pass 2
-};
-
+// Tiling of a factored parameter for TC columns per tile.
 struct Geom {
-  int64_t slices, m, n, nrb, ncb;  // factored: slices of m x n, tiles nrb x ncb per slice
-  int64_t numel;
+  int64_t S, m, n;         // slices of m x n (local rows)
+  int64_t rpt, nrb, ncb;   // rows per tile, row blocks per slice, column blocks
+  int64_t ngroups, T;      // column-reduction groups per slice, tiles
 };
 
+// `shift`: the column grid starts that many columns before column 0 (alignment peeling, see Args).
+Geom make_geom(int64_t S, int64_t m, int64_t n, int64_t TC, int64_t shift) {
+  Geom g{S, m, n, kMinTileRows, 0, ceil_div(n + shift, TC), 0, 0};
+  if (m > 0) {
+    const int64_t target = std::min(ceil_div(m, kMinTileRows), kMaxRowBlocks);
+    g.rpt = ceil_div(ceil_div(m, target), kRowStep) * kRowStep;
+    g.nrb = ceil_div(m, g.rpt);
+  }
+  g.ngroups = ceil_div(g.nrb, kColGroup);
+  g.T = S * g.nrb * g.ncb;
+  return g;
+}
+
+// The workspace of one factored parameter (floats; tickets are ints in float slots).
+struct Layout {
+  float *header, *sum_r, *colsum;  // the public header: [4], [S], [S * n]
+  float* new_r;                    // [S * m]
+  float* cnew;                     // [S * n]
+  float* rowpart;                  // [ncb][S * m]
+  float* colpart;                  // [S * nrb][n]
+  float* colpart2;                 // [S * ngroups][n]
+  float* rpart;                    // [S * nrb]
+  float* parts;                    // [4][T]: pp, gsq, uu, bad
+  int *row_ticket, *col_ticket1, *col_ticket2, *slice_ticket, *done;
+};
+
+// Lays out a workspace (see Carver); returns the floats it needs.
+int64_t carve(const Geom& g, Carver c, Layout* L) {
+  const int64_t S = g.S, m = g.m, n = g.n;
+  Layout l;
+  l.header = c.data(kHeader);
+  l.sum_r = c.data(S);
+  l.colsum = c.data(S * n);
+  l.new_r = c.data(S * m);
+  l.cnew = c.data(S * n);
+  l.rowpart = c.data(g.ncb * S * m);
+  l.colpart = c.data(S * g.nrb * n);
+  l.colpart2 = c.data(S * g.ngroups * n);
+  l.rpart = c.data(S * g.nrb);
+  l.parts = c.data(4 * g.T);
+  l.row_ticket = c.tickets(S * g.nrb);
+  l.col_ticket1 = c.tickets(S * g.ncb * g.ngroups);
+  l.col_ticket2 = c.tickets(S * g.ncb);
+  l.slice_ticket = c.tickets(S);
+  l.done = c.tickets(2);
+  if (L) *L = l;
+  return c.need();
+}
+
+struct Args {
+  void* p;
+  const void* g;
+  float *row_state, *col_state;
+  const float* clip_coef;
+  float* found_inf;
+  float* grad_sq;
+  AdaLomoScalars s;
+  Geom geo;
+  Layout ws;
+  float global_rows;    // the rows means divide by (float, as the reference's / int)
+  double global_numel;  // the elements rms divides by
+  // 16-byte packs: n % N == 0 and p, g at the same offset modulo 16 bytes. Every row then starts
+  // `head` elements before a 16-byte boundary; the column grid is shifted left by shift =
+  // (N - head) % N so that every pack but each row's first starts on a boundary (peeling).
+  bool vec;
+  int shift;
+};
+
+struct TilePos {
+  int64_t cb, srb, slice, rb, r0, rend, c0;
+  int lane, warp;
+};
+
+template <int TC, int N>
+__device__ __forceinline__ TilePos tile_pos(const Args& a) {
+  TilePos t;
+  const int64_t tile = blockIdx.x;
+  t.cb = tile % a.geo.ncb;
+  t.srb = tile / a.geo.ncb;
+  t.slice = t.srb / a.geo.nrb;
+  t.rb = t.srb % a.geo.nrb;
+  t.r0 = t.rb * a.geo.rpt;
+  t.rend = t.r0 + a.geo.rpt < a.geo.m ? t.r0 + a.geo.rpt : a.geo.m;
+  const unsigned tid = fresh_thread_index();
+  t.lane = tid & 31;
+  t.warp = tid >> 5;
+  t.c0 = t.cb * TC + t.lane * N - a.shift;
+  return t;
+}
+
+__device__ __forceinline__ bool valid_col(int64_t c, int64_t n) { return c >= 0 && c < n; }
+
+// The N columns from c0 of one row (`row` points at its column 0).
+// (Kept as a Pack: 16-bit values stay two to a register.)
 template <typename S>
-__device__ __forceinline__ void load_n(const S* src, S* dst, int64_t col, int64_t n, bool full_vec) {
+__device__ __forceinline__ void load_cols(const S* row, Pack<S>& dst, int64_t c0, int64_t n,
+                                          bool full) {
   constexpr int N = Pack<S>::N;
-  if (full_vec) {
-    const Pack<S> x = load_pack(src);
-#pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = x.v[k];
+  if (full) {
+    dst = load_pack(row + c0);
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = col + k < n ? src[k] : S(0);
+    for (int k = 0; k < N; ++k) dst.v[k] = valid_col(c0 + k, n) ? row[c0 + k] : S(0);
   }
 }
 
-// ---- factored passes -------------------------------------------------------------------------
-template <Fmt F, bool SR, bool DIV, int PASS>
-__global__ void __launch_bounds__(kThreads)
-    tile_kernel(storage_t<F>* __restrict__ p, const storage_t<F>* __restrict__ g,
-                const float* __restrict__ row_state, const float* __restrict__ col_state,
-                AdaLomoScalars s, const float* __restrict__ clip_coef, Scratch sc, Geom geo,
-                bool vec) {
+// ---- pass 1 ---------------------------------------------------------------------------------------
+
+// The last column block of a row block: new r of its rows and their sum; the last row block of the
+// slice: sum r of the slice (header).
+__device__ void finish_rows(const Args& a, const TilePos& t, double* dred, int* flag) {
+  const Geom& geo = a.geo;
+  const int64_t rows = geo.S * geo.m;
+  double racc = 0.0;
+  for (int64_t r = t.r0 + fresh_thread_index(); r < t.rend; r += kThreads) {
+    const int64_t row = t.slice * geo.m + r;
+    double sum = 0.0;
+    for (int64_t cb = 0; cb < geo.ncb; ++cb) sum += __ldcg(a.ws.rowpart + cb * rows + row);
+    const float mean = static_cast<float>(sum / static_cast<double>(geo.n));
+    const float rn = __fmaf_rn(mean, a.s.one_minus_beta, __fmul_rn(a.row_state[row], a.s.beta));
+    a.ws.new_r[row] = rn;
+    racc += rn;
+  }
+  racc = block_sum<kThreads>(racc, dred);
+  if (fresh_thread_index() == 0) a.ws.rpart[t.srb] = static_cast<float>(racc);
+  if (last_arrival(a.ws.slice_ticket + t.slice, static_cast<int>(geo.nrb), flag)) {
+    const double sr = sum_in_order(a.ws.rpart + t.slice * geo.nrb, geo.nrb, dred);
+    if (fresh_thread_index() == 0) a.ws.sum_r[t.slice] = static_cast<float>(sr);
+  }
+}
+
+// Column sums in two levels: the group of row blocks, then the groups of the slice.
+template <int TC>
+__device__ void finish_cols(const Args& a, const TilePos& t, int* flag) {
+  const Geom& geo = a.geo;
+  const int64_t group = t.rb / kColGroup;
+  const int64_t first = group * kColGroup;
+  const int64_t size = geo.nrb - first < kColGroup ? geo.nrb - first : kColGroup;
+  const unsigned tid = fresh_thread_index();
+  const int64_t col = t.cb * TC + tid - a.shift;
+  int* t1 = a.ws.col_ticket1 + (t.slice * geo.ncb + t.cb) * geo.ngroups + group;
+  if (!last_arrival(t1, static_cast<int>(size), flag)) return;
+  if (tid < TC && valid_col(col, geo.n)) {
+    double sum = 0.0;
+    for (int64_t rb = first; rb < first + size; ++rb)
+      sum += __ldcg(a.ws.colpart + (t.slice * geo.nrb + rb) * geo.n + col);
+    float* out = geo.ngroups == 1 ? a.ws.colsum + t.slice * geo.n
+                                  : a.ws.colpart2 + (t.slice * geo.ngroups + group) * geo.n;
+    out[col] = static_cast<float>(sum);
+  }
+  if (geo.ngroups == 1) return;
+  if (!last_arrival(a.ws.col_ticket2 + t.slice * geo.ncb + t.cb, static_cast<int>(geo.ngroups),
+                    flag))
+    return;
+  if (tid < TC && valid_col(col, geo.n)) {
+    double sum = 0.0;
+    for (int64_t gr = 0; gr < geo.ngroups; ++gr)
+      sum += __ldcg(a.ws.colpart2 + (t.slice * geo.ngroups + gr) * geo.n + col);
+    a.ws.colsum[t.slice * geo.n + col] = static_cast<float>(sum);
+  }
+}
+
+template <Fmt F, bool DIV>
+__global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
-  __shared__ float col_smem[PASS == kStats ? kWarps * TC : 1];
-  __shared__ float red_smem[32];
-  if (PASS != kStats && *sc.bad) return;  // the same for every block
-
-  const int64_t tile = blockIdx.x;
-  const int64_t cb = tile % geo.ncb, srb = tile / geo.ncb;
-  const int64_t slice = srb / geo.nrb, r0 = (srb % geo.nrb) * kTileRows;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t c0 = cb * TC + lane * N;  // this lane's first column
-  const bool full_vec = vec && c0 + N <= geo.n;
-  const float coef = clip_coef ? *clip_coef : 1.0f;
-
-  float cf[N];  // rsqrt(c) of this lane's columns
-  float meanr = 1.0f, lr_t = 0.0f, decay = 1.0f, denom = 1.0f;
-  if (PASS != kStats) {
-#pragma unroll
-    for (int k = 0; k < N; ++k)
-      cf[k] = c0 + k < geo.n ? 1.0f / sqrtf(col_state[slice * geo.n + c0 + k]) : 0.0f;
-    meanr = sc.meanr[slice];
-    lr_t = sc.scalars[0];
-    decay = sc.scalars[1];
-    denom = sc.scalars[2];
-  }
+  __shared__ float col_smem[kWarps * TC];
+  __shared__ float red[32];
+  __shared__ double dred[32];
+  __shared__ int flag;
+  const Geom& geo = a.geo;
+  const TilePos t = tile_pos<TC, N>(a);
+  const S* p = static_cast<const S*>(a.p);
+  const S* g = static_cast<const S*>(a.g);
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
+  const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
+  const int64_t rows = geo.S * geo.m;
 
   float colacc[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) colacc[k] = 0.0f;
-  float acc = 0.0f;
+  float pp = 0.0f, gsq = 0.0f;
   bool bad = false;
-  for (int rr = warp; rr < kTileRows; rr += kWarps) {
-    const int64_t r = r0 + rr;
-    if (r >= geo.m) break;  // warp-uniform
-    const int64_t row = slice * geo.m + r;
-    const int64_t base = row * geo.n + c0;
-    S gv[N];
-    if (c0 < geo.n) load_n(g + base, gv, c0, geo.n, full_vec);
-    if (PASS == kStats) {
-      S pv[N];
-      if (c0 < geo.n) load_n(p + base, pv, c0, geo.n, full_vec);
+  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kStatsUnroll) {
+    Pack<S> gv[kStatsUnroll], pv[kStatsUnroll];
+#pragma unroll
+    for (int u = 0; u < kStatsUnroll; ++u) {  // every load of the step first
+      const int64_t ru = r + u * kWarps;
+      if (ru < t.rend && active) {
+        const int64_t row0 = (t.slice * geo.m + ru) * geo.n;
+        load_cols(g + row0, gv[u], t.c0, geo.n, full);
+        load_cols(p + row0, pv[u], t.c0, geo.n, full);
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) gv[u].v[k] = pv[u].v[k] = S(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStatsUnroll; ++u) {
+      const int64_t ru = r + u * kWarps;
       float rowsum = 0.0f;
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        if (c0 + k < geo.n) {
-          const float graw = to_f32<F>(gv[k]);
+        if (ru < t.rend && valid_col(t.c0 + k, geo.n)) {
+          const float graw = to_f32<F>(gv[u].v[k]);
           bad |= !is_finite_f32(graw);
-          const float gp = preprocess<DIV>(graw, s.scale, s.clip, coef);
-          const float G = __fadd_rn(__fmul_rn(gp, gp), s.eps1);
+          const float gu = unscale<DIV>(graw, a.s.scale);
+          gsq += gu * gu;
+          const float gp = clip_scale(gu, a.s.clip, coef);
+          const float G = __fadd_rn(__fmul_rn(gp, gp), a.s.eps1);
           rowsum += G;
           colacc[k] += G;
-          const float pf = to_f32<F>(pv[k]);
-          acc += pf * pf;
+          const float pf = to_f32<F>(pv[u].v[k]);
+          pp += pf * pf;
         }
       }
-      rowsum = warp_sum(rowsum);
-      if (lane == 0) sc.rowpart[cb * geo.slices * geo.m + row] = rowsum;
-    } else if (c0 < geo.n) {
-      // rsqrt(r / mean(r)), with IEEE division and sqrt as torch's CPU reference
-      const float rf = 1.0f / sqrtf(__fdiv_rn(row_state[row], meanr));
-      if (PASS == kUnorm) {
+      rowsum = warp_sum(rowsum);  // ru < rend is the same in every lane
+      if (t.lane == 0 && ru < t.rend) a.ws.rowpart[t.cb * rows + t.slice * geo.m + ru] = rowsum;
+    }
+  }
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const float u = __fmul_rn(__fmul_rn(rf, cf[k]),
-                                    preprocess<DIV>(to_f32<F>(gv[k]), s.scale, s.clip, coef));
-          acc += c0 + k < geo.n ? u * u : 0.0f;
-        }
+  for (int k = 0; k < N; ++k) col_smem[t.warp * TC + t.lane * N + k] = colacc[k];
+  __syncthreads();
+  const unsigned tid = fresh_thread_index();
+  if (tid < TC) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += col_smem[w * TC + tid];
+    const int64_t col = t.cb * TC + tid - a.shift;
+    if (valid_col(col, geo.n)) a.ws.colpart[t.srb * geo.n + col] = sum;
+  }
+  pp = block_sum<kThreads>(pp, red);
+  gsq = block_sum<kThreads>(gsq, red);
+  bad = __syncthreads_or(bad) != 0;
+  const int64_t tile = blockIdx.x;
+  if (tid == 0) {
+    a.ws.parts[tile] = pp;
+    a.ws.parts[geo.T + tile] = gsq;
+    a.ws.parts[3 * geo.T + tile] = bad ? 1.0f : 0.0f;
+  }
+  if (last_arrival(a.ws.row_ticket + t.srb, static_cast<int>(geo.ncb), &flag))
+    finish_rows(a, t, dred, &flag);
+  finish_cols<TC>(a, t, &flag);
+  if (last_arrival(a.ws.done, static_cast<int>(geo.T), &flag)) {
+    const double spp = sum_in_order(a.ws.parts, geo.T, dred);
+    const double sgsq = sum_in_order(a.ws.parts + geo.T, geo.T, dred);
+    const bool any_bad = any_in(a.ws.parts + 3 * geo.T, geo.T);
+    if (tid == 0) {
+      a.ws.header[0] = static_cast<float>(spp);
+      a.ws.header[1] = any_bad ? 1.0f : 0.0f;
+      a.ws.header[2] = 0.0f;
+      if (a.grad_sq) *a.grad_sq += static_cast<float>(sgsq);
+    }
+  }
+}
+
+// ---- passes 2 and 3 -------------------------------------------------------------------------------
+
+// mean(r) of the slice and rsqrt(c') of this lane's columns (pass 2 computes c' and keeps it).
+template <int N, bool FROM_HEADER>
+__device__ __forceinline__ float factors(const Args& a, const TilePos& t, float* cf) {
+  const Geom& geo = a.geo;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const int64_t c = t.c0 + k;
+    cf[k] = 0.0f;
+    if (valid_col(c, geo.n)) {
+      const int64_t i = t.slice * geo.n + c;
+      float cn;
+      if (FROM_HEADER) {
+        // torch.add(c * beta, colsum / rows, alpha=1-beta): one fma, as the reference
+        cn = __fmaf_rn(__fdiv_rn(__ldcg(a.ws.colsum + i), a.global_rows), a.s.one_minus_beta,
+                       __fmul_rn(a.col_state[i], a.s.beta));
+        if (t.rb == 0 && t.warp == 0) a.ws.cnew[i] = cn;
       } else {
-        S pv[N];
-        load_n(p + base, pv, c0, geo.n, full_vec);
-        // a full pack starts at a multiple of N (n % N == 0): it never crosses a multiple of 2**32
-        const uint32_t hk = SR ? hash_high_key(s.key, base) : 0u;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const float gp = preprocess<DIV>(to_f32<F>(gv[k]), s.scale, s.clip, coef);
-          const float u = __fdiv_rn(__fmul_rn(__fmul_rn(rf, cf[k]), gp), denom);
-          const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[k]), decay), __fmul_rn(lr_t, u));
-          uint32_t bits = 0u;
-          if (SR) bits = full_vec ? mix32(static_cast<uint32_t>(base + k) ^ hk)
-                                  : random_bits(s.key, base + k);
-          pv[k] = from_f32<F, SR>(nv, bits);
-        }
-        if (full_vec) {
-          Pack<S> out;
-#pragma unroll
-          for (int k = 0; k < N; ++k) out.v[k] = pv[k];
-          store_pack(p + base, out);
-        } else {
-#pragma unroll
-          for (int k = 0; k < N; ++k)
-            if (c0 + k < geo.n) p[base + k] = pv[k];
-        }
+        cn = __ldcg(a.ws.cnew + i);
       }
+      cf[k] = 1.0f / sqrtf(cn);
     }
   }
-
-  if (PASS == kStats) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) col_smem[warp * TC + lane * N + k] = colacc[k];
-    __syncthreads();
-    for (int t = threadIdx.x; t < TC; t += kThreads) {
-      float sum = 0.0f;
-      for (int w = 0; w < kWarps; ++w) sum += col_smem[w * TC + t];
-      const int64_t col = cb * TC + t;
-      if (col < geo.n) sc.colpart[srb * geo.n + col] = sum;
-    }
-    if (bad) *sc.bad = 1;
-  }
-  if (PASS != kApply) {
-    const float total = block_sum<kThreads>(acc, red_smem);
-    if (threadIdx.x == 0) sc.part[tile] = total;
-  }
+  return __fdiv_rn(__ldcg(a.ws.sum_r + t.slice), a.global_rows);
 }
 
-// New r and c from the per-tile sums (fixed order, double), written only for finite gradients:
-// r = torch.add(r * beta, mean(G, -1), alpha=1-beta), one fma as the reference.
-__global__ void __launch_bounds__(kThreads)
-    state_kernel(float* __restrict__ row_state, float* __restrict__ col_state, AdaLomoScalars s,
-                 Scratch sc, Geom geo) {
-  if (*sc.bad) return;
-  const int64_t rows = geo.slices * geo.m;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < rows) {
-    double sum = 0.0;
-    for (int64_t cb = 0; cb < geo.ncb; ++cb) sum += sc.rowpart[cb * rows + t];
-    const float mean = static_cast<float>(sum / static_cast<double>(geo.n));
-    row_state[t] = __fmaf_rn(mean, s.one_minus_beta, __fmul_rn(row_state[t], s.beta));
-  } else if (t - rows < geo.slices * geo.n) {
-    const int64_t i = t - rows, slice = i / geo.n, j = i % geo.n;
-    double sum = 0.0;
-    for (int64_t rb = 0; rb < geo.nrb; ++rb) sum += sc.colpart[(slice * geo.nrb + rb) * geo.n + j];
-    const float mean = static_cast<float>(sum / static_cast<double>(geo.m));
-    col_state[i] = __fmaf_rn(mean, s.one_minus_beta, __fmul_rn(col_state[i], s.beta));
-  }
-}
-
-__device__ __forceinline__ float rms_of(double sum_sq, int64_t numel) {
-  return static_cast<float>(sqrt(sum_sq) / sqrt(static_cast<double>(numel)));
-}
-
-// Sum of part[0 .. count) in a fixed order by one block (valid in every thread).
-__device__ double sum_parts(const float* part, int64_t count, double* smem) {
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += part[i];
-  return block_sum<kFinalThreads>(acc, smem);
-}
-
-// One block after pass 1: the overflow flag, lr_t and decay, and (factored) mean(r) per slice.
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_stats_kernel(const float* __restrict__ row_state, AdaLomoScalars s, Scratch sc,
-                          Geom geo, int64_t parts, bool factored, float* __restrict__ found_inf) {
-  __shared__ double smem[32];
-  if (*sc.bad) {
-    if (threadIdx.x == 0 && found_inf) *found_inf = 1.0f;
-    return;
-  }
-  const double pp = sum_parts(sc.part, parts, smem);
-  if (threadIdx.x == 0) {
-    const float lr_t = adalomo_lr_t(s, rms_of(pp, geo.numel));
-    sc.scalars[0] = lr_t;
-    sc.scalars[1] = adalomo_decay(s, lr_t);
-  }
-  if (!factored) return;
-  if (geo.slices >= 32) {  // many small slices: one thread each, sequential sums
-    for (int64_t sl = threadIdx.x; sl < geo.slices; sl += blockDim.x) {
-      double sum = 0.0;
-      for (int64_t i = 0; i < geo.m; ++i) sum += row_state[sl * geo.m + i];
-      sc.meanr[sl] = static_cast<float>(sum / static_cast<double>(geo.m));
-    }
-  } else {
-    for (int64_t sl = 0; sl < geo.slices; ++sl) {
-      double acc = 0.0;
-      for (int64_t i = threadIdx.x; i < geo.m; i += blockDim.x) acc += row_state[sl * geo.m + i];
-      acc = block_sum<kFinalThreads>(acc, smem);
-      if (threadIdx.x == 0) sc.meanr[sl] = static_cast<float>(acc / static_cast<double>(geo.m));
-    }
-  }
-}
-
-// One block after pass 2: denom = max(1, rms(u) / clip_threshold).
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_unorm_kernel(AdaLomoScalars s, Scratch sc, Geom geo, int64_t parts) {
-  __shared__ double smem[32];
-  if (*sc.bad) return;
-  const double uu = sum_parts(sc.part, parts, smem);
-  if (threadIdx.x == 0) sc.scalars[2] = adalomo_denom(s, rms_of(uu, geo.numel));
-}
-
-// ---- unfactored passes: a fixed grid of blocks striding over N-element packs ---------------------
-template <Fmt F, bool SR, bool DIV, int PASS>
-__global__ void __launch_bounds__(kThreads)
-    flat_kernel(storage_t<F>* __restrict__ p, const storage_t<F>* __restrict__ g,
-                float* __restrict__ v, AdaLomoScalars s, const float* __restrict__ clip_coef,
-                Scratch sc, int64_t n, bool vec) {
+template <Fmt F, bool DIV>
+__global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
-  __shared__ float red_smem[32];
-  if (PASS != kStats && *sc.bad) return;
-  const float coef = clip_coef ? *clip_coef : 1.0f;
-  float lr_t = 0.0f, decay = 1.0f, denom = 1.0f;
-  if (PASS == kApply) {
-    lr_t = sc.scalars[0];
-    decay = sc.scalars[1];
-    denom = sc.scalars[2];
-  }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * N;
-  float acc = 0.0f;
-  bool bad = false;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * N;
-       base < n; base += stride) {
-    const bool full_vec = vec && base + N <= n;
-    S gv[N], pv[N];
-    load_n(g + base, gv, base, n, full_vec);
-    if (PASS != kUnorm) load_n(p + base, pv, base, n, full_vec);
-    const uint32_t hk = SR ? hash_high_key(s.key, base) : 0u;
+  constexpr int TC = 32 * N;
+  __shared__ float red[32];
+  __shared__ double dred[32];
+  __shared__ int flag;
+  if (__ldcg(a.ws.header + 1) > 0.0f) return;  // the same in every block: no ticket taken
+  const Geom& geo = a.geo;
+  const TilePos t = tile_pos<TC, N>(a);
+  const S* g = static_cast<const S*>(a.g);
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
+  const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
+  float cf[N];
+  const float mean_r = factors<N, true>(a, t, cf);
+  float uu = 0.0f;
+  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
+    Pack<S> gv[kRowUnroll];
+    float rf[kRowUnroll];
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (base + k >= n) break;
-      const float graw = to_f32<F>(gv[k]);
-      if (PASS == kStats) {
-        bad |= !is_finite_f32(graw);
-        const float pf = to_f32<F>(pv[k]);
-        acc += pf * pf;
+    for (int u = 0; u < kRowUnroll; ++u) {
+      const int64_t ru = r + u * kWarps;
+      rf[u] = 0.0f;
+      if (ru < t.rend && active) {
+        const int64_t row = t.slice * geo.m + ru;
+        load_cols(g + row * geo.n, gv[u], t.c0, geo.n, full);
+        rf[u] = __ldcg(a.ws.new_r + row);
       } else {
-        const float gp = preprocess<DIV>(graw, s.scale, s.clip, coef);
-        if (PASS == kUnorm) {
-          // v = torch.add(v * beta, G, alpha=1-beta): one fma; u = rsqrt(v) * g
-          const float G = __fadd_rn(__fmul_rn(gp, gp), s.eps1);
-          const float vn = __fmaf_rn(G, s.one_minus_beta, __fmul_rn(v[base + k], s.beta));
-          v[base + k] = vn;
-          const float u = __fmul_rn(1.0f / sqrtf(vn), gp);
-          acc += u * u;
-        } else {
-          const float u = __fdiv_rn(__fmul_rn(1.0f / sqrtf(v[base + k]), gp), denom);
-          const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[k]), decay), __fmul_rn(lr_t, u));
-          // packs start at multiples of N: no crossing of a multiple of 2**32 inside one
-          const uint32_t bits = SR ? mix32(static_cast<uint32_t>(base + k) ^ hk) : 0u;
-          pv[k] = from_f32<F, SR>(nv, bits);
-        }
+#pragma unroll
+        for (int k = 0; k < N; ++k) gv[u].v[k] = S(0);
       }
     }
-    if (PASS == kApply) {
-      if (full_vec) {
-        Pack<S> out;
 #pragma unroll
-        for (int k = 0; k < N; ++k) out.v[k] = pv[k];
-        store_pack(p + base, out);
-      } else {
-        for (int k = 0; k < N && base + k < n; ++k) p[base + k] = pv[k];
+    for (int u = 0; u < kRowUnroll; ++u) {
+      if (r + u * kWarps >= t.rend || !active) continue;
+      // rsqrt(r / mean(r)), with IEEE division and sqrt as torch's CPU reference
+      const float rs = 1.0f / sqrtf(__fdiv_rn(rf[u], mean_r));
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float gp =
+            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
+        const float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
+        uu += valid_col(t.c0 + k, geo.n) ? uval * uval : 0.0f;
       }
     }
   }
-  if (PASS == kStats && bad) *sc.bad = 1;
-  if (PASS != kApply) {
-    const float total = block_sum<kThreads>(acc, red_smem);
-    if (threadIdx.x == 0) sc.part[blockIdx.x] = total;
+  uu = block_sum<kThreads>(uu, red);
+  if (fresh_thread_index() == 0) a.ws.parts[2 * geo.T + blockIdx.x] = uu;
+  if (last_arrival(a.ws.done + 1, static_cast<int>(geo.T), &flag)) {
+    const double suu = sum_in_order(a.ws.parts + 2 * geo.T, geo.T, dred);
+    if (fresh_thread_index() == 0) a.ws.header[2] = static_cast<float>(suu);
   }
 }
 
-// One byte buffer carved into 16-byte aligned float/int arrays; only the flag needs zeroing.
-at::Tensor alloc_scratch(const at::Tensor& like, const Geom& geo, int64_t parts, bool factored,
-                         Scratch& sc) {
-  auto up = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
-  const int64_t rows = geo.slices * geo.m;
-  const int64_t sizes[] = {up(4), up(4 * 4), up(4 * geo.slices),
-                           up(4 * (factored ? geo.ncb * rows : 0)),
-                           up(4 * (factored ? geo.slices * geo.nrb * geo.n : 0)), up(4 * parts)};
-  int64_t total = 0;
-  for (int64_t b : sizes) total += b;
-  at::Tensor buf = at::empty({total}, like.options().dtype(at::kByte));
-  char* base = static_cast<char*>(buf.data_ptr());
-  char* ptrs[6];
-  for (int i = 0; i < 6; ++i) {
-    ptrs[i] = base;
-    base += sizes[i];
+template <Fmt F, bool SR, bool DIV, bool DIVIDE_U>
+__device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, const float* cf,
+                                           float mean_r, float coef, float lr_t, float decay,
+                                           float denom) {
+  using S = storage_t<F>;
+  constexpr int N = Pack<S>::N;
+  const Geom& geo = a.geo;
+  S* p = static_cast<S*>(a.p);
+  const S* g = static_cast<const S*>(a.g);
+  const bool active = t.c0 + N > 0 && t.c0 < geo.n;
+  const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
+  for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kApplyUnroll) {
+    Pack<S> gv[kApplyUnroll], pv[kApplyUnroll];
+    float rf[kApplyUnroll];
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      const int64_t ru = r + u * kWarps;
+      rf[u] = 0.0f;
+      if (ru < t.rend && active) {
+        const int64_t row = t.slice * geo.m + ru;
+        load_cols(g + row * geo.n, gv[u], t.c0, geo.n, full);
+        load_cols(p + row * geo.n, pv[u], t.c0, geo.n, full);
+        rf[u] = __ldcg(a.ws.new_r + row);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      const int64_t ru = r + u * kWarps;
+      if (ru >= t.rend || !active) continue;
+      const int64_t base = (t.slice * geo.m + ru) * geo.n + t.c0;
+      const float rs = 1.0f / sqrtf(__fdiv_rn(rf[u], mean_r));
+      // a shifted (peeled) pack may cross a multiple of 2**32 (pack_bits)
+      const uint32_t hk = SR ? hash_high_key(a.s.key, base) : 0u;
+      const bool crosses = SR && static_cast<uint32_t>(base) > 0xFFFFFFFFu - (N - 1);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float gp =
+            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
+        float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
+        if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
+        const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u].v[k]), decay), __fmul_rn(lr_t, uval));
+        uint32_t bits = 0u;
+        if (SR) bits = full ? pack_bits(a.s.key, hk, base, k, crosses)
+                            : random_bits(a.s.key, base + k);
+        pv[u].v[k] = from_f32<F, SR>(nv, bits);
+      }
+      if (full) {
+        Pack<S> out;  // (a fresh pack: storing pv[u] itself compiled to 16-bit stores)
+#pragma unroll
+        for (int k = 0; k < N; ++k) out.v[k] = pv[u].v[k];
+        store_pack(p + base, out);
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k)
+          if (valid_col(t.c0 + k, geo.n)) p[base + k] = pv[u].v[k];
+      }
+    }
   }
-  sc = {reinterpret_cast<int*>(ptrs[0]),   reinterpret_cast<float*>(ptrs[1]),
-        reinterpret_cast<float*>(ptrs[2]), reinterpret_cast<float*>(ptrs[3]),
-        reinterpret_cast<float*>(ptrs[4]), reinterpret_cast<float*>(ptrs[5])};
-  memset_async(sc.bad, 0, sizeof(int), current_stream());
-  return buf;
+}
+
+// 64 registers (4 blocks per SM); a non-power-of-two loss scale (an IEEE division per element)
+// needs more: 3 blocks.
+template <Fmt F, bool SR, bool DIV>
+__global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args a) {
+  using S = storage_t<F>;
+  constexpr int N = Pack<S>::N;
+  constexpr int TC = 32 * N;
+  const float* h = a.ws.header;
+  if (__ldcg(h + 1) > 0.0f) {
+    if (blockIdx.x == 0 && fresh_thread_index() == 0 && a.found_inf) *a.found_inf = 1.0f;
+    return;
+  }
+  const TilePos t = tile_pos<TC, N>(a);
+  const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
+  const float lr_t = adalomo_lr_t(a.s, rms_of(__ldcg(h + 0), a.global_numel));
+  const float decay = adalomo_decay(a.s, lr_t);
+  const float denom = adalomo_denom(a.s, rms_of(__ldcg(h + 2), a.global_numel));
+  float cf[N];
+  const float mean_r = factors<N, false>(a, t, cf);
+  if (denom == 1.0f)  // u / 1 == u exactly: no division per element
+    apply_rows<F, SR, DIV, false>(a, t, cf, mean_r, coef, lr_t, decay, denom);
+  else
+    apply_rows<F, SR, DIV, true>(a, t, cf, mean_r, coef, lr_t, decay, denom);
+  // commit the state (read by no block of this pass): r' by the first column block, c' by the
+  // first row block
+  const Geom& geo = a.geo;
+  if (t.cb == 0) {
+    for (int64_t r = t.r0 + fresh_thread_index(); r < t.rend; r += kThreads) {
+      const int64_t row = t.slice * geo.m + r;
+      a.row_state[row] = __ldcg(a.ws.new_r + row);
+    }
+  }
+  if (t.rb == 0 && t.warp == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int64_t c = t.c0 + k;
+      if (valid_col(c, geo.n)) a.col_state[t.slice * geo.n + c] = __ldcg(a.ws.cnew + t.slice * geo.n + c);
+    }
+  }
+}
+
+// A rank whose shard has no local rows (stages only): pass 1 zeroes its header contribution;
+// pass 2 computes c' from the reduced column sums; pass 3 commits c' (or sets found_inf).
+__global__ void __launch_bounds__(kThreads) empty_shard_kernel(const Args a, int pass) {
+  const int64_t cols = a.geo.S * a.geo.n;
+  const unsigned tid = fresh_thread_index();
+  if (pass == 1) {
+    if (tid < 3) a.ws.header[tid] = 0.0f;
+    for (int64_t i = tid; i < a.geo.S; i += kThreads) a.ws.sum_r[i] = 0.0f;
+    for (int64_t i = tid; i < cols; i += kThreads) a.ws.colsum[i] = 0.0f;
+    return;
+  }
+  const bool bad = __ldcg(a.ws.header + 1) > 0.0f;
+  if (pass == 2) {
+    if (tid == 0) a.ws.header[2] = 0.0f;
+    if (bad) return;
+    for (int64_t i = tid; i < cols; i += kThreads)
+      a.ws.cnew[i] = __fmaf_rn(__fdiv_rn(__ldcg(a.ws.colsum + i), a.global_rows),
+                               a.s.one_minus_beta, __fmul_rn(a.col_state[i], a.s.beta));
+    return;
+  }
+  if (bad) {
+    if (tid == 0 && a.found_inf) *a.found_inf = 1.0f;
+    return;
+  }
+  for (int64_t i = tid; i < cols; i += kThreads) a.col_state[i] = __ldcg(a.ws.cnew + i);
+}
+
+// ---- host -------------------------------------------------------------------------------------------
+
+constexpr int64_t kMinTC = 32 * 4;  // fp32 tiles: the most column blocks of any dtype
+
+int64_t factored_numel(const std::vector<int64_t>& shape) {
+  const int64_t n = shape.back(), m = shape[shape.size() - 2];
+  int64_t S = 1;
+  for (size_t i = 0; i + 2 < shape.size(); ++i) S *= shape[i];
+  // fp32 (the most column blocks); a peeled grid has at most 3 columns more
+  return carve(make_geom(S, m, n, kMinTC, 3), Carver(), nullptr);
+}
+
+// The flat layout of `tensors` tensors of `tiles` tiles in all: headers (4 each; the single op's is
+// the public one at ws[0..4)), grad_sq slots, partials (4 per tile); tickets at the back.
+struct FlatLayout {
+  int* call_ticket;
+  float* gsq_slots;
+  float* headers;
+  int* tickets;
+  float* parts;
+};
+
+int64_t flat_carve(int64_t tensors, int64_t tiles, Carver c, FlatLayout* L) {
+  FlatLayout l;
+  l.headers = c.data(kHeader * tensors);
+  l.gsq_slots = c.data(tensors);
+  l.parts = c.data(4 * tiles);
+  l.call_ticket = c.tickets(1);
+  l.tickets = c.tickets(tensors);
+  if (L) *L = l;
+  return c.need();
+}
+
+int64_t flat_tiles_max(int64_t numel) { return ceil_div(numel, flat_tile<float>()); }
+
+struct Dispatch {
+  bool sr, div;
+};
+
+template <typename Fn>
+void with_format(at::ScalarType dtype, Dispatch d, const char* op, Fn&& fn) {
+  auto go = [&](auto f_tag) {
+    constexpr Fmt F = decltype(f_tag)::value;
+    auto div = [&](auto sr_tag) {
+      if (d.div) fn(f_tag, sr_tag, std::true_type{});
+      else fn(f_tag, sr_tag, std::false_type{});
+    };
+    if constexpr (F != Fmt::F32) {  // fp32 stores are exact: no stochastic variant
+      if (d.sr) return div(std::true_type{});
+    }
+    div(std::false_type{});
+  };
+  switch (dtype) {
+    case at::kFloat: go(std::integral_constant<Fmt, Fmt::F32>{}); break;
+    case at::kHalf: go(std::integral_constant<Fmt, Fmt::F16>{}); break;
+    case at::kBFloat16: go(std::integral_constant<Fmt, Fmt::BF16>{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+void check_scalar_out(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                      const at::Tensor& like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
+              op, ": ", name, " must be a 1-element float32 tensor on ", like.device());
+}
+
+// The caller's workspace (checked), or a zeroed scratch of `need` floats for this call only.
+at::Tensor workspace_or_scratch(const char* op, const std::optional<at::Tensor>& workspace,
+                                int64_t need, const at::Tensor& like) {
+  if (workspace.has_value()) {
+    const at::Tensor& w = *workspace;
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 1 && w.is_contiguous() &&
+                    w.device() == like.device(),
+                op, ": workspace must be a contiguous 1-d float32 tensor on ", like.device());
+    TORCH_CHECK(w.numel() >= need, op, ": workspace has ", w.numel(), " elements, needs ", need,
+                " (ops.workspace_numel)");
+    return w;
+  }
+  return at::zeros({std::max<int64_t>(need, 1)}, like.options().dtype(at::kFloat));
+}
+
+// Launches the flat kernel over `ts` (one dtype) in chunks of kMaxMulti records.
+void launch_flat(std::vector<FlatTensor>& ts, FlatCall call, at::ScalarType dtype, Dispatch d) {
+  const Stream stream = current_stream();
+  for (size_t b = 0; b < ts.size(); b += kMaxMulti) {
+    FlatCall c = call;
+    c.count = 0;
+    int tiles = 0;
+    for (size_t i = b; i < std::min(ts.size(), b + kMaxMulti); ++i) {
+      c.t[c.count] = ts[i];
+      c.t[c.count].first = tiles;
+      tiles += ts[i].tiles;
+      ++c.count;
+    }
+    with_format(dtype, d, "adalomo_update_", [&](auto f_tag, auto sr_tag, auto div_tag) {
+      constexpr Fmt F = decltype(f_tag)::value;
+      constexpr bool SR = decltype(sr_tag)::value, DIV = decltype(div_tag)::value;
+      LOMO_LAUNCH(adalomo_flat_kernel<F, SR, DIV>, tiles, kThreads, 0, stream, c);
+    });
+  }
+}
+
+FlatTensor flat_record(const at::Tensor& p, const at::Tensor& g, const at::Tensor& v,
+                       const AdaLomoScalars& s, double gnumel, int index, int part, float* header,
+                       int* ticket) {
+  const int64_t n = p.numel();
+  const int64_t tile = p.element_size() == 4 ? flat_tile<float>() : flat_tile<uint16_t>();
+  FlatTensor t{};
+  t.p = p.data_ptr();
+  t.g = g.data_ptr();
+  t.v = v.data_ptr<float>();
+  t.n = n;
+  t.gnumel = gnumel;
+  t.s = s;
+  t.tiles = static_cast<int32_t>(ceil_div(n, tile));
+  t.index = index;
+  t.part = part;
+  t.header = header;
+  t.ticket = ticket;
+  t.vec = aligned16(t.p) && aligned16(t.g) && aligned16(t.v);
+  return t;
 }
 
 template <Fmt F, bool SR, bool DIV>
-void run(at::Tensor& param, const at::Tensor& grad, float* row, float* col, float* v,
-         const AdaLomoScalars& s, const float* coef, float* found) {
-  using S = storage_t<F>;
-  constexpr int N = Pack<S>::N;
-  S* p = reinterpret_cast<S*>(param.data_ptr());
-  const S* g = reinterpret_cast<const S*>(grad.data_ptr());
+void run_factored(const Args& a, int stage) {
   const Stream stream = current_stream();
-  const bool factored = param.dim() >= 2;
-  Geom geo{1, 1, 1, 1, 1, param.numel()};
-  Scratch sc;
-  if (factored) {
-    geo.n = param.size(-1);
-    geo.m = param.size(-2);
-    geo.slices = geo.numel / (geo.m * geo.n);
-    geo.nrb = ceil_div(geo.m, kTileRows);
-    geo.ncb = ceil_div(geo.n, 32 * N);
-    // 16-byte packs need aligned rows: n a multiple of N and aligned base pointers
-    const bool vec = geo.n % N == 0 && aligned16(p) && aligned16(g);
-    const int64_t tiles = geo.slices * geo.nrb * geo.ncb;
-    TORCH_CHECK(tiles < (int64_t{1} << 31), "adalomo_update_: tensor too large (", tiles,
-                " tiles)");
-    at::Tensor keep = alloc_scratch(param, geo, tiles, true, sc);
-    LOMO_LAUNCH(tile_kernel<F, false, DIV, kStats>, tiles, kThreads, 0, stream, p, g, row, col, s,
-                coef, sc, geo, vec);
-    const int64_t state_threads = geo.slices * (geo.m + geo.n);
-    LOMO_LAUNCH(state_kernel, ceil_div(state_threads, kThreads), kThreads, 0, stream, row, col, s,
-                sc, geo);
-    LOMO_LAUNCH(finalize_stats_kernel, 1, kFinalThreads, 0, stream, row, s, sc, geo, tiles, true,
-                found);
-    LOMO_LAUNCH(tile_kernel<F, false, DIV, kUnorm>, tiles, kThreads, 0, stream, p, g, row, col, s,
-                coef, sc, geo, vec);
-    LOMO_LAUNCH(finalize_unorm_kernel, 1, kFinalThreads, 0, stream, s, sc, geo, tiles);
-    LOMO_LAUNCH(tile_kernel<F, SR, DIV, kApply>, tiles, kThreads, 0, stream, p, g, row, col, s,
-                coef, sc, geo, vec);
-    // `keep` (the scratch) is released here; the caching allocator reuses it only for work
-    // queued later on this stream.
-  } else {
-    const bool vec = aligned16(p) && aligned16(g) && aligned16(v);
-    const int64_t blocks = std::min<int64_t>(ceil_div(ceil_div(geo.numel, N), kThreads),
-                                             kMaxFlatBlocks);
-    at::Tensor keep = alloc_scratch(param, geo, blocks, false, sc);
-    const int64_t n = geo.numel;
-    LOMO_LAUNCH(flat_kernel<F, false, DIV, kStats>, blocks, kThreads, 0, stream, p, g, v, s, coef,
-                sc, n, vec);
-    LOMO_LAUNCH(finalize_stats_kernel, 1, kFinalThreads, 0, stream, nullptr, s, sc, geo, blocks,
-                false, found);
-    LOMO_LAUNCH(flat_kernel<F, false, DIV, kUnorm>, blocks, kThreads, 0, stream, p, g, v, s, coef,
-                sc, n, vec);
-    LOMO_LAUNCH(finalize_unorm_kernel, 1, kFinalThreads, 0, stream, s, sc, geo, blocks);
-    LOMO_LAUNCH(flat_kernel<F, SR, DIV, kApply>, blocks, kThreads, 0, stream, p, g, v, s, coef, sc,
-                n, vec);
+  const int64_t T = a.geo.T;
+  if (T == 0) {  // an empty local shard (stages only)
+    LOMO_LAUNCH(empty_shard_kernel, 1, kThreads, 0, stream, a, stage);
+    return;
   }
+  if (stage == 0 || stage == 1) LOMO_LAUNCH(stats_kernel<F, DIV>, T, kThreads, 0, stream, a);
+  if (stage == 0 || stage == 2) LOMO_LAUNCH(unorm_kernel<F, DIV>, T, kThreads, 0, stream, a);
+  if (stage == 0 || stage == 3) LOMO_LAUNCH(apply_kernel<F, SR, DIV>, T, kThreads, 0, stream, a);
 }
 
 }  // namespace
 
+int64_t lomo_workspace_numel(bool multi, const Shapes& shapes);  // lomo_update.cu
+
+int64_t workspace_numel(std::string_view op, const Shapes& shapes) {
+  int64_t need = 0;
+  if (op == "adalomo_update_") {
+    for (const auto& s : shapes) {
+      int64_t numel = 1;
+      for (int64_t d : s) numel *= d;
+      need = std::max(need, s.size() >= 2 ? factored_numel(s)
+                                          : flat_carve(1, flat_tiles_max(numel), Carver(), nullptr));
+    }
+  } else if (op == "adalomo_update_multi_") {
+    int64_t tiles = 0;
+    for (const auto& s : shapes) {
+      int64_t numel = 1;
+      for (int64_t d : s) numel *= d;
+      tiles += flat_tiles_max(numel);
+    }
+    need = flat_carve(static_cast<int64_t>(shapes.size()), tiles, Carver(), nullptr);
+  } else if (op == "lomo_update_" || op == "lomo_update_multi_") {
+    need = lomo_workspace_numel(op == "lomo_update_multi_", shapes);
+  }
+  return need;
+}
+
 void adalomo_update(ADALOMO_UPDATE_PARAMS) {
   constexpr const char* op = "adalomo_update_";
   check_common(op, param, grad, clip_coef, found_inf);
-  check_not_implemented(op, grad_sq, stage);
   LOMO_CHECK_DEVICE(op, param);
   check_adalomo_state(param, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq);
+  check_scalar_out(op, "grad_sq", grad_sq, param);
   const bool sr = parse_rounding(op, rounding);
-  if (param.numel() == 0) return;
+  TORCH_CHECK(stage >= 0 && stage <= 3, op, ": stage must be 0 (all passes) or 1, 2, 3, got ",
+              stage);
+  TORCH_CHECK(stage == 0 || workspace.has_value(), op, ": stage ", stage,
+              " needs a workspace (ops.workspace_numel)");
+  const int64_t numel = param.numel();
+  if (numel == 0 && stage == 0) return;
   const DeviceGuard guard(param.device());
   const Preprocess pre = make_preprocess(loss_scale, clip_grad_value);
   const AdaLomoScalars s =
       make_adalomo_scalars(pre, lr, weight_decay, beta, eps1, eps2, clip_threshold, seed, step);
-  const float* coef = clip_coef.has_value() ? clip_coef->data_ptr<float>() : nullptr;
-  float* found = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-  float* row = exp_avg_sq_row.has_value() ? exp_avg_sq_row->data_ptr<float>() : nullptr;
-  float* col = exp_avg_sq_col.has_value() ? exp_avg_sq_col->data_ptr<float>() : nullptr;
-  float* v = exp_avg_sq.has_value() ? exp_avg_sq->data_ptr<float>() : nullptr;
+  const Dispatch d{sr, pre.divide};
+  const double gnumel = static_cast<double>(global_numel > 0 ? global_numel : numel);
 
-  auto dispatch = [&](auto f_tag) {
-    constexpr Fmt F = decltype(f_tag)::value;
-    if constexpr (F != Fmt::F32) {  // fp32 stores are exact: no stochastic variant
-      if (sr) {
-        if (pre.divide) run<F, true, true>(param, grad, row, col, v, s, coef, found);
-        else run<F, true, false>(param, grad, row, col, v, s, coef, found);
-        return;
-      }
-    }
-    if (pre.divide) run<F, false, true>(param, grad, row, col, v, s, coef, found);
-    else run<F, false, false>(param, grad, row, col, v, s, coef, found);
-  };
-  switch (param.scalar_type()) {
-    case at::kFloat: dispatch(std::integral_constant<Fmt, Fmt::F32>{}); break;
-    case at::kHalf: dispatch(std::integral_constant<Fmt, Fmt::F16>{}); break;
-    case at::kBFloat16: dispatch(std::integral_constant<Fmt, Fmt::BF16>{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", param.scalar_type());
+  if (param.dim() >= 2) {
+    Args a{};
+    a.p = param.data_ptr();
+    a.g = grad.data_ptr();
+    a.row_state = exp_avg_sq_row->data_ptr<float>();
+    a.col_state = exp_avg_sq_col->data_ptr<float>();
+    a.clip_coef = float_ptr(clip_coef);
+    a.found_inf = float_ptr(found_inf);
+    a.grad_sq = float_ptr(grad_sq);
+    a.s = s;
+    const int64_t n = param.size(-1), m = param.size(-2);
+    const int64_t S = m * n > 0 ? numel / (m * n) : [&] {
+      int64_t prod = 1;
+      for (int64_t i = 0; i + 2 < param.dim(); ++i) prod *= param.size(i);
+      return prod;
+    }();
+    const int64_t N = 16 / param.element_size(), size = param.element_size();
+    const auto pa = reinterpret_cast<uintptr_t>(a.p), ga = reinterpret_cast<uintptr_t>(a.g);
+    a.vec = n % N == 0 && pa % 16 == ga % 16 && pa % size == 0;
+    const int64_t head = a.vec ? static_cast<int64_t>((16 - pa % 16) % 16) / size : 0;
+    a.shift = static_cast<int>((N - head) % N);
+    a.geo = make_geom(S, m, n, 32 * N, a.shift);
+    TORCH_CHECK(a.geo.T < (int64_t{1} << 31) && a.geo.nrb * a.geo.ncb < (int64_t{1} << 30), op,
+                ": tensor too large (", a.geo.T, " tiles)");
+    at::Tensor ws = workspace_or_scratch(op, workspace, carve(a.geo, Carver(), nullptr), param);
+    carve(a.geo, Carver(ws.data_ptr<float>(), ws.numel()), &a.ws);
+    a.global_rows = static_cast<float>(global_rows > 0 ? global_rows : m);
+    a.global_numel = gnumel;
+    with_format(param.scalar_type(), d, op, [&](auto f_tag, auto sr_tag, auto div_tag) {
+      run_factored<decltype(f_tag)::value, decltype(sr_tag)::value, decltype(div_tag)::value>(
+          a, static_cast<int>(stage));
+    });
+    return;
   }
+
+  // unfactored: the flat kernel with one record; its header is the public one at ws[0..4)
+  const int64_t tiles = ceil_div(numel, param.element_size() == 4 ? flat_tile<float>()
+                                                                  : flat_tile<uint16_t>());
+  at::Tensor ws =
+      workspace_or_scratch(op, workspace, flat_carve(1, tiles, Carver(), nullptr), param);
+  FlatLayout L;
+  flat_carve(1, tiles, Carver(ws.data_ptr<float>(), ws.numel()), &L);
+  FlatCall call{};
+  call.clip_coef = float_ptr(clip_coef);
+  call.found_inf = float_ptr(found_inf);
+  call.grad_sq = float_ptr(grad_sq);
+  call.parts = L.parts;
+  call.total_tiles = static_cast<int>(tiles);
+  call.gsq_slots = L.gsq_slots;
+  call.call_ticket = L.call_ticket;
+  call.call_tensors = 1;
+  std::vector<FlatTensor> ts{
+      flat_record(param, grad, *exp_avg_sq, s, gnumel, 0, 0, L.headers, L.tickets)};
+  if (numel == 0) {  // an empty local shard: zero header (stage 1), found_inf (stage 3)
+    Args a{};
+    a.found_inf = call.found_inf;
+    a.ws.header = L.headers;
+    if (stage != 2)
+      LOMO_LAUNCH(empty_shard_kernel, 1, kThreads, 0, current_stream(), a, static_cast<int>(stage));
+    return;
+  }
+  if (stage == 2) return;  // sum(u*u) is in the header since stage 1
+  if (stage == 0 && tiles <= kFuseTiles) {
+    call.mode = kFlatFused;
+    launch_flat(ts, call, param.scalar_type(), d);
+    return;
+  }
+  if (stage != 3) {
+    call.mode = kFlatStats;
+    launch_flat(ts, call, param.scalar_type(), d);
+  }
+  if (stage != 1) {
+    call.mode = kFlatApply;
+    launch_flat(ts, call, param.scalar_type(), d);
+  }
+}
+
+void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS) {
+  constexpr const char* op = "adalomo_update_multi_";
+  const size_t k = params.size();
+  TORCH_CHECK(grads.size() == k && exp_avg_sqs.size() == k, op, ": ", k, " params but ",
+              grads.size(), " grads and ", exp_avg_sqs.size(), " exp_avg_sqs");
+  for (const auto* list : {&lr, &weight_decay, &clip_grad_value, &beta, &eps1, &eps2,
+                           &clip_threshold})
+    TORCH_CHECK(list->size() == k, op, ": every per-tensor scalar list needs ", k, " values");
+  TORCH_CHECK(seed.size() == k && step.size() == k, op, ": seed and step need ", k, " values");
+  const bool sr = parse_rounding(op, rounding);
+  std::vector<size_t> live;
+  int64_t tiles = 0;
+  for (size_t i = 0; i < k; ++i) {
+    check_common(op, params[i], grads[i], clip_coef, found_inf);
+    LOMO_CHECK_DEVICE(op, params[i]);
+    TORCH_CHECK(params[i].dim() <= 1, op, ": takes 0-d and 1-d tensors only, got shape ",
+                params[i].sizes());
+    TORCH_CHECK(params[i].device() == params[0].device(), op,
+                ": every tensor must be on one device");
+    const at::Tensor& v = exp_avg_sqs[i];
+    TORCH_CHECK(v.scalar_type() == at::kFloat && v.numel() == params[i].numel() &&
+                    v.is_contiguous() && v.device() == params[i].device(),
+                op, ": exp_avg_sqs[", i, "] must be a contiguous float32 tensor of ",
+                params[i].numel(), " elements on ", params[i].device());
+    check_scalar_out(op, "grad_sq", grad_sq, params[i]);
+    if (params[i].numel() > 0) {
+      live.push_back(i);
+      tiles += ceil_div(params[i].numel(), params[i].element_size() == 4 ? flat_tile<float>()
+                                                                         : flat_tile<uint16_t>());
+    }
+  }
+  if (live.empty()) return;
+  const at::Tensor& first = params[live[0]];
+  const DeviceGuard guard(first.device());
+  const Preprocess pre = make_preprocess(loss_scale, 0.0);
+  const int64_t count = static_cast<int64_t>(live.size());
+  at::Tensor ws =
+      workspace_or_scratch(op, workspace, flat_carve(count, tiles, Carver(), nullptr), first);
+  FlatLayout L;
+  flat_carve(count, tiles, Carver(ws.data_ptr<float>(), ws.numel()), &L);
+  FlatCall call{};
+  call.clip_coef = float_ptr(clip_coef);
+  call.found_inf = float_ptr(found_inf);
+  call.grad_sq = float_ptr(grad_sq);
+  call.parts = L.parts;
+  call.total_tiles = static_cast<int>(tiles);
+  call.gsq_slots = L.gsq_slots;
+  call.call_ticket = L.call_ticket;
+  call.call_tensors = static_cast<int>(count);
+  call.mode = kFlatFused;
+  // one launch per dtype (per kMaxMulti tensors), in order of first appearance
+  std::vector<at::ScalarType> dtypes;
+  for (size_t i : live)
+    if (std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) == dtypes.end())
+      dtypes.push_back(params[i].scalar_type());
+  int part = 0;
+  std::vector<std::vector<FlatTensor>> groups(dtypes.size());
+  for (int j = 0; j < count; ++j) {
+    const size_t i = live[j];
+    const Preprocess pi = make_preprocess(loss_scale, clip_grad_value[i]);
+    const AdaLomoScalars s = make_adalomo_scalars(pi, lr[i], weight_decay[i], beta[i], eps1[i],
+                                                  eps2[i], clip_threshold[i], seed[i], step[i]);
+    FlatTensor t = flat_record(params[i], grads[i], exp_avg_sqs[i], s,
+                               static_cast<double>(params[i].numel()), j, part,
+                               L.headers + kHeader * j, L.tickets + j);
+    part += t.tiles;
+    const size_t gi = std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) -
+                      dtypes.begin();
+    groups[gi].push_back(t);
+  }
+  for (size_t gi = 0; gi < dtypes.size(); ++gi)
+    launch_flat(groups[gi], call, dtypes[gi], Dispatch{sr, pre.divide});
 }
 
 }  // namespace LOMO_CUDA_NS

@@ -55,10 +55,9 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
   }
   const GoloreScalars s = a.s;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
-  // not unrolled: the unrolled loop's 64-bit trip count spilled to the stack (bf16 AdamW, sm_90;
-  // lomo_kernels/budgets.py)
-#pragma unroll 1
-  for (int64_t i = tid; i < a.n; i += stride) {
+  // the stride is re-read from gridDim: kept live across the IEEE division's slow-path calls it
+  // was spilled to the stack (sm_90)
+  for (int64_t i = tid; i < a.n; i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const float g = __fmul_rn(to_f32<F>(r[i]), coef);
     float m = 0.0f, v = 0.0f, b = 0.0f;
     if constexpr (I == Inner::AdamW) {
@@ -105,16 +104,16 @@ void golore_update(GOLORE_UPDATE_PARAMS) {
   at::Tensor bad = at::empty({1}, r.options().dtype(at::kInt));
   memset_async(bad.data_ptr<int>(), 0, sizeof(int), current_stream());
   const GoloreArgs a{c.s,
-                     r.data_ptr(),
-                     full ? nullptr : r.data_ptr<float>(),
-                     full ? param->data_ptr() : nullptr,
-                     float_ptr(exp_avg),
-                     float_ptr(exp_avg_sq),
-                     float_ptr(momentum_buffer),
-                     float_ptr(clip_coef),
-                     bad.data_ptr<int>(),
-                     float_ptr(found_inf),
-                     n};
+                           r.data_ptr(),
+                           full ? nullptr : r.data_ptr<float>(),
+                           full ? param->data_ptr() : nullptr,
+                           float_ptr(exp_avg),
+                           float_ptr(exp_avg_sq),
+                           float_ptr(momentum_buffer),
+                           float_ptr(clip_coef),
+                           bad.data_ptr<int>(),
+                           float_ptr(found_inf),
+                           n};
   auto with_inner = [&](auto f_tag, auto sr_tag, auto full_tag) {
     constexpr Fmt F = decltype(f_tag)::value;
     constexpr bool SR = decltype(sr_tag)::value, FULL = decltype(full_tag)::value;

@@ -8,8 +8,16 @@
 #include <initializer_list>
 #include <utility>
 
+namespace torch {
+class Library;
+}
+
 namespace lomo {
 namespace emu {
+
+// Adds the emulated kernels (csrc/emulated/register.cpp) to `lib`, a CPU IMPL library of the
+// namespace lomo_kernels_cuda_emulated.
+void register_emulated_kernels(torch::Library& lib);
 
 struct EmulationStats {
   int64_t launches, blocks, threads, switches;  // since the process started (launches: resettable)
@@ -27,6 +35,7 @@ class MemoryScope {
  public:
   MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);
   ~MemoryScope();
+  void add(const char* name, const at::Tensor* t);  // one more (e.g. each tensor of a list)
   MemoryScope(const MemoryScope&) = delete;
   MemoryScope& operator=(const MemoryScope&) = delete;
 };

@@ -685,16 +685,18 @@ EmulationStats stats() {
 
 MemoryScope::MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
   tls_ranges.clear();
-  for (const auto& [name, t] : ts) {
-    if (!t || !t->defined() || !t->has_storage()) continue;
-    const auto* base = static_cast<const char*>(t->storage().data());
-    const auto* data = static_cast<const char*>(t->data_ptr());
-    tls_ranges.push_back({reinterpret_cast<uintptr_t>(base),
-                          reinterpret_cast<uintptr_t>(base + t->storage().nbytes()),
-                          reinterpret_cast<uintptr_t>(data),
-                          reinterpret_cast<uintptr_t>(data + t->numel() * t->element_size()),
-                          name});
-  }
+  for (const auto& [name, t] : ts) add(name, t);
+}
+
+void MemoryScope::add(const char* name, const at::Tensor* t) {
+  if (!t || !t->defined() || !t->has_storage()) return;
+  const auto* base = static_cast<const char*>(t->storage().data());
+  const auto* data = static_cast<const char*>(t->data_ptr());
+  tls_ranges.push_back({reinterpret_cast<uintptr_t>(base),
+                        reinterpret_cast<uintptr_t>(base + t->storage().nbytes()),
+                        reinterpret_cast<uintptr_t>(data),
+                        reinterpret_cast<uintptr_t>(data + t->numel() * t->element_size()),
+                        name});
 }
 
 MemoryScope::~MemoryScope() { tls_ranges.clear(); }
