@@ -509,7 +509,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(args, device)
+        summary = _run(args, device)
+        if started:  # every rank done before any tears the group down (gloo aborts a rank whose
+            torch.distributed.barrier()  # peer closed its connections while it still had work)
+        return summary
     finally:
         torch.set_num_threads(old_threads)
         if started:
