@@ -147,4 +147,7 @@ def test_fused_backward_peak_is_the_largest_gradient(cls):
 
     loss = model(input_ids=ids, labels=ids).loss
     plain = allocation_trace(lambda: loss.backward())
-    assert plain.peak >= sum(grads)
+    # the control shows that the trace sees gradients piling up, far above the fused bound; one
+    # fresh-clone CI run traced 1 MiB less than the sum (16.8 vs 17.8 MB), so it allows one
+    # gradient's worth of slack rather than the exact sum
+    assert plain.peak >= sum(grads) - largest > 2 * largest * (1 + BOUND_FRACTION)
