@@ -97,6 +97,28 @@ __device__ __forceinline__ void load_v(const float* v, float* dst, int64_t e, in
   }
 }
 
+// The loads of one tile, all issued before any use: g, p (Pack<S>) and v (fp32) of kFlatUnroll
+// packs per thread; packs past n are left unloaded (callers skip them).
+template <typename S>
+__device__ __forceinline__ void load_flat_tile(const FlatTensor& t, const S* g, const S* p,
+                                               int64_t t0, Pack<S> (&gv)[kFlatUnroll],
+                                               Pack<S> (&pv)[kFlatUnroll],
+                                               float (&vv)[kFlatUnroll][Pack<S>::N]) {
+  constexpr int N = Pack<S>::N;
+  const int64_t n = t.n;
+#pragma unroll
+  for (int u = 0; u < kFlatUnroll; ++u) {
+    const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
+    const bool full = t.vec && e + N <= n;
+    if (e < n) {
+      load_flat(g, gv[u], e, n, full);
+      load_flat(p, pv[u], e, n, full);
+#pragma unroll
+      for (int q = 0; q < N; q += 4) load_v(t.v, vv[u] + q, e + q, n, full);
+    }
+  }
+}
+
 // v' and u of one element (reference: torch.add(v*beta, G, alpha=1-beta), u = rsqrt(v') * g).
 __device__ __forceinline__ float flat_u(const AdaLomoScalars& s, float gp, float v, float& vn) {
   const float G = __fadd_rn(__fmul_rn(gp, gp), s.eps1);
@@ -117,17 +139,7 @@ __device__ void flat_stats_tile(const FlatCall& c, const FlatTensor& t, int tile
   bool bad = false;
   Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
-#pragma unroll
-  for (int u = 0; u < kFlatUnroll; ++u) {  // every load first
-    const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
-    const bool full = t.vec && e + N <= n;
-    if (e < n) {
-      load_flat(g, gv[u], e, n, full);
-      load_flat(p, pv[u], e, n, full);
-#pragma unroll
-      for (int q = 0; q < N; q += 4) load_v(t.v, vv[u] + q, e + q, n, full);
-    }
-  }
+  load_flat_tile<S>(t, g, p, t0, gv, pv, vv);  // every load first
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
@@ -170,17 +182,7 @@ __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float
   const int64_t n = t.n, t0 = tile * flat_tile<S>();
   Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
-#pragma unroll
-  for (int u = 0; u < kFlatUnroll; ++u) {
-    const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
-    const bool full = t.vec && e + N <= n;
-    if (e < n) {
-      load_flat(g, gv[u], e, n, full);
-      load_flat(p, pv[u], e, n, full);
-#pragma unroll
-      for (int q = 0; q < N; q += 4) load_v(t.v, vv[u] + q, e + q, n, full);
-    }
-  }
+  load_flat_tile<S>(t, g, p, t0, gv, pv, vv);  // every load first
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;

@@ -613,14 +613,7 @@ void launch_flat(std::vector<FlatTensor>& ts, FlatCall call, at::ScalarType dtyp
   const Stream stream = current_stream();
   for (size_t b = 0; b < ts.size(); b += kMaxMulti) {
     FlatCall c = call;
-    c.count = 0;
-    int tiles = 0;
-    for (size_t i = b; i < std::min(ts.size(), b + kMaxMulti); ++i) {
-      c.t[c.count] = ts[i];
-      c.t[c.count].first = tiles;
-      tiles += ts[i].tiles;
-      ++c.count;
-    }
+    const int tiles = fill_records(c, ts, b, kMaxMulti);
     with_format(dtype, d, "adalomo_update_", [&](auto f_tag, auto sr_tag, auto div_tag) {
       constexpr Fmt F = decltype(f_tag)::value;
       constexpr bool SR = decltype(sr_tag)::value, DIV = decltype(div_tag)::value;

@@ -206,14 +206,7 @@ void launch_lomo(std::vector<LomoTensor>& ts, const LomoCall& call, at::ScalarTy
   const Stream stream = current_stream();
   for (size_t b = 0; b < ts.size(); b += kLomoMulti) {
     LomoCall c = call;
-    c.count = 0;
-    int tiles = 0;
-    for (size_t i = b; i < std::min(ts.size(), b + kLomoMulti); ++i) {
-      c.t[c.count] = ts[i];
-      c.t[c.count].first = tiles;
-      tiles += ts[i].tiles;
-      ++c.count;
-    }
+    const int tiles = fill_records(c, ts, b, kLomoMulti);
     auto go = [&](auto f_tag, auto sr_tag) {
       constexpr Fmt F = decltype(f_tag)::value;
       constexpr bool SR = decltype(sr_tag)::value;

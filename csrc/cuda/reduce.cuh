@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cuda/vec.cuh"
 
@@ -16,6 +17,21 @@
 
 namespace lomo {
 namespace LOMO_CUDA_NS {
+
+// Host: fills `call` (a multi-tensor launch's argument: records t[], count) with the records
+// ts[begin, begin + capacity) and numbers their tiles; returns the tiles, the launch's grid size.
+template <class Call, class Record>
+int fill_records(Call& call, const std::vector<Record>& ts, size_t begin, size_t capacity) {
+  call.count = 0;
+  int tiles = 0;
+  for (size_t i = begin; i < std::min(ts.size(), begin + capacity); ++i) {
+    call.t[call.count] = ts[i];
+    call.t[call.count].first = tiles;
+    tiles += ts[i].tiles;
+    ++call.count;
+  }
+  return tiles;
+}
 
 // True in every thread of the block that arrives last of `count` at `counter` (all threads of the
 // block call it). Before the ticket the block's global writes are fenced; the last block fences

@@ -656,6 +656,8 @@ class InBackwardOptimizer(Optimizer):
         """The squared norm of the whole step from this process's ``total`` (the parameters it
         updates whole) plus the FSDP2 shards' parts summed across the shard group (one small
         all-reduce; every rank gets the same norm, hence the same next clip coefficient)."""
+        if self._sharding.group is None:  # nothing sharded: no collective, no extra kernel
+            return total
         return total + self._sharding.reduced_grad_sq(total.device)
 
     def _finish_grad_norm(self) -> torch.Tensor:
