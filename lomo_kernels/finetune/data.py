@@ -56,10 +56,12 @@ def _datasets():
 
 def _check_json_lines(path: str, flag: str) -> None:
     """A clear line-numbered message for a malformed JSON Lines file (datasets' own is Arrow's)."""
+    rows = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -67,6 +69,8 @@ def _check_json_lines(path: str, flag: str) -> None:
             if not isinstance(row, dict):
                 raise UsageError(f"{flag} {path}: line {number} is a {type(row).__name__}, "
                                  "expected a JSON object")
+    if not rows:
+        raise UsageError(f"{flag} {path}: no rows")
 
 
 def read_rows(path: str, flag: str = "--data"):
@@ -80,6 +84,8 @@ def read_rows(path: str, flag: str = "--data"):
     if ext not in READERS:
         raise UsageError(f"{flag} {path}: unknown file type {ext or '(no extension)'!r}; "
                          f"expected one of {', '.join(sorted(READERS))}")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path}: no rows")
     if ext == ".jsonl":
         _check_json_lines(path, flag)
     datasets = _datasets()
