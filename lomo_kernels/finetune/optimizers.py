@@ -3,6 +3,7 @@ schedule, and the optimizer's state size."""
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 
@@ -44,9 +45,11 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
             raise UsageError(f"{name}: --clip-grad-value is not supported (the gradient is "
                              "projected before any element-wise step); use --clip-grad-norm")
         cls = GoLore if name == "golore" else GaLore
+        names = [n for n, _ in model.named_parameters()]  # a tied head is not a parameter of its own
+        exclude = [pat for pat in GOLORE_EXCLUDE if any(fnmatch.fnmatch(n, pat) for n in names)]
         return cls(model, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=golore_scale,
                    svd_steps=svd_steps, clip_grad_norm=clip_grad_norm, weight_decay=weight_decay,
-                   exclude=GOLORE_EXCLUDE, backend=backend, rounding=rounding, seed=seed,
+                   exclude=exclude, backend=backend, rounding=rounding, seed=seed,
                    clip_mode=clip_mode, **extra)
     if name in ("adalomo", "lomo"):
         cls = AdaLomo if name == "adalomo" else Lomo
