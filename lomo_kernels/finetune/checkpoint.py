@@ -47,8 +47,15 @@ def _set_rng_state(state: dict, stream) -> None:
 
 
 def save_model(model, tokenizer, folder: str) -> None:
-    """``save_pretrained`` (safetensors) of an unsharded model, and the tokenizer if it has one."""
-    model.save_pretrained(folder, safe_serialization=True)
+    """``save_pretrained`` (safetensors) of an unsharded model, and the tokenizer if it has one.
+    The saved config turns the KV cache back on (training runs without it), so generating with
+    the saved model is as fast as with the original."""
+    use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.config.use_cache = use_cache
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
 

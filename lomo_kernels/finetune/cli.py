@@ -10,7 +10,7 @@ import os
 from .. import ops
 from .errors import UsageError
 from .model import DTYPES, MODEL_CONFIGS
-from .optimizers import DEFAULT_LR, OPTIMIZERS, SCHEDULES
+from .optimizers import DEFAULT_LR, FINETUNE_LR, OPTIMIZERS, SCHEDULES
 from .tasks import EXAMPLE, TASKS, example_model
 
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", choices=ops.BACKENDS, default="auto",
                    help="update kernels of Lomo/AdaLomo/GoLore/GaLore (ignored by adamw)")
     t.add_argument("--lr", type=POSITIVE, default=None,
-                   help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+                   help=f"learning rate (defaults: the demo {DEFAULT_LR}; with --model "
+                   f"{FINETUNE_LR})")
     t.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="after --warmup-steps of linear warm-up: constant, cosine (down to 10%%) "
                    "or linear (down to 0)")
@@ -140,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-generate", action="store_true",
                    help="greedy generation on the held-out prompts: exact match against the "
                    "completions, before and after training")
-    e.add_argument("--generate-examples", type=POSITIVE_INT, default=200,
-                   help="--eval-generate: the first N held-out examples")
+    e.add_argument("--eval-examples", type=POSITIVE_INT, default=200,
+                   help="evaluate on the first N held-out examples (loss and generation)")
     e.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
                    help="--eval-generate: default the longest held-out answer + 8 tokens")
     e.add_argument("--print-samples", type=COUNT, default=3,
@@ -257,8 +258,6 @@ def finalize(args, *, train_dataset=None, eval_dataset=None) -> argparse.Namespa
     """Check the combination of flags and fill the defaults that depend on the mode (the demo
     without --model, fine-tuning with it). Raises UsageError."""
     import torch
-
-    from .optimizers import FINETUNE_LR
 
     given = lambda *names: [f"--{n.replace('_', '-')}" for n in names  # noqa: E731
                             if getattr(args, n) not in (None, False, 0)]

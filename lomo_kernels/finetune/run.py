@@ -179,7 +179,7 @@ class Run:
         held = []
         if eval_ds is not None:
             eval_enc = data_mod.encode(eval_ds, encoder, a.seq_len, "held-out data")
-            held = eval_enc.examples
+            held = eval_enc.examples[:a.eval_examples]
             self.data_stats.update(eval_rows=eval_enc.rows, eval_truncated=eval_enc.truncated,
                                    eval_dropped=eval_enc.dropped)
         if self.device.type == "cuda":
@@ -199,7 +199,7 @@ class Run:
         self.stream = ExampleStream(examples, a.batch_size, pad, self.device, seed=a.seed,
                                     rank=self.rank, world=self.world)
         self.eval_batches = eval_batches(held, a.batch_size, pad, self.device)
-        self.gen_examples = [ex for ex in held if ex.answer is not None][:a.generate_examples]
+        self.gen_examples = [ex for ex in held if ex.answer is not None]
         self.max_new_tokens = a.max_new_tokens or 8 + max(
             (len(tok(ex.answer, add_special_tokens=False)["input_ids"])
              for ex in self.gen_examples), default=0)

