@@ -145,3 +145,17 @@ def test_config_file_equals_flags(files, tmp_path):
         assert by_config["lr"] == 0.02
         assert by_config["losses"] == by_flags["losses"], name
         assert by_config["eval_loss_end"] == by_flags["eval_loss_end"]
+
+
+def test_the_docs_say_what_example_stands_for():
+    import re
+    from pathlib import Path
+
+    from lomo_kernels.finetune.cli import _mapping_argv, build_parser
+    from lomo_kernels.finetune.tasks import EXAMPLE
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+                    .split())
+    said = re.search(r"`--example` stands for `--model <the GGUF file> ([^`]*)`", text).group(1)
+    parser = build_parser()
+    assert parser.parse_args(said.split()) == parser.parse_args(_mapping_argv(parser, EXAMPLE, "x"))

@@ -45,10 +45,11 @@ def test_fsdp_loads_trains_saves_and_resumes(tmp_path):
     held = ff.write_jsonl(tmp_path / "eval.jsonl", ff.pc_rows(8, 80))
     flags = ["--model", model, "--data", train, "--eval-data", held, "--steps", "4",
              "--batch-size", "4", "--lr", "0.02", "--quiet", "--save-steps", "2"]
-    a = _torchrun(*flags, "--output-dir", str(tmp_path / "a"))
+    a = _torchrun(*flags, "--output-dir", str(tmp_path / "a"), "--eval-generate")
     assert a.returncode == 0, a.stderr[-4000:]
     summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["finite"]
+    assert summary["exact_match_n"] == 8  # generation on shards: every rank steps in sync
     # the shards held the pretrained weights: the same held-out loss as the model unsharded
     assert summary["eval_loss_start"] == pytest.approx(_held_out_loss(model, held), rel=1e-5)
     # one consolidated folder, reloaded by transformers to the loss the run measured at the end
@@ -57,10 +58,12 @@ def test_fsdp_loads_trains_saves_and_resumes(tmp_path):
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
     ckpt = tmp_path / "a" / "checkpoint-2"
     assert (ckpt / "dcp").is_dir() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
-    b = _torchrun(*flags, "--output-dir", str(tmp_path / "b"), "--resume", str(ckpt))
+    b = _torchrun(*flags, "--output-dir", str(tmp_path / "b"), "--eval-generate",
+                  "--resume", str(ckpt))
     assert b.returncode == 0, b.stderr[-4000:]
     resumed = json.loads((tmp_path / "b" / "train_summary.json").read_text())
     assert resumed["losses"] == summary["losses"]
+    assert resumed["exact_match_after"] == summary["exact_match_after"]
     wa = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     wb = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     for name in wa:

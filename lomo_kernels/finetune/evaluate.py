@@ -39,7 +39,7 @@ def generate_answers(model, tokenizer, examples: list, *, max_new_tokens: int, b
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = next(model.parameters()).device
     out = []
     try:
