@@ -94,7 +94,7 @@ def _cases(p):
         (m + ["--task", "dates", "--eval-fraction", "0.1"], "give one source of held-out data"),
         (m + pc + ["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
         (m + pc + ["--save-steps", "2"], "--save-steps needs --output-dir"),
-        (m + pc + ["--output-dir", p["pc"]], f"--output-dir {p['pc']}: is a file"),
+        (m + pc + ["--output-dir", p["pc"]], f"--output-dir {p['pc']}: cannot create it"),
         (m + pc + ["--eval-generate"], "--eval-generate needs held-out data"),
         (m + pc + ["--no-meta-init"], "--no-meta-init is for the demo"),
         (["--fsdp", "--steps", "1"], "--fsdp runs under torchrun"),

@@ -292,8 +292,14 @@ def finalize(args, *, train_dataset=None, eval_dataset=None) -> argparse.Namespa
         raise UsageError("give --steps or --epochs, not both")
     if args.save_steps and not args.output_dir:
         raise UsageError("--save-steps needs --output-dir (where checkpoint-N goes)")
-    if args.output_dir and os.path.isfile(args.output_dir):
-        raise UsageError(f"--output-dir {args.output_dir}: is a file")
+    if args.output_dir:
+        try:  # now, rather than after the training
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output-dir {args.output_dir}: cannot create it "
+                             f"({exc.strerror or exc})") from None
+        if not os.access(args.output_dir, os.W_OK):
+            raise UsageError(f"--output-dir {args.output_dir}: not writable")
     if args.eval_generate and not (args.eval_data or args.eval_fraction or args.task
                                    or eval_dataset is not None):
         raise UsageError("--eval-generate needs held-out data: --eval-data, --eval-fraction "
