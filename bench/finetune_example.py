@@ -13,6 +13,7 @@ Needs the example extra: pip install "lomo_kernels[example]".
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -23,6 +24,11 @@ if __package__ in (None, ""):  # python bench/finetune_example.py
 
 from bench.environment import add_output_args, environment, output_dir, script_parser
 from bench.results import write_json_payload
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None) -> dict:
@@ -40,9 +46,9 @@ def main(argv=None) -> dict:
         convert_gguf(example_model())
         conversion_s = time.perf_counter() - t0
         argv_run = ["--example", "--output-dir", os.path.join(tmp, "out"), *extra]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         s = ft.main(argv_run)
-        wall_s = time.perf_counter() - t0
+        wall_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
     env = environment("cpu")
     payload = {
         "environment": env,
@@ -53,6 +59,9 @@ def main(argv=None) -> dict:
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "conversion_s": round(conversion_s, 1),
         "wall_s": round(wall_s, 1),
+        # the CPU time the run used: on a shared machine wall_s is longer by about the share
+        # of the cores the other jobs take
+        "cpu_s": round(cpu_s, 1),
         "train_s": round(s["train_s"], 1),
         **{k: s[k] for k in ("exact_match_before", "exact_match_after", "exact_match_n",
                              "eval_loss_start", "eval_loss_end", "first_loss", "last_loss",
@@ -65,7 +74,8 @@ def main(argv=None) -> dict:
     out = output_dir(args, env) / "finetune_example.json"
     write_json_payload(out, payload)
     print(f"exact match {s['exact_match_before']:.1%} -> {s['exact_match_after']:.1%} "
-          f"({s['exact_match_n']} held-out prompts); {wall_s:.0f} s (+ {conversion_s:.0f} s "
+          f"({s['exact_match_n']} held-out prompts); {wall_s:.0f} s ({cpu_s:.0f} s of CPU; + "
+          f"{conversion_s:.0f} s "
           f"converting the GGUF file once); load average {load_start} -> "
           f"{payload['load_avg_end']}; written to {out}")
     return payload
