@@ -487,6 +487,21 @@ def test_clip_grad_norm_scales_the_update():
         oc.param_groups[0]["params"][0].sum().backward()
 
 
+@pytest.mark.parametrize("dtype,wd,rounding", [
+    (torch.float32, 0.0, "nearest"), (torch.float32, 0.1, "nearest"),
+    (torch.bfloat16, 0.0, "stochastic")])
+def test_last_grad_norm_is_the_gradients_whatever_the_application_path(dtype, wd, rounding):
+    """The norm is of the gradient, also where the back-projected update is written into the
+    gradient's buffer (weight decay, stochastic rounding) before the fused LOMO apply."""
+    model = torch.nn.ModuleList([Linear(9, 33, dtype, seed=1, bias=True), Linear(40, 6, dtype)])
+    opt = GoLore(model, lr=0.1, rank=3, weight_decay=wd, rounding=rounding)
+    for i in range(2):
+        c1, cb, c2 = _rand((9, 33), 10 + i), _rand((9,), 20 + i), _rand((40, 6), 30 + i)
+        opt.fused_backward(model[0].loss(c1, cb) + model[1].loss(c2))
+        want = torch.cat([c.to(dtype).float().flatten() for c in (c1, cb, c2)]).norm()
+        torch.testing.assert_close(opt.last_grad_norm, want, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- resume
 
 

@@ -29,6 +29,7 @@ import torch
 
 from .. import ops
 from .._checks import choice, integer, number
+from . import _batch
 from . import projector as proj
 from ._base import InBackwardOptimizer
 
@@ -180,7 +181,11 @@ class GoLore(InBackwardOptimizer):
         for name in names:
             state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
+    def _kernel_adds_grad_sq(self, device) -> bool:
+        return True  # _update adds it, before _apply reuses the gradient's buffer
+
     def _update(self, p, g, group, state, seed) -> None:
+        _batch.add_grad_sq(self._grad_sq(p), g, self._active_scale)
         mn = self._matrix_shape(p, group)
         if not state:
             self._init_state(p, group, state, mn)
