@@ -169,6 +169,43 @@ def test_svd_projector_is_exact_when_the_sketch_covers_the_projected_side():
     assert _sin_angle(p, vh[:6].T) < 1e-5
 
 
+class _OneRank:
+    """``svd_projector_sharded``'s layout and collectives for a single rank holding every row."""
+
+    def __init__(self, m):
+        self.total, self.start = m, 0
+
+    def sum_(self, t):
+        return t
+
+    def gather_rows(self, t):
+        return t
+
+    def stack(self, t):
+        return t
+
+
+@pytest.mark.parametrize("shape,r", [((40, 96), 8), ((96, 40), 8), ((12, 40), 6), ((40, 12), 6)])
+def test_sharded_svd_on_one_rank_is_the_single_process_method(shape, r):
+    """The sharded refresh is the same algorithm: on one rank it gives the single-process
+    projector to float32 rounding, signs included (k = 2r iterates; k >= d is exact)."""
+    g = _spectrum_matrix(*shape, 4, decay=0.7)
+    for side in ("left", "right"):
+        want = proj.svd_projector(g, r, side, key=5)
+        got = proj.svd_projector_sharded(g, r, side, 5, _OneRank(shape[0]))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_svd_vector_signs_do_not_depend_on_the_r_factor_signs():
+    """The R factor of a QR is unique up to the signs of its rows, which differ between the
+    single-process and the sharded TSQR: the projector's columns do not."""
+    q = proj._orth(_rand((30, 8), 1))
+    rr = torch.linalg.qr(_rand((50, 8), 2), mode="r")[1]
+    flip = torch.tensor([1.0, -1, -1, 1, -1, 1, 1, -1])[:, None]
+    torch.testing.assert_close(proj._top_vectors(q, flip * rr, 4), proj._top_vectors(q, rr, 4),
+                               atol=1e-6, rtol=0)
+
+
 def test_svd_refresh_working_set_is_bounded():
     """No float32 copy of the gradient: the refresh's tensors stay below the bound the README
     states, (3 d k + 2 k^2) * 4 bytes + BLOCK_BYTES * (1 + 2 k / d) (a panel of the gradient
