@@ -3,10 +3,12 @@
 Its own semantics, through probe kernels written in CUDA (csrc/emulated/probes.cpp), each checked
 against an independent Python computation: warp shuffles, votes and reductions exchange values
 between lanes; barriers count; 3-D indices; per-block dynamic shared memory; integer atomics and a
-last-block-done ticket across blocks running concurrently on several OS threads. Then what it must
-reject (a GPU would hang, fault or compute garbage): deadlocks, exited lanes in a warp mask,
-mismatched warp collectives, misaligned or out-of-bounds 16-byte accesses, a missing barrier. And
-what the kernels of this package cost in launches.
+last-block-done ticket across blocks running concurrently on several OS threads; block orders.
+Then what it must reject (a GPU would hang, fault or compute garbage): deadlocks, exited lanes in
+a warp mask, mismatched warp collectives, misaligned or out-of-bounds 16-byte accesses, a missing
+barrier, a read of uninitialised shared memory, and (the memory model) a missing fence before a
+ticket or after it, a finisher's plain load. And what the kernels of this package cost in
+launches.
 """
 
 import pytest
@@ -104,6 +106,44 @@ def test_a_missing_barrier_gives_wrong_results():
     assert not torch.equal(out, want)
 
 
+@pytest.mark.parametrize("variant", [0, 1, 2, 3],
+                         ids=["right", "no-fence", "plain-load", "no-acquire-fence"])
+@pytest.mark.parametrize("model", ["1", "0"], ids=["model", "no-model"])
+def test_memory_model_exposes_a_missing_fence_and_a_plain_load(variant, model, monkeypatch):
+    # A last-block-done sum: each block stores its partial, fences, takes a ticket; the last one
+    # fences and reads the partials with __ldcg. Under the memory model a partial stored without
+    # the fence is unpublished (the finisher reads poison), a plain load reads a stale (poisoned)
+    # L1 copy, and without its own fence the finisher has acquired nothing. Without the model the
+    # bugs pass, as they would on a GPU most of the time.
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_MEMORY_MODEL", model)
+    blocks = 37
+    for _ in range(2):  # the block order differs between launches
+        out = _probe("ticket", torch.zeros(blocks + 2), blocks, variant)
+        right = out[-1].item() == blocks * (blocks + 1) // 2
+        assert right == (variant == 0 or model == "0"), (variant, model, out[-1].item())
+        assert out[:blocks].tolist() == [b + 1.0 for b in range(blocks)]  # published at the end
+        assert out[blocks:blocks + 1].view(torch.int32).item() == 0  # the ticket is reset
+
+
+def test_static_shared_memory_is_poisoned_at_every_block_start(os_threads):
+    # a read of __shared__ memory before the block wrote it sees 0xFF bytes (-1), never what the
+    # block that ran before on the same OS thread left there
+    blocks = 6
+    out = _probe("uninitialized_shared", torch.zeros(blocks * 64, dtype=torch.int32), blocks)
+    assert out.tolist() == [-1] * (blocks * 64)
+
+
+def test_blocks_start_in_reversed_and_shuffled_orders():
+    blocks = 50
+    orders = []
+    for _ in range(4):
+        out = _probe("order", torch.zeros(blocks + 1, dtype=torch.int32), blocks)
+        assert sorted(out[:blocks].tolist()) == list(range(blocks))
+        orders.append(out[:blocks].tolist())
+    assert list(range(blocks - 1, -1, -1)) in orders
+    assert any(o not in (list(range(blocks)), list(range(blocks - 1, -1, -1))) for o in orders)
+
+
 @pytest.mark.parametrize("name,message", [
     ("deadlock", "deadlock"),
     ("exited_lane", "exited"),
@@ -160,7 +200,9 @@ def test_bad_settings_are_rejected(monkeypatch):
     p, g = torch.zeros(8), torch.zeros(8)
     for var, value in [("LOMO_KERNELS_EMULATION_THREADS", "0"),
                        ("LOMO_KERNELS_EMULATION_FIBERS", "threads"),
-                       ("LOMO_KERNELS_EMULATION_SCHEDULE", "random")]:
+                       ("LOMO_KERNELS_EMULATION_SCHEDULE", "random"),
+                       ("LOMO_KERNELS_EMULATION_MEMORY_MODEL", "yes"),
+                       ("LOMO_KERNELS_EMULATION_SEED", "0")]:
         monkeypatch.setenv(var, value)
         with pytest.raises(RuntimeError, match=var):
             OPS.lomo_update_(p, g, None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 1)

@@ -119,9 +119,12 @@ at::Tensor workspace_or_scratch(const char* op, const std::optional<at::Tensor>&
                 op, ": workspace must be a contiguous 1-d float32 tensor on ", like.device());
     TORCH_CHECK(w.numel() >= need, op, ": workspace has ", w.numel(), " elements, needs ", need,
                 " (ops.workspace_numel)");
+    LOMO_CROSS_BLOCK_MEMORY(w);
     return w;
   }
-  return at::zeros({std::max<int64_t>(need, 1)}, like.options().dtype(at::kFloat));
+  at::Tensor scratch = at::zeros({std::max<int64_t>(need, 1)}, like.options().dtype(at::kFloat));
+  LOMO_CROSS_BLOCK_MEMORY(scratch);
+  return scratch;
 }
 
 // Launches the flat kernel over `ts` (one dtype) in chunks of kMaxMulti records.

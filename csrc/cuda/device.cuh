@@ -8,6 +8,8 @@
 //       grid on the CPU (and counts the launch).
 //   LOMO_DYNAMIC_SHARED(T, name)   `extern __shared__` memory of the launch, as a T*.
 //   LOMO_CHECK_DEVICE(op, x)       x is a CUDA tensor (emulated: a CPU tensor).
+//   LOMO_CROSS_BLOCK_MEMORY(t)     t is a workspace the blocks of a launch exchange data through
+//                                  (emulated: under the emulator's memory model; GPU: nothing).
 //   fresh_thread_index()           threadIdx.x, read again from the special register: nvcc keeps
 //                                  threadIdx.x live across a long loop otherwise, and the calls to
 //                                  the slow paths of IEEE division / sqrt inside it force it to the
@@ -57,6 +59,7 @@ using emu::launch_kernel;
 inline unsigned fresh_thread_index() { return threadIdx.x; }
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CPU(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ::lomo::emu::check_vector_access(p, bytes, store)
+#define LOMO_CROSS_BLOCK_MEMORY(t) ::lomo::emu::cross_block_tensor(t)
 #define LOMO_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<T*>(::lomo::emu::dynamic_shared_memory())
 #else
@@ -80,6 +83,7 @@ __device__ __forceinline__ unsigned fresh_thread_index() {
 }
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CUDA(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ((void)0)
+#define LOMO_CROSS_BLOCK_MEMORY(t) ((void)0)
 #define LOMO_DYNAMIC_SHARED(T, name)                                 \
   extern __shared__ __align__(16) unsigned char lomo_dynamic_smem[]; \
   T* name = reinterpret_cast<T*>(lomo_dynamic_smem)

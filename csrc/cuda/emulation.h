@@ -5,12 +5,17 @@
 //
 // What is real, not approximated by a serial loop:
 //   * a grid of blocks (3-D), spread over OS threads (torch's intra-op threads; one block at a time
-//     per OS thread), so atomics and __threadfence() meet true concurrency;
+//     per OS thread), so atomics meet true concurrency (a launch under the memory model: one OS
+//     thread);
 //   * the threads of a block are fibers (user-level contexts, one stack each) on that OS thread; a
 //     thread runs until it reaches a barrier or a warp collective, then the next one runs, so
 //     __syncthreads() is a true barrier and warp collectives exchange values between 32 lanes;
 //   * __shared__ memory is per block (a static thread_local: every fiber of the OS thread's current
-//     block sees it); dynamic shared memory (LOMO_DYNAMIC_SHARED) is poisoned at every block start;
+//     block sees it); static and dynamic shared memory (LOMO_DYNAMIC_SHARED) are poisoned (0xFF)
+//     at every block start, so a read before the block wrote it is a NaN or -1;
+//   * a memory model for the memory blocks exchange data through (emulator_model.cpp): stores
+//     published only by __threadfence(), relaxed atomics, __ldcg against a stale per-block L1;
+//     blocks start in reversed or shuffled orders;
 //   * schedule variants per block (warp order and lane order forward or reversed) so that a missing
 //     barrier gives a wrong result in some block instead of passing by luck;
 //   * 16-byte vector accesses (load_pack / store_pack) are checked for alignment and, for the tensors
@@ -23,7 +28,8 @@
 // (setup.py does), like the nvcc build's --fmad=false.
 //
 // Not emulated: texture/surface memory, cooperative groups, dynamic parallelism, clusters,
-// spin-waits on another block's progress (blocks run to completion one at a time per OS thread).
+// spin-waits on another block's progress (blocks run to completion one at a time per OS thread),
+// launch limits (48 KB of shared memory without the opt-in, __launch_bounds__).
 #pragma once
 
 #define LOMO_CUDA_EMULATION 1
@@ -108,6 +114,48 @@ unsigned active_mask();
 
 enum class BlockSync : uint8_t { Plain, Count, And, Or };
 int block_barrier(BlockSync kind, int predicate);
+
+// The cross-block memory model (emulator_model.cpp; docs/gpu-verification.md): set while a launch
+// with cross-block memory runs under it. Fences mark a block's stores published; atomics are
+// relaxed (they act on the coherent value and publish nothing); __ldcg reads published values.
+class MemoryModel;
+extern __thread MemoryModel* tls_model;
+void model_fence(MemoryModel& m);
+void model_atomic_begin(MemoryModel& m, const void* p, size_t bytes);
+void model_atomic_end(MemoryModel& m, const void* p, size_t bytes, bool acquire);
+void model_coherent_load(MemoryModel& m, const void* p, void* out, size_t bytes);
+// `t` is memory through which the blocks of the next launches exchange data (a workspace): the
+// model applies to it; registered for the calling thread and kept alive until its MemoryScope ends.
+void cross_block_tensor(const at::Tensor& t);
+
+struct AtomicHook {  // around one atomic read-modify-write of `bytes` at `p`
+  AtomicHook(const void* p_, size_t bytes_, bool acquire_ = false)
+      : p(p_), bytes(bytes_), acquire(acquire_) {
+    if (tls_model) model_atomic_begin(*tls_model, p, bytes);
+  }
+  ~AtomicHook() {
+    if (tls_model) model_atomic_end(*tls_model, p, bytes, acquire);
+  }
+  const void* p;
+  size_t bytes;
+  bool acquire;
+};
+
+// atomicAdd with acq_rel semantics at device scope (PTX atom.acq_rel.gpu). For the memory model it
+// is an acquire (the block then sees what other blocks published before it), not a release: the
+// model publishes a block's stores only at __threadfence(), the project's rule for tickets.
+inline int atomic_add_acq_rel(int* a, int v) {
+  const AtomicHook hook(a, sizeof(*a), true);
+  return __atomic_fetch_add(a, v, __ATOMIC_ACQ_REL);
+}
+
+template <typename T>
+inline T coherent_load(const T* p) {  // an L2 (device-coherent) load
+  if (!tls_model) return *p;
+  T v;
+  model_coherent_load(*tls_model, p, &v, sizeof(T));
+  return v;
+}
 
 unsigned char* dynamic_shared_memory();
 void check_vector_access(const void* p, size_t bytes, bool store);
@@ -221,24 +269,51 @@ LOMO_EMU_REDUCE(__reduce_xor_sync, unsigned, XorU32)
 #undef LOMO_EMU_REDUCE
 
 // ------------------------------------------------------------------------------------------
-// Memory: fences, atomics (correct across OS threads; fibers never interleave inside one), loads
+// Memory: fences, atomics (correct across OS threads; fibers never interleave inside one), loads.
+// Atomics are relaxed for the memory model: each one acts on the coherent value of its word
+// (AtomicHook) and publishes nothing else.
 // ------------------------------------------------------------------------------------------
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// A device-scope fence publishes the calling block's earlier global stores (the memory model).
+inline void __threadfence() {
+  if (lomo::emu::tls_model) lomo::emu::model_fence(*lomo::emu::tls_model);
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+inline void __threadfence_system() { __threadfence(); }
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
+#define LOMO_EMU_ATOMIC_HOOK const ::lomo::emu::AtomicHook lomo_atomic_hook(a, sizeof(*a))
 #define LOMO_EMU_ATOMIC_INT(T)                                                               \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }     \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }         \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }       \
+  inline T atomicAdd(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicSub(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicExch(T* a, T v) {                                                           \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                      \
+  }                                                                                          \
+  inline T atomicAnd(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicOr(T* a, T v) {                                                             \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                        \
+  }                                                                                          \
+  inline T atomicXor(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
+    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
   inline T atomicCAS(T* a, T compare, T v) {                                                 \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
     __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
     return compare; /* the old value, whether or not it was swapped */                       \
   }                                                                                          \
   inline T atomicMax(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
     T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                            \
     while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST,       \
                                                    __ATOMIC_SEQ_CST)) {                     \
@@ -246,6 +321,7 @@ inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
     return old;                                                                              \
   }                                                                                          \
   inline T atomicMin(T* a, T v) {                                                            \
+    LOMO_EMU_ATOMIC_HOOK;                                                                    \
     T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);                                            \
     while (v < old && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_SEQ_CST,       \
                                                    __ATOMIC_SEQ_CST)) {                     \
@@ -261,6 +337,7 @@ LOMO_EMU_ATOMIC_INT(unsigned long long)
 
 // ((old >= limit) ? 0 : old + 1) and ((old == 0 || old > limit) ? limit : old - 1), atomically.
 inline unsigned atomicInc(unsigned* a, unsigned limit) {
+  LOMO_EMU_ATOMIC_HOOK;
   unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
   while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, true,
                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
@@ -268,6 +345,7 @@ inline unsigned atomicInc(unsigned* a, unsigned limit) {
   return old;
 }
 inline unsigned atomicDec(unsigned* a, unsigned limit) {
+  LOMO_EMU_ATOMIC_HOOK;
   unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
   while (!__atomic_compare_exchange_n(a, &old, (old == 0u || old > limit) ? limit : old - 1u,
                                       true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
@@ -275,13 +353,15 @@ inline unsigned atomicDec(unsigned* a, unsigned limit) {
   return old;
 }
 
-// Cache-hinted loads/stores: plain accesses on the host.
+// Cache-hinted loads/stores. __ldcg (cache global: L2, bypassing the non-coherent L1) and __ldcv
+// (volatile) read the coherent value under the memory model; the others are plain loads, which
+// the model lets see a stale (poisoned) copy of what other blocks of the launch stored.
 template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return lomo::emu::coherent_load(p); }
 template <typename T> inline T __ldca(const T* p) { return *p; }
 template <typename T> inline T __ldcs(const T* p) { return *p; }
 template <typename T> inline T __ldlu(const T* p) { return *p; }
-template <typename T> inline T __ldcv(const T* p) { return *const_cast<const volatile T*>(p); }
+template <typename T> inline T __ldcv(const T* p) { return lomo::emu::coherent_load(p); }
 template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 template <typename T> inline void __stwb(T* p, T v) { *p = v; }

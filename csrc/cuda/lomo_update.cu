@@ -268,6 +268,7 @@ LomoCall lomo_call(const char* op, std::vector<LomoTensor>& ts, const at::Tensor
   } else {
     scratch = at::zeros({need}, like.options().dtype(at::kFloat));
   }
+  LOMO_CROSS_BLOCK_MEMORY(scratch);
   LomoLayout L;
   lomo_carve(static_cast<int64_t>(ts.size()), part, Carver(scratch.data_ptr<float>(), scratch.numel()), &L);
   c.parts = L.parts;

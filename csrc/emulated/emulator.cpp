@@ -13,8 +13,12 @@
 // the SSE/x87 control words are shared by all fibers, which never change them); elsewhere, or with
 // LOMO_KERNELS_EMULATION_FIBERS=ucontext, glibc's swapcontext (a signal-mask syscall per switch).
 //
+// Blocks start in a reversed or shuffled order (per launch). A launch with cross-block memory (a
+// workspace) runs under the memory model of emulator_model.cpp, its blocks one at a time.
+//
 // Environment: LOMO_KERNELS_EMULATION_THREADS=n (OS threads running blocks; default torch's
-// intra-op thread count, 1 to debug), LOMO_KERNELS_EMULATION_SCHEDULE=mixed|forward|reverse.
+// intra-op thread count, 1 to debug), LOMO_KERNELS_EMULATION_SCHEDULE=mixed|forward|reverse,
+// LOMO_KERNELS_EMULATION_MEMORY_MODEL=1|0 (default 1), LOMO_KERNELS_EMULATION_SEED=n (block order).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
@@ -328,9 +332,14 @@ void init_block(BlockRun& r, const Launch& L, int64_t b) {
     }
   }
   if (L.smem) std::memset(r.smem, 0xFF, L.smem);  // stale shared memory reads as NaN / -1
+  poison_static_shared();                           // and so does static __shared__ memory
 }
 
-void run_block(BlockRun& r, Launch& L, int64_t b) {
+void run_block(BlockRun& r, Launch& L, int64_t k) {
+  const auto b = static_cast<int64_t>(
+      (static_cast<unsigned __int128>(L.order_a) * static_cast<uint64_t>(k) +
+       static_cast<uint64_t>(L.order_c)) % static_cast<uint64_t>(L.nblocks));
+  if (L.model) model_block_start(*L.model, b);
   init_block(r, L, b);
   Fiber* first = &r.fibers[r.order[0]];
   r.cur = first;
@@ -346,6 +355,8 @@ void run_block(BlockRun& r, Launch& L, int64_t b) {
   if (r.failed) {
     std::lock_guard<std::mutex> lock(L.error_mutex);
     if (!L.failed.exchange(true)) L.error = r.error;
+  } else if (L.model) {
+    model_block_exit(*L.model);
   }
 }
 
@@ -399,6 +410,39 @@ int schedule_from_env() {
   return s == "forward" ? 1 : s == "reverse" ? 2 : 0;
 }
 
+// The order blocks start in: reversed on even launches, a shuffle (an affine permutation seeded by
+// the launch number and LOMO_KERNELS_EMULATION_SEED) on odd ones, so that code which relies on
+// block order (the last ticket taken by the last block, ...) fails.
+void choose_block_order(Launch& L, int64_t launch) {
+  const int64_t n = L.nblocks;
+  const int64_t seed = launch + env_int("LOMO_KERNELS_EMULATION_SEED", 1);
+  if (n <= 1) return;
+  if (seed % 2 == 0) {
+    L.order_a = n - 1;  // (n - 1) * k + (n - 1) == n - 1 - k (mod n)
+    L.order_c = n - 1;
+    return;
+  }
+  static const int64_t primes[] = {1000003, 7919, 104729, 15485863, 2147483647};
+  for (int64_t p : primes) {
+    if (n % p != 0) {
+      L.order_a = p % n;
+      break;
+    }
+  }
+  L.order_c = (seed * 2654435761LL) % n;
+}
+
+// Runs the model's hooks for one launch on the launching thread and publishes every store at the
+// end, whether or not the launch failed.
+struct ModelScope {
+  explicit ModelScope(MemoryModel* m) : model(m) { tls_model = m; }
+  ~ModelScope() {
+    if (model) model_finish(*model);
+    tls_model = nullptr;
+  }
+  MemoryModel* model;
+};
+
 }  // namespace detail
 
 using namespace detail;
@@ -420,7 +464,7 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke
               name, " at ", site.file, ":", site.line);
   TORCH_CHECK(smem <= kMaxDynamicSmem, "cuda_emulated: ", smem,
               " bytes of dynamic shared memory for ", name, " exceed the per-block maximum");
-  g_stats.launches++;
+  const int64_t launch = g_stats.launches++;
   Launch L;
   L.site = site;
   L.grid = {grid.x, grid.y, grid.z};
@@ -433,8 +477,13 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke
   L.ranges = &tls_ranges;
   L.schedule = schedule_from_env();
   const Switcher switcher = switcher_from_env();
-  const int os_threads = static_cast<int>(std::min<int64_t>(
+  choose_block_order(L, launch);
+  const MemoryModelPtr model = make_memory_model(tls_ranges);
+  L.model = model.get();
+  // Under the memory model the blocks run one at a time (it finds their stores by comparison).
+  const int os_threads = model ? 1 : static_cast<int>(std::min<int64_t>(
       env_int("LOMO_KERNELS_EMULATION_THREADS", at::get_num_threads()), L.nblocks));
+  const ModelScope model_scope(L.model);
   if (os_threads <= 1) {
     worker(L, switcher);
   } else {

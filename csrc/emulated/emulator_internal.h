@@ -1,11 +1,13 @@
 // The SIMT emulator's state shared by its parts (not seen by kernels): emulator.cpp (fibers, the
 // block scheduler, the grid launch), emulator_sync.cpp (barriers and warp collectives, called from
-// kernel code) and emulator_memory.cpp (shared memory, vector-access checks, MemoryScope).
+// kernel code), emulator_memory.cpp (shared memory, vector-access checks, MemoryScope) and
+// emulator_model.cpp (the cross-block memory model).
 #pragma once
 
 #include <ucontext.h>
 
 #include <atomic>
+#include <memory>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -16,6 +18,7 @@
 
 namespace lomo {
 namespace emu {
+class MemoryModel;  // emulator_model.cpp
 namespace detail {
 
 constexpr size_t kStackBytes = 64 * 1024;  // kernel frames are small; a guard page below each
@@ -46,6 +49,7 @@ struct WarpState {
 struct MemRange {
   uintptr_t storage_lo, storage_hi, view_lo, view_hi;
   const char* name;
+  bool cross_block;  // blocks of one launch exchange data through it (a workspace): modelled
 };
 
 struct Launch {
@@ -58,6 +62,8 @@ struct Launch {
   const void* call;
   const std::vector<MemRange>* ranges;
   int schedule;  // 0 mixed, 1 forward, 2 reverse
+  int64_t order_a = 1, order_c = 0;  // the k-th block to start is (order_a * k + order_c) % nblocks
+  MemoryModel* model = nullptr;      // the cross-block memory model, if on for this launch
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -96,6 +102,26 @@ struct BlockRun {
 extern __thread BlockRun* tls_run;
 // The tensors registered by MemoryScope on the calling thread, checked by its launches.
 extern thread_local std::vector<MemRange> tls_ranges;
+// The scratch tensors registered by cross_block_tensor, alive as long as their ranges are.
+extern thread_local std::vector<at::Tensor> tls_keep_alive;
+
+// Fills the calling OS thread's static __shared__ variables of every kernel with 0xFF (a stale
+// read is a NaN or -1, as for dynamic shared memory); returns how many there are.
+size_t poison_static_shared();
+
+// The cross-block memory model of one launch (emulator_model.cpp): created by run_grid when the
+// model is on and the launch has cross-block memory; blocks then run one at a time on the
+// launching OS thread, and the scheduler tells it where each block starts and ends.
+struct MemoryModelDeleter {
+  void operator()(MemoryModel* m) const;
+};
+using MemoryModelPtr = std::unique_ptr<MemoryModel, MemoryModelDeleter>;
+// Null when no range is cross-block or the model is off.
+MemoryModelPtr make_memory_model(const std::vector<MemRange>& ranges);
+void model_block_start(MemoryModel& m, int64_t block);
+void model_block_exit(MemoryModel& m);
+void model_finish(MemoryModel& m);  // publishes every store, ends the model's hooks
+bool memory_model_enabled();        // LOMO_KERNELS_EMULATION_MEMORY_MODEL (default on)
 
 // Fails the launch with `what`, naming the current block and thread; never returns to the fiber.
 [[noreturn]] void fail_here(BlockRun& r, const std::string& what);

@@ -1,6 +1,15 @@
-// The SIMT emulator's memory checks: dynamic shared memory of a launch, 16-byte vector accesses
-// (alignment and the bounds of the tensors an op registered with MemoryScope).
+// The SIMT emulator's memory checks: dynamic shared memory of a launch, static __shared__ memory
+// poisoned at every block start, 16-byte vector accesses (alignment and the bounds of the tensors an
+// op registered with MemoryScope).
+#include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 
 #include "emulated/emulation_api.h"
 #include "emulated/emulator_internal.h"
@@ -10,6 +19,70 @@ namespace emu {
 namespace detail {
 
 thread_local std::vector<MemRange> tls_ranges;
+thread_local std::vector<at::Tensor> tls_keep_alive;
+
+namespace {
+
+// A static __shared__ variable: `static thread_local` (emulation.h), at `rel` bytes from threadIdx
+// in every OS thread's TLS block of this module.
+struct StaticShared {
+  ptrdiff_t rel;
+  size_t size;
+};
+
+// The kernels' static __shared__ variables: the thread-local statics of functions of
+// lomo::cuda_emulated (mangled _ZZN4lomo13cuda_emulated...), from this module's symbol table (an
+// STT_TLS symbol's value is its offset in the module's TLS block). Empty if the module is stripped.
+std::vector<StaticShared> find_static_shared() {
+  std::vector<StaticShared> vars;
+  Dl_info info;
+  if (!dladdr(reinterpret_cast<void*>(&find_static_shared), &info) || !info.dli_fname) return vars;
+  const int fd = open(info.dli_fname, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return vars;
+  struct stat st;
+  void* map = fstat(fd, &st) == 0 ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)
+                                  : MAP_FAILED;
+  close(fd);
+  if (map == MAP_FAILED) return vars;
+  const auto* base = static_cast<const char*>(map);
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
+  const bool elf64 = static_cast<size_t>(st.st_size) > sizeof(Elf64_Ehdr) &&
+                     std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 &&
+                     eh->e_ident[EI_CLASS] == ELFCLASS64;
+  std::vector<std::pair<uint64_t, size_t>> found;
+  bool anchor = false;
+  uint64_t anchor_value = 0;
+  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(base + (elf64 ? eh->e_shoff : 0));
+  for (int i = 0; elf64 && i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB) continue;
+    const char* names = base + sh[sh[i].sh_link].sh_offset;
+    const auto* sym = reinterpret_cast<const Elf64_Sym*>(base + sh[i].sh_offset);
+    for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
+      if (ELF64_ST_TYPE(sym[k].st_info) != STT_TLS) continue;
+      const char* name = names + sym[k].st_name;
+      if (std::strcmp(name, "threadIdx") == 0) {
+        anchor = true;
+        anchor_value = sym[k].st_value;
+      } else if (std::strncmp(name, "_ZZN4lomo13cuda_emulated", 24) == 0 && sym[k].st_size) {
+        found.emplace_back(sym[k].st_value, sym[k].st_size);
+      }
+    }
+  }
+  munmap(map, st.st_size);
+  if (!anchor) return vars;
+  for (const auto& [value, size] : found)
+    vars.push_back({static_cast<ptrdiff_t>(value - anchor_value), size});
+  return vars;
+}
+
+}  // namespace
+
+size_t poison_static_shared() {
+  static const std::vector<StaticShared> vars = find_static_shared();
+  auto* anchor = reinterpret_cast<unsigned char*>(&threadIdx);
+  for (const StaticShared& v : vars) std::memset(anchor + v.rel, 0xFF, v.size);
+  return vars.size();
+}
 
 }  // namespace detail
 
@@ -51,6 +124,7 @@ void fail(const char* what) { fail_here(*tls_run, what); }
 
 MemoryScope::MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
   tls_ranges.clear();
+  tls_keep_alive.clear();
   for (const auto& [name, t] : ts) add(name, t);
 }
 
@@ -62,10 +136,13 @@ void MemoryScope::add(const char* name, const at::Tensor* t) {
                         reinterpret_cast<uintptr_t>(base + t->storage().nbytes()),
                         reinterpret_cast<uintptr_t>(data),
                         reinterpret_cast<uintptr_t>(data + t->numel() * t->element_size()),
-                        name});
+                        name, std::strcmp(name, "workspace") == 0});
 }
 
-MemoryScope::~MemoryScope() { tls_ranges.clear(); }
+MemoryScope::~MemoryScope() {
+  tls_ranges.clear();
+  tls_keep_alive.clear();
+}
 
 }  // namespace emu
 }  // namespace lomo

@@ -94,6 +94,42 @@ __global__ void atomic_probe(AtomicOut* out, unsigned* ticket, long long* partia
   }
 }
 
+// A last-block-done sum through cross-block memory: right (variant 0), or with a bug that only
+// the memory model exposes: 1, no __threadfence() between a block's partial and its ticket; 2, the
+// finisher reads the partials with plain loads (a stale L1 on a GPU) instead of __ldcg; 3, the
+// finisher does not fence after its ticket (no acquire).
+__global__ void ticket_probe(float* partials, int* ticket, float* total, int variant) {
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = static_cast<float>(blockIdx.x) + 1.0f;
+    if (variant != 1) __threadfence();
+    last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    if (variant != 3) __threadfence();
+    float s = 0.0f;
+    for (unsigned i = 0; i < gridDim.x; ++i) s += variant == 2 ? partials[i] : __ldcg(partials + i);
+    *total = s;
+    atomicExch(ticket, 0);
+  }
+}
+
+// Reads static __shared__ memory before writing it (the bug), then writes it: every block must
+// read the poison (0xFF bytes), never a value an earlier block left.
+__global__ void uninitialized_shared_probe(int* out) {
+  __shared__ int s[64];
+  const int t = threadIdx.x;
+  out[blockIdx.x * blockDim.x + t] = s[t];
+  __syncthreads();
+  s[t] = static_cast<int>(blockIdx.x) + 1;
+}
+
+// The order blocks start in: out[k] = the k-th block to take a number.
+__global__ void order_probe(int* out, int* counter) {
+  if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = static_cast<int>(blockIdx.x);
+}
+
 // A block reduction through shared memory with the barrier between the writes and the reads
 // missing: the emulator's schedule variants must make some block read stale values.
 __global__ void missing_barrier_probe(int* out) {
@@ -146,6 +182,20 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
     auto* partials = reinterpret_cast<long long*>(out.data_ptr<uint8_t>() + 64);
     static_assert(sizeof(AtomicOut) <= 48);
     LOMO_LAUNCH(atomic_probe, static_cast<unsigned>(arg), 128, 0, nullptr, o, ticket, partials);
+  } else if (name == "ticket") {  // out: arg partials, the ticket, the total; arg2 the variant
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == arg + 2);
+    float* o = out.data_ptr<float>();
+    emu::cross_block_tensor(out);
+    LOMO_LAUNCH(ticket_probe, static_cast<unsigned>(arg), 64, 0, nullptr, o,
+                reinterpret_cast<int*>(o + arg), o + arg + 1, static_cast<int>(arg2));
+  } else if (name == "uninitialized_shared") {
+    TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == arg * 64);
+    LOMO_LAUNCH(uninitialized_shared_probe, static_cast<unsigned>(arg), 64, 0, nullptr,
+                out.data_ptr<int>());
+  } else if (name == "order") {  // out: arg block numbers, then the counter
+    TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == arg + 1);
+    LOMO_LAUNCH(order_probe, static_cast<unsigned>(arg), 32, 0, nullptr, out.data_ptr<int>(),
+                out.data_ptr<int>() + arg);
   } else if (name == "missing_barrier") {
     LOMO_LAUNCH(missing_barrier_probe, static_cast<unsigned>(arg), 256, 0, nullptr,
                 out.data_ptr<int>());
