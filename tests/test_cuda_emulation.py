@@ -261,3 +261,20 @@ def test_backend_resolution():
     with pytest.raises(RuntimeError, match="runs on CPU tensors"):
         ops.resolve_backend("cuda_emulated", "meta")
     assert ops.get_impl("lomo_update_", "cuda_emulated", "cpu") is OPS.lomo_update_
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["one", "multi"])
+def test_lomo_grad_sq_through_tickets_matches_float64(multi):
+    # The LOMO kernels sum the squared gradients of many blocks through the workspace: a partial
+    # per block, a ticket per tensor, a slot per tensor, a ticket per call (the memory model makes
+    # a missing fence or a finisher's plain load show here as a NaN or a wrong sum).
+    shapes = [(40000,), (9000,), (5, 3000)] if multi else [(70000,)]
+    gs = [rand(s, torch.float32, seed=i + 1) for i, s in enumerate(shapes)]
+    ps = [rand(s, torch.float32, seed=10 + i) for i, s in enumerate(shapes)]
+    acc = torch.full((1,), 0.5)
+    if multi:
+        ops.lomo_update_multi_(ps, gs, lr=0.1, grad_sq=acc, backend="cuda_emulated")
+    else:
+        ops.lomo_update_(ps[0], gs[0], lr=0.1, grad_sq=acc, backend="cuda_emulated")
+    want = 0.5 + sum(float(g.double().square().sum()) for g in gs)
+    assert acc.item() == pytest.approx(want, rel=1e-5)
