@@ -17,6 +17,7 @@ import time
 import torch
 
 from . import __version__, ops, selfcheck
+from .backends import can_run, native_extension, raw_impl, triton_interpret
 
 # Odd shapes (scalar tails, ragged tiles) and LLM-shaped ones (16-byte vector paths, >= 32 slices).
 SHAPES = [(4097,), (37, 129), (3, 17, 33), (4096,), (130, 1024), (40, 8, 64)]
@@ -33,7 +34,7 @@ def _versions() -> list[tuple[str, str]]:
         rows.append(("triton", triton.__version__))
     except Exception as exc:
         rows.append(("triton", f"not importable ({type(exc).__name__})"))
-    native = ops._native
+    native = native_extension()
     archs = native.cuda_archs().replace("+", " ") if native is not None else ""
     rows.append(("CUDA kernels compiled for", archs or "none (no CUDA kernels in this build)"))
     return rows
@@ -51,7 +52,8 @@ def _describe(device: torch.device) -> str:
         return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     prop = torch.cuda.get_device_properties(device)
     cap = f"{prop.major}{prop.minor}"
-    archs = ops._native.cuda_archs().split("+") if ops._native is not None else []
+    native = native_extension()
+    archs = native.cuda_archs().split("+") if native is not None else []
     if f"sm_{cap}" in archs:
         fit = f"native kernels: sm_{cap} binary"
     elif any(a.startswith("compute_") and int(a[8:]) <= int(cap) for a in archs):
@@ -63,22 +65,22 @@ def _describe(device: torch.device) -> str:
 
 
 def _status(backend: str, device: torch.device) -> str:
-    reason = ops._can_run(backend, device)
+    reason = can_run(backend, device)
     if reason is None:
         return "ok"
     return f"no: {reason}"
 
 
 def _runnable(backend: str, device: torch.device) -> bool:
-    if ops._can_run(backend, device) is not None:
+    if can_run(backend, device) is not None:
         return False
     # the Triton interpreter is a test vehicle: only when asked for (TRITON_INTERPRET=1)
-    return not (backend == "triton" and device.type == "cpu" and not ops._triton_interpret())
+    return not (backend == "triton" and device.type == "cpu" and not triton_interpret())
 
 
 def self_test(devs, backends=KERNEL_BACKENDS, shapes=None, impl_of=None):
     """One row per (backend, device, op, dtype, rounding): the worst case over ``shapes``."""
-    impl_of, shapes = impl_of or ops._raw_impl, shapes or SHAPES
+    impl_of, shapes = impl_of or raw_impl, shapes or SHAPES
     shapes_of = {op: shapes if op != "golore_update_" else shapes[:2] for op in
                  selfcheck.FIRST_USE_SHAPES}  # element-wise GoLore: a 1-D and a 2-D shape
     rows, cache = [], {}

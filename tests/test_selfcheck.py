@@ -13,7 +13,7 @@ from conftest import requires_cuda_emulation, requires_native
 from oracle import bits, rand
 
 import lomo_kernels
-from lomo_kernels import doctor, ops, reference, selfcheck
+from lomo_kernels import backends, doctor, ops, reference, selfcheck
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,8 @@ def _skips_the_last_element(impl):
 
 @pytest.fixture
 def broken_native(monkeypatch):
-    raw = ops._raw_impl
-    monkeypatch.setattr(ops, "_raw_impl", lambda op, backend, device: _skips_the_last_element(
+    raw = backends.raw_impl
+    monkeypatch.setattr(backends, "raw_impl", lambda op, backend, device: _skips_the_last_element(
         raw(op, backend, device)) if backend == "native" else raw(op, backend, device))
 
 
@@ -142,7 +142,7 @@ def test_the_doctor_runs_as_a_new_user_would():
 def test_the_doctor_fails_on_a_disagreement(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "SHAPES", [(1031,), (9, 40)])
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the doctor leaves out the interpreter then
-    raw = ops._raw_impl
+    raw = backends.raw_impl
     code = doctor.main([], impl_of=lambda op, backend, device: _skips_the_last_element(
         raw(op, backend, device)) if backend == "native" and op != "golore_update_"
         else raw(op, backend, device))
