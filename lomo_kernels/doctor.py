@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import sys
+import textwrap
 import time
 
 import torch
@@ -107,10 +108,32 @@ def self_test(devs, backends=KERNEL_BACKENDS, shapes=None, impl_of=None):
     return rows
 
 
-def _table(header, rows) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+WIDTH = 100  # the doctor's output fits a terminal of this many columns
+
+
+def _table(header, rows, width=WIDTH) -> str:
+    """Columns separated by two spaces; a table wider than ``width`` caps its widest columns at one
+    width, and their cells wrap onto continuation lines (a long reason, a path)."""
+    cells = [[str(x) for x in r] for r in [header, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(*cells)]
+    cap = max(widths)
+    while cap > 12 and sum(min(w, cap) for w in widths) + 2 * (len(widths) - 1) > width:
+        cap -= 1
+    widths = [min(w, cap) for w in widths]
+    out = []
+    for i, row in enumerate(cells):
+        wrapped = [textwrap.wrap(x, w, break_long_words=True, break_on_hyphens=False) or [""]
+                   for x, w in zip(row, widths)]
+        for k in range(max(len(c) for c in wrapped)):
+            out.append("  ".join((c[k] if k < len(c) else "").ljust(w)
+                                 for c, w in zip(wrapped, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _say(text: str) -> None:
+    print(textwrap.fill(text, WIDTH, break_on_hyphens=False))
 
 
 def main(argv=None, impl_of=None) -> int:
@@ -131,12 +154,12 @@ def main(argv=None, impl_of=None) -> int:
     print(_table(("backend", "build", *(str(d) for d in devs)), rows))
     picks = ", ".join(f"{d}: {ops.resolve_backend('auto', d)}" for d in devs)
     check = "off" if selfcheck.mode() == "0" else "on"
-    print(f"(auto picks {picks}; first-use self-check on CUDA: {check}, LOMO_KERNELS_SELF_CHECK)")
+    _say(f"(auto picks {picks}; first-use self-check on CUDA: {check}, LOMO_KERNELS_SELF_CHECK)")
     if args.no_self_test:
         return 0
     print()
-    print("self-test against the reference (each op, dtype and rounding on shapes "
-          f"{', '.join(str(s) for s in SHAPES)}):")
+    _say("self-test against the reference (each op, dtype and rounding on shapes "
+         f"{', '.join(str(s) for s in SHAPES)}):")
     results = self_test(devs, impl_of=impl_of)
     table = [(b, d, op, dt, r, ulp if ulp >= 0 else "-", "ok" if ok else f"DISAGREES: {why}")
              for b, d, op, dt, r, ulp, ok, why in results]
