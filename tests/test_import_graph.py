@@ -1,4 +1,5 @@
-"""No import cycles in lomo_kernels/ and triton_kernels/ (installed as lomo_kernels.triton_kernels).
+"""No import cycles in lomo_kernels/ and triton_kernels/ (installed as lomo_kernels.triton_kernels),
+and no #include cycles in csrc/ (include_graph, below).
 
 The graph is read from the source with ``ast``: every ``import`` and ``from ... import``, at module
 level or inside a function (a lazy import that hides a cycle is still one), is an edge to the
@@ -11,6 +12,7 @@ counted (every package would be in a cycle with its own submodules).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,3 +150,48 @@ def test_the_checker_finds_a_lazy_cycle(tmp_path):
     graph = {m: _imports(m, p, modules) for m, p in modules.items()}
     assert graph == {"pkg": set(), "pkg.x": {"pkg.y"}, "pkg.y": {"pkg.x"}}
     assert find_cycles(graph) == [["pkg.x", "pkg.y", "pkg.x"]]
+
+
+# ---------------------------------------------------------------- csrc/: the #include graph
+
+CSRC = ROOT / "csrc"
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+_SOURCES = ("*.h", "*.cuh", "*.cpp", "*.cu")
+
+
+def include_graph(root: Path = CSRC) -> dict[str, set[str]]:
+    """File (relative to ``root``) -> the files of ``root`` it includes with ``#include "..."``,
+    resolved as the build does: next to the including file, then in ``root`` (the include path).
+    Every include counts, also one inside an #if (a header that a configuration includes is still
+    a dependency). System includes (<...>) are not ours."""
+    files = sorted({p for pattern in _SOURCES for p in root.rglob(pattern)})
+    graph = {}
+    for path in files:
+        edges = set()
+        for name in _INCLUDE.findall(path.read_text()):
+            for base in (path.parent, root):
+                target = (base / name).resolve()
+                if target.is_file() and root.resolve() in target.parents:
+                    edges.add(target.relative_to(root.resolve()).as_posix())
+                    break
+        graph[path.relative_to(root).as_posix()] = edges
+    return graph
+
+
+def test_csrc_has_no_include_cycle():
+    graph = include_graph()
+    assert "ops.h" in graph and "cuda/emulation.h" in graph["emulated/lomo_update.cpp"]
+    cycles = find_cycles(graph)
+    assert not cycles, "include cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_include_checker_finds_a_cycle(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.h").write_text('#pragma once\n#include "sub/b.h"\n#include <vector>\n')
+    (tmp_path / "sub" / "b.h").write_text('#if X\n#  include "c.h"\n#endif\n')  # next to b.h
+    (tmp_path / "sub" / "c.h").write_text('#include "a.h"\n')  # from the include path
+    (tmp_path / "k.cpp").write_text('#include "sub/c.h"\n#include "missing.h"\n')
+    graph = include_graph(tmp_path)
+    assert graph == {"a.h": {"sub/b.h"}, "sub/b.h": {"sub/c.h"}, "sub/c.h": {"a.h"},
+                     "k.cpp": {"sub/c.h"}}
+    assert find_cycles(graph) == [["a.h", "sub/b.h", "sub/c.h", "a.h"]]
