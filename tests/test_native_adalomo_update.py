@@ -118,6 +118,7 @@ torch.save(torch.cat(out), {path!r})
 """
 
 
+@pytest.mark.slow  # four subprocesses that each import torch: about a minute on 2 cores
 def test_every_cpu_clone_computes_the_same(tmp_path):
     # The baseline, AVX2 and AVX-512 clones (LOMO_KERNELS_CPU_ISA caps the choice) hold the
     # 16 lanes of every sum in vectors of different widths; the sums, the state and the

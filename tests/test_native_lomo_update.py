@@ -75,6 +75,7 @@ torch.save(torch.cat(out), {path!r})
 """
 
 
+@pytest.mark.slow  # four subprocesses that each import torch: about a minute on 2 cores
 def test_every_cpu_clone_rounds_the_same(tmp_path):
     # The baseline, AVX2 and AVX-512 clones of the CPU loops (LOMO_KERNELS_CPU_ISA caps the
     # choice) must give bitwise the same parameters (LOMO with its grad_sq, and GoLore's inner
@@ -127,12 +128,13 @@ def test_cuda_rejects_mixed_devices():
            "nearest", 0, 1)
 
 
-def _host_memory() -> int:
-    """MemTotal: the machine's memory (not what happens to be free now, which changes from run to
-    run)."""
+def _host_memory(field: str = "MemTotal:") -> int:
+    """A field of /proc/meminfo in bytes: MemTotal, the machine's memory, decides whether the test
+    can run here at all; MemAvailable (free now, which changes from run to run) only guards a run
+    that was asked for against being killed for memory."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -162,6 +164,9 @@ def test_cuda_beyond_2_pow_32_elements(rounding, target):
         if _host_memory() < 20 * 2**30:
             pytest.skip(f"needs 20 GiB of host memory for 2 x 8 GiB, this machine has "
                         f"{_host_memory() / 2**30:.1f} GiB")
+        if _host_memory("MemAvailable:") < 17 * 2**30:  # asked for, but would be OOM-killed
+            pytest.skip(f"{HUGE}=1, but only {_host_memory('MemAvailable:') / 2**30:.1f} GiB of "
+                        "host memory is free now, 17 GiB are needed for 2 x 8 GiB")
     elif torch.cuda.get_device_properties(0).total_memory < 18 * 2**30:
         pytest.skip("needs 18 GiB of GPU memory for 2 x 8 GiB")
     p = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(0.75)
