@@ -136,8 +136,8 @@ def test_stochastic_rounding_is_bitwise_the_reference(backend, dtype, shape, hna
         assert not torch.equal(out, near)  # some elements rounded the other way
 
 
-@pytest.mark.parametrize("backend,dtype", cases(ALL, [torch.float16, torch.bfloat16],
-                                                slow_if=lambda b, d: b.slow))
+@pytest.mark.parametrize("backend,dtype", cases(  # 5 x 65536 elements: 10 s on the reference
+    ALL, [torch.float16, torch.bfloat16], slow_if=lambda b, d: b.slow or b.family == "reference"))
 def test_stochastic_rounding_keeps_a_tiny_decay_unbiased(backend, dtype):
     # p = 1 and decay 1 - 1e-4: p * decay is not representable, the nearest value is 1 again
     # (the update is lost), stochastic rounding lands on the two neighbours with the right odds.
