@@ -39,6 +39,10 @@ def build(variant: str, max_jobs: int, tmp: Path) -> dict:
     src, venv = tmp / f"src-{variant}", tmp / f"venv-{variant}"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(src)], check=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # the new environment's own setuptools would shadow the current one's: the build needs >= 77
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                    "--disable-pip-version-check", "--upgrade", "setuptools>=77", "wheel"],
+                   check=True)
     pth = next(venv.glob("lib/python*/site-packages"))
     (pth / "zz_parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "MAX_JOBS": str(max_jobs), **VARIANTS[variant]}
