@@ -137,21 +137,6 @@ def finetune_example(res: Results) -> str:
                       f"{d['load_avg_end'][0]} at the end"))
 
 
-def build_time(res: Results) -> str:
-    data = res(f"{CPU}/build_time.json")
-    what = {"cpu": "CPU kernels only (a CPU-only torch)",
-            "full": "CPU + CUDA (sm_80, sm_90) + the emulation (CI)"}
-    table = [[r["variant"], what.get(r["variant"], ""), r["max_jobs"],
-              f"{r['wall_s'] / 60:.1f} min",
-              f"{r['load_avg_before'][0]} -> {r['load_avg_after'][0]}", f"`{r['command']}`"]
-             for r in data["rows"]]
-    rows = data["rows"]
-    load = f"{rows[0]['load_avg_before'][0]} at the start" if rows else None
-    return (_source(data["environment"], "python bench/build_time.py", load) + "\n\n"
-            + summary.markdown(["build", "what is compiled", "MAX_JOBS", "wall time",
-                                "load average", "command"], table))
-
-
 # --- the numbers README.md quotes ----------------------------------------------------------------
 
 def _memory_peaks(res: Results) -> dict:
@@ -241,7 +226,7 @@ GENERATORS = {
     "headline": headline, "summary": summary_table, "memory": memory_table,
     "convergence": convergence_table, "step-time": step_time_table,
     "clip-modes": clip_modes_table, "clip-cost": clip_cost, "microbench": microbench_table,
-    "finetune-example": finetune_example, "build-time": build_time,
+    "finetune-example": finetune_example,
 }
 
 
