@@ -198,7 +198,7 @@ def one_backward_clipping(ctx, cls_name, backend):
     m, ref = shard(Net()), Net()
     opt, ref_opt = cls(m, **kw), cls(ref, independent_ranks=True, **kw)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradNormSpikeWarning)  # the unclipped first step
+        warnings.simplefilter("error", GradNormSpikeWarning)  # a healthy run: no false alarm
         for step in range(STEPS):
             for model, o, c in ((m, opt, ctx), (ref, ref_opt, None)):
                 x, y = batch(step, c)
