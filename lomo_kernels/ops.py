@@ -59,14 +59,15 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import reference
-from ._checks import number
+from ._checks import integer
+from ._op_checks import (INNERS, ROUNDINGS, SUPPORTED_DTYPES, check_adalomo_scalars, check_common,
+                         check_golore, check_golore_scalars, check_multi, check_scalars,
+                         check_seed_step, check_shape, check_shapes, check_state,
+                         check_workspace_tensor, golore_state_names, per_tensor, tensor_list)
 from ._stack import user_stacklevel
 
 BACKENDS = ("auto", "native", "triton", "torch", "cuda_emulated")
 EMULATED_NAMESPACE = "lomo_kernels_cuda_emulated"
-ROUNDINGS = ("nearest", "stochastic")
-INNERS = ("adamw", "sgd")  # GoLore's inner optimizers
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SCHEMAS = {
     "lomo_update_": (
@@ -332,11 +333,14 @@ def workspace_numel(op: str, shapes, *, backend: str = "auto",
     for any one of ``shapes``; for a multi-tensor op, for the whole list in one call. Allocate it
     once with ``torch.zeros`` and pass it to every call (never smaller, never shared between
     streams)."""
-    if op not in _SCHEMAS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if not isinstance(op, str) or op not in _SCHEMAS:
+        raise ValueError(f"workspace_numel: op must be one of {OPS}, got {op!r}")
+    shapes = check_shapes(op, shapes)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"workspace_numel: device must be a torch.device or a string such as "
+                        f"'cpu', got {type(device).__name__}")
     device = torch.device(device)
     backend = resolve_backend(backend, device)
-    shapes = [list(s) for s in shapes]
     if backend in ("native", "cuda_emulated") and _native is not None:
         # the native CPU kernels' need, or the CUDA kernels' (also what the emulation runs)
         cuda = backend == "cuda_emulated" or device.type == "cuda"
@@ -347,72 +351,14 @@ def workspace_numel(op: str, shapes, *, backend: str = "auto",
     return max(int(need), reference.workspace_numel(op, shapes))
 
 
-def _check_scalar_tensor(op, name, t, device):
-    if t is not None and (
-        not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32
-        or t.device != device
-    ):
-        raise ValueError(f"{op}: {name} must be a 1-element float32 tensor on {device}")
-
-
-def _check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq=None):
-    if not isinstance(param, torch.Tensor) or not isinstance(grad, torch.Tensor):
-        raise TypeError(f"{op}: param and grad must be tensors")
-    if param.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got {param.dtype}")
-    if grad.dtype != param.dtype:
-        raise TypeError(f"{op}: grad dtype {grad.dtype} does not match param dtype {param.dtype}")
-    if grad.shape != param.shape:
-        raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
-    if grad.device != param.device:
-        raise ValueError(f"{op}: grad is on {grad.device}, param on {param.device}")
-    if not param.is_contiguous() or not grad.is_contiguous():
-        raise ValueError(f"{op}: param and grad must be contiguous")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"{op}: rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    for name, t in (("clip_coef", clip_coef), ("found_inf", found_inf), ("grad_sq", grad_sq)):
-        _check_scalar_tensor(op, name, t, param.device)
-
-
 def _check_workspace(op, workspace, shapes, backend, device):
+    check_workspace_tensor(op, workspace, device)
     if workspace is None:
         return
-    if (not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32
-            or workspace.dim() != 1 or workspace.device != device
-            or not workspace.is_contiguous()):
-        raise ValueError(f"{op}: workspace must be a contiguous 1-d float32 tensor on {device}")
     need = workspace_numel(op, shapes, backend=backend, device=device)
     if workspace.numel() < need:
         raise ValueError(f"{op}: workspace has {workspace.numel()} elements, needs {need} "
                          "(ops.workspace_numel)")
-
-
-def _check_scalars(op: str, lr, weight_decay, loss_scale, clip_grad_value) -> None:
-    number(lr, f"{op}: lr", ge=0.0)
-    number(weight_decay, f"{op}: weight_decay", ge=0.0)
-    number(loss_scale, f"{op}: loss_scale", gt=0.0)
-    number(clip_grad_value, f"{op}: clip_grad_value (<= 0: off)")
-
-
-def _check_adalomo_scalars(op, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
-                           clip_threshold) -> None:
-    _check_scalars(op, lr, weight_decay, loss_scale, clip_grad_value)
-    number(beta, f"{op}: beta", ge=0.0, le=1.0)
-    number(eps1, f"{op}: eps1", ge=0.0)
-    number(eps2, f"{op}: eps2", ge=0.0)
-    number(clip_threshold, f"{op}: clip_threshold", gt=0.0)
-
-
-def _check_state(name, t, shape, param, op="adalomo_update_"):
-    if t is None:
-        raise ValueError(f"{op}: {name} is required for a {param.dim()}-d parameter")
-    if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or t.device != param.device:
-        raise ValueError(
-            f"{op}: {name} must be float32 of shape {tuple(shape)} on {param.device}, "
-            f"got {t.dtype} {tuple(t.shape)} on {t.device}"
-        )
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous")
 
 
 def lomo_update_(
@@ -424,17 +370,18 @@ def lomo_update_(
 ) -> None:
     """Checked entry point of the fused LOMO update (docs/spec.md). Updates ``param`` in place."""
     op = "lomo_update_"
-    _check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq)
-    _check_scalars(op, lr, weight_decay, loss_scale, clip_grad_value)
+    check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq)
+    check_scalars(op, lr, weight_decay, loss_scale, clip_grad_value)
+    seed, step = check_seed_step(op, seed, step)
     _check_workspace(op, workspace, [param.shape], backend, param.device)
     impl = get_impl(op, backend, param.device)
     impl(param, grad, clip_coef, found_inf, float(lr), float(weight_decay), float(loss_scale),
-         float(clip_grad_value), rounding, int(seed), int(step), grad_sq, workspace)
+         float(clip_grad_value), rounding, seed, step, grad_sq, workspace)
 
 
 def adalomo_state_shapes(shape: Union[torch.Size, tuple]) -> dict[str, tuple]:
     """Shapes of the AdaLomo second-moment state for a parameter of ``shape`` (docs/spec.md)."""
-    shape = tuple(shape)
+    shape = check_shape("adalomo_state_shapes: shape", shape)
     if len(shape) >= 2:
         return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
     return {"exp_avg_sq": shape}
@@ -454,19 +401,22 @@ def adalomo_update_(
     """Checked entry point of the AdaLomo update (docs/spec.md). Updates ``param`` and its state
     in place; ``stage`` 1-3 (with a workspace) run one pass each, for sharded parameters."""
     op = "adalomo_update_"
-    _check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq)
-    _check_adalomo_scalars(op, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
+    check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq)
+    check_adalomo_scalars(op, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
                            clip_threshold)
     state = {"exp_avg_sq_row": exp_avg_sq_row, "exp_avg_sq_col": exp_avg_sq_col,
              "exp_avg_sq": exp_avg_sq}
     shapes = adalomo_state_shapes(param.shape)
     for name, t in state.items():
         if name in shapes:
-            _check_state(name, t, shapes[name], param)
+            check_state(name, t, shapes[name], param)
         elif t is not None:
             raise ValueError(f"{op}: {name} must be None for a {param.dim()}-d parameter")
-    if stage not in (0, 1, 2, 3):
+    seed, step = check_seed_step(op, seed, step)
+    if integer(stage, f"{op}: stage") not in (0, 1, 2, 3):
         raise ValueError(f"{op}: stage must be 0 (all passes) or 1, 2, 3, got {stage!r}")
+    integer(global_rows, f"{op}: global_rows")
+    integer(global_numel, f"{op}: global_numel")
     if stage and workspace is None:
         raise ValueError(f"{op}: stage {stage} needs a workspace (ops.workspace_numel)")
     if global_rows < 0 or global_numel < 0 or (global_numel and global_numel < param.numel()):
@@ -476,27 +426,8 @@ def adalomo_update_(
     impl = get_impl(op, backend, param.device)
     impl(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf, float(lr),
          float(weight_decay), float(loss_scale), float(clip_grad_value), float(beta), float(eps1),
-         float(eps2), float(clip_threshold), rounding, int(seed), int(step), grad_sq, workspace,
+         float(eps2), float(clip_threshold), rounding, seed, step, grad_sq, workspace,
          int(stage), int(global_rows), int(global_numel))
-
-
-def _per_tensor(op, name, value, count, kind=float):
-    """A scalar broadcast to ``count`` tensors, or a list of exactly ``count`` values."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
-    if len(values) != count:
-        raise ValueError(f"{op}: {name} has {len(values)} values for {count} tensors")
-    return [kind(v) for v in values]
-
-
-def _check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq):
-    params, grads = list(params), list(grads)
-    if len(params) != len(grads):
-        raise ValueError(f"{op}: {len(params)} params but {len(grads)} grads")
-    for p, g in zip(params, grads):
-        _check_common(op, p, g, clip_coef, found_inf, rounding, grad_sq)
-    if params and any(p.device != params[0].device for p in params):
-        raise ValueError(f"{op}: every tensor must be on one device")
-    return params, grads
 
 
 def lomo_update_multi_(
@@ -507,19 +438,19 @@ def lomo_update_multi_(
     """LOMO on a list of (small) tensors in one call: each tensor exactly as ``lomo_update_``.
     ``lr``, ``weight_decay``, ``clip_grad_value``, ``seed``, ``step``: one value or one per tensor."""
     op = "lomo_update_multi_"
-    params, grads = _check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq)
+    params, grads = check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq)
     if not params:
         return
     k = len(params)
-    lr, wd, cgv = (_per_tensor(op, name, v, k) for name, v in (
+    lr, wd, cgv = (per_tensor(op, name, v, k) for name, v in (
         ("lr", lr), ("weight_decay", weight_decay), ("clip_grad_value", clip_grad_value)))
     for i in range(k):
-        _check_scalars(op, lr[i], wd[i], loss_scale, cgv[i])
+        check_scalars(op, lr[i], wd[i], loss_scale, cgv[i])
     device = params[0].device
     _check_workspace(op, workspace, [p.shape for p in params], backend, device)
     get_impl(op, backend, device)(
         params, grads, clip_coef, found_inf, lr, wd, float(loss_scale), cgv, rounding,
-        _per_tensor(op, "seed", seed, k, int), _per_tensor(op, "step", step, k, int),
+        per_tensor(op, "seed", seed, k, int), per_tensor(op, "step", step, k, int),
         grad_sq, workspace)
 
 
@@ -532,82 +463,30 @@ def adalomo_update_multi_(
     """AdaLomo on a list of unfactored (0-d / 1-d) tensors in one call, each exactly as
     ``adalomo_update_``; per-tensor scalars as one value or a list."""
     op = "adalomo_update_multi_"
-    params, grads = _check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq)
-    exp_avg_sqs = list(exp_avg_sqs)
+    params, grads = check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq)
+    exp_avg_sqs = tensor_list(op, "exp_avg_sqs", exp_avg_sqs)
     if len(exp_avg_sqs) != len(params):
         raise ValueError(f"{op}: {len(params)} params but {len(exp_avg_sqs)} exp_avg_sqs")
     for p, v in zip(params, exp_avg_sqs):
         if p.dim() > 1:
             raise ValueError(f"{op}: takes 0-d and 1-d tensors only, got shape {tuple(p.shape)}")
-        _check_state("exp_avg_sq", v, p.shape, p, op)
+        check_state("exp_avg_sq", v, p.shape, p, op)
     if not params:
         return
     k = len(params)
     names = ("lr", "weight_decay", "clip_grad_value", "beta", "eps1", "eps2", "clip_threshold")
-    lists = {name: _per_tensor(op, name, v, k) for name, v in zip(names, (
+    lists = {name: per_tensor(op, name, v, k) for name, v in zip(names, (
         lr, weight_decay, clip_grad_value, beta, eps1, eps2, clip_threshold))}
     for i in range(k):
-        _check_adalomo_scalars(op, *(lists[n][i] for n in names[:2]), loss_scale,
+        check_adalomo_scalars(op, *(lists[n][i] for n in names[:2]), loss_scale,
                                *(lists[n][i] for n in names[2:]))
     device = params[0].device
     _check_workspace(op, workspace, [p.shape for p in params], backend, device)
     get_impl(op, backend, device)(
         params, grads, exp_avg_sqs, clip_coef, found_inf, lists["lr"], lists["weight_decay"],
         float(loss_scale), *(lists[n] for n in names[2:]), rounding,
-        _per_tensor(op, "seed", seed, k, int), _per_tensor(op, "step", step, k, int),
+        per_tensor(op, "seed", seed, k, int), per_tensor(op, "step", step, k, int),
         grad_sq, workspace)
-
-
-def golore_state_names(inner: str, momentum: float) -> tuple:
-    """The float32 state tensors (each of ``r``'s shape) that ``golore_update_`` needs."""
-    if inner == "adamw":
-        return ("exp_avg", "exp_avg_sq")
-    if inner == "sgd":
-        return ("momentum_buffer",) if momentum != 0.0 else ()
-    raise ValueError(f"golore_update_: inner must be one of {INNERS}, got {inner!r}")
-
-
-def _check_golore(r, param, state, clip_coef, found_inf, inner, momentum, rounding, step):
-    op = "golore_update_"
-    if not isinstance(r, torch.Tensor) or not (param is None or isinstance(param, torch.Tensor)):
-        raise TypeError(f"{op}: r and param must be tensors")
-    if param is None and r.dtype != torch.float32:
-        raise TypeError(f"{op}: r (the projected gradient) must be float32, got {r.dtype}")
-    if param is not None:
-        if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got "
-                            f"{param.dtype}")
-        if r.dtype != param.dtype or r.shape != param.shape or r.device != param.device:
-            raise ValueError(
-                f"{op}: r (the gradient) must have param's dtype, shape and device: got {r.dtype} "
-                f"{tuple(r.shape)} on {r.device}, param {param.dtype} {tuple(param.shape)} on "
-                f"{param.device}")
-        if not param.is_contiguous():
-            raise ValueError(f"{op}: param must be contiguous")
-    if not r.is_contiguous():
-        raise ValueError(f"{op}: r must be contiguous")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"{op}: rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    for name, t in (("clip_coef", clip_coef), ("found_inf", found_inf)):
-        if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != r.device):
-            raise ValueError(f"{op}: {name} must be a 1-element float32 tensor on {r.device}")
-    need = golore_state_names(inner, momentum)
-    for name, t in state.items():
-        if name not in need:
-            if t is not None:
-                raise ValueError(f"{op}: {name} must be None for inner={inner!r} "
-                                 f"with momentum={momentum}")
-            continue
-        if t is None:
-            raise ValueError(f"{op}: {name} is required for inner={inner!r}")
-        if t.dtype != torch.float32 or t.shape != r.shape or t.device != r.device:
-            raise ValueError(
-                f"{op}: {name} must be float32 of shape {tuple(r.shape)} on {r.device}, got "
-                f"{t.dtype} {tuple(t.shape)} on {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous")
-    if inner == "adamw" and step < 1:
-        raise ValueError(f"{op}: step must be >= 1 for inner='adamw' (bias correction), got {step}")
 
 
 def golore_update_(
@@ -619,12 +498,13 @@ def golore_update_(
     the float32 projected gradient ``r``, or, with ``param``, the full-rank update of ``param``
     from its gradient ``r``. State tensors are float32 of ``r``'s shape, updated in place."""
     state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "momentum_buffer": momentum_buffer}
-    _check_golore(r, param, state, clip_coef, found_inf, inner, float(momentum), rounding,
-                  int(step))
+    check_golore_scalars(lr, weight_decay, scale, beta1, beta2, eps, momentum)
+    seed, step = check_seed_step("golore_update_", seed, step)
+    check_golore(r, param, state, clip_coef, found_inf, inner, float(momentum), rounding, step)
     impl = get_impl("golore_update_", backend, r.device)
     impl(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, float(lr),
          float(weight_decay), float(scale), float(beta1), float(beta2), float(eps),
-         float(momentum), rounding, int(seed), int(step))
+         float(momentum), rounding, seed, step)
 
 
 # ---------------------------------------------------------------------------------------------
