@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._checks import check_shape, choice, number
+
 ROUNDINGS = ("nearest", "stochastic")
 INNERS = ("adamw", "sgd")  # GoLore's inner optimizers
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,7 +67,7 @@ SINGLE_OF = {"lomo_update_multi_": "lomo_update_", "adalomo_update_multi_": "ada
 
 def adalomo_state_shapes(shape: Union[torch.Size, tuple]) -> dict[str, tuple]:
     """Shapes of the AdaLomo second-moment state for a parameter of ``shape`` (docs/spec.md)."""
-    shape = tuple(shape)
+    shape = check_shape("adalomo_state_shapes: shape", shape)
     if len(shape) >= 2:
         return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
     return {"exp_avg_sq": shape}
@@ -73,11 +75,10 @@ def adalomo_state_shapes(shape: Union[torch.Size, tuple]) -> dict[str, tuple]:
 
 def golore_state_names(inner: str, momentum: float) -> tuple:
     """The float32 state tensors (each of ``r``'s shape) that ``golore_update_`` needs."""
+    choice(inner, "golore_update_: inner", INNERS)
     if inner == "adamw":
         return ("exp_avg", "exp_avg_sq")
-    if inner == "sgd":
-        return ("momentum_buffer",) if momentum != 0.0 else ()
-    raise ValueError(f"golore_update_: inner must be one of {INNERS}, got {inner!r}")
+    return ("momentum_buffer",) if number(momentum, "golore_update_: momentum") != 0.0 else ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   (global norm, one backward) or ``clip_grad_value`` (element clipping). The exact
   ``clip_grad_norm`` (the default ``clip_mode="exact"``) needs two backward passes
   (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
-  loop does not do (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
+  loop does not do: every optimizer refuses it at the first backward, before any parameter
+  changes (docs/clipping.md).
 * ``fp16=True`` (AMP with a ``GradScaler``): the scaler multiplies the loss, our hooks see the
   scaled gradient and do not know the scale (``Lomo`` would step 65536x too far), and
   ``GradScaler.step`` then fails with "No inf checks were recorded for this optimizer" (both seen
@@ -72,9 +73,13 @@ import sys
 import warnings
 from typing import Any
 
+import torch
+
+from ._checks import integer
 from ._stack import user_stacklevel
-from .optim import AdaLomo, GaLore, GoLore, Lomo
+from .optim import AdaLomo, GaLore, GoLore, InBackwardOptimizer, Lomo
 from .optim._backward import at_first_step
+from .optim._clipping import ALTERNATIVES
 
 __all__ = ["make_trainer_optimizers", "check_training_args", "report_grad_norm",
            "GradNormCallback"]
@@ -95,7 +100,7 @@ def _callback_class() -> type:
             it see the value: ``report_grad_norm`` does."""
 
             def __init__(self, optimizer: Any) -> None:
-                self.optimizer = optimizer
+                self.optimizer = _in_backward(optimizer, "GradNormCallback: optimizer")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 norm = self.optimizer.last_grad_norm
@@ -116,6 +121,26 @@ def __getattr__(name: str) -> Any:
     if name == "GradNormCallback":
         return _callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _in_backward(optimizer: Any, name: str) -> Any:
+    """``optimizer`` (or the in-backward optimizer that accelerate's wrapper holds), checked."""
+    inner = optimizer
+    while not hasattr(inner, "last_grad_norm") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    if not isinstance(inner, InBackwardOptimizer):
+        raise TypeError(f"{name} must be a lomo_kernels optimizer (Lomo, AdaLomo, GoLore, "
+                        f"GaLore) or accelerate's wrapper of one, got {type(optimizer).__name__}")
+    return inner
+
+
+def _training_args(args: Any, name: str, needs: tuple) -> None:
+    """Refuse what is not a ``transformers.TrainingArguments`` (a dict, a string...)."""
+    missing = [a for a in needs if not hasattr(args, a)]
+    if isinstance(args, (dict, str, bytes, int, float)) or missing:
+        raise TypeError(f"{name} must be a transformers.TrainingArguments (with "
+                        f"{', '.join(needs)}), got {type(args).__name__}"
+                        + (f" without {', '.join(missing)}" if missing else ""))
 
 
 def calling_trainer(frame: Any) -> Any:
@@ -151,7 +176,8 @@ def _check_trainer(optimizer: Any, frame: Any) -> None:
             "already applied and freed every gradient: nothing is clipped (the logged "
             "grad_norm is the optimizer's last_grad_norm). Set max_grad_norm=0 in "
             "TrainingArguments and clip in the optimizer: clip_grad_norm=..., "
-            "clip_mode='previous' (one backward), or clip_grad_value (see lomo_kernels.hf).",
+            "clip_mode='previous' (one backward), exact clipping through gradient "
+            "accumulation (accumulation_steps=K > 1), or clip_grad_value (docs/clipping.md).",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
@@ -161,11 +187,13 @@ def report_grad_norm(trainer: Any, optimizer: Any = None) -> None:
     """Make ``trainer`` log ``optimizer.last_grad_norm`` (default: ``trainer.optimizer``) as its
     ``grad_norm``: a ``GradNormCallback`` first among its callbacks (once; a callback for another
     optimizer is replaced). The optimizers call it at their first ``step()`` under a Trainer."""
+    if not hasattr(getattr(trainer, "callback_handler", None), "callbacks"):
+        raise TypeError("report_grad_norm: trainer must be a transformers.Trainer, got "
+                        f"{type(trainer).__name__}")
     cls = _callback_class()
     if optimizer is None:
         optimizer = trainer.optimizer
-    while not hasattr(optimizer, "last_grad_norm") and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    optimizer = _in_backward(optimizer, "report_grad_norm: optimizer")
     callbacks = trainer.callback_handler.callbacks
     mine = [cb for cb in callbacks if isinstance(cb, cls)]
     if len(mine) == 1 and mine[0].optimizer is optimizer and callbacks[0] is mine[0]:
@@ -180,6 +208,10 @@ def check_training_args(args, *, strict: bool = True) -> None:
 
     ``strict=False`` turns the ``max_grad_norm`` error into a warning (the run works, but no
     clipping happens and the logged ``grad_norm`` is 0)."""
+    _training_args(args, "check_training_args: args",
+                   ("gradient_accumulation_steps", "fp16", "max_grad_norm"))
+    if not isinstance(strict, bool):
+        raise TypeError(f"check_training_args: strict must be True or False, got {strict!r}")
     gas = getattr(args, "gradient_accumulation_steps", 1) or 1
     if gas > 1:
         raise ValueError(
@@ -200,7 +232,8 @@ def check_training_args(args, *, strict: bool = True) -> None:
             f"max_grad_norm={mgn}: the Trainer clips gradients after backward, when Lomo/AdaLomo "
             "have already applied and freed them: nothing is clipped. Set max_grad_norm=0 and "
             f"clip in the optimizer: clip_grad_norm={mgn}, clip_mode='previous' (global norm, one "
-            "backward), or clip_grad_value."
+            "backward), exact clipping through gradient accumulation (accumulation_steps=K > 1), "
+            "or clip_grad_value."
         )
         if strict:
             raise ValueError(msg)
@@ -224,8 +257,9 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
     strict: False turns a ``max_grad_norm > 0`` error into a warning.
     optimizer_kwargs: passed to the optimizer (``clip_grad_value``, ``weight_decay``,
         ``backend``, ``rounding``, ``seed``, ...). ``clip_grad_norm`` needs
-        ``clip_mode="previous"`` (one backward per step); the exact mode needs the two-pass
-        ``grad_norm`` + ``fused_backward`` loop, which the Trainer does not run.
+        ``clip_mode="previous"`` (one backward per step) or gradient accumulation; the exact
+        mode of a single backward needs the two-pass ``grad_norm`` + ``fused_backward`` loop,
+        which the Trainer does not run (refused here, before the optimizer is built).
 
     Example::
 
@@ -234,27 +268,35 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
         opt, sched = make_trainer_optimizers(model, args, "adalomo", clip_grad_value=1.0)
         Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched)).train()
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("make_trainer_optimizers: model must be the torch.nn.Module the Trainer "
+                        f"trains, got {type(model).__name__}")
+    if num_training_steps is not None:
+        integer(num_training_steps, "make_trainer_optimizers: num_training_steps", ge=1)
     if args is not None:
         check_training_args(args, strict=strict)
+        if lr is None:
+            _training_args(args, "make_trainer_optimizers: args", ("learning_rate",))
+    elif not isinstance(strict, bool):
+        raise TypeError(f"make_trainer_optimizers: strict must be True or False, got {strict!r}")
     if (optimizer_kwargs.get("clip_grad_norm") is not None
             and optimizer_kwargs.get("clip_mode", "exact") == "exact"):
         raise ValueError(
-            "clip_grad_norm with clip_mode='exact' needs two backward passes per step "
-            "(optimizer.grad_norm(loss), then optimizer.fused_backward(loss)), which Trainer does "
-            "not run; pass clip_mode='previous' (one backward: each step is clipped with the "
-            "previous step's norm), use clip_grad_value, or a custom loop (lomo_kernels.finetune)."
+            "clip_grad_norm with clip_mode='exact' needs the gradient norm before the update, "
+            "which the Trainer's single loss.backward() cannot give (it would train unclipped). "
+            f"Ways to clip: {ALTERNATIVES}. Or use clip_grad_value (element-wise)."
         )
     if lr is None:
         lr = args.learning_rate if args is not None else 1e-3
     classes = {"adalomo": AdaLomo, "lomo": Lomo, "golore": GoLore, "galore": GaLore}
-    if isinstance(optimizer, (Lomo, AdaLomo, GoLore)):
+    if isinstance(optimizer, InBackwardOptimizer):
         opt = optimizer
-    elif optimizer in classes:
+    elif isinstance(optimizer, str) and optimizer in classes:
         opt = classes[optimizer](model, lr=lr, **optimizer_kwargs)
     else:
-        raise ValueError(
-            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo or "
-            f"GoLore, got {optimizer!r}"
+        raise (ValueError if isinstance(optimizer, str) else TypeError)(
+            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo, "
+            f"GoLore or GaLore, got {optimizer!r}"
         )
 
     if args is not None:

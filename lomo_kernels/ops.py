@@ -56,8 +56,10 @@ from typing import Callable, Optional
 import torch
 
 from . import _ops, backends, reference, selfcheck
-from ._op_checks import (check_adalomo_scalars, check_common, check_golore, check_multi,
-                         check_scalars, check_state, check_workspace, per_tensor)
+from ._checks import integer
+from ._op_checks import (check_adalomo_scalars, check_common, check_golore, check_golore_scalars,
+                         check_multi, check_scalars, check_seed_step, check_state, check_workspace,
+                         per_tensor, tensor_list)
 from ._ops import (CONTRACT_VERSION, EMULATED_NAMESPACE, INNERS, OPS, ROUNDINGS, SINGLE_OF,
                    SUPPORTED_DTYPES, adalomo_state_shapes, golore_state_names)
 from .backends import (BACKENDS, BackendFallbackWarning, available_backends, resolve_backend,
@@ -108,10 +110,11 @@ def lomo_update_(
     op = "lomo_update_"
     check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq)
     check_scalars(op, lr, weight_decay, loss_scale, clip_grad_value)
+    seed, step = check_seed_step(op, seed, step)
     check_workspace(op, workspace, [param.shape], backend, param.device)
     impl = get_impl(op, backend, param.device)
     impl(param, grad, clip_coef, found_inf, float(lr), float(weight_decay), float(loss_scale),
-         float(clip_grad_value), rounding, int(seed), int(step), grad_sq, workspace)
+         float(clip_grad_value), rounding, seed, step, grad_sq, workspace)
 
 
 def adalomo_update_(
@@ -139,8 +142,11 @@ def adalomo_update_(
             check_state(name, t, shapes[name], param)
         elif t is not None:
             raise ValueError(f"{op}: {name} must be None for a {param.dim()}-d parameter")
-    if stage not in (0, 1, 2, 3):
+    seed, step = check_seed_step(op, seed, step)
+    if integer(stage, f"{op}: stage") not in (0, 1, 2, 3):
         raise ValueError(f"{op}: stage must be 0 (all passes) or 1, 2, 3, got {stage!r}")
+    integer(global_rows, f"{op}: global_rows")
+    integer(global_numel, f"{op}: global_numel")
     if stage and workspace is None:
         raise ValueError(f"{op}: stage {stage} needs a workspace (ops.workspace_numel)")
     if global_rows < 0 or global_numel < 0 or (global_numel and global_numel < param.numel()):
@@ -150,7 +156,7 @@ def adalomo_update_(
     impl = get_impl(op, backend, param.device)
     impl(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef, found_inf, float(lr),
          float(weight_decay), float(loss_scale), float(clip_grad_value), float(beta), float(eps1),
-         float(eps2), float(clip_threshold), rounding, int(seed), int(step), grad_sq, workspace,
+         float(eps2), float(clip_threshold), rounding, seed, step, grad_sq, workspace,
          int(stage), int(global_rows), int(global_numel))
 
 
@@ -188,7 +194,7 @@ def adalomo_update_multi_(
     ``adalomo_update_``; per-tensor scalars as one value or a list."""
     op = "adalomo_update_multi_"
     params, grads = check_multi(op, params, grads, clip_coef, found_inf, rounding, grad_sq)
-    exp_avg_sqs = list(exp_avg_sqs)
+    exp_avg_sqs = tensor_list(op, "exp_avg_sqs", exp_avg_sqs)
     if len(exp_avg_sqs) != len(params):
         raise ValueError(f"{op}: {len(params)} params but {len(exp_avg_sqs)} exp_avg_sqs")
     for p, v in zip(params, exp_avg_sqs):
@@ -222,12 +228,14 @@ def golore_update_(
     the float32 projected gradient ``r``, or, with ``param``, the full-rank update of ``param``
     from its gradient ``r``. State tensors are float32 of ``r``'s shape, updated in place."""
     state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "momentum_buffer": momentum_buffer}
+    check_golore_scalars(lr, weight_decay, scale, beta1, beta2, eps, momentum)
+    seed, step = check_seed_step("golore_update_", seed, step)
     check_golore(r, param, state, clip_coef, found_inf, inner, float(momentum), rounding,
                   int(step))
     impl = get_impl("golore_update_", backend, r.device)
     impl(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, float(lr),
          float(weight_decay), float(scale), float(beta1), float(beta2), float(eps),
-         float(momentum), rounding, int(seed), int(step))
+         float(momentum), rounding, seed, step)
 
 
 # Names of lomo_kernels.backends that this module held before backends had a module of their own

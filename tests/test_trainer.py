@@ -257,7 +257,7 @@ def test_trainer_clips_with_the_previous_steps_norm(tmp_path):
     opt, _ = make_trainer_optimizers(model, args, "lomo", lr=1e-2, **kw)
     log = _LrLog(opt)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lomo_kernels.GradNormSpikeWarning)  # the first step
+        warnings.simplefilter("error", lomo_kernels.GradNormSpikeWarning)  # no false alarm
         transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
                              callbacks=[log]).train()
         _replay(ref, data, Lomo, log.lrs, **kw)
@@ -292,12 +292,18 @@ def test_bare_optimizer_under_max_grad_norm_warns_once_at_the_first_step(tmp_pat
 
 
 @requires_accelerate
-def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path):
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo, GoLore])
+def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path, cls):
+    """Exact clipping cannot run under the Trainer's single backward: every optimizer refuses the
+    first backward before any parameter changes, and says what works (docs/clipping.md)."""
     model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
-                                   optimizers=(Lomo(model, lr=1e-2, clip_grad_norm=1.0), None))
-    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
+                                   optimizers=(cls(model, lr=1e-2, clip_grad_norm=1.0), None))
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm") as e:
         trainer.train()
+    assert "clip_mode='previous'" in str(e.value) and "accumulation_steps" in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_helper_checks_arguments():
@@ -328,6 +334,38 @@ def test_helper_checks_arguments():
     for name, cls in (("golore", GoLore), ("galore", GaLore)):
         opt, _ = make_trainer_optimizers(_model(), None, name, lr=0.5, rank=4)
         assert type(opt) is cls and opt.param_groups[0]["rank"] == 4
+
+
+def test_helpers_check_the_kinds_of_their_arguments():
+    ns = types.SimpleNamespace
+    ok = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0)
+    model = _model()
+    with pytest.raises(TypeError, match="args must be a transformers.TrainingArguments.*dict"):
+        check_training_args({"max_grad_norm": 0.0})
+    with pytest.raises(TypeError, match="without max_grad_norm"):
+        check_training_args(ns(gradient_accumulation_steps=1, fp16=False))
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        check_training_args(ok, strict="no")
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module"):
+        make_trainer_optimizers(list(model.parameters()), None, "adalomo")
+    with pytest.raises(TypeError, match="optimizer must be one of"):
+        make_trainer_optimizers(model, None, ["adalomo"])
+    with pytest.raises(TypeError, match="optimizer must be one of"):
+        make_trainer_optimizers(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="num_training_steps must be an integer >= 1"):
+        make_trainer_optimizers(model, None, "adalomo", num_training_steps=10.5)
+    with pytest.raises(ValueError, match="num_training_steps must be an integer >= 1"):
+        make_trainer_optimizers(model, None, "adalomo", num_training_steps=0)
+    with pytest.raises(TypeError, match="without learning_rate"):
+        make_trainer_optimizers(model, ok, "adalomo")
+    with pytest.raises(TypeError, match="trainer must be a transformers.Trainer"):
+        lomo_kernels.hf.report_grad_norm(object(), AdaLomo(model))
+    trainer = ns(callback_handler=ns(callbacks=[]), optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a lomo_kernels optimizer.*SGD"):
+        lomo_kernels.hf.report_grad_norm(trainer)
+    with pytest.raises(TypeError, match="optimizer must be a lomo_kernels optimizer"):
+        lomo_kernels.hf.GradNormCallback("adalomo")
 
 
 def test_helper_builds_the_scheduler_without_a_trainer():

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _ops, reference
+from .._checks import check_shapes
 from .._stack import user_stacklevel
 from . import native as _native_backend
 from . import default as _default_backend
@@ -210,11 +211,14 @@ def workspace_numel(op: str, shapes, *, backend: str = "auto",
     for any one of ``shapes``; for a multi-tensor op, for the whole list in one call. Allocate it
     once with ``torch.zeros`` and pass it to every call (never smaller, never shared between
     streams)."""
-    if op not in _ops.SCHEMAS:
-        raise ValueError(f"unknown op {op!r}; ops are {_ops.OPS}")
+    if not isinstance(op, str) or op not in _ops.SCHEMAS:
+        raise ValueError(f"workspace_numel: op must be one of {_ops.OPS}, got {op!r}")
+    shapes = check_shapes(op, shapes)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"workspace_numel: device must be a torch.device or a string such as "
+                        f"'cpu', got {type(device).__name__}")
     device = torch.device(device)
     backend = resolve_backend(backend, device)
-    shapes = [list(s) for s in shapes]
     if backend in ("native", "cuda_emulated") and _native is not None:
         # the native CPU kernels' need, or the CUDA kernels' (also what the emulation runs)
         cuda = backend == "cuda_emulated" or device.type == "cuda"

@@ -102,6 +102,9 @@ class BackwardMixin:
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """A no-op: the update happened inside backward. Marks the step boundary."""
         self._require_attached()
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{self._name}: step(closure): closure must be None or a callable "
+                            f"that returns the loss, got {type(closure).__name__}")
         self._sharding.check_not_resharded(self.model, self._where)
         loss = None
         if closure is not None:

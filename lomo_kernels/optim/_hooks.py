@@ -215,7 +215,8 @@ class HooksMixin:
         if self._mode == "update":
             self._sharding.check_world()
             plain = not self._in_fused
-            self._check_clip(plain=plain)
+            if not self._active_tasks:  # (a nested task runs inside a backward already checked)
+                self._check_clip(plain=plain)
             self._check_groups()
             if plain and self._fp16:
                 self._warn_once(
@@ -227,7 +228,7 @@ class HooksMixin:
                 )
             if not self._active_tasks:  # a new updating backward (checked): fresh accumulators
                 self._drop_pending()  # left by a backward that failed outside our hooks
-                self._start_grad_norm()
+                self._start_grad_norm()  # (and the clip coefficient it applies: _clipping.py)
         self._active_tasks.add(tid)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_task(tid))
 

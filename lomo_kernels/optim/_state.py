@@ -50,6 +50,12 @@ class StateMixin:
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            got = (f"a dict with keys {sorted(map(str, state_dict))}"
+                   if isinstance(state_dict, dict) else type(state_dict).__name__)
+            raise TypeError(f"{self._name}: load_state_dict takes the dict that "
+                            f"optimizer.state_dict() returns ('state', 'param_groups', ...), "
+                            f"got {got}")
         state_dict = dict(state_dict)
         for i, group in enumerate(state_dict.get("param_groups", ())):
             self._check_group(group, f"state_dict param_groups[{i}]")  # before anything changes

@@ -29,9 +29,11 @@ class AdaLomo(InBackwardOptimizer):
     clip_threshold: grouped update normalisation threshold on ``rms(u)`` (default 1.0), > 0.
     decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8),
         <= 0.
-    clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before ``fused_backward``;
-        applied only once ``grad_norm`` has run, as in lomo-optim. None (off) or > 0. With
-        ``clip_mode="previous"``: one backward (the README, "Gradient norm and clipping").
+    clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before every
+        ``fused_backward`` (lomo-optim trains unclipped without it, silently; here an updating
+        backward without a ``grad_norm`` before it is refused before anything changes, as
+        ``Lomo`` does). None (off) or > 0. With ``clip_mode="previous"``: one backward
+        (docs/clipping.md).
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay, scaled by the relative step size (default 0), >= 0.
 
@@ -92,18 +94,6 @@ class AdaLomo(InBackwardOptimizer):
 
     def _repr_extra(self) -> Dict[str, Any]:
         return {"loss_scale": self.loss_scale, **super()._repr_extra()}
-
-    def _check_clip(self, plain: bool) -> None:
-        # As in lomo-optim, clipping applies once grad_norm() has run. A plain loss.backward()
-        # never runs it: say so once rather than silently train unclipped.
-        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
-                and self.clip_mode == "exact"):
-            self._warn_once(
-                "unclipped",
-                "AdaLomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
-                "clipping (it needs optimizer.grad_norm(loss) before optimizer.fused_backward(loss, "
-                "lr)); training proceeds unclipped. Use clip_grad_value instead.",
-            )
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0

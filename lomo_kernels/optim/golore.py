@@ -60,8 +60,9 @@ class GoLore(InBackwardOptimizer):
     exclude: parameters, names or ``fnmatch`` patterns of names (``"*embed_tokens*"``) trained at
         full rank by the inner optimizer (they are put in groups of their own with
         ``low_rank=False``). Parameters with fewer than two dimensions always are.
-    clip_grad_norm: global L2-norm clipping through ``grad_norm(loss)`` before
-        ``fused_backward`` (two backward passes), as ``AdaLomo``; None: off.
+    clip_grad_norm: global L2-norm clipping through ``grad_norm(loss)`` before every
+        ``fused_backward`` (two backward passes; without it the backward is refused before
+        anything changes), as ``AdaLomo``; None: off.
     clip_mode: ``"exact"`` (those two passes) or ``"previous"`` (one backward, clipped with the
         previous step's global norm), as ``Lomo``.
     backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"torch"`` for the fused inner update.
@@ -158,17 +159,6 @@ class GoLore(InBackwardOptimizer):
             "momentum": _check_momentum,
             "low_rank": _check_bool,
         }
-
-    def _check_clip(self, plain: bool) -> None:
-        # As AdaLomo: clipping applies once grad_norm() has run; a plain backward says so once.
-        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
-                and self.clip_mode == "exact"):
-            self._warn_once(
-                "unclipped",
-                f"{self._name}: clip_grad_norm is set, but a plain loss.backward() cannot do "
-                "global-norm clipping (it needs optimizer.grad_norm(loss) before "
-                "optimizer.fused_backward(loss, lr)); training proceeds unclipped.",
-            )
 
     # ------------------------------------------------------------------ the update
     @staticmethod

@@ -24,8 +24,9 @@ class Lomo(InBackwardOptimizer):
     lr: learning rate (default 1e-3), a finite number >= 0; read from ``param_groups`` at every
         update, so LR schedulers work; ``fused_backward(loss, lr)`` sets it for every group.
     clip_grad_norm: global L2-norm clipping, two backward passes: ``grad_norm(loss)`` then
-        ``fused_backward(loss, lr)``. None (off) or > 0. With ``clip_mode="previous"``, one
-        backward (the README, "Gradient norm and clipping").
+        ``fused_backward(loss, lr)`` (each ``grad_norm`` clips the one backward after it; an
+        updating backward without one is refused before anything changes). None (off) or > 0.
+        With ``clip_mode="previous"``, one backward (docs/clipping.md).
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay (default 0), >= 0.
     loss_scale_args: arguments of the dynamic loss scaler (``DynamicLossScaler``: init_scale,
@@ -124,26 +125,6 @@ class Lomo(InBackwardOptimizer):
             extra["loss_scale"] = self.loss_scaler.loss_scale
         return extra
 
-    def _check_clip(self, plain: bool) -> None:
-        if self.clip_grad_norm is None or self.clip_coef is not None or self.clip_mode != "exact":
-            return  # ("previous": the first step is unclipped, see the README)
-        if plain:
-            if self._auto_clip:
-                return  # a plain backward is not scaled: the scaler's clipping does not apply
-            raise ValueError(
-                "Lomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
-                "clipping (it needs two backward passes: optimizer.grad_norm(loss), then "
-                "optimizer.fused_backward(loss, lr)). Use clip_grad_value, or drop "
-                "clip_grad_norm, when the training loop (e.g. transformers.Trainer) calls "
-                "backward itself."
-            )
-        why = (" (turned on at 1.0 with the float16 loss scaler, as lomo-optim does: the "
-               "grad_norm pass finds overflows)" if self._auto_clip else "")
-        raise ValueError(
-            f"clip_grad_norm is not None{why}, but clip_coef is None. "
-            "Please call optimizer.grad_norm() before optimizer.fused_backward()."
-        )
-
     def _is_small(self, p: torch.Tensor) -> bool:
         return p.dim() <= 1 or p.numel() <= SMALL_NUMEL
 
@@ -183,7 +164,7 @@ class Lomo(InBackwardOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # (checks it; works on a copy)
         extra = state_dict.get("lomo_kernels") or {}
-        super().load_state_dict(state_dict)
         self._first_backward = extra.get("first_backward", self._first_backward)
         self._auto_clip = extra.get("auto_clip", self._auto_clip)
