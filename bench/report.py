@@ -82,6 +82,12 @@ def footnotes(notes: Sequence[str], width: int = WIDTH) -> str:
     return "\n".join(out)
 
 
+def load_range(pairs) -> str:
+    """"lo-hi" of the 1-minute load averages recorded as (start, end) pairs of each session."""
+    loads = [x for pair in pairs for x in pair]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
 def wrap(text: str, width: int = WIDTH) -> str:
     return "\n".join(textwrap.fill(t, width, subsequent_indent="    ") for t in text.split("\n"))
 
@@ -104,7 +110,7 @@ def format_table(rows: Sequence[Row]) -> str:
         headers = ["backend", "median (ms)", "p20-p80 (ms)"]
         bw = any(r.gbps for r in group)
         if bw:
-            headers += ["GB/s", "of copy (%)"]
+            headers += ["GB/s", "of same-bytes"]
         headers += ["peak+ (MiB)", "state (MiB)"]
         bwd = any(r.ratio_to_plain_backward is not None for r in group)
         if bwd:
@@ -116,8 +122,7 @@ def format_table(rows: Sequence[Row]) -> str:
             cells = [r.backend, fmt(r.median_ms, "{:.4g}"),
                      "-" if r.p20_ms is None else f"{r.p20_ms:.3g}-{r.p80_ms:.3g}"]
             if bw:
-                cells += [fmt(r.gbps, "{:.1f}"),
-                          "-" if r.frac_copy is None else f"{100 * r.frac_copy:.0f}"]
+                cells += [fmt(r.gbps, "{:.1f}"), fmt(r.frac_same_bytes, "{:.2f}")]
             cells += ["-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.1f}",
                       "-" if r.state_bytes is None else f"{r.state_bytes / 2**20:.2f}"]
             if bwd:
@@ -173,9 +178,9 @@ _LINESTYLES = {"bf16": "-", "fp16": "--", "fp32": ":"}
 _MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^"}
 
 
-def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | None) -> bool:
+def write_plot(path: Path, rows: Sequence[Row], env: dict) -> bool:
     """GB/s against size (elements, log axis) per backend and dtype, one panel per op, with the
-    measured copy bandwidth as a horizontal line. False if there was nothing to plot."""
+    GB/s of the same-bytes stream of each case (grey). False if there was nothing to plot."""
     ops = [op for op in ("lomo_update", "adalomo_update")
            if any(r.op == op and r.gbps for r in rows)]
     if not ops:
@@ -207,9 +212,16 @@ def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | No
                             labelled.add(r.shape)
                             ax.annotate(r.shape, (r.numel, r.gbps), fontsize=7,
                                         textcoords="offset points", xytext=(4, 4))
-        if copy_gbps:
-            ax.axhline(copy_gbps, color="black", linestyle="-.", linewidth=1.2,
-                       label=f"device copy {copy_gbps:.0f} GB/s")
+        for dt in ("bf16", "fp16", "fp32"):  # one stream per case: the best-timed row's
+            ref = {}
+            for r in rows:
+                if r.op == op and r.dtype == dt and r.same_bytes_gbps and r.n_tensors == 1:
+                    ref[r.numel] = max(ref.get(r.numel, 0.0), r.same_bytes_gbps)
+            if ref:
+                pts = sorted(ref.items())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_LINESTYLES[dt],
+                        color="grey", linewidth=2.5, alpha=0.5,
+                        label=f"same-bytes stream {dt}")
         ax.set_xscale("log")
         ax.set_xlabel("elements updated (log); stars: whole-model passes")
         ax.set_ylabel("effective GB/s (fewest bytes, docs/spec.md)")

@@ -34,9 +34,11 @@ class Timing:
     p80_ms: float
     reps: int | None  # number of timed calls (None: decided inside do_bench)
     method: str
+    # the timed calls in the order they ran (time_interleaved: round i of every function)
+    samples: list | None = dataclasses.field(default=None, repr=False)
 
 
-def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+def quantile(sorted_vals: Sequence[float], q: float) -> float:
     # linear interpolation, as numpy's default / torch.quantile
     pos = q * (len(sorted_vals) - 1)
     lo = math.floor(pos)
@@ -56,7 +58,7 @@ def _time_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps) -> Timing:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
+    return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8),
                   len(times), "perf_counter")
 
 
@@ -90,7 +92,7 @@ def _time_cuda(fn, warmup_ms, rep_ms, min_reps, device) -> Timing:
         e.record()
     synchronize(device)
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), n,
+    return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8), n,
                   "cuda events")
 
 
@@ -129,9 +131,9 @@ def time_interleaved(fns: dict, device, *, warmup_ms=25.0, rep_ms=100.0, min_rep
         rounds += 1
     out = {}
     for k, ts in times.items():
-        ts.sort()
-        out[k] = Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), len(ts),
-                        "perf_counter, interleaved")
+        st = sorted(ts)
+        out[k] = Timing(statistics.median(st), quantile(st, 0.2), quantile(st, 0.8), len(st),
+                        "perf_counter, interleaved", samples=ts)
     return out
 
 

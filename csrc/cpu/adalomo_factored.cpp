@@ -19,41 +19,16 @@
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_vec.h"
 #include "cpu/cpu_workspace.h"
+#include "cpu/factored_tiles.h"
 
 namespace lomo {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileCols = 4096;
-constexpr int64_t kTileElems = 262144;
-constexpr int64_t kMaxRowGroups = 64;  // bounds the column-sum partials to 64 rows of n
 constexpr int64_t kFlushRows = 64;
 constexpr int64_t kColRun = 4096;  // columns per run of the column-sum reduction
 
 // ================================ factored parameters ========================================
-struct Geo {
-  int64_t S, m, n;  // slices of m x n
-  int64_t tc, ncb;  // tile columns, column blocks
-  int64_t tr, nrb;  // tile rows, row groups per slice
-  int64_t units;
-};
-
-Geo factored_geo(c10::IntArrayRef sizes) {
-  Geo g{};
-  const int64_t d = static_cast<int64_t>(sizes.size());
-  g.n = sizes[d - 1];
-  g.m = sizes[d - 2];
-  g.S = 1;
-  for (int64_t i = 0; i < d - 2; ++i) g.S *= sizes[i];
-  g.tc = std::max<int64_t>(1, std::min(g.n, kTileCols));
-  g.ncb = ceil_div(g.n, g.tc);
-  g.tr = std::min(g.m, std::max(ceil_div(kTileElems, g.tc), ceil_div(g.m, kMaxRowGroups)));
-  g.tr = std::max<int64_t>(g.tr, 1);
-  g.nrb = ceil_div(g.m, g.tr);
-  g.units = g.S * g.nrb * g.ncb;
-  return g;
-}
-
 int64_t header_floats(const Geo& g) { return kHeader + g.S + g.S * g.n; }
 
 struct FacScratch {
@@ -95,23 +70,6 @@ struct FacCtx {
   int64_t rows_g;     // unsharded rows (the divisor of the means over rows)
   AdaStep st;         // stage 3
 };
-
-struct Tile {
-  int64_t s, rg, cb, r0, r1, c0, w;
-};
-
-LOMO_CPU_INLINE Tile tile_of(const Geo& g, int64_t unit) {
-  Tile t;
-  t.cb = unit % g.ncb;
-  const int64_t srg = unit / g.ncb;
-  t.s = srg / g.nrb;
-  t.rg = srg % g.nrb;
-  t.r0 = t.rg * g.tr;
-  t.r1 = std::min(g.m, t.r0 + g.tr);
-  t.c0 = t.cb * g.tc;
-  t.w = std::min(g.n, t.c0 + g.tc) - t.c0;
-  return t;
-}
 
 // mean(new r) of slice s, from the (reduced) header
 LOMO_CPU_INLINE float mean_r(const FacCtx& c, int64_t s) {
