@@ -94,6 +94,25 @@ def test_stochastic_rounding_of_the_fp32_result(dtype, shape, target):
     assert not torch.equal(out.cpu(), near.cpu())
 
 
+@pytest.mark.parametrize("hname", ["all", "first_step"])
+@pytest.mark.parametrize("shape", [(37, 129), (3, 17, 33), (130, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_nearest_rounding_of_the_fp32_result(dtype, shape, hname):
+    # The C++ apply pass's vector path for nearest rounding (finite step scalars; a decay of
+    # exactly 1 left out under "first_step") must round the fp32 kernel's unrounded result
+    # exactly as the reference rounds it.
+    h = HYPER[hname]
+    p0, g = rand(shape, dtype, seed=4), rand(shape, dtype, scale=0.05, seed=5)
+    st0 = _state(shape, seed=6, zeros=hname == "first_step")
+    out = p0.clone()
+    _call(OP, out, g, st0, h, "cpu")
+    out32 = p0.float()
+    _call(OP, out32, g.float(), st0, h, "cpu")
+    want = reference.round_to_dtype(out32, dtype, "nearest", 0, 0)
+    assert not torch.equal(out, p0)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("shape", [(4097,), (37, 129), (3, 17, 33), (130, 4096)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
