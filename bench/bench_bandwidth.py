@@ -11,12 +11,16 @@ and the rounds of all sessions pooled. ``frac_same_bytes`` is the median of the 
 ``time(stream) / time(update)`` (p20 / p80 beside it): 1.0 means the update runs at the speed of
 merely moving its bytes; the ratio is robust to load from other processes (both sides of a round
 see the same machine), the absolute times are not. The 1-minute load average is recorded at the
-start and end of every session.
+start and end of every session. ``--clock thread`` (one thread) times each call by the calling
+thread's CPU time instead, which leaves out the time other processes held the core: on a heavily
+shared machine the wall-clock ratios scatter widely, these far less (the memory traffic of other
+processes still slows both sides).
 
 examples:
   python bench/bench_bandwidth.py                       # 4096x4096 bf16, 1 and 2 threads
   python bench/bench_bandwidth.py --dtypes bf16 fp16 fp32 --update-committed
         # what bench/results/cpu/bandwidth.json holds
+  python bench/bench_bandwidth.py --threads 1 --clock thread    # CPU time: a loaded machine
 """
 
 from __future__ import annotations
@@ -122,11 +126,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rep-ms", type=float, default=1500.0,
                     help="timed budget per function and session (default 1500)")
     ap.add_argument("--warmup-ms", type=float, default=100.0)
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: each call's CPU time of the calling thread, which leaves out "
+                         "the time other processes held the core (needs --threads 1)")
     add_output_args(ap, "bandwidth.json")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     load_start = list(os.getloadavg())
-    timing = dict(warmup_ms=a.warmup_ms, rep_ms=a.rep_ms, min_reps=5)
+    if a.clock == "thread" and a.threads != [1]:
+        ap.error("--clock thread needs --threads 1 (other threads' time is not counted)")
+    timing = dict(warmup_ms=a.warmup_ms, rep_ms=a.rep_ms, min_reps=5, clock=a.clock)
     rows = []
     for op in a.ops:
         for dt in shapes.split_list(a.dtypes):
