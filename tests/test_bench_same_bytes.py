@@ -127,3 +127,19 @@ def test_fractions_are_per_round_ratios():
     assert st["frac_same_bytes_p20"] == 0.5 and st["frac_same_bytes_p80"] == 1.0
     # not the ratio of the medians (3 / 4)
     assert st["frac_same_bytes"] != pytest.approx(3.0 / 4.0)
+
+
+def test_thread_clock_leaves_out_sleeping():
+    # the thread's CPU time does not count time the thread does not run (here: a sleep), the
+    # wall clock does; each function gets one sample per round either way
+    import time
+
+    from bench import timing
+
+    fns = {"sleep": lambda: time.sleep(0.02), "spin": lambda: sum(range(20000))}
+    wall = timing.time_interleaved(fns, "cpu", warmup_ms=0, rep_ms=0, min_reps=3)
+    cpu = timing.time_interleaved(fns, "cpu", warmup_ms=0, rep_ms=0, min_reps=3, clock="thread")
+    assert len(cpu["sleep"].samples) == len(cpu["spin"].samples) == 3
+    assert wall["sleep"].median_ms >= 19.0 and cpu["sleep"].median_ms < 5.0
+    with pytest.raises(ValueError, match="clock"):
+        timing.time_interleaved(fns, "cpu", clock="process")
