@@ -82,6 +82,12 @@ def footnotes(notes: Sequence[str], width: int = WIDTH) -> str:
     return "\n".join(out)
 
 
+def load_range(pairs) -> str:
+    """"lo-hi" of the 1-minute load averages recorded as (start, end) pairs of each session."""
+    loads = [x for pair in pairs for x in pair]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
 def wrap(text: str, width: int = WIDTH) -> str:
     return "\n".join(textwrap.fill(t, width, subsequent_indent="    ") for t in text.split("\n"))
 
@@ -104,7 +110,7 @@ def format_table(rows: Sequence[Row]) -> str:
         headers = ["backend", "median (ms)", "p20-p80 (ms)"]
         bw = any(r.gbps for r in group)
         if bw:
-            headers += ["GB/s", "of copy (%)"]
+            headers += ["GB/s", "of same-bytes"]
         headers += ["peak+ (MiB)", "state (MiB)"]
         bwd = any(r.ratio_to_plain_backward is not None for r in group)
         if bwd:
@@ -116,8 +122,7 @@ def format_table(rows: Sequence[Row]) -> str:
             cells = [r.backend, fmt(r.median_ms, "{:.4g}"),
                      "-" if r.p20_ms is None else f"{r.p20_ms:.3g}-{r.p80_ms:.3g}"]
             if bw:
-                cells += [fmt(r.gbps, "{:.1f}"),
-                          "-" if r.frac_copy is None else f"{100 * r.frac_copy:.0f}"]
+                cells += [fmt(r.gbps, "{:.1f}"), fmt(r.frac_same_bytes, "{:.2f}")]
             cells += ["-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.1f}",
                       "-" if r.state_bytes is None else f"{r.state_bytes / 2**20:.2f}"]
             if bwd:
@@ -178,7 +183,7 @@ _LINESTYLES = {"bf16": "-", "fp16": "--", "fp32": ":"}
 _MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^"}
 
 
-def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | None) -> bool:
+def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | None = None) -> bool:
     """GB/s per backend and dtype, one panel per op, with the measured copy bandwidth as a line.
     Several sizes: GB/s against size (log axis), whole models (many tensors) as labelled stars.
     One size per series: horizontal bars (a line through one point would show nothing).

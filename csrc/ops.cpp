@@ -97,6 +97,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "float32 elements of the workspace the native kernels of `op` need for `shapes` (the op "
       "contract: single-tensor ops, any one of them; multi-tensor ops, all in one call).");
+  m.def("same_bytes", &lomo::cpu::same_bytes_cpu, pybind11::arg("op"), pybind11::arg("param"),
+        pybind11::arg("grad"), pybind11::arg("exp_avg_sq") = std::nullopt,
+        "Benchmarks only: streams the bytes of one CPU update of `op` (its fewest passes over "
+        "memory) over the same tensors and work units, leaving them unchanged (bench/same_bytes.py).");
   m.def(
       "has_cuda",
       [] {

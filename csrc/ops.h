@@ -75,6 +75,14 @@ void golore_update_cpu(GOLORE_UPDATE_PARAMS);
 // single-tensor ops, any one of the shapes; multi-tensor ops, the whole list in one call).
 int64_t workspace_numel_cpu(const std::string &op, const std::vector<std::vector<int64_t>> &shapes);
 
+// The benchmarks' same-bytes reference (csrc/cpu/same_bytes.cpp): streams the bytes of `op`'s
+// fewest passes over `param`, `grad` (and a 1-d AdaLomo parameter's exp_avg_sq), leaving them
+// unchanged; returns an xor of what it read.
+namespace cpu {
+int64_t same_bytes_cpu(const std::string &op, at::Tensor &param, const at::Tensor &grad,
+                       const std::optional<at::Tensor> &exp_avg_sq);
+}
+
 // csrc/cuda/*.cu, compiled by nvcc ...
 namespace cuda {
 void lomo_update(LOMO_UPDATE_PARAMS);

@@ -14,6 +14,8 @@ from conftest import (NATIVE_TARGETS, requires_cuda_emulation, requires_native,
                       results_per_cpu_isa, target_device, target_op)
 from oracle import EPS1, EPS2, adalomo_state, rand
 
+from lomo_kernels import reference
+
 pytestmark = [requires_native, pytest.mark.adalomo]
 
 HYPER_ALL = dict(lr=3e-2, wd=0.1, ls=3.0, cgv=0.02, coef=0.7, beta=0.3, thr=1.0)
@@ -30,6 +32,32 @@ def _call(fn, p, g, st, h, device, rounding="nearest", found=None, seed=5, step=
        found, h["lr"], h["wd"], h["ls"], h["cgv"], h["beta"], EPS1, EPS2, h["thr"], rounding,
        seed, step)
     return {k: v.cpu() for k, v in dev.items()}
+
+
+OP = torch.ops.lomo_kernels.adalomo_update_
+_NEAREST_CASES = {"first_step": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None, beta=0.0, thr=1.0),
+                  "all": HYPER_ALL}
+
+
+@pytest.mark.parametrize("hname", ["all", "first_step"])
+@pytest.mark.parametrize("shape", [(37, 129), (3, 17, 33), (130, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_nearest_rounding_of_the_fp32_result(dtype, shape, hname):
+    # The C++ apply pass's vector path for nearest rounding (finite step scalars; a decay of
+    # exactly 1 left out under "first_step") must round the fp32 kernel's unrounded result
+    # exactly as the reference rounds it.
+    h = _NEAREST_CASES[hname]
+    p0, g = rand(shape, dtype, seed=4), rand(shape, dtype, scale=0.05, seed=5)
+    st0 = _state(shape, seed=6, zeros=hname == "first_step")
+    out = p0.clone()
+    _call(OP, out, g, st0, h, "cpu")
+    out32 = p0.float()
+    _call(OP, out32, g.float(), st0, h, "cpu")
+    want = reference.round_to_dtype(out32, dtype, "nearest", 0, 0)
+    assert not torch.equal(out, p0)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 
 
 @pytest.mark.parametrize("target", ["cpu", pytest.param("cuda_emulated",

@@ -33,6 +33,34 @@ def _bits(t):
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
+@pytest.mark.parametrize("ls, wd", [(1.0, 0.0), (1.0, 0.05), (512.0, 0.0), (1000.0, 0.1)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
+    # The C++ loop takes a fast path on blocks of 1024 elements whose p and g are finite (nearest
+    # rounding, multipliers of at most 1): it must give bitwise the reference's parameters next
+    # to guarded blocks (a NaN gradient, an Inf parameter), with a multiplier of exactly 1 left
+    # out or not, and the same grad_sq as the guarded loop (stochastic rounding, clip_coef > 1).
+    h = dict(lr=3e-3, wd=wd, ls=ls, cgv=0.0, coef=0.5)
+    p0, g = rand((5003,), dtype, seed=7), rand((5003,), dtype, scale=3.0, seed=8)
+    bad_g, bad_p = g.clone(), p0.clone()
+    bad_g[1500], bad_p[3000] = float("nan"), float("inf")
+    for p_in, g_in in ((p0, g), (bad_p, bad_g)):
+        out, ref = p_in.clone(), p_in.clone()
+        OP(out, g_in, *_args(h, "cpu"))
+        reference.lomo_update_(ref, g_in, *_args(h, "cpu"))
+        assert torch.equal(_bits(out), _bits(ref))
+    sums = []
+    for rounding, coef in (("nearest", 0.5), ("stochastic", 0.5), ("nearest", 1.5)):
+        acc = torch.zeros(1)
+        OP(p0.clone(), g, *_args(dict(h, coef=coef), "cpu", rounding), acc)
+        sums.append(acc)
+    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+    want = ((g.double() / ls) ** 2).sum()
+    assert abs(sums[0].item() - want.item()) <= 1e-5 * want.item()
+
+
+
+
 @pytest.mark.parametrize("target", ["cpu", pytest.param("cuda_emulated",
                                                         marks=requires_cuda_emulation)])
 def test_same_result_with_one_and_two_threads(target, monkeypatch):
