@@ -240,6 +240,9 @@ def lomo_update_(
         return
     head, aligned = _l.peel(param, grad)
     ntiles = max(1, _l.cdiv(numel - head, BLOCK))
+    # 32-bit tile offsets only when the last tile's end (start + BLOCK, and head + start) stays
+    # below 2**31: otherwise the full-block test wraps and the last tile runs past the tensor
+    index64 = head + ntiles * BLOCK >= 2**31
     # the workspace holds the partial sums of grad_sq; otherwise a float32 placeholder (never
     # dereferenced) keeps the kernel signature, hence the compiled variant, the same
     ws, tk = workspace if workspace is not None else grad_sq, 0
@@ -260,7 +263,7 @@ def lomo_update_(
             BLOCK=BLOCK, ALIGNED=aligned, LOSS_SCALE=mode, CLIP_VALUE=clip_grad_value > 0,
             HAS_CLIP_COEF=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=rounding == "stochastic" and param.dtype != torch.float32,
-            GRAD_SQ=grad_sq is not None, INDEX64=numel >= 2**31,
+            GRAD_SQ=grad_sq is not None, INDEX64=index64,
             num_warps=_warps(param.dtype, rounding),
         )
 
@@ -298,9 +301,9 @@ def lomo_update_multi_(
     f[:, _l.F0] = _l.f32s(1.0 - lr64 * np.asarray(weight_decay, dtype=np.float64))
     f[:, _l.F0 + 1] = _l.f32s(-lr64)
     f[:, _l.F0 + 2] = np.where(cgv > 0, _l.f32s(cgv), np.inf)  # off: a clamp to +-inf is exact
-    table.send()
     mode, scale = loss_scale_args(loss_scale)
     with _l.device_guard(first):
+        table.send()  # on the stream of the parameters' device, before the launches that read it
         for n, idx in enumerate(groups):
             p0 = params[idx[0]]
             _l.launch(
