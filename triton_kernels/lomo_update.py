@@ -25,7 +25,7 @@ import triton.language as tl
 from . import launch as _l
 from .launch import _F0, multi_offsets, record_fields, tile_record
 from .reduce import PARTS, add_in_order, last_arrival, sum_parts
-from .rounding import check_tensors, f32, is_finite, key_arg, load_clip_coef
+from .rounding import check_tensors, f32, is_finite, key_arg, load_clip_coef, load_lanes
 from .rounding import loss_scale_args, round_span, unscale_clip
 
 # 4096 elements = 16 per thread with 8 warps: two 16-byte vector loads of each bf16 input per
@@ -47,8 +47,8 @@ def _lomo_elems(p_ptr, g_ptr, offs, first, mask, found_inf_ptr, key, decay, neg_
     """Update the elements ``offs`` (int32) of ``p_ptr``, whose flat indices in the tensor are
     ``first + offs`` (for the hash; ``mask`` None for a full block); returns their sum of
     unscaled squared gradients."""
-    p = tl.load(p_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)  # masked lanes read 0: finite
+    p = load_lanes(p_ptr + offs, mask, 0.0)
+    g = load_lanes(g_ptr + offs, mask, 0.0).to(tl.float32)  # masked lanes: 0, finite, gsq + 0
     finite = is_finite(g)  # of the raw gradient, before unscaling
     gu, g = unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF)
     gsq = tl.full([], 0, tl.float32)
@@ -62,8 +62,10 @@ def _lomo_elems(p_ptr, g_ptr, offs, first, mask, found_inf_ptr, key, decay, neg_
     if HAS_FOUND_INF:
         # Each thread ORs the flags of its own 16 contiguous bytes (no shuffle, no barrier), and
         # only threads that saw a NaN/Inf store (the same 1.0): no block reduction, no atomics.
+        # A masked-off lane never raises the flag: its g is the finite 0.0 of other= (gating the
+        # body's flags by the mask as well costs fp32 LOMO 28 registers per thread, 67 -> 95).
         if HEAD_BLOCK:  # a few elements: one store each
-            tl.store(found_inf_ptr + offs * 0, 1.0, mask=~finite)
+            tl.store(found_inf_ptr + offs * 0, 1.0, mask=~finite & mask)
         else:
             VEC: tl.constexpr = 128 // p_ptr.dtype.element_ty.primitive_bitwidth
             n: tl.constexpr = offs.shape[0] // VEC

@@ -153,6 +153,16 @@ def unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr,
 
 
 @triton.jit
+def load_lanes(ptr, mask, other):
+    """tl.load of the lanes in ``mask`` (None: every lane, unmasked vector accesses); the others
+    read ``other``: Triton leaves a masked-off lane undefined without it."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=other)
+
+
+@triton.jit
 def load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF: tl.constexpr):
     if HAS_CLIP_COEF:
         return tl.load(clip_coef_ptr).to(tl.float32)
