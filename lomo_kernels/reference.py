@@ -20,6 +20,7 @@ Where this deviates from ``lomo-optim`` (and docs/spec.md), on purpose:
   * the sums behind AdaLomo's rms(p), rms(u) and its row/column means accumulate in float64
     (``lomo-optim``: float32 torch reductions, ~1e-3 off over tens of millions of elements on
     CPU; docs/spec.md "How the sums are accumulated").
+  * a NaN stored in fp16 / bf16 is the canonical quiet NaN (CANONICAL_NAN).
 """
 
 from __future__ import annotations
@@ -113,12 +114,27 @@ def random_bits(numel: int, seed: int, step: int, device=None) -> torch.Tensor:
     return _mix32_t((i & _M32) ^ hi)
 
 
+# A NaN stored in fp16 / bf16 is this quiet NaN (positive, no payload: what
+# torch.tensor(float("nan"), dtype=...) holds) on every backend and device. x.to(dtype) does not
+# promise it: on CPU it keeps the payload (fp16) or gives 0xFFFF (bf16), on a GPU 0x7FFF.
+CANONICAL_NAN = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
+
+
+def _nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``x`` rounded to nearest even in ``dtype`` (tensor.to), NaN -> CANONICAL_NAN."""
+    y = x.to(dtype)
+    if dtype not in CANONICAL_NAN:
+        return y
+    nan = torch.tensor(CANONICAL_NAN[dtype], dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.where(torch.isnan(x), nan.to(x.device), y)
+
+
 def _sr_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     b = x.contiguous().view(torch.int32).to(torch.int64) & _M32
     b = (b + (bits >> 16)) & 0xFFFF0000
     b = torch.where(b >= 2**31, b - 2**32, b).to(torch.int32)
     y = b.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), y)
+    return torch.where(torch.isnan(x), _nearest(x, torch.bfloat16), y)
 
 
 def _pow2(k: torch.Tensor) -> torch.Tensor:
@@ -135,16 +151,17 @@ def _sr_fp16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     r = (bits >> 8).to(torch.float32) * 2.0**-24
     y = (f + (r < q - f).to(torch.float32)) * _pow2(k)
     y = torch.clamp(y, max=65504.0).copysign(x)
-    nearest = x.to(torch.float16)
+    nearest = _nearest(x, torch.float16)
     return torch.where(torch.isnan(x) | (a >= 65520.0), nearest, y.to(torch.float16))
 
 
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int, step: int):
-    """Round the fp32 tensor ``x`` to ``dtype`` (nearest-even, or stochastic: see above)."""
+    """Round the fp32 tensor ``x`` to ``dtype`` (nearest-even, or stochastic: see above); a NaN
+    becomes CANONICAL_NAN in fp16 / bf16."""
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if rounding == "nearest" or dtype == torch.float32:
-        return x.to(dtype)
+        return _nearest(x, dtype)
     bits = random_bits(x.numel(), seed, step, x.device).view(x.shape)
     if dtype == torch.bfloat16:
         return _sr_bf16(x, bits)

@@ -18,9 +18,13 @@
 //
 // Floating point: every intrinsic maps to the IEEE operation it names (__fmaf_rn -> fmaf, ...), so
 // results are bitwise those of the GPU, except: rsqrtf (approximate on the GPU, within 2 ulp; here
-// the correctly rounded 1/sqrt), and fp32 subnormals (flushed by the GPU only under -ftz=true,
-// which this project never uses). The emulated sources must be compiled with -ffp-contract=off
-// (setup.py does), like the nvcc build's --fmad=false.
+// the correctly rounded 1/sqrt), fp32 subnormals (flushed by the GPU only under -ftz=true, which
+// this project never uses) and the payload of an fp32 NaN (the GPU's arithmetic makes 0x7FFFFFFF,
+// the host's keeps the operand's or makes 0xFFC00000). The fp16/bf16 conversion intrinsics give
+// the GPU's 0x7FFF for every NaN, as cvt does; the kernels never store that pattern: rounding.h
+// stores the canonical NaN on both builds (docs/spec.md), so fp16/bf16 results are bitwise equal,
+// NaN included. Tests compare fp32 NaNs by NaN-ness. The emulated sources must be compiled with
+// -ffp-contract=off (setup.py does), like the nvcc build's --fmad=false.
 //
 // Not emulated: texture/surface memory, cooperative groups, dynamic parallelism, clusters,
 // spin-waits on another block's progress (blocks run to completion one at a time per OS thread).
@@ -360,11 +364,11 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 inline float __half2float(__half h) { return lomo::f16_bits_to_f32(h.bits); }
 inline __half __float2half_rn(float x) {
-  return __half{lomo::f32_to_f16_bits(x, lomo::kF16CanonicalNaN)};
+  return __half{lomo::f32_to_f16_bits(x, lomo::kGpuCvtNaN)};  // cvt.rn.f16.f32: NaN -> 0x7FFF
 }
 inline __half __float2half(float x) { return __float2half_rn(x); }
 inline float __bfloat162float(__nv_bfloat16 h) { return lomo::bf16_bits_to_f32(h.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  return __nv_bfloat16{lomo::f32_to_bf16_bits(x, lomo::kBF16CanonicalNaN)};
+  return __nv_bfloat16{lomo::f32_to_bf16_bits(x, lomo::kGpuCvtNaN)};  // cvt.rn.bf16.f32
 }
 inline __nv_bfloat16 __float2bfloat16(float x) { return __float2bfloat16_rn(x); }
