@@ -26,7 +26,7 @@ constexpr int kFuseTiles = 8;    // a tensor of at most this many tiles is appli
 constexpr int kMaxMulti = 16;    // tensors per multi-tensor launch (kernel parameter space)
 
 template <typename S>
-constexpr int64_t flat_tile() {
+__host__ __device__ constexpr int64_t flat_tile() {  // host (grid sizes) and device (tile offsets)
   return int64_t{kThreads} * Pack<S>::N * kFlatUnroll;
 }
 

@@ -28,7 +28,7 @@ constexpr int kUnroll = 2;      // packs per thread per tile, loads issued first
 constexpr int kLomoMulti = 32;  // records per launch (kernel parameter space)
 
 template <typename S>
-constexpr int64_t lomo_tile() {
+__host__ __device__ constexpr int64_t lomo_tile() {  // host (grid sizes) and device (tile offsets)
   return int64_t{kThreads} * Pack<S>::N * kUnroll;
 }
 
