@@ -17,6 +17,7 @@ from .optim import (
     NonFiniteGradientWarning,
     OptimizerReplacedWarning,
 )
+from . import hf as _hf  # noqa: F401  (registers the transformers.Trainer check of the first step())
 
 __version__ = "0.1.0"
 

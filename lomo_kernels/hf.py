@@ -68,10 +68,13 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
+from ._stack import user_stacklevel
 from .optim import AdaLomo, GaLore, GoLore, Lomo
+from .optim._backward import at_first_step
 
 __all__ = ["make_trainer_optimizers", "check_training_args", "report_grad_norm",
            "GradNormCallback"]
@@ -113,6 +116,45 @@ def __getattr__(name: str) -> Any:
     if name == "GradNormCallback":
         return _callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def calling_trainer(frame: Any) -> Any:
+    """The transformers Trainer among the callers from ``frame`` up, or None when no Trainer is
+    calling (transformers.trainer is only looked up if imported)."""
+    mod = sys.modules.get("transformers.trainer")
+    trainer_cls = getattr(mod, "Trainer", None) if mod is not None else None
+    if trainer_cls is None:
+        return None
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, trainer_cls):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+@at_first_step
+def _check_trainer(optimizer: Any, frame: Any) -> None:
+    """At an optimizer's first ``step()``: a Trainer that calls it logs its ``last_grad_norm``
+    as its grad_norm; one that clips gradients after backward clips nothing (they are applied
+    and freed): say so."""
+    trainer = calling_trainer(frame)
+    if trainer is None:
+        return
+    report_grad_norm(trainer, optimizer)
+    mgn = getattr(getattr(trainer, "args", None), "max_grad_norm", 0) or 0
+    if mgn > 0 and not getattr(optimizer, "_trainer_args_checked", False):
+        name = optimizer._name
+        warnings.warn(
+            f"{name}: the transformers Trainer driving this optimizer has "
+            f"max_grad_norm={mgn}, but it clips after backward, when {name} has "
+            "already applied and freed every gradient: nothing is clipped (the logged "
+            "grad_norm is the optimizer's last_grad_norm). Set max_grad_norm=0 in "
+            "TrainingArguments and clip in the optimizer: clip_grad_norm=..., "
+            "clip_mode='previous' (one backward), or clip_grad_value (see lomo_kernels.hf).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def report_grad_norm(trainer: Any, optimizer: Any = None) -> None:

@@ -14,7 +14,6 @@ has not run yet, the call stages in a fresh pinned buffer instead.
 """
 
 import contextlib
-import math
 import weakref
 
 import numpy as np
@@ -278,30 +277,3 @@ def drop_empty(params, *lists):
         return (params, *lists)
     keep = [i for i, p in enumerate(params) if p.numel()]
     return tuple([v[i] for i in keep] for v in (params, *lists))
-
-
-# ---------------------------------------------------------------------------------------------
-# Launch counts (what bench/ models and what the tests observe)
-# ---------------------------------------------------------------------------------------------
-
-
-def launches(op: str, shape, stage: int = 0, dtypes=None) -> int:
-    """Kernel launches of one call of ``op`` on the Triton backend, with a workspace (nothing else
-    is launched: no allocation, no memset; the multi-tensor ops add one host-to-device copy).
-
-    ``shape``: the parameter's shape (single-tensor ops) or the list of shapes (multi-tensor ops;
-    ``dtypes``: their dtypes, one launch group per dtype; default: one dtype)."""
-    from . import adalomo_update
-
-    if op == "lomo_update_":
-        return 1 if math.prod(shape) else 0
-    if op == "adalomo_update_":
-        return adalomo_update.launches(tuple(shape), stage)
-    if op in ("lomo_update_multi_", "adalomo_update_multi_"):
-        dtypes = list(dtypes) if dtypes is not None else [None] * len(shape)
-        groups: dict = {}
-        for s, d in zip(shape, dtypes):
-            if math.prod(s):
-                groups.setdefault(d, []).append(tuple(s))
-        return len(groups)
-    raise ValueError(f"unknown op {op!r}")

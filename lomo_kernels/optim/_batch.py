@@ -11,7 +11,11 @@
   order whether they are batched or not, and the step's norm is bitwise the same either way.
 * **Pending small parameters**: with batching on, a small parameter's hook keeps its gradient
   here; at the end of the backward the optimizer updates each (device, dtype) batch with ONE call
-  of the multi-tensor op (one launch on GPU instead of one or more per parameter).
+  of the multi-tensor op (one launch on GPU instead of one or more per parameter):
+  ``BatchingMixin._update_pending``.
+
+Attributes of the optimizer owned here: ``_pending``, ``_small`` (the parameters ``_is_small``
+says are small).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .. import ops, reference
+from ._failures import state_restored_on_error
 
 SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOTS = 1 + len(SMALL_DTYPES)  # [updated in the hook, small fp32, small fp16, small bf16]
@@ -165,3 +170,36 @@ def host_look(values: List[torch.Tensor]) -> Optional[List[float]]:
     device = values[0].device
     out = torch.cat([v.reshape(1).to(device, non_blocking=True) for v in values])
     return None if device.type == "meta" else out.tolist()
+
+
+class BatchingMixin:
+    """The small parameters of ``InBackwardOptimizer``, updated together at the end of the
+    backward (see the module doc)."""
+
+    def _init_batching(self) -> None:
+        self._pending = Pending()  # small parameters waiting for the end of the backward
+        self._small: set = set()  # the parameters _is_small() says are small
+
+    def _update_pending(self) -> None:
+        """The end of an updating backward: each (device, dtype) batch of small parameters in one
+        multi-tensor call, in the order their hooks fired. A failure restores the batch's state
+        entries, leaves the batches after it unchanged and frees every gradient."""
+        batches = self._pending.take()
+        for i, (dev, params, grads) in enumerate(batches):
+            try:
+                with state_restored_on_error(self.state, params) as states, torch.no_grad():
+                    self._update_multi(
+                        [p.data for p in params], grads,
+                        [self.param_groups[self._where[p][0]] for p in params], states,
+                        [self._param_seed(p) for p in params])
+                    if not self._sq_in_kernel[dev]:
+                        acc = self._accumulator(params[0])
+                        for g in grads:
+                            add_grad_sq(acc, g, self._active_scale)
+            except BaseException as exc:
+                error = self._batch_failure(exc, params, [p for _, ps, _ in batches[i + 1:]
+                                                          for p in ps])
+                if error is exc:
+                    raise
+                raise error from exc
+            self._n_updated += len(params)

@@ -1,10 +1,9 @@
-"""What in-backward updates cannot run under, found without importing anything heavy: compiled
-autograd, and the transformers Trainer calling the optimizer."""
+"""What in-backward updates cannot run under (compiled autograd), found without importing anything
+heavy; and ``with_note``, which adds what a failed backward changed to its error."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 
 def compiled_autograd_active() -> bool:
@@ -31,21 +30,6 @@ def compiled_autograd_message(name: str) -> str:
         "every step. Run the backward without compiled autograd (the forward may still be "
         "torch.compile'd)."
     )
-
-
-def calling_trainer(frame: Any) -> Any:
-    """The transformers Trainer among the callers from ``frame`` up, or None when no Trainer is
-    calling (transformers.trainer is only looked up if imported)."""
-    mod = sys.modules.get("transformers.trainer")
-    trainer_cls = getattr(mod, "Trainer", None) if mod is not None else None
-    if trainer_cls is None:
-        return None
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        if isinstance(obj, trainer_cls):
-            return obj
-        frame = frame.f_back
-    return None
 
 
 def with_note(exc: Exception, note: str) -> Exception:

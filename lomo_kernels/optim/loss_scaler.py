@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Dict
 
 from .._checks import integer, number
+from .._stack import user_stacklevel
 
 #: The initial scale. lomo-optim starts at 2**32, which overflows float16 gradients for about 16
 #: steps (each skipped) before the scale is small enough; torch.amp.GradScaler starts at 2**16.
@@ -95,7 +96,7 @@ class DynamicLossScaler:
                     f"[lomo_kernels] fp16 overflow: step skipped, loss scale {self.cur_scale:g} -> "
                     f"{next_scale:g}",
                     LossScaleOverflowWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
                 self.cur_scale = next_scale
             else:
