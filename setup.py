@@ -170,6 +170,11 @@ def _extensions():
         define_macros.append(("LOMO_KERNELS_WITH_CUDA_EMULATION", "1"))
         _log("CUDA kernels also compiled for the SIMT emulation (backend cuda_emulated)")
     if with_cuda:
+        # torch passes --expt-relaxed-constexpr to every CUDA extension; without it, device code
+        # that calls a host-only constexpr function fails to compile instead of relying on an
+        # experimental nvcc flag (the kernels mark theirs __host__ __device__)
+        cpp_extension.COMMON_NVCC_FLAGS[:] = [
+            f for f in cpp_extension.COMMON_NVCC_FLAGS if f != "--expt-relaxed-constexpr"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             archs = DEFAULT_ARCHS
             try:

@@ -251,9 +251,9 @@ def adalomo_update_multi_(
     for j, values in enumerate((lr, weight_decay, np.where(cgv > 0, cgv, np.inf), beta64,
                                 1.0 - beta64, eps1, eps2, clip_threshold, np.sqrt(numel))):
         f[:, _l.F0 + j] = _l.f32s(values)
-    table.send()
     mode, scale = loss_scale_args(loss_scale)
     with _l.device_guard(first):
+        table.send()  # on the stream of the parameters' device, before the launches that read it
         for n, idx in enumerate(groups):
             p0 = params[idx[0]]
             count = int(tiles[idx].sum())

@@ -8,8 +8,9 @@ addresses every step, so the table is rebuilt every call: on the host, in a stag
 memory on CUDA), with numpy (no Python loop over scalars), then sent to the workspace with ONE
 asynchronous host-to-device copy per call, whatever the number of tensors. The staging buffer and
 the view of the workspace it is copied into are kept per (workspace, size), so a steady training
-loop allocates nothing and creates no tensor per call. A CUDA event guards the staging buffer: if
-the previous copy out of it has not run yet, the call stages in a fresh pinned buffer instead.
+loop allocates nothing and creates no tensor per call. A CUDA event, recorded on the stream of the
+workspace's device right after the copy, guards the staging buffer: if the previous copy out of it
+has not run yet, the call stages in a fresh pinned buffer instead.
 """
 
 import contextlib
@@ -160,10 +161,11 @@ def f32s(values) -> np.ndarray:
 
 
 class _Staging:
-    __slots__ = ("ws", "dst", "host", "array", "event", "used")
+    __slots__ = ("ws", "device", "dst", "host", "array", "event", "used")
 
     def __init__(self, ws, start, n):
         self.ws = weakref.ref(ws)
+        self.device = ws.device
         self.dst = ws[start: start + n].view(torch.int32)
         self.host = torch.empty(n, dtype=torch.int32, pin_memory=ws.is_cuda)
         self.array = self.host.numpy()
@@ -201,11 +203,17 @@ class Table:
         self.tile_table = st.array[k * REC:]
 
     def send(self):
+        """One asynchronous copy of the table into the workspace. The copy is queued on the
+        current stream of the workspace's device (made current here, as the launches that read
+        the table make it), and the event that guards the staging buffer is recorded on that
+        same stream: recorded on another device's stream it could complete before the copy, and
+        the next call would refill the pinned buffer while the copy still reads it."""
         st = self._st
-        st.dst.copy_(st.host, non_blocking=True)
-        if st.event is not None:
-            st.event.record()
-            st.used = True
+        with device_guard(st.dst):
+            st.dst.copy_(st.host, non_blocking=True)
+            if st.event is not None:
+                st.event.record(torch.cuda.current_stream(st.device))
+                st.used = True
 
 
 def fill_records(table: Table, params, grads, block: int, seed, step, groups, exp_avg_sqs=None,

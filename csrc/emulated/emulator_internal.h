@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/emulation.h"
@@ -20,7 +21,9 @@ namespace detail {
 
 constexpr size_t kStackBytes = 64 * 1024;  // kernel frames are small; a guard page below each
 constexpr int kMaxThreads = 1024;
-constexpr size_t kMaxDynamicSmem = 227 * 1024;  // H100: the opt-in maximum per block
+constexpr size_t kMaxSharedOptIn = 227 * 1024;  // H100: shared memory per block with the opt-in
+constexpr size_t kDefaultShared = 48 * 1024;    // static + dynamic per block without it
+constexpr size_t kMaxParamBytes = 32764;        // kernel parameters (CUDA 12.1+, Volta and later)
 
 enum class Wait : uint8_t { None, Block, Warp, Exited };
 
@@ -54,6 +57,7 @@ struct Launch {
   int64_t nblocks;
   int nthreads;
   size_t smem;
+  size_t smem_limit;  // static + dynamic shared memory per block
   Invoke invoke;
   const void* call;
   const std::vector<MemRange>* ranges;
@@ -87,6 +91,8 @@ struct BlockRun {
   size_t stack_slots = 0, stack_stride = 0;
   std::vector<unsigned char> smem_buf;
   unsigned char* smem = nullptr;
+  std::vector<std::pair<void*, size_t>> static_smem;  // declared (and poisoned) in this block
+  size_t static_smem_bytes = 0;
 
   ~BlockRun();
   void reserve(int n);  // fiber stacks for n threads (kept between launches)
@@ -96,6 +102,9 @@ struct BlockRun {
 extern __thread BlockRun* tls_run;
 // The tensors registered by MemoryScope on the calling thread, checked by its launches.
 extern thread_local std::vector<MemRange> tls_ranges;
+
+// The opt-in of `kernel` to more dynamic shared memory (0: none).
+size_t max_dynamic_shared(const void* kernel);
 
 // Fails the launch with `what`, naming the current block and thread; never returns to the fiber.
 [[noreturn]] void fail_here(BlockRun& r, const std::string& what);

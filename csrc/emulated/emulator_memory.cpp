@@ -1,6 +1,10 @@
-// The SIMT emulator's memory checks: dynamic shared memory of a launch, 16-byte vector accesses
-// (alignment and the bounds of the tensors an op registered with MemoryScope).
+// The SIMT emulator's memory checks: static and dynamic shared memory of a block (poisoned, within
+// the launch limits), 16-byte vector accesses (alignment and the bounds of the tensors an op
+// registered with MemoryScope).
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <unordered_map>
 
 #include "emulated/emulation_api.h"
 #include "emulated/emulator_internal.h"
@@ -11,9 +15,45 @@ namespace detail {
 
 thread_local std::vector<MemRange> tls_ranges;
 
+namespace {
+std::mutex opt_in_mutex;
+std::unordered_map<const void*, size_t> opt_ins;  // kernel -> cudaFuncSetAttribute's bytes
+}  // namespace
+
+size_t max_dynamic_shared(const void* kernel) {
+  std::lock_guard<std::mutex> lock(opt_in_mutex);
+  const auto it = opt_ins.find(kernel);
+  return it == opt_ins.end() ? 0 : it->second;
+}
+
 }  // namespace detail
 
 using namespace detail;
+
+void set_max_dynamic_shared(const void* kernel, size_t bytes) {
+  TORCH_CHECK(bytes <= kMaxSharedOptIn, "cuda_emulated: cudaFuncSetAttribute: ", bytes,
+              " bytes of dynamic shared memory exceed the ", kMaxSharedOptIn, " of a block");
+  std::lock_guard<std::mutex> lock(opt_in_mutex);
+  opt_ins[kernel] = bytes;
+}
+
+void static_shared_memory(void* p, size_t bytes, const char* name) {
+  BlockRun& r = *tls_run;
+  for (const auto& [q, n] : r.static_smem)
+    if (q == p) return;  // an earlier thread of this block declared (and poisoned) it
+  std::memset(p, 0xFF, bytes);  // read before the block writes it: NaN / -1, as stale memory
+  r.static_smem.emplace_back(p, bytes);
+  r.static_smem_bytes += bytes;
+  if (r.static_smem_bytes + r.L->smem > r.L->smem_limit) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "%zu bytes of static shared memory (up to '%s') and %zu dynamic exceed the %zu "
+                  "a block may use%s",
+                  r.static_smem_bytes, name, r.L->smem, r.L->smem_limit,
+                  r.L->smem_limit == kDefaultShared ? " without the opt-in" : "");
+    fail_here(r, buf);
+  }
+}
 
 unsigned char* dynamic_shared_memory() {
   BlockRun& r = *tls_run;
