@@ -15,6 +15,8 @@ arguments after ``step`` have defaults):
     golore_update_(r!, param!?, exp_avg!?, exp_avg_sq!?, momentum_buffer!?, clip_coef?,
                    found_inf!?, inner, lr, weight_decay, scale, beta1, beta2, eps, momentum,
                    rounding, seed, step)
+    grad_accumulate_(buf!, grad, found_inf!?, loss_scale, first, rounding, seed, step,
+                     buf_sq!?, workspace!?)
 
 Argument conventions (every backend): ``loss_scale`` divides the gradient (1.0 = none),
 ``clip_grad_value <= 0`` disables value clipping, ``clip_coef`` is an optional 0-d float32 device
@@ -32,6 +34,10 @@ sharded parameter, the caller all-reducing the workspace header in between
 ``golore_update_`` is the inner optimizer of GoLore / GaLore (adamw or sgd) on a
 projected gradient ``r`` (N written into ``r``) or, given ``param``, the whole full-rank update of
 ``param`` from its gradient ``r`` (reference.golore_update_ has the formulas).
+``grad_accumulate_`` adds ``grad / loss_scale`` into the accumulation buffer ``buf`` (float32,
+or the gradient's dtype with stochastic rounding; ``first`` writes instead of adding) and sets
+``buf_sq`` to the squared norm of the new buffer (reference.grad_accumulate_).
+The update ops take a float32 ``grad`` for a float16/bfloat16 ``param`` (such a buffer).
 
 Dispatcher registrations: the pure-PyTorch reference is the default (CompositeExplicitAutograd);
 the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA kernels for the
@@ -101,6 +107,11 @@ _SCHEMAS = {
         "float lr, float weight_decay, float scale, float beta1, float beta2, float eps, "
         "float momentum, str rounding, int seed, int step) -> ()"
     ),
+    "grad_accumulate_": (
+        "(Tensor(a!) buf, Tensor grad, Tensor(b!)? found_inf, float loss_scale, bool first, "
+        "str rounding, int seed, int step, Tensor(c!)? buf_sq=None, "
+        "Tensor(d!)? workspace=None) -> ()"
+    ),
 }
 OPS = tuple(_SCHEMAS)
 
@@ -126,7 +137,7 @@ _native = None
 _triton = None
 
 # The version of the op schemas above; the native extension reports the one it was built for.
-CONTRACT_VERSION = 3
+CONTRACT_VERSION = 4
 
 try:
     _native = importlib.import_module("lomo_kernels._C")
@@ -360,8 +371,9 @@ def _check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq=None)
         raise TypeError(f"{op}: param and grad must be tensors")
     if param.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got {param.dtype}")
-    if grad.dtype != param.dtype:
-        raise TypeError(f"{op}: grad dtype {grad.dtype} does not match param dtype {param.dtype}")
+    if grad.dtype != param.dtype and grad.dtype != torch.float32:
+        raise TypeError(f"{op}: grad dtype {grad.dtype} must be param's ({param.dtype}) or "
+                        "float32 (an accumulation buffer)")
     if grad.shape != param.shape:
         raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
     if grad.device != param.device:
@@ -577,11 +589,12 @@ def _check_golore(r, param, state, clip_coef, found_inf, inner, momentum, roundi
         if param.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got "
                             f"{param.dtype}")
-        if r.dtype != param.dtype or r.shape != param.shape or r.device != param.device:
+        if (r.dtype not in (param.dtype, torch.float32) or r.shape != param.shape
+                or r.device != param.device):
             raise ValueError(
-                f"{op}: r (the gradient) must have param's dtype, shape and device: got {r.dtype} "
-                f"{tuple(r.shape)} on {r.device}, param {param.dtype} {tuple(param.shape)} on "
-                f"{param.device}")
+                f"{op}: r (the gradient) must have param's dtype (or float32), shape and device: "
+                f"got {r.dtype} {tuple(r.shape)} on {r.device}, param {param.dtype} "
+                f"{tuple(param.shape)} on {param.device}")
         if not param.is_contiguous():
             raise ValueError(f"{op}: param must be contiguous")
     if not r.is_contiguous():
@@ -650,3 +663,6 @@ def reset_emulated_launch_count() -> None:
 def emulation_stats() -> dict:
     """The emulation's counters: launches, blocks, threads, context_switches, fibers."""
     return dict(_emulation().emulation_stats())
+
+
+from ._grad_accumulate import grad_accumulate_  # noqa: E402  (the entry point uses get_impl)

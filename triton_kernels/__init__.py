@@ -9,15 +9,17 @@ counts the kernel launches of one call.
 """
 
 from . import adalomo_update as _adalomo
+from . import grad_accumulate as _accumulate
 from . import launch
 from . import lomo_update as _lomo
 from .adalomo_update import adalomo_update_, adalomo_update_multi_
 from .golore_update import golore_update_
+from .grad_accumulate import grad_accumulate_
 from .launch import launches
 from .lomo_update import lomo_update_, lomo_update_multi_
 
 __all__ = ["lomo_update_", "adalomo_update_", "lomo_update_multi_", "adalomo_update_multi_",
-           "golore_update_", "workspace_numel", "launches"]
+           "golore_update_", "grad_accumulate_", "workspace_numel", "launches"]
 
 
 def workspace_numel(op: str, shapes) -> int:
@@ -33,4 +35,6 @@ def workspace_numel(op: str, shapes) -> int:
         return launch.workspace_numel([_lomo.multi_need(shapes)])
     if op == "adalomo_update_multi_":
         return launch.workspace_numel([_adalomo.multi_need(shapes)])
+    if op == "grad_accumulate_":
+        return launch.workspace_numel(_accumulate.need(s) for s in shapes)
     raise ValueError(f"unknown op {op!r}")
