@@ -1,9 +1,8 @@
 // Up/down-casts between fp32 and the stored dtypes, and the stochastic-rounding hash.
 //
 // Host and device share these definitions so every native kernel rounds bit for bit like
-// lomo_kernels/reference.py (round_to_dtype, random_bits). Everything is branch-free integer and
-// fp32 arithmetic so that the CPU loops auto-vectorise; nothing here depends on the FP rounding
-// mode except the fp32 additions used as exact "round to the fp16 subnormal grid" steps.
+// lomo_kernels/reference.py (round_to_dtype, random_bits); the integer conversions themselves are
+// in float_bits.h.
 #pragma once
 
 #include <cstdint>
@@ -11,10 +10,9 @@
 
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
-#define LOMO_HD __host__ __device__ __forceinline__
-#else
-#define LOMO_HD inline __attribute__((always_inline))
 #endif
+
+#include "float_bits.h"
 
 namespace lomo {
 
@@ -24,35 +22,6 @@ enum class Fmt { F32, F16, BF16 };
 template <Fmt F> struct StorageOf { using type = uint16_t; };
 template <> struct StorageOf<Fmt::F32> { using type = float; };
 template <Fmt F> using storage_t = typename StorageOf<F>::type;
-
-LOMO_HD uint32_t f32_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-#endif
-}
-
-LOMO_HD float f32_from_bits(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-#endif
-}
-
-// Finite test on the bit pattern: independent of -ffinite-math style assumptions.
-LOMO_HD bool is_finite_f32(float x) { return (f32_bits(x) & 0x7F800000u) != 0x7F800000u; }
-
-// NaN test on an fp32 bit pattern. A signed comparison (|b| < 2**31): one instruction in a
-// vectorised CPU loop, where an unsigned one takes two or three before AVX-512.
-LOMO_HD bool is_nan_bits(uint32_t b) {
-  return static_cast<int32_t>(b & 0x7FFFFFFFu) > 0x7F800000;
-}
 
 // ------------------------------------------------------------------------------------------
 // The hash (reference.py): lowbias32, key = mix32(seed ^ mix32(step)),
@@ -85,14 +54,10 @@ inline uint32_t rounding_key(int64_t seed, int64_t step) {
 // ------------------------------------------------------------------------------------------
 // bf16
 // ------------------------------------------------------------------------------------------
-LOMO_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+LOMO_HD float bf16_to_f32(uint16_t h) { return bf16_bits_to_f32(h); }
 
 // Round to nearest even, as tensor.to(torch.bfloat16); NaN -> canonical quiet NaN.
-LOMO_HD uint16_t f32_to_bf16_nearest(float x) {
-  uint32_t b = f32_bits(x);
-  uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(is_nan_bits(b) ? 0x7FC0u : r);
-}
+LOMO_HD uint16_t f32_to_bf16_nearest(float x) { return f32_to_bf16_bits(x, kBF16CanonicalNaN); }
 
 // Add 16 random low bits and truncate (reference._sr_bf16). NaN rounds to nearest.
 LOMO_HD uint16_t f32_to_bf16_stochastic(float x, uint32_t bits) {
@@ -108,13 +73,7 @@ LOMO_HD float f16_to_f32(uint16_t h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h));
 #else
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t em = h & 0x7FFFu;
-  // normal: rebias the exponent by 127-15; Inf/NaN: exponent field all ones.
-  uint32_t normal = (em << 13) + (em >= 0x7C00u ? 0x70000000u : 0x38000000u);
-  // subnormal/zero: em * 2**-24, exact as (0.5 + em * 2**-24) - 0.5 in fp32.
-  float sub = f32_from_bits(0x3F000000u + em) - 0.5f;
-  return f32_from_bits(sign | (em < 0x0400u ? f32_bits(sub) : normal));
+  return f16_bits_to_f32(h);
 #endif
 }
 
@@ -123,18 +82,7 @@ LOMO_HD uint16_t f32_to_f16_nearest(float x) {
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(x));
 #else
-  uint32_t b = f32_bits(x);
-  uint32_t sign = (b >> 16) & 0x8000u;
-  uint32_t a = b & 0x7FFFFFFFu;
-  // |x| < 2**-14 (fp16 subnormal range): adding 0.5 rounds |x| to a multiple of 2**-24 (the ulp
-  // of 0.5 in fp32), i.e. to the fp16 subnormal grid, with the FPU's round-to-nearest-even.
-  uint32_t sub = f32_bits(f32_from_bits(a) + 0.5f) - 0x3F000000u;
-  // normal: drop 13 mantissa bits with round-to-nearest-even, rebias the exponent (127 -> 15).
-  uint32_t nor = (a + 0x0FFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
-  uint32_t h = a < 0x38800000u ? sub : nor;
-  h = a >= 0x477FF000u ? 0x7C00u : h;  // |x| >= 65520 rounds to Inf
-  h = a > 0x7F800000u ? 0x7E00u : h;   // NaN
-  return static_cast<uint16_t>(sign | h);
+  return f32_to_f16_bits(x, kF16CanonicalNaN);
 #endif
 }
 

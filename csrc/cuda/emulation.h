@@ -46,7 +46,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "rounding.h"
+#include "float_bits.h"  // not rounding.h: that one is built on these intrinsics
 
 // ------------------------------------------------------------------------------------------
 // Keywords
@@ -80,7 +80,7 @@ extern __thread uint3 blockDim;
 extern __thread uint3 gridDim;
 
 // ------------------------------------------------------------------------------------------
-// The emulator's entry points (csrc/cuda/emulation.cpp)
+// The emulator's entry points (csrc/emulated/emulator*.cpp)
 // ------------------------------------------------------------------------------------------
 namespace lomo {
 
@@ -346,8 +346,8 @@ inline unsigned __brev(unsigned x) {
   return (x >> 16) | (x << 16);
 }
 
-// fp16 / bf16 storage types and their round-to-nearest-even conversions (rounding.h's bit-exact
-// host implementations, which are the GPU's).
+// fp16 / bf16 storage types and their round-to-nearest-even conversions (float_bits.h's bit-exact
+// implementations).
 struct __half {
   uint16_t bits;
 };
@@ -358,11 +358,13 @@ inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
-inline float __half2float(__half h) { return lomo::f16_to_f32(h.bits); }
-inline __half __float2half_rn(float x) { return __half{lomo::f32_to_f16_nearest(x)}; }
+inline float __half2float(__half h) { return lomo::f16_bits_to_f32(h.bits); }
+inline __half __float2half_rn(float x) {
+  return __half{lomo::f32_to_f16_bits(x, lomo::kF16CanonicalNaN)};
+}
 inline __half __float2half(float x) { return __float2half_rn(x); }
-inline float __bfloat162float(__nv_bfloat16 h) { return lomo::bf16_to_f32(h.bits); }
+inline float __bfloat162float(__nv_bfloat16 h) { return lomo::bf16_bits_to_f32(h.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  return __nv_bfloat16{lomo::f32_to_bf16_nearest(x)};
+  return __nv_bfloat16{lomo::f32_to_bf16_bits(x, lomo::kBF16CanonicalNaN)};
 }
 inline __nv_bfloat16 __float2bfloat16(float x) { return __float2bfloat16_rn(x); }

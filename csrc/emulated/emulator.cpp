@@ -1,5 +1,6 @@
-// The SIMT emulator behind csrc/cuda/emulation.h: fibers, the block scheduler, barriers, warp
-// collectives and the grid launch. Built into lomo_kernels._C with LOMO_KERNELS_CUDA_EMULATION=1.
+// The SIMT emulator behind csrc/cuda/emulation.h: fibers, the block scheduler and the grid launch
+// (barriers and warp collectives: emulator_sync.cpp; memory checks: emulator_memory.cpp). Built into
+// lomo_kernels._C with LOMO_KERNELS_CUDA_EMULATION=1.
 //
 // Threads of a block are fibers on one OS thread. A fiber runs until it blocks (a barrier or a warp
 // collective whose other participants have not arrived) or exits; the scheduler then switches
@@ -30,11 +31,13 @@
 
 #include "cuda/emulation.h"
 #include "emulated/emulation_api.h"
+#include "emulated/emulator_internal.h"
 
 __thread uint3 threadIdx;
 __thread uint3 blockIdx;
 __thread uint3 blockDim;
 __thread uint3 gridDim;
+
 
 #if defined(__x86_64__) && defined(__linux__)
 #define LOMO_EMU_ASM_SWITCH 1
@@ -83,109 +86,39 @@ lomo_emu_trampoline:
 
 namespace lomo {
 namespace emu {
-namespace {
+namespace detail {
 
-constexpr size_t kStackBytes = 64 * 1024;  // kernel frames are small; a guard page below each
-constexpr int kMaxThreads = 1024;
-constexpr size_t kMaxDynamicSmem = 227 * 1024;  // H100: the opt-in maximum per block
+__thread BlockRun* tls_run = nullptr;
 
-enum class Wait : uint8_t { None, Block, Warp, Exited };
+BlockRun::~BlockRun() {
+  if (stack_base) munmap(stack_base, stack_slots * stack_stride);
+  for (Fiber& f : fibers) delete f.uc;
+}
 
-struct Fiber {
-  void* sp = nullptr;            // asm switch: saved stack pointer
-  ucontext_t* uc = nullptr;      // ucontext switch
-  char* stack_top = nullptr;     // 16-byte aligned
-  uint3 tid{};
-  int linear = 0, lane = 0, warp = 0;
-  Wait wait = Wait::None;
-  unsigned wmask = 0;            // pending warp collective: mask, kind, contribution, source lane
-  Collective wkind = Collective::SyncWarp;
-  uint64_t wvalue = 0;
-  unsigned wsrc = 0;
-  uint64_t wresult = 0;          // written by the lane that completes the collective
-  int sync_result = 0;
-};
-
-struct WarpState {
-  unsigned arrived, exited, members;
-};
-
-struct MemRange {
-  uintptr_t storage_lo, storage_hi, view_lo, view_hi;
-  const char* name;
-};
-
-struct Launch {
-  LaunchSite site;
-  uint3 grid, block;
-  int64_t nblocks;
-  int nthreads;
-  size_t smem;
-  Invoke invoke;
-  const void* call;
-  const std::vector<MemRange>* ranges;
-  int schedule;  // 0 mixed, 1 forward, 2 reverse
-  std::atomic<int64_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex error_mutex;
-  std::string error;
-};
-
-enum class Switcher { Asm, Ucontext };
+void BlockRun::reserve(int n) {
+  if (static_cast<size_t>(n) <= stack_slots) return;
+  if (stack_base) munmap(stack_base, stack_slots * stack_stride);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  stack_stride = kStackBytes + page;
+  stack_slots = static_cast<size_t>(kMaxThreads);
+  void* m = mmap(nullptr, stack_slots * stack_stride, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  TORCH_CHECK(m != MAP_FAILED, "cuda_emulated: cannot map fiber stacks");
+  stack_base = static_cast<char*>(m);
+  fibers.resize(stack_slots);
+  for (size_t i = 0; i < stack_slots; ++i) {
+    char* lo = stack_base + i * stack_stride;
+    mprotect(lo, page, PROT_NONE);  // overflow faults instead of corrupting the next stack
+    fibers[i].stack_top = lo + stack_stride;
+  }
+}
 
 struct Stats {
   std::atomic<int64_t> launches{0}, blocks{0}, threads{0}, switches{0};
 };
 Stats g_stats;
 
-// Per OS thread: the fibers (stacks are kept between launches) and the state of the block it runs.
-struct BlockRun {
-  Launch* L = nullptr;
-  Switcher switcher = Switcher::Asm;
-  std::vector<Fiber> fibers;
-  std::vector<int> order;  // schedule order (linear thread ids), warps contiguous
-  std::vector<int> pos;    // position of each thread in `order`
-  WarpState warps[kMaxThreads / 32];
-  int nthreads = 0, nwarps = 0, live = 0, arrived = 0;
-  BlockSync bkind = BlockSync::Plain;
-  int count = 0;  // predicates that were non-zero at the pending block barrier
-  Fiber* cur = nullptr;
-  void* main_sp = nullptr;
-  ucontext_t main_uc;
-  bool failed = false;
-  std::string error;
-  int64_t switches = 0;
-  char* stack_base = nullptr;
-  size_t stack_slots = 0, stack_stride = 0;
-  std::vector<unsigned char> smem_buf;
-  unsigned char* smem = nullptr;
-
-  ~BlockRun() {
-    if (stack_base) munmap(stack_base, stack_slots * stack_stride);
-    for (Fiber& f : fibers) delete f.uc;
-  }
-
-  void reserve(int n) {
-    if (static_cast<size_t>(n) <= stack_slots) return;
-    if (stack_base) munmap(stack_base, stack_slots * stack_stride);
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    stack_stride = kStackBytes + page;
-    stack_slots = static_cast<size_t>(kMaxThreads);
-    void* m = mmap(nullptr, stack_slots * stack_stride, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    TORCH_CHECK(m != MAP_FAILED, "cuda_emulated: cannot map fiber stacks");
-    stack_base = static_cast<char*>(m);
-    fibers.resize(stack_slots);
-    for (size_t i = 0; i < stack_slots; ++i) {
-      char* lo = stack_base + i * stack_stride;
-      mprotect(lo, page, PROT_NONE);  // overflow faults instead of corrupting the next stack
-      fibers[i].stack_top = lo + stack_stride;
-    }
-  }
-};
-
 thread_local std::unique_ptr<BlockRun> tls_run_owner;
-__thread BlockRun* tls_run = nullptr;
 
 BlockRun& run_of_this_thread() {
   if (!tls_run_owner) tls_run_owner = std::make_unique<BlockRun>();
@@ -466,167 +399,9 @@ int schedule_from_env() {
   return s == "forward" ? 1 : s == "reverse" ? 2 : 0;
 }
 
-thread_local std::vector<MemRange> tls_ranges;  // registered by MemoryScope on the calling thread
+}  // namespace detail
 
-}  // namespace
-
-// ------------------------------------------------------------------------------------------
-// Called from kernel code (inside a fiber)
-// ------------------------------------------------------------------------------------------
-unsigned lane_id() { return static_cast<unsigned>(tls_run->cur->lane); }
-
-unsigned active_mask() {
-  const BlockRun& r = *tls_run;
-  const WarpState& w = r.warps[r.cur->warp];
-  return w.members & ~w.exited;
-}
-
-namespace {
-
-uint64_t combine(Collective kind, unsigned mask, const Fiber* lanes) {
-  uint64_t acc = 0;
-  bool first = true;
-  for (unsigned l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    const uint32_t u = static_cast<uint32_t>(lanes[l].wvalue);
-    const int32_t i = static_cast<int32_t>(u);
-    const uint32_t a = static_cast<uint32_t>(acc);
-    switch (kind) {
-      case Collective::Ballot: acc |= static_cast<uint64_t>(u != 0) << l; break;
-      case Collective::AddU32: acc = a + u; break;
-      case Collective::MinU32: acc = first || u < a ? u : a; break;
-      case Collective::MaxU32: acc = first || u > a ? u : a; break;
-      case Collective::MinI32: acc = static_cast<uint32_t>(first || i < static_cast<int32_t>(a) ? i : static_cast<int32_t>(a)); break;
-      case Collective::MaxI32: acc = static_cast<uint32_t>(first || i > static_cast<int32_t>(a) ? i : static_cast<int32_t>(a)); break;
-      case Collective::AndU32: acc = first ? u : (a & u); break;
-      case Collective::OrU32: acc = a | u; break;
-      case Collective::XorU32: acc = a ^ u; break;
-      default: break;
-    }
-    first = false;
-  }
-  return acc;
-}
-
-}  // namespace
-
-uint64_t warp_collective(unsigned mask, Collective kind, uint64_t value, unsigned src) {
-  BlockRun& r = *tls_run;
-  Fiber* f = r.cur;
-  WarpState& w = r.warps[f->warp];
-  const unsigned bit = 1u << f->lane;
-  char buf[160];
-  if (!(mask & bit) || (mask & ~w.members) || (mask & w.exited)) {
-    std::snprintf(buf, sizeof(buf),
-                  "warp collective with mask 0x%08x: it must include the calling lane %d and "
-                  "only live lanes of the warp (0x%08x)",
-                  mask, f->lane, w.members & ~w.exited);
-    fail_here(r, buf);
-  }
-  f->wmask = mask;
-  f->wkind = kind;
-  f->wvalue = value;
-  f->wsrc = src;
-  w.arrived |= bit;
-  if ((w.arrived & mask) != mask) {
-    f->wait = Wait::Warp;
-    block_until_released(r);
-    return f->wresult;
-  }
-  // The last arriver: every lane of the mask must be at the same kind of collective.
-  Fiber* lanes = &r.fibers[f->warp * 32];
-  for (unsigned l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    if (lanes[l].wmask != mask || lanes[l].wkind != kind) {
-      std::snprintf(buf, sizeof(buf),
-                    "lanes of mask 0x%08x meet at different warp collectives (lane %u: mask "
-                    "0x%08x, another kind or mask)",
-                    mask, l, lanes[l].wmask);
-      fail_here(r, buf);
-    }
-  }
-  const uint64_t all = kind == Collective::Shuffle ? 0 : combine(kind, mask, lanes);
-  for (unsigned l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    Fiber& o = lanes[l];
-    o.wresult = kind == Collective::Shuffle ? lanes[o.wsrc].wvalue : all;
-    if (o.wait == Wait::Warp) o.wait = Wait::None;
-  }
-  w.arrived &= ~mask;
-  return f->wresult;
-}
-
-unsigned shuffle_source(ShuffleMode mode, unsigned lane, int arg, int width, unsigned mask) {
-  if (width <= 0 || width > 32 || (width & (width - 1)))
-    fail_here(*tls_run, "shuffle width must be a power of two <= 32, got " + std::to_string(width));
-  const unsigned seg = lane & ~static_cast<unsigned>(width - 1);
-  unsigned src = lane;
-  switch (mode) {
-    case ShuffleMode::Index: src = seg + (static_cast<unsigned>(arg) & (width - 1)); break;
-    case ShuffleMode::Up: src = static_cast<int>(lane) - arg >= static_cast<int>(seg) ? lane - arg : lane; break;
-    case ShuffleMode::Down: src = lane + arg < seg + width ? lane + arg : lane; break;
-    case ShuffleMode::Xor: {
-      const unsigned j = lane ^ static_cast<unsigned>(arg);
-      src = j < seg + width ? j : lane;  // a later segment: own value
-      break;
-    }
-  }
-  if (src >= 32 || !(mask >> src & 1u))
-    fail_here(*tls_run, "shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
-  return src;
-}
-
-int block_barrier(BlockSync kind, int predicate) {
-  BlockRun& r = *tls_run;
-  if (r.arrived == 0) {
-    r.bkind = kind;
-  } else if (r.bkind != kind) {
-    fail_here(r, "threads of a block meet at different kinds of __syncthreads");
-  }
-  ++r.arrived;
-  r.count += predicate != 0;
-  if (r.arrived == r.live) {
-    release_block_barrier(r);
-  } else {
-    r.cur->wait = Wait::Block;
-    block_until_released(r);
-  }
-  return r.cur->sync_result;
-}
-
-unsigned char* dynamic_shared_memory() {
-  BlockRun& r = *tls_run;
-  if (!r.L->smem) fail_here(r, "dynamic shared memory used but the launch requested 0 bytes");
-  return r.smem;
-}
-
-void check_vector_access(const void* p, size_t bytes, bool store) {
-  BlockRun& r = *tls_run;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  char buf[256];
-  if (a % bytes) {
-    std::snprintf(buf, sizeof(buf), "misaligned %zu-byte vector %s at %p", bytes,
-                  store ? "store" : "load", p);
-    fail_here(r, buf);
-  }
-  // Inside a registered tensor: fine. Starting in one and running past its end, or elsewhere in
-  // its storage: an error (on a GPU it reads or overwrites a neighbour without a fault).
-  const MemRange* hit = nullptr;
-  for (const MemRange& m : *r.L->ranges) {
-    if (a >= m.view_lo && a + bytes <= m.view_hi) return;
-    if ((a >= m.view_lo && a < m.view_hi) || (a >= m.storage_lo && a < m.storage_hi)) hit = &m;
-  }
-  if (hit) {
-    const bool starts_inside = a >= hit->view_lo && a < hit->view_hi;
-    std::snprintf(buf, sizeof(buf), "%zu-byte vector %s at %p %s outside tensor '%s' [%p, %p)%s",
-                  bytes, store ? "store" : "load", p, starts_inside ? "runs" : "is", hit->name,
-                  reinterpret_cast<void*>(hit->view_lo), reinterpret_cast<void*>(hit->view_hi),
-                  starts_inside ? " past its end" : ", in its storage");
-    fail_here(r, buf);
-  }
-}
-
-void fail(const char* what) { fail_here(*tls_run, what); }
+using namespace detail;
 
 // ------------------------------------------------------------------------------------------
 // Launch
@@ -682,24 +457,6 @@ EmulationStats stats() {
   return {g_stats.launches.load(), g_stats.blocks.load(), g_stats.threads.load(),
           g_stats.switches.load(), switcher_from_env() == Switcher::Asm ? "asm" : "ucontext"};
 }
-
-MemoryScope::MemoryScope(std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
-  tls_ranges.clear();
-  for (const auto& [name, t] : ts) add(name, t);
-}
-
-void MemoryScope::add(const char* name, const at::Tensor* t) {
-  if (!t || !t->defined() || !t->has_storage()) return;
-  const auto* base = static_cast<const char*>(t->storage().data());
-  const auto* data = static_cast<const char*>(t->data_ptr());
-  tls_ranges.push_back({reinterpret_cast<uintptr_t>(base),
-                        reinterpret_cast<uintptr_t>(base + t->storage().nbytes()),
-                        reinterpret_cast<uintptr_t>(data),
-                        reinterpret_cast<uintptr_t>(data + t->numel() * t->element_size()),
-                        name});
-}
-
-MemoryScope::~MemoryScope() { tls_ranges.clear(); }
 
 }  // namespace emu
 }  // namespace lomo
