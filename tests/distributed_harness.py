@@ -10,7 +10,8 @@ not arrive within ``CASE_TIMEOUT`` (a hung collective), a worker that dies, or t
 ``timeout`` stops the job; the cases not run say why.
 
 Returns ``{case: {"ok": bool, "errors": {rank: traceback}, "seconds": float}}`` and the job's
-wall time.
+wall time. ``run_jobs`` runs one job per world size at the same time; ``fail_unless_ok`` turns a
+case's result into a test failure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch.multiprocessing as mp
@@ -97,6 +99,22 @@ def run_job(module: str, cases: list, world_size: int, timeout: float):
         return _collect(tmpdir, cases, world_size, hung, codes, timeout), time.perf_counter() - t0
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def run_jobs(module: str, cases: list, world_sizes, timeout: float) -> dict:
+    """``{world_size: results}``: one job per world size, all running at the same time."""
+    with ThreadPoolExecutor(len(world_sizes)) as pool:
+        running = {ws: pool.submit(run_job, module, cases, ws, timeout) for ws in world_sizes}
+    return {ws: job.result()[0] for ws, job in running.items()}
+
+
+def fail_unless_ok(result: dict) -> None:
+    """Fail the calling test with every rank's traceback when a case did not pass."""
+    if not result["ok"]:
+        import pytest
+
+        pytest.fail("\n".join(f"rank {r}:\n{e}" for r, e in result["errors"].items()),
+                    pytrace=False)
 
 
 def _collect(tmpdir, cases, world_size, hung, codes, timeout):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lomo_kernels import (AdaLomo, GoLore, GradNormSpikeWarning, IndependentRanksWarning,
+from lomo_kernels import (AdaLomo, GradNormSpikeWarning, IndependentRanksWarning,
                           Lomo, NonFiniteGradientWarning, reference)
 
 CLASSES = {"Lomo": Lomo, "AdaLomo": AdaLomo}
@@ -189,14 +189,9 @@ def equivalence(ctx, cls_name, backend):
         assert math.isclose(a, b, rel_tol=1e-5), (norms, ref_norms)
 
 
-def one_backward_clipping(ctx, cls_name, backend):
-    """clip_mode="previous" (one fused_backward per step, no grad_norm pass): each step's
-    last_grad_norm is the global norm (the shards' parts summed across ranks) and the parameters
-    follow the single-process run within 1e-5."""
-    cls = CLASSES[cls_name]
-    kw = options(cls_name, backend, clip_mode="previous")
-    m, ref = shard(Net()), Net()
-    opt, ref_opt = cls(m, **kw), cls(ref, independent_ranks=True, **kw)
+def train_one_backward(ctx, m, opt, ref, ref_opt):
+    """STEPS steps of one fused_backward each, sharded and single-process: every step's
+    last_grad_norm agrees within 1e-5."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradNormSpikeWarning)  # the unclipped first step
         for step in range(STEPS):
@@ -205,6 +200,17 @@ def one_backward_clipping(ctx, cls_name, backend):
                 o.fused_backward(loss_of(model, x, y), None)
             got, want = float(opt.last_grad_norm), float(ref_opt.last_grad_norm)
             assert want > 0 and math.isclose(got, want, rel_tol=1e-5), (step, got, want)
+
+
+def one_backward_clipping(ctx, cls_name, backend):
+    """clip_mode="previous" (one fused_backward per step, no grad_norm pass): each step's
+    last_grad_norm is the global norm (the shards' parts summed across ranks) and the parameters
+    follow the single-process run within 1e-5."""
+    cls = CLASSES[cls_name]
+    kw = options(cls_name, backend, clip_mode="previous")
+    m, ref = shard(Net()), Net()
+    opt, ref_opt = cls(m, **kw), cls(ref, independent_ranks=True, **kw)
+    train_one_backward(ctx, m, opt, ref, ref_opt)
     params = params_of(m)
     for n, want in params_of(ref).items():
         close(params[n], want, f"parameter {n}")
@@ -340,6 +346,26 @@ def _poison(ctx, model, row, when):
     model.l1.weight.register_post_accumulate_grad_hook(hook)  # before the optimizer's hook
 
 
+def poisoned_step(ctx, m, opt, ref, ref_opt, on, ref_on):
+    """A clean step of the sharded and the single-process run, then one fused_backward of each
+    with the poison on (``on``, ``ref_on``) and no clipping, so that the NaN reaches the update
+    pass; every rank must warn. Returns the sharded parameters and state before that step."""
+    train(m, opt, 1, ctx)
+    train(ref, ref_opt, 1)
+    before, st_before = params_of(m), states_of(opt, m)
+    on["on"] = ref_on["on"] = True
+    for o in (opt, ref_opt):
+        o.clip_coef = o.clip_grad_norm = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.fused_backward(loss_of(m, *batch(1, ctx)))
+    assert any(issubclass(w.category, NonFiniteGradientWarning) for w in seen), "no warning"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteGradientWarning)
+        ref_opt.fused_backward(loss_of(ref, *batch(1)))
+    return before, st_before
+
+
 def nonfinite_on_one_rank(ctx, cls_name, backend):
     """A NaN in one rank's shard: AdaLomo leaves that parameter and its state unchanged on every
     rank (Lomo that element), every rank warns; in the grad_norm pass the norm is non-finite on
@@ -354,19 +380,7 @@ def nonfinite_on_one_rank(ctx, cls_name, backend):
     ref = Net()
     _poison(None, ref, row, ref_on)
     ref_opt = cls(ref, independent_ranks=True, **kw)
-    train(m, opt, 1, ctx)
-    train(ref, ref_opt, 1)
-    before, st_before = params_of(m), states_of(opt, m)
-    on["on"] = ref_on["on"] = True
-    for o in (opt, ref_opt):  # no clipping this step: the NaN reaches the update pass
-        o.clip_coef = o.clip_grad_norm = None
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        opt.fused_backward(loss_of(m, *batch(1, ctx)))
-    assert any(issubclass(w.category, NonFiniteGradientWarning) for w in seen), "no warning"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteGradientWarning)
-        ref_opt.fused_backward(loss_of(ref, *batch(1)))
+    before, st_before = poisoned_step(ctx, m, opt, ref, ref_opt, on, ref_on)
     after, want = params_of(m), params_of(ref)
     for n in after:
         close(after[n], want[n], f"parameter {n}")
@@ -427,29 +441,40 @@ def loss_scaler_agrees(ctx, backend):
 def dcp_round_trip(ctx, cls_name, backend):
     """Save model and optimizer with torch.distributed.checkpoint after 2 steps, load them into a
     fresh model and optimizer: the next steps are bitwise those of the uninterrupted run."""
+    cls = CLASSES[cls_name]
+    kw = options(cls_name, backend)
+
+    def placements(st):  # AdaLomo's state is DTensors, rows sharded, 2-d columns replicated
+        if cls is AdaLomo:
+            assert st["l1.weight"]["exp_avg_sq_row"].placements == (Shard(0),)
+            assert st["l1.weight"]["exp_avg_sq_col"].placements == (Replicate(),)
+            assert st["mix.weight"]["exp_avg_sq_col"].placements == (Shard(0),)
+            assert st["norm.weight"]["exp_avg_sq"].placements == (Shard(0),)
+            assert st["l1.weight"]["step"] == 2
+
+    checkpoint_and_resume(ctx, lambda m: cls(m, **kw), f"{cls_name}_{backend}", placements)
+
+
+def checkpoint_and_resume(ctx, make_opt, name, check_saved):
+    """Train a sharded Net with ``make_opt(model)`` 2 steps, save model and optimizer with
+    torch.distributed.checkpoint (``check_saved`` sees the optimizer's state dict first), train
+    2 more; load the checkpoint into a fresh model (another init) and optimizer and train the
+    same 2 steps: parameters and state are bitwise those of the uninterrupted run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    cls = CLASSES[cls_name]
-    kw = options(cls_name, backend)
-    path = os.path.join(ctx.tmpdir, f"ckpt_{cls_name}_{backend}")
+    path = os.path.join(ctx.tmpdir, f"ckpt_{name}")
     m = shard(Net())
-    opt = cls(m, **kw)
+    opt = make_opt(m)
     train(m, opt, 2, ctx)
     msd, osd = get_state_dict(m, opt)
-    if cls is AdaLomo:  # the state is DTensors, rows sharded, 2-d columns replicated
-        st = osd["state"]
-        assert st["l1.weight"]["exp_avg_sq_row"].placements == (Shard(0),)
-        assert st["l1.weight"]["exp_avg_sq_col"].placements == (Replicate(),)
-        assert st["mix.weight"]["exp_avg_sq_col"].placements == (Shard(0),)
-        assert st["norm.weight"]["exp_avg_sq"].placements == (Shard(0),)
-        assert st["l1.weight"]["step"] == 2
+    check_saved(osd["state"])
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     train(m, opt, 2, ctx, first=2)
     want_p, want_s = params_of(m), states_of(opt, m)
 
     m2 = shard(Net(seed=7))
-    opt2 = cls(m2, **kw)
+    opt2 = make_opt(m2)
     msd2, osd2 = get_state_dict(m2, opt2)
     sd = {"model": msd2, "optim": osd2}
     dcp.load(sd, checkpoint_id=path)
@@ -547,9 +572,3 @@ def process_group_mismatch(ctx, cls_name):
     mesh = init_device_mesh("cpu", (ctx.world_size,))
     rep = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
     raises(ValueError, "placed (Replicate(),)", lambda: cls([rep], lr=0.1))
-
-
-def golore_refused(ctx):
-    """GoLore's projections span the shards: a sharded model is refused at construction."""
-    m = shard(Net())
-    raises(ValueError, "does not support", lambda: GoLore(m, rank=2))

@@ -11,12 +11,11 @@ import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from distributed_harness import run_job
+from distributed_harness import fail_unless_ok, run_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +37,7 @@ CASES = (
     + ["nonfinite_on_one_rank:Lomo:torch", "loss_scaler_agrees:torch"]
     + [f"nonfinite_on_one_rank:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + ["dcp_round_trip:Lomo:torch", "dcp_round_trip:AdaLomo:torch"]
-    + ["ddp_refused", "golore_refused"]
+    + ["ddp_refused"]
     + [f"{case}:{cls}" for case in ("built_before_fully_shard", "shard_dim_1",
                                    "process_group_mismatch") for cls in ("Lomo", "AdaLomo")]
 )
@@ -47,28 +46,28 @@ CASES = (
 @functools.lru_cache(maxsize=None)
 def jobs():
     """Both world sizes' jobs, run at the same time (the first test that needs one starts both)."""
-    with ThreadPoolExecutor(len(WORLD_SIZES)) as pool:
-        running = {ws: pool.submit(run_job, "fsdp_cases", CASES, ws, JOB_TIMEOUT)
-                   for ws in WORLD_SIZES}
-    return {ws: job.result()[0] for ws, job in running.items()}
+    return run_jobs("fsdp_cases", CASES, WORLD_SIZES, JOB_TIMEOUT)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("case", CASES)
 def test_fsdp(case, world_size):
-    result = jobs()[world_size][case]
-    if not result["ok"]:
-        pytest.fail("\n".join(f"rank {r}:\n{e}" for r, e in result["errors"].items()),
-                    pytrace=False)
+    fail_unless_ok(jobs()[world_size][case])
 
 
-def test_torchrun_finetune_fsdp():
+@pytest.mark.parametrize("optimizer", [
+    [],  # AdaLomo, the default
+    # GoLore with SVD projections for the first 2 steps and random ones after (refreshes at
+    # steps 0 and 2): both kinds of refresh on shards
+    ["--optimizer", "golore", "--rank", "8", "--update-proj-gap", "2", "--svd-steps", "2"],
+], ids=["adalomo", "golore"])
+def test_torchrun_finetune_fsdp(optimizer):
     """The real launch: torchrun, 2 ranks on CPU (gloo over 127.0.0.1, a port the OS picks)."""
     pytest.importorskip("transformers")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
            "-m", "lomo_kernels.finetune", "--fsdp", "--steps", "4", "--seq-len", "32",
-           "--batch-size", "2", "--eval-batches", "1", "--clip-grad-norm", "1.0"]
+           "--batch-size", "2", "--eval-batches", "1", "--clip-grad-norm", "1.0", *optimizer]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]

@@ -169,6 +169,43 @@ def test_svd_projector_is_exact_when_the_sketch_covers_the_projected_side():
     assert _sin_angle(p, vh[:6].T) < 1e-5
 
 
+class _OneRank:
+    """``svd_projector_sharded``'s layout and collectives for a single rank holding every row."""
+
+    def __init__(self, m):
+        self.total, self.start = m, 0
+
+    def sum_(self, t):
+        return t
+
+    def gather_rows(self, t):
+        return t
+
+    def stack(self, t):
+        return t
+
+
+@pytest.mark.parametrize("shape,r", [((40, 96), 8), ((96, 40), 8), ((12, 40), 6), ((40, 12), 6)])
+def test_sharded_svd_on_one_rank_is_the_single_process_method(shape, r):
+    """The sharded refresh is the same algorithm: on one rank it gives the single-process
+    projector to float32 rounding, signs included (k = 2r iterates; k >= d is exact)."""
+    g = _spectrum_matrix(*shape, 4, decay=0.7)
+    for side in ("left", "right"):
+        want = proj.svd_projector(g, r, side, key=5)
+        got = proj.svd_projector_sharded(g, r, side, 5, _OneRank(shape[0]))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_svd_vector_signs_do_not_depend_on_the_r_factor_signs():
+    """The R factor of a QR is unique up to the signs of its rows, which differ between the
+    single-process and the sharded TSQR: the projector's columns do not."""
+    q = proj._orth(_rand((30, 8), 1))
+    rr = torch.linalg.qr(_rand((50, 8), 2), mode="r")[1]
+    flip = torch.tensor([1.0, -1, -1, 1, -1, 1, 1, -1])[:, None]
+    torch.testing.assert_close(proj._top_vectors(q, flip * rr, 4), proj._top_vectors(q, rr, 4),
+                               atol=1e-6, rtol=0)
+
+
 def test_svd_refresh_working_set_is_bounded():
     """No float32 copy of the gradient: the refresh's tensors stay below the bound the README
     states, (3 d k + 2 k^2) * 4 bytes + BLOCK_BYTES * (1 + 2 k / d) (a panel of the gradient
@@ -485,6 +522,21 @@ def test_clip_grad_norm_scales_the_update():
     with pytest.warns(UserWarning, match="training proceeds unclipped"):
         oc = GoLore(Linear(3, 7), rank=2, clip_grad_norm=1.0)
         oc.param_groups[0]["params"][0].sum().backward()
+
+
+@pytest.mark.parametrize("dtype,wd,rounding", [
+    (torch.float32, 0.0, "nearest"), (torch.float32, 0.1, "nearest"),
+    (torch.bfloat16, 0.0, "stochastic")])
+def test_last_grad_norm_is_the_gradients_whatever_the_application_path(dtype, wd, rounding):
+    """The norm is of the gradient, also where the back-projected update is written into the
+    gradient's buffer (weight decay, stochastic rounding) before the fused LOMO apply."""
+    model = torch.nn.ModuleList([Linear(9, 33, dtype, seed=1, bias=True), Linear(40, 6, dtype)])
+    opt = GoLore(model, lr=0.1, rank=3, weight_decay=wd, rounding=rounding)
+    for i in range(2):
+        c1, cb, c2 = _rand((9, 33), 10 + i), _rand((9,), 20 + i), _rand((40, 6), 30 + i)
+        opt.fused_backward(model[0].loss(c1, cb) + model[1].loss(c2))
+        want = torch.cat([c.to(dtype).float().flatten() for c in (c1, cb, c2)]).norm()
+        torch.testing.assert_close(opt.last_grad_norm, want, rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------- resume

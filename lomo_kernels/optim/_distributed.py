@@ -169,6 +169,12 @@ def shard_seed(seed: int, shard: ShardInfo) -> int:
     return (seed ^ reference.mix32(shard.rank)) & 0xFFFFFFFF
 
 
+def unshard_seed(seed: int, shard: ShardInfo) -> int:
+    """The single-process seed of a parameter from its shard's (``shard_seed`` undone): what keys
+    GoLore's projections, identical on every rank."""
+    return (seed ^ reference.mix32(shard.rank)) & 0xFFFFFFFF
+
+
 # ---------------------------------------------------------------------------------------------
 # Collectives
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +319,9 @@ class Sharding:
         self._grad_sq: Dict[torch.device, torch.Tensor] = {}  # device -> sharded norm^2 (1 elem)
         self._model_checked = False
         self._warned_plain = False
+        #: the optimizer keys per-parameter randomness by the parameter's ordinal (GoLore's
+        #: projections): the ranks must also agree on the sharded parameters' positions
+        self.keyed = False
 
     # -------------------------------------------------------------- parameters
     def check_model(self, model: Any) -> None:
@@ -349,7 +358,11 @@ class Sharding:
                 )
         self._warn_plain(plain)
         if sharded:
-            self._agree_on_layout(name, sharded)
+            where = ""
+            if self.keyed:
+                ids = {id(p) for p, _, _ in sharded}
+                where = f"|{len(params)}:{[i for i, (p, _) in enumerate(params) if id(p) in ids]}"
+            self._agree_on_layout(name, sharded, where)
         return sharded, plain, backend
 
     def adopt(self, inspected: tuple) -> List[torch.Tensor]:
@@ -375,14 +388,14 @@ class Sharding:
             return [(self._names[p], s)]
         return []
 
-    def _agree_on_layout(self, name: str, sharded: list) -> None:
+    def _agree_on_layout(self, name: str, sharded: list, where: str = "") -> None:
         """One small all-reduce: every rank of the group must hook the same sharded parameters,
         else the per-parameter collectives of the first backward would pair up wrongly and hang."""
         group = sharded[0][2].group
         dist = _dist()
         if dist.get_world_size(group) == 1:
             return
-        desc = ";".join(f"{tuple(s.global_shape)}" for _, _, s in sharded)
+        desc = ";".join(f"{tuple(s.global_shape)}" for _, _, s in sharded) + where
         mine = [len(sharded), sum(s.numel for _, _, s in sharded) % (1 << 40),
                 zlib.crc32(desc.encode())]
         t = torch.tensor(mine + [-v for v in mine], dtype=torch.int64,

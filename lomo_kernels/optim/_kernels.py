@@ -134,7 +134,9 @@ class KernelsMixin:
             else:
                 # the kernels add no grad_sq here (_grad_sq is None): the local shard's part of
                 # the norm goes to the sharded accumulator, summed across ranks by
-                # _reduce_grad_sq (one torch reduction of the shard)
+                # _reduce_grad_sq (one torch reduction of the shard), before the update
+                # (GoLore's may reuse the gradient's buffer)
+                _batch.add_grad_sq(self._sharding.grad_sq(g.device), g, self._active_scale)
                 self._updating_shard = True
                 try:
                     self._update_sharded(_distributed.local(p), g, group, state,
@@ -142,6 +144,5 @@ class KernelsMixin:
                                          shard)
                 finally:
                     self._updating_shard = False
-                _batch.add_grad_sq(self._sharding.grad_sq(g.device), g, self._active_scale)
         self._stamp[p] = self._token
         self._n_updated += 1

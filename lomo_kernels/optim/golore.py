@@ -21,16 +21,16 @@ so the only weight-sized memory is the weight and its gradient, as for LOMO.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import warnings
 
 import torch
 
 from .. import ops
 from .._checks import choice, integer, number
+from . import _batch, _golore_shards
 from . import projector as proj
 from ._base import InBackwardOptimizer
+from ._golore_groups import _check_betas, _check_bool, _check_momentum, _split_excluded
 from ._subspace_window import SubspaceAccumulationMixin
 
 PROJECTIONS = ("random", "svd")
@@ -46,6 +46,9 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
     rank: subspace dimension r (> 0). A weight with ``min(m, n) <= rank`` is trained at full rank.
     update_proj_gap: T, the projector is refreshed at this parameter's updates 0, T, 2T, ...
     scale: the back-projected update is multiplied by it (GaLore's alpha; default 0.25).
+    side: the projected side, ``"auto"`` (GaLore's rule: the smaller dimension), ``"right"``
+        (P n x r, R = G P) or ``"left"`` (P m x r, R = P^T G). On FSDP2 shards (rows split)
+        ``"right"`` is local to each rank; ``"left"`` all-reduces R (r x n) every step.
     projection: ``"random"`` (GoLore: uniform on the Stiefel manifold) or ``"svd"`` (GaLore:
         top-r singular vectors of the current gradient).
     svd_steps: K; with ``projection="random"`` the first K updates use SVD projections, the
@@ -78,6 +81,10 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
 
     Weights of more than two dimensions are treated as ``shape[0] x prod(shape[1:])`` matrices.
 
+    FSDP2 (``fully_shard``, ``Shard(0)``): the same updates as one process on the global batch
+    (docs/golore.md); the state is DTensors from construction, for torch.distributed.checkpoint.
+    ``independent_ranks`` as for ``Lomo``.
+
     State per low-rank weight (``self.state[p]``): ``step`` (updates so far), ``projector`` P
     (float32, min(m, n) x r), ``refreshes`` (projectors drawn so far: the position of the random
     stream), ``next_refresh`` (the 0-based update at which the next refresh is due), and the
@@ -94,7 +101,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
 
     _name = "GoLore"
     _op = "golore_update_"
-    _shardable = False  # a projection spans the rows of every shard
+    _shardable = True  # _golore_shards.py: local right projections, all-reduced left ones
 
     def __init__(
         self,
@@ -104,6 +111,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         rank=128,
         update_proj_gap=200,
         scale=0.25,
+        side="auto",
         projection="random",
         svd_steps=0,
         inner="adamw",
@@ -117,11 +125,12 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         rounding="nearest",
         seed=0,
         clip_mode="exact",
+        independent_ranks=False,
         accumulation_steps=1,
         accumulation_dtype="float32",
     ):
         defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, side=side,
             projection=projection, svd_steps=svd_steps, inner=inner, betas=betas, eps=eps,
             momentum=momentum, weight_decay=weight_decay, low_rank=True,
         )
@@ -137,8 +146,8 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             model = _split_excluded(params, exclude, names, self._name)
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
-            seed=seed, clip_mode=clip_mode, accumulation_steps=accumulation_steps,
-            accumulation_dtype=accumulation_dtype,
+            seed=seed, clip_mode=clip_mode, independent_ranks=independent_ranks,
+            accumulation_steps=accumulation_steps, accumulation_dtype=accumulation_dtype,
         )
         if module is not None:  # names for messages, also when exclude made the groups
             self.model = module
@@ -153,6 +162,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             "rank": lambda v, n: integer(v, n, ge=1),
             "update_proj_gap": lambda v, n: integer(v, n, ge=1),
             "scale": lambda v, n: number(v, n),
+            "side": lambda v, n: choice(v, n, proj.SIDES),
             "projection": lambda v, n: choice(v, n, PROJECTIONS),
             "svd_steps": lambda v, n: integer(v, n, ge=0),
             "inner": lambda v, n: choice(v, n, ops.INNERS),
@@ -177,14 +187,15 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
     @staticmethod
     def _matrix_shape(p, group):
         """(m, n) when ``p`` is trained in a subspace, else None (full rank)."""
-        if not group["low_rank"] or p.dim() < 2:
-            return None
-        m, n = p.shape[0], p.numel() // p.shape[0]
-        return (m, n) if group["rank"] < min(m, n) else None
+        return proj.matrix_shape(tuple(p.shape), group["rank"], group["low_rank"])
+
+    @staticmethod
+    def _state_names(group):
+        return ops.golore_state_names(group["inner"], float(group["momentum"]))
 
     def _init_state(self, p, group, state, mn) -> None:
-        names = ops.golore_state_names(group["inner"], float(group["momentum"]))
-        shape = p.shape if mn is None else proj.projected_shape(*mn, group["rank"])
+        names = self._state_names(group)
+        shape = p.shape if mn is None else proj.projected_shape(*mn, group["rank"], group["side"])
         state["step"] = 0
         if mn is not None:
             state["projector"] = None
@@ -193,7 +204,11 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         for name in names:
             state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
+    def _kernel_adds_grad_sq(self, device) -> bool:
+        return True  # _update adds it, before _apply reuses the gradient's buffer
+
     def _update(self, p, g, group, state, seed) -> None:
+        _batch.add_grad_sq(self._grad_sq(p), g, self._active_scale)
         mn = self._matrix_shape(p, group)
         if not state:
             self._init_state(p, group, state, mn)
@@ -205,9 +220,9 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             return
         if p.dim() != 2:
             p, g = p.view(mn), g.view(mn)
-        side = proj.side_of(*mn)
+        side = proj.side_of(*mn, group["side"])
         if state["step"] - 1 >= state["next_refresh"] and not self._refresh(g, group, state,
-                                                                              side, seed):
+                                                                              side, seed, mn):
             if state["projector"] is None:  # no subspace yet and a non-finite gradient
                 found.fill_(1.0)
                 return
@@ -226,10 +241,24 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             seed, state["step"],
         )
 
-    def _refresh(self, g2, group, state, side, seed, t0=None) -> bool:
+    def _update_sharded(self, p, g, group, state, seed, shard) -> None:
+        _golore_shards.update(self, p, g, group, state, seed, shard, self._pname(p))
+
+    def _sharded_state(self, shard):
+        # the parameter and its group (the state's shapes depend on rank, side, inner)
+        p = next(q for q, s in self._sharding.shards.items() if s is shard)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        _golore_shards.Rows(shard, self._pname(p), self._name)  # the torch.chunk row layout
+        return _golore_shards.fresh_state(shard, group, self._state_names(group))
+
+    def _configure(self) -> None:
+        self._sharding.keyed = True  # every rank must give a parameter the same ordinal
+
+    def _refresh(self, g2, group, state, side, seed, mn, rows=None, t0=None) -> bool:
         """Draw the projector due at this update (``t0``: the 0-based update it is for; default:
-        the update running now); False when an SVD refresh must wait for a finite gradient. The
-        first moment (exp_avg / momentum_buffer) is carried into the new
+        the update running now); False when an SVD refresh must wait for a
+        finite gradient. ``rows``: the shard layout when ``g2`` holds this rank's rows of the
+        gradient (``_golore_shards.Rows``), else None. The first moment (exp_avg / momentum_buffer) is carried into the new
         subspace as GoLore's code does; Adam's second moment is kept coordinate-wise, also as
         GoLore's code does: a linear transfer of v (docs/spec.md writes one for "M") makes
         entries negative (sqrt -> NaN), and the positive transfer (P_new^T P_old)**2 v shrinks v
@@ -238,16 +267,21 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         t0 = state["step"] - 1 if t0 is None else t0
         use_svd = group["projection"] == "svd" or t0 < group["svd_steps"]
         idx = state["refreshes"]
-        d = min(g2.shape)
         if use_svd:
             # An SVD of a non-finite gradient is meaningless. SVDs synchronise with the host
             # anyway, so this look costs nothing extra.
-            lo, hi = torch.aminmax(g2)  # a reduction: no temporary of g's size
-            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                return False
-            new = proj.svd_projector(g2, group["rank"], side,
-                                     proj.projection_key(seed, idx, proj.STREAM_SKETCH))
+            if rows is not None:
+                if bool(rows.nonfinite(g2)):  # agreed: every rank skips the refresh alike
+                    return False
+            else:
+                lo, hi = torch.aminmax(g2)  # a reduction: no temporary of g's size
+                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                    return False
+            key = proj.projection_key(seed, idx, proj.STREAM_SKETCH)
+            new = (proj.svd_projector(g2, group["rank"], side, key) if rows is None else
+                   proj.svd_projector_sharded(g2, group["rank"], side, key, rows))
         else:
+            d = mn[1] if side == "right" else mn[0]
             new = proj.random_projector(d, group["rank"],
                                         proj.projection_key(seed, idx, proj.STREAM_STIEFEL),
                                         g2.device)
@@ -307,74 +341,13 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
                 if not st:
                     continue
                 mn = self._matrix_shape(p, group)
-                need = set(ops.golore_state_names(group["inner"], float(group["momentum"])))
+                need = set(self._state_names(group))
                 have = {k for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") if k in st}
                 if need != have or (mn is None) == ("projector" in st):
                     raise ValueError(
                         f"{self._name}: the saved state of parameter {self._pname(p)} does not "
                         f"match this optimizer's options (inner={group['inner']!r}, "
                         f"momentum={group['momentum']}, rank={group['rank']})")
-
-
-def _check_betas(value, name):
-    if (isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list))
-            or len(value) != 2):
-        raise TypeError(f"{name} must be a pair (beta1, beta2) of numbers in [0, 1), got {value!r}")
-    for i, b in enumerate(value):
-        if number(b, f"{name}[{i}]", ge=0.0) >= 1.0:
-            raise ValueError(f"{name}[{i}] must be a number in [0, 1), got {b!r}")
-    return tuple(value)
-
-
-def _check_momentum(value, name):
-    if number(value, name, ge=0.0) >= 1.0:
-        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
-    return value
-
-
-def _check_bool(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _split_excluded(params, exclude, names, who):
-    """Param groups with the excluded parameters in groups of their own (``low_rank=False``)."""
-    pats = [e for e in exclude if isinstance(e, str)]
-    tensors = [e for e in exclude if isinstance(e, torch.Tensor)]
-    if len(pats) + len(tensors) != len(exclude):
-        raise TypeError(f"{who}: exclude takes parameters, names or name patterns")
-    used = set()
-
-    def excluded(p):
-        hit = any(p is t for t in tensors)
-        name = names.get(p)
-        for pat in pats:
-            if name is not None and (name == pat or fnmatch.fnmatchcase(name, pat)):
-                used.add(pat)
-                hit = True
-        return hit
-
-    groups = list(params)
-    if not groups or not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    out = []
-    for grp in groups:
-        ps = grp["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        flags = [excluded(p) for p in ps]
-        opts = {k: v for k, v in grp.items() if k != "params"}
-        keep = [p for p, f in zip(ps, flags) if not f]
-        drop = [p for p, f in zip(ps, flags) if f]
-        if keep:
-            out.append({**opts, "params": keep})
-        if drop:
-            out.append({**opts, "params": drop, "low_rank": False})
-    unused = [p for p in pats if p not in used]
-    if unused:
-        warnings.warn(f"{who}: exclude patterns {unused} match no parameter", UserWarning,
-                      stacklevel=3)
-    return out
 
 
 class GaLore(GoLore):

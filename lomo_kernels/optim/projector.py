@@ -18,6 +18,7 @@ same kind of device.)
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -29,14 +30,29 @@ _M64 = (1 << 64) - 1
 STREAM_STIEFEL, STREAM_SKETCH = 1, 2
 
 
-def side_of(m: int, n: int) -> str:
-    """GaLore's default: project the smaller dimension. ``"right"`` (m >= n): P is n x r,
-    R = G P (m x r); ``"left"`` (m < n): P is m x r, R = P^T G (r x n)."""
+SIDES = ("auto", "left", "right")
+
+
+def side_of(m: int, n: int, choice: str = "auto") -> str:
+    """The projected side of an m x n weight. ``"auto"``, GaLore's rule: the smaller dimension,
+    ``"right"`` (m >= n): P is n x r, R = G P (m x r); ``"left"`` (m < n): P is m x r,
+    R = P^T G (r x n). ``"left"`` / ``"right"``: that side, whatever the shape."""
+    if choice != "auto":
+        return choice
     return "right" if m >= n else "left"
 
 
-def projected_shape(m: int, n: int, r: int) -> tuple:
-    return (m, r) if side_of(m, n) == "right" else (r, n)
+def matrix_shape(shape, rank: int, low_rank: bool = True):
+    """(m, n) = (shape[0], prod(shape[1:])) when a weight of ``shape`` is trained in a rank-
+    ``rank`` subspace (``low_rank``, two or more dimensions, rank < min(m, n)), else None."""
+    if not low_rank or len(shape) < 2:
+        return None
+    m, n = shape[0], math.prod(shape[1:])
+    return (m, n) if rank < min(m, n) else None
+
+
+def projected_shape(m: int, n: int, r: int, choice: str = "auto") -> tuple:
+    return (m, r) if side_of(m, n, choice) == "right" else (r, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +214,60 @@ def svd_projector(g: torch.Tensor, r: int, side: str, key: int, oversample: int 
         z = _mm32(blk.T, q)  # a panel of B^T = M^T Q
         del blk
         rr = torch.linalg.qr(torch.cat([rr, z]), mode="r")[1]
-    # B = R^T Q_t^T: B's left singular vectors are R's right singular vectors
+    return _top_vectors(q, rr, r)
+
+
+def _top_vectors(q: torch.Tensor, rr: torch.Tensor, r: int) -> torch.Tensor:
+    """P = Q V_r from rr, the R factor of B^T = M^T Q: B = rr^T Q_t^T, so B's left singular
+    vectors are rr's right singular vectors. Each vector's sign is fixed (its largest coordinate
+    in Q's basis positive), so that computations of one subspace that differ only by rounding
+    (one process, or the shards of ``svd_projector_sharded``) agree in sign too. The sign of a
+    projector column changes no update: R, the moments and back(N) change sign with it, exactly."""
     _, _, vh = torch.linalg.svd(rr.double())
-    return q @ vh[:r].T.to(torch.float32)
+    v = vh[:r]
+    v = v * torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
+    return q @ v.T.to(torch.float32)
+
+
+def svd_projector_sharded(g: torch.Tensor, r: int, side: str, key: int, rows,
+                          oversample: int | None = None,
+                          power_iters: int = SVD_POWER_ITERS) -> torch.Tensor:
+    """``svd_projector`` of a gradient whose rows are split across ranks, from this rank's rows
+    ``g`` (m_s x n, possibly none): the same algorithm (the same Gaussian start Q, keyed alike,
+    the same iterations), its products with M summed across the ranks, never a gather of the
+    gradient. ``rows`` is the layout and its collectives: ``total`` (m), ``start`` (this
+    rank's first row), ``sum_(t)`` (all-reduce sum in place), ``gather_rows(t)`` (the m x k
+    matrix from every rank's m_s x k rows) and ``stack(t)`` (every rank's k x k ``t``, stacked).
+
+    right (M = G^T, d = n; M's columns are G's rows): per iteration one all-reduce of
+    Y = sum_s G_s^T (G_s Q) (n x k); then the R factor of B^T = G Q from each rank's
+    ``qr(G_s Q)`` (one all-gather of k x k per rank) and a QR of the stack.
+    left (M = G, d = m; M's rows are split): per iteration one all-reduce of Q^T G =
+    sum_s Q_s^T G_s (k x n) and one all-gather of the rows G_s (G^T Q) (m x k in all); then one
+    all-reduce of B = Q^T G and its R factor. Every rank ends with the same d x r projector."""
+    m_s, n = g.shape
+    d = n if side == "right" else rows.total
+    k = min(d, r + (r if oversample is None else oversample))
+    gen = _generator(g.device, key)
+    q = _orth(torch.randn(d, k, generator=gen, device=g.device, dtype=torch.float32))
+    if side == "right":
+        if k < d:
+            for _ in range(power_iters + 1):
+                y = project(g, project(g, q, "right"), "left").T.contiguous()
+                q = _orth(rows.sum_(y))
+        rr = torch.linalg.qr(project(g, q, "right"), mode="r")[1]  # at most k x k
+        pad = torch.zeros(k, k, dtype=torch.float32, device=g.device)
+        pad[:rr.shape[0]] = rr
+        rr = torch.linalg.qr(rows.stack(pad), mode="r")[1]
+    else:
+        mine = slice(rows.start, rows.start + m_s)
+        if k < d:
+            for _ in range(power_iters + 1):
+                qtg = rows.sum_(project(g, q[mine], "left"))  # Q^T G, k x n
+                q = _orth(rows.gather_rows(project(g, qtg.T, "right")))
+        b = rows.sum_(project(g, q[mine], "left"))
+        rr = torch.linalg.qr(b.T, mode="r")[1]
+    return _top_vectors(q, rr, r)
 
 
 # ---------------------------------------------------------------------------------------------
