@@ -37,7 +37,8 @@ projected gradient ``r`` (N written into ``r``) or, given ``param``, the whole f
 ``grad_accumulate_`` adds ``grad / loss_scale`` into the accumulation buffer ``buf`` (float32,
 or the gradient's dtype with stochastic rounding; ``first`` writes instead of adding) and sets
 ``buf_sq`` to the squared norm of the new buffer (reference.grad_accumulate_).
-The update ops take a float32 ``grad`` for a float16/bfloat16 ``param`` (such a buffer).
+The reference and Triton update ops take a float32 ``grad`` for a float16/bfloat16 ``param``
+(such a buffer); the native kernels refuse it.
 
 Dispatcher registrations: the pure-PyTorch reference is the default (CompositeExplicitAutograd);
 the native extension ``lomo_kernels._C``, when it loads, registers CPU and CUDA kernels for the
