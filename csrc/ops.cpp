@@ -27,7 +27,7 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
 namespace {
 
 // Bump together with CONTRACT_VERSION in lomo_kernels/ops.py whenever a schema changes.
-constexpr int64_t kContractVersion = 3;
+constexpr int64_t kContractVersion = 4;
 
 std::vector<std::unique_ptr<torch::Library>>& libraries() {
   static std::vector<std::unique_ptr<torch::Library>> libs;  // alive for the process
@@ -46,6 +46,7 @@ void register_kernels() {
   cpu->impl("lomo_update_multi_", &lomo::lomo_update_multi_cpu);
   cpu->impl("adalomo_update_multi_", &lomo::adalomo_update_multi_cpu);
   cpu->impl("golore_update_", &lomo::golore_update_cpu);
+  cpu->impl("grad_accumulate_", &lomo::grad_accumulate_cpu);
   libraries().push_back(std::move(cpu));
 #ifdef LOMO_KERNELS_WITH_CUDA
   auto cuda = impl_library("lomo_kernels", c10::DispatchKey::CUDA);
@@ -54,6 +55,7 @@ void register_kernels() {
   cuda->impl("lomo_update_multi_", &lomo::cuda::lomo_update_multi);
   cuda->impl("adalomo_update_multi_", &lomo::cuda::adalomo_update_multi);
   cuda->impl("golore_update_", &lomo::cuda::golore_update);
+  cuda->impl("grad_accumulate_", &lomo::cuda::grad_accumulate);
   libraries().push_back(std::move(cuda));
 #endif
 #ifdef LOMO_KERNELS_WITH_CUDA_EMULATION

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import choice, integer, number
-from ._ops import INNERS, ROUNDINGS, SUPPORTED_DTYPES, golore_state_names
+from ._ops import BUFFER_DTYPES, INNERS, ROUNDINGS, SUPPORTED_DTYPES, golore_state_names
 from .backends import workspace_numel
 
 _INT64 = 2**63
@@ -45,8 +45,9 @@ def check_common(op, param, grad, clip_coef, found_inf, rounding, grad_sq=None):
     _tensor(op, "grad", grad)
     if param.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got {param.dtype}")
-    if grad.dtype != param.dtype:
-        raise TypeError(f"{op}: grad dtype {grad.dtype} does not match param dtype {param.dtype}")
+    if grad.dtype != param.dtype and grad.dtype != torch.float32:
+        raise TypeError(f"{op}: grad dtype {grad.dtype} must be param's ({param.dtype}) or "
+                        "float32 (an accumulation buffer)")
     if grad.shape != param.shape:
         raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
     if grad.device != param.device:
@@ -157,11 +158,12 @@ def check_golore(r, param, state, clip_coef, found_inf, inner, momentum, roundin
         if param.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{op}: param dtype must be float32, float16 or bfloat16, got "
                             f"{param.dtype}")
-        if r.dtype != param.dtype or r.shape != param.shape or r.device != param.device:
+        if (r.dtype not in (param.dtype, torch.float32) or r.shape != param.shape
+                or r.device != param.device):
             raise ValueError(
-                f"{op}: r (the gradient) must have param's dtype, shape and device: got {r.dtype} "
-                f"{tuple(r.shape)} on {r.device}, param {param.dtype} {tuple(param.shape)} on "
-                f"{param.device}")
+                f"{op}: r (the gradient) must have param's dtype (or float32), shape and device: "
+                f"got {r.dtype} {tuple(r.shape)} on {r.device}, param {param.dtype} "
+                f"{tuple(param.shape)} on {param.device}")
         if not param.is_contiguous():
             raise ValueError(f"{op}: param must be contiguous")
     if not r.is_contiguous():
@@ -187,3 +189,27 @@ def check_golore(r, param, state, clip_coef, found_inf, inner, momentum, roundin
             raise ValueError(f"{op}: {name} must be contiguous")
     if inner == "adamw" and step < 1:
         raise ValueError(f"{op}: step must be >= 1 for inner='adamw' (bias correction), got {step}")
+
+
+def check_accumulate(buf, grad, found_inf, loss_scale, first, rounding, buf_sq) -> None:
+    """The argument checks of ``grad_accumulate_`` (every message names the argument)."""
+    op = "grad_accumulate_"
+    if not isinstance(first, bool):
+        raise TypeError(f"{op}: first must be True or False, got {first!r}")
+    _tensor(op, "buf", buf)
+    _tensor(op, "grad", grad)
+    if grad.dtype not in BUFFER_DTYPES:
+        raise TypeError(f"{op}: grad dtype must be float32, float16 or bfloat16, got {grad.dtype}")
+    if buf.dtype not in BUFFER_DTYPES[grad.dtype]:
+        raise TypeError(f"{op}: buf dtype must be float32 or the gradient's ({grad.dtype}), got "
+                        f"{buf.dtype}")
+    if buf.shape != grad.shape:
+        raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != buf shape {tuple(buf.shape)}")
+    if buf.device != grad.device:
+        raise ValueError(f"{op}: grad is on {grad.device}, buf on {buf.device}")
+    if not buf.is_contiguous() or not grad.is_contiguous():
+        raise ValueError(f"{op}: buf and grad must be contiguous")
+    choice(rounding, f"{op}: rounding", ROUNDINGS)
+    number(loss_scale, f"{op}: loss_scale", gt=0.0)
+    for name, t in (("found_inf", found_inf), ("buf_sq", buf_sq)):
+        check_scalar_tensor(op, name, t, buf.device)

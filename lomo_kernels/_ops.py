@@ -24,7 +24,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMESPACE = "lomo_kernels"
 EMULATED_NAMESPACE = "lomo_kernels_cuda_emulated"
 # The version of the op schemas below; the native extension reports the one it was built for.
-CONTRACT_VERSION = 3
+CONTRACT_VERSION = 4
 
 SCHEMAS = {
     "lomo_update_": (
@@ -59,6 +59,17 @@ SCHEMAS = {
         "float lr, float weight_decay, float scale, float beta1, float beta2, float eps, "
         "float momentum, str rounding, int seed, int step) -> ()"
     ),
+    "grad_accumulate_": (
+        "(Tensor(a!) buf, Tensor grad, Tensor(b!)? found_inf, float loss_scale, bool first, "
+        "str rounding, int seed, int step, Tensor(c!)? buf_sq=None, "
+        "Tensor(d!)? workspace=None) -> ()"
+    ),
+}
+#: The accumulation buffer's dtype for a gradient of each dtype: float32, or the gradient's own.
+BUFFER_DTYPES = {
+    torch.float32: (torch.float32,),
+    torch.float16: (torch.float32, torch.float16),
+    torch.bfloat16: (torch.float32, torch.bfloat16),
 }
 OPS = tuple(SCHEMAS)
 # The single-tensor op each multi-tensor op applies to every tensor of its list.
@@ -113,8 +124,9 @@ def _check_common(op: str, param: Tensor, grad: Tensor, clip_coef: Optional[Tens
                   found_inf: Optional[Tensor], grad_sq: Optional[Tensor]) -> None:
     torch._check(param.dtype in SUPPORTED_DTYPES,
                  lambda: f"{op}: param must be float32, float16 or bfloat16, got {param.dtype}")
-    torch._check(grad.dtype == param.dtype,
-                 lambda: f"{op}: grad dtype {grad.dtype} does not match param dtype {param.dtype}")
+    torch._check(grad.dtype == param.dtype or grad.dtype == torch.float32,
+                 lambda: f"{op}: grad dtype {grad.dtype} must be param's ({param.dtype}) or "
+                         "float32 (an accumulation buffer)")
     torch._check(_same_shape(grad, param.shape),
                  lambda: f"{op}: grad shape {_shape(grad)} != param shape {_shape(param)}")
     torch._check(grad.device == param.device,
@@ -237,9 +249,10 @@ def golore_update_fake(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef
         torch._check(param.dtype in SUPPORTED_DTYPES,
                      lambda: f"{op}: param must be float32, float16 or bfloat16, got "
                              f"{param.dtype}")
-        torch._check(r.dtype == param.dtype and _same_shape(r, param.shape)
+        torch._check(r.dtype in (param.dtype, torch.float32) and _same_shape(r, param.shape)
                      and r.device == param.device,
-                     lambda: f"{op}: r (the gradient) must have param's dtype, shape and device: "
+                     lambda: f"{op}: r (the gradient) must have param's dtype (or float32), "
+                             "shape and device: "
                              f"got {r.dtype} {_shape(r)} on {r.device}, param {param.dtype} "
                              f"{_shape(param)} on {param.device}")
         torch._check(param.is_contiguous(), lambda: f"{op}: param must be contiguous")
@@ -262,12 +275,33 @@ def golore_update_fake(r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef
                  lambda: f"{op}: step must be >= 1 for inner='adamw' (bias correction), got {step}")
 
 
+def grad_accumulate_fake(buf, grad, found_inf, loss_scale, first, rounding, seed, step,
+                         buf_sq=None, workspace=None):
+    op = "grad_accumulate_"
+    torch._check(grad.dtype in BUFFER_DTYPES,
+                 lambda: f"{op}: grad dtype must be float32, float16 or bfloat16, got {grad.dtype}")
+    torch._check(buf.dtype in BUFFER_DTYPES.get(grad.dtype, ()),
+                 lambda: f"{op}: buf dtype must be float32 or the gradient's ({grad.dtype}), got "
+                         f"{buf.dtype}")
+    torch._check(_same_shape(grad, buf.shape),
+                 lambda: f"{op}: grad shape {_shape(grad)} != buf shape {_shape(buf)}")
+    torch._check(grad.device == buf.device,
+                 lambda: f"{op}: grad is on {grad.device}, buf on {buf.device}")
+    torch._check(buf.is_contiguous() and grad.is_contiguous(),
+                 lambda: f"{op}: buf and grad must be contiguous")
+    _check_scalar(op, "found_inf", found_inf, buf.device)
+    _check_scalar(op, "buf_sq", buf_sq, buf.device)
+    _check_rounding(op, rounding)
+    _check_workspace(op, workspace, buf.device)
+
+
 FAKES = {
     "lomo_update_": lomo_update_fake,
     "adalomo_update_": adalomo_update_fake,
     "lomo_update_multi_": lomo_update_multi_fake,
     "adalomo_update_multi_": adalomo_update_multi_fake,
     "golore_update_": golore_update_fake,
+    "grad_accumulate_": grad_accumulate_fake,
 }
 
 for _name, _schema in SCHEMAS.items():

@@ -19,6 +19,8 @@ arguments after ``step`` have defaults):
     golore_update_(r!, param!?, exp_avg!?, exp_avg_sq!?, momentum_buffer!?, clip_coef?,
                    found_inf!?, inner, lr, weight_decay, scale, beta1, beta2, eps, momentum,
                    rounding, seed, step)
+    grad_accumulate_(buf!, grad, found_inf!?, loss_scale, first, rounding, seed, step,
+                     buf_sq!?, workspace!?)
 
 Argument conventions (every backend): ``loss_scale`` divides the gradient (1.0 = none),
 ``clip_grad_value <= 0`` disables value clipping, ``clip_coef`` is an optional 0-d float32 device
@@ -36,6 +38,11 @@ sharded parameter, the caller all-reducing the workspace header in between
 ``golore_update_`` is the inner optimizer of GoLore / GaLore (adamw or sgd) on a
 projected gradient ``r`` (N written into ``r``) or, given ``param``, the whole full-rank update of
 ``param`` from its gradient ``r`` (reference.golore_update_ has the formulas).
+``grad_accumulate_`` adds ``grad / loss_scale`` into the accumulation buffer ``buf`` (float32,
+or the gradient's dtype with stochastic rounding; ``first`` writes instead of adding) and sets
+``buf_sq`` to the squared norm of the new buffer (reference.grad_accumulate_).
+The reference and Triton update ops take a float32 ``grad`` for a float16/bfloat16 ``param``
+(such a buffer); the native kernels refuse it.
 
 ``torch.ops.lomo_kernels.<op>`` runs the fastest implementation registered for the tensor's
 device (lomo_kernels/backends/). ``get_impl(op, backend, device)`` resolves an explicit backend
@@ -57,7 +64,7 @@ import torch
 
 from . import _ops, backends, reference, selfcheck
 from ._checks import integer
-from ._op_checks import (check_adalomo_scalars, check_common, check_golore, check_golore_scalars,
+from ._op_checks import (check_accumulate, check_adalomo_scalars, check_common, check_golore, check_golore_scalars,
                          check_multi, check_scalars, check_seed_step, check_state, check_workspace,
                          per_tensor, tensor_list)
 from ._ops import (CONTRACT_VERSION, EMULATED_NAMESPACE, INNERS, OPS, ROUNDINGS, SINGLE_OF,
@@ -69,7 +76,7 @@ from .emulation import emulated_launch_count, emulation_stats, reset_emulated_la
 __all__ = [
     "BACKENDS", "ROUNDINGS", "INNERS", "SUPPORTED_DTYPES", "OPS", "SINGLE_OF", "EMULATED_NAMESPACE",
     "CONTRACT_VERSION", "BackendFallbackWarning", "available_backends", "resolve_backend",
-    "get_impl", "workspace_numel", "adalomo_state_shapes", "golore_state_names", "lomo_update_",
+    "get_impl", "workspace_numel", "adalomo_state_shapes", "golore_state_names", "grad_accumulate_", "lomo_update_",
     "adalomo_update_", "lomo_update_multi_", "adalomo_update_multi_", "golore_update_",
     "emulated_launch_count", "reset_emulated_launch_count", "emulation_stats",
 ]
@@ -237,6 +244,25 @@ def golore_update_(
          float(weight_decay), float(scale), float(beta1), float(beta2), float(eps),
          float(momentum), rounding, seed, step)
 
+
+
+def grad_accumulate_(
+    buf: torch.Tensor, grad: torch.Tensor, *, first: bool, loss_scale: float = 1.0,
+    found_inf: Optional[torch.Tensor] = None, buf_sq: Optional[torch.Tensor] = None,
+    workspace: Optional[torch.Tensor] = None, rounding: str = "nearest", seed: int = 0,
+    step: int = 0, backend: str = "auto",
+) -> None:
+    """Checked entry point of the accumulation kernel: ``buf = round(g / loss_scale)`` when
+    ``first`` (``buf`` is not read), else ``round(buf + g / loss_scale)``, in float32 registers,
+    rounded to ``buf``'s dtype (``rounding``: "nearest", or "stochastic" keyed by (seed, step,
+    element index)). ``buf_sq`` is SET to ``sum(buf_new**2)``; ``found_inf`` is set to 1 when a
+    new buffer value is NaN/Inf."""
+    op = "grad_accumulate_"
+    check_accumulate(buf, grad, found_inf, loss_scale, first, rounding, buf_sq)
+    seed, step = check_seed_step(op, seed, step)
+    check_workspace(op, workspace, [buf.shape], backend, buf.device)
+    get_impl(op, backend, buf.device)(buf, grad, found_inf, float(loss_scale), first, rounding,
+                                      seed, step, buf_sq, workspace)
 
 # Names of lomo_kernels.backends that this module held before backends had a module of their own
 # (the extension, the Triton module, the status table, the resolution helpers), read through to

@@ -35,6 +35,7 @@ __all__ = [
     "adalomo_update_",
     "golore_update_",
     "golore_scalars",
+    "grad_accumulate_",
     "round_to_dtype",
     "random_bits",
     "rounding_key",
@@ -237,6 +238,37 @@ def lomo_update_(
     finite = torch.isfinite(grad)
     param.copy_(torch.where(finite, out, param))
     _mark_found_inf(found_inf, ~finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation (docs/spec.md "Gradient accumulation")
+# ---------------------------------------------------------------------------------------------
+
+
+def grad_accumulate_(buf, grad, found_inf, loss_scale, first, rounding, seed, step, buf_sq=None,
+                     workspace=None):
+    """``buf = round(g / loss_scale)`` (``first``) or ``round(buf + g / loss_scale)``, in place.
+
+    ``buf`` float32 or ``grad``'s dtype; the sum in float32, rounded to ``buf``'s dtype as the
+    updates round a parameter (``rounding``, the hash of (seed, step, element index)); a
+    ``first`` write never reads ``buf`` (it may hold anything). ``buf_sq`` (optional 1-element
+    float32) is SET to ``sum(buf_new**2)`` of the stored values (summed in float64): the squared
+    norm of the accumulated gradient. ``found_inf`` is set to 1 when a stored value is NaN/Inf
+    (a non-finite gradient, or a sum beyond the buffer's range)."""
+    if buf.numel() == 0:
+        if buf_sq is not None:
+            buf_sq.zero_()
+        return
+    g32 = grad.to(torch.float32)
+    if loss_scale != 1.0:
+        g32 = g32 / f32(loss_scale)
+    new = g32 if first else buf.to(torch.float32) + g32
+    out = round_to_dtype(new, buf.dtype, rounding, seed, step)
+    buf.copy_(out)
+    stored = out.to(torch.float64)
+    if buf_sq is not None:
+        buf_sq.copy_((stored * stored).sum().to(buf_sq.dtype).view_as(buf_sq))
+    _mark_found_inf(found_inf, ~torch.isfinite(stored))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def test_scheduler_drives_the_lr(tmp_path, use_helper):
 
 
 @requires_accelerate
-def test_gradient_accumulation_raises_clearly(tmp_path):
+def test_gradient_accumulation_without_accumulation_steps_raises_clearly(tmp_path):
     model, data = _model(), _data()
     opt = AdaLomo(model, lr=1e-2)
     args = _args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2)
@@ -180,10 +180,60 @@ def test_gradient_accumulation_raises_clearly(tmp_path):
                                    optimizers=(opt, None))
     with pytest.raises(RuntimeError, match=r"second gradient before optimizer\.step\(\)") as e:
         trainer.train()
-    assert "gradient_accumulation_steps=1" in str(e.value)
-    # the helper refuses it before anything runs
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
-        make_trainer_optimizers(_model(), args)
+    assert "accumulation_steps=K" in str(e.value)
+    # the helper refuses such an instance before anything runs, and passes K on otherwise
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2, but the optimizer has "
+                                         "accumulation_steps=1"):
+        make_trainer_optimizers(_model(), args, AdaLomo(_model(), lr=1e-2))
+    opt, _ = make_trainer_optimizers(_model(), args)
+    assert opt.accumulation_steps == 2
+
+
+def _train(tmp_path, cls, kw, **args):
+    model = _model()
+    opt = cls(model, lr=1e-2, accumulation_steps=args.get("gradient_accumulation_steps", 1),
+              **kw)
+    transformers.Trainer(model=model, args=_args(tmp_path, **args), train_dataset=_data(),
+                         optimizers=(opt, None)).train()
+    return model, opt
+
+
+ACCUMULATING = [(Lomo, {}), (AdaLomo, {}), (AdaLomo, {"clip_grad_norm": 0.05}),
+                (GoLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "momentum": 0.9})]
+ACCUMULATING_IDS = ["lomo", "adalomo", "adalomo-exact-clip", "golore"]
+
+
+@requires_accelerate
+@pytest.mark.parametrize("cls,kw", ACCUMULATING, ids=ACCUMULATING_IDS)
+def test_trainer_gradient_accumulation_equals_a_k_times_larger_batch(tmp_path, cls, kw):
+    """gradient_accumulation_steps=4 on micro-batches of 1 == one batch of 4 per step (the
+    Trainer's loss scaling, the optimizer's buffers; exact clipping from one backward per
+    micro-batch == grad_norm + fused_backward on the batch of 4, which the Trainer cannot run)."""
+    if "clip_grad_norm" in kw:
+        want = _model()
+        opt = cls(want, lr=1e-2, **kw)
+        x = _batch(_data())
+        for _ in range(3):
+            opt.grad_norm(want(input_ids=x, labels=x).loss)
+            opt.fused_backward(want(input_ids=x, labels=x).loss)
+        assert opt.clip_coef.item() < 1.0  # clipping is active
+    else:
+        want, _ = _train(tmp_path / "k1", cls, kw, per_device_train_batch_size=4)
+    got, opt = _train(tmp_path / "k4", cls, kw, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4)
+    assert opt.accumulation_steps == 4 and opt._window.index == 3  # three windows applied
+    _assert_same_params(got, want)
+
+
+@requires_accelerate
+@pytest.mark.parametrize("cls,kw", ACCUMULATING[:2], ids=ACCUMULATING_IDS[:2])
+def test_trainer_epoch_end_partial_window(tmp_path, cls, kw):
+    """4 samples, windows of 3 micro-batches: each epoch is a full window and a window of one;
+    the same as batches of 3 and 1 without accumulation (2 epochs)."""
+    want, _ = _train(tmp_path / "k1", cls, kw, per_device_train_batch_size=3, max_steps=4)
+    got, _ = _train(tmp_path / "k3", cls, kw, per_device_train_batch_size=1,
+                    gradient_accumulation_steps=3, max_steps=4)
+    _assert_same_params(got, want)
 
 
 @requires_accelerate
@@ -310,8 +360,12 @@ def test_helper_checks_arguments():
     ns = types.SimpleNamespace
     ok = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0)
     check_training_args(ok)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
-        check_training_args(ns(gradient_accumulation_steps=4, fp16=False, max_grad_norm=0))
+    four = ns(gradient_accumulation_steps=4, fp16=False, max_grad_norm=0, max_steps=-1)
+    check_training_args(four)
+    check_training_args(four, accumulation_steps=4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4, but the optimizer has "
+                                         "accumulation_steps=1"):
+        check_training_args(four, accumulation_steps=1)
     with pytest.raises(ValueError, match="fp16=True"):
         check_training_args(ns(gradient_accumulation_steps=1, fp16=True, max_grad_norm=0))
     mgn = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=1.0)
@@ -324,6 +378,8 @@ def test_helper_checks_arguments():
     model = _model()
     with pytest.raises(ValueError, match="two backward passes.*clip_mode='previous'"):
         make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0)
+    opt, _ = make_trainer_optimizers(model, four, "adalomo", lr=1e-3, clip_grad_norm=1.0)
+    assert opt.clip_mode == "exact" and opt.accumulation_steps == 4
     opt, _ = make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0,
                                      clip_mode="previous")
     assert opt.clip_mode == "previous"

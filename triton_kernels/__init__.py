@@ -11,14 +11,16 @@ counts the kernel launches of one call.
 import math
 
 from . import adalomo_update as _adalomo
+from . import grad_accumulate as _accumulate
 from . import launch
 from . import lomo_update as _lomo
 from .adalomo_update import adalomo_update_, adalomo_update_multi_
 from .golore_update import golore_update_
+from .grad_accumulate import grad_accumulate_
 from .lomo_update import lomo_update_, lomo_update_multi_
 
 __all__ = ["lomo_update_", "adalomo_update_", "lomo_update_multi_", "adalomo_update_multi_",
-           "golore_update_", "workspace_numel", "launches"]
+           "golore_update_", "grad_accumulate_", "workspace_numel", "launches"]
 
 
 def workspace_numel(op: str, shapes) -> int:
@@ -34,6 +36,8 @@ def workspace_numel(op: str, shapes) -> int:
         return launch.workspace_numel([_lomo.multi_need(shapes)])
     if op == "adalomo_update_multi_":
         return launch.workspace_numel([_adalomo.multi_need(shapes)])
+    if op == "grad_accumulate_":
+        return launch.workspace_numel(_accumulate.need(s) for s in shapes)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -44,7 +48,7 @@ def launches(op: str, shape, stage: int = 0, dtypes=None) -> int:
 
     ``shape``: the parameter's shape (single-tensor ops) or the list of shapes (multi-tensor ops;
     ``dtypes``: their dtypes, one launch group per dtype; default: one dtype)."""
-    if op == "lomo_update_":
+    if op in ("lomo_update_", "grad_accumulate_"):
         return 1 if math.prod(shape) else 0
     if op == "adalomo_update_":
         return _adalomo.launches(tuple(shape), stage)

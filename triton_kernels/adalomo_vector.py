@@ -150,8 +150,8 @@ def _vector_kernel(
 
 
 @triton.jit
-def _vector_record(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p, g, numel, head, tile0, key = record_fields(rec, DTYPE, ALIGNED)
+def _vector_record(rec, DTYPE: tl.constexpr, GDTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p, g, numel, head, tile0, key = record_fields(rec, DTYPE, GDTYPE, ALIGNED)
     v = tl.load(rec.to(tl.pointer_type(tl.int64), bitcast=True) + 2).to(
         tl.pointer_type(tl.float32))
     if ALIGNED:
@@ -164,7 +164,7 @@ def _vector_record(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["base", "ntensors", "ntiles", "first_tile", "final", "tk"])
 def _vector_multi_kernel(
-    p_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
+    p_ptr, g_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
     base, ntensors, ntiles, first_tile, final, tk, scale,
     TILE: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
     CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -177,7 +177,8 @@ def _vector_multi_kernel(
     (A MODE 0 path for lone tiles here too would cost registers in the whole kernel.)"""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
-    p, g, v, numel, tile0, key, f = _vector_record(rec, p_ptr.dtype.element_ty, ALIGNED)
+    p, g, v, numel, tile0, key, f = _vector_record(rec, p_ptr.dtype.element_ty,
+                                                   g_ptr.dtype.element_ty, ALIGNED)
     coef = load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF)
     st_ptr = ws_ptr + stats + 3 * t
     tiles = (numel + TILE - 1) // TILE

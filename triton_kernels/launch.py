@@ -56,12 +56,15 @@ def cdiv(a: int, b: int) -> int:
 
 def peel(param: torch.Tensor, grad: torch.Tensor):
     """(head, aligned): the elements before the first 16-byte boundary of ``param`` when ``grad``
-    has the same misalignment (the kernel then moves the rest in 16-byte vectors), else (0, False).
-    Fresh allocations are aligned: (0, True)."""
+    is on a 16-byte boundary at the same element (same dtypes: the same misalignment; a float32
+    ``grad`` of a 16-bit ``param`` or the reverse: both offsets checked), the kernel then moves
+    the rest in 16-byte vectors; else (0, False). Fresh allocations are aligned: (0, True)."""
     pa, ga = param.data_ptr() % 16, grad.data_ptr() % 16
-    if pa != ga:
+    ps, gs = param.element_size(), grad.element_size()
+    head = ((16 - pa) % 16) // ps
+    if pa % ps or ga % gs or (ga + head * gs) % 16:
         return 0, False
-    return min(((16 - pa) % 16) // param.element_size(), param.numel()), True
+    return min(head, param.numel()), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +103,14 @@ def multi_offsets(base, ntensors, ntiles):
 
 
 @triton.jit
-def record_fields(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def record_fields(rec, DTYPE: tl.constexpr, GDTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """(param, grad pointers, numel, head, first tile, key) of the record at ``rec`` (a float32
-    pointer into the workspace)."""
+    pointer into the workspace); the gradient is GDTYPE (DTYPE, or float32: an accumulation
+    buffer of a 16-bit parameter)."""
     addr = rec.to(tl.pointer_type(tl.int64), bitcast=True)
     ints = rec.to(tl.pointer_type(tl.int32), bitcast=True)
     p = tl.load(addr).to(tl.pointer_type(DTYPE))
-    g = tl.load(addr + 1).to(tl.pointer_type(DTYPE))
+    g = tl.load(addr + 1).to(tl.pointer_type(GDTYPE))
     if ALIGNED:  # every address of the table is 16-byte aligned: vector accesses
         p = tl.multiple_of(p, 16)
         g = tl.multiple_of(g, 16)
@@ -236,10 +240,12 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     if exp_avg_sqs is not None:
         va = np.fromiter((v.data_ptr() for v in exp_avg_sqs), np.int64, k)
         r64[:, V_ADDR // 2] = va
-    if peel:
-        same = (pa % 16) == (ga % 16)
-        esize = params[0].element_size()
-        head = np.where(same, np.minimum(((16 - pa % 16) % 16) // esize, numel), 0)
+    if peel:  # as peel(): both on a 16-byte boundary at the head's end
+        ps = np.fromiter((p.element_size() for p in params), np.int64, k)
+        gs = np.fromiter((g.element_size() for g in grads), np.int64, k)
+        first = ((16 - pa % 16) % 16) // ps
+        same = (pa % ps == 0) & (ga % gs == 0) & ((ga + first * gs) % 16 == 0)
+        head = np.where(same, np.minimum(first, numel), 0)
     else:
         same = (pa % 16 == 0) & (ga % 16 == 0) & (va % 16 == 0 if exp_avg_sqs is not None else True)
         head = np.zeros(k, dtype=np.int64)
@@ -259,14 +265,15 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     return tiles, firsts, bool(same.all())
 
 
-def group_by_dtype(params):
-    """Lists of list indices, one per dtype (in order of first appearance): one launch each."""
-    first = params[0].dtype
-    if all(p.dtype == first for p in params):
+def group_by_dtype(params, grads):
+    """Lists of list indices, one per (parameter dtype, gradient dtype) (in order of first
+    appearance): one launch each."""
+    first = (params[0].dtype, grads[0].dtype)
+    if all((p.dtype, g.dtype) == first for p, g in zip(params, grads)):
         return [list(range(len(params)))]
     groups: dict = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.dtype, g.dtype), []).append(i)
     return list(groups.values())
 
 

@@ -161,18 +161,20 @@ def add_sums_in_list_order(ws_ptr, grad_sq_ptr, gsq, t, slots, tk, ntensors, fin
 
 @triton.jit(do_not_specialize=["base", "ntensors", "ntiles", "first_tile", "final", "tk"])
 def _lomo_update_multi_kernel(
-    p_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
+    p_ptr, g_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
     base, ntensors, ntiles, first_tile, final, tk, scale,
     BLOCK: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
     CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC: tl.constexpr, GRAD_SQ: tl.constexpr,
 ):
-    """The tensors of one dtype (``p_ptr``: the first of them, for the dtype); program ``pid``
+    """The tensors of one dtype (``p_ptr``, ``g_ptr``: the first of them, for the parameters' and
+    the gradients' dtypes); program ``pid``
     updates tile ``first_tile + pid`` of the call's tile table (launch.multi_layout)."""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
     # (ALIGNED is about the bodies, after each head: _lomo_tile states it, not the record)
-    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty, False)
+    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty,
+                                                  g_ptr.dtype.element_ty, False)
     gsq = _lomo_tile(p, g, found_inf_ptr, numel, head, gtile - tile0, key, tl.load(rec + _F0),
                      tl.load(rec + _F0 + 1), scale, tl.load(rec + _F0 + 2),
                      load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF), BLOCK, ALIGNED, LOSS_SCALE,
@@ -219,7 +221,8 @@ def multi_checks(op, params, grads, clip_coef, found_inf, rounding, grad_sq, sta
     device = p0.device
     for i, (p, g) in enumerate(zip(params, grads)):
         v = states[i] if states is not None else p
-        if not (g.dtype == p.dtype and g.numel() == p.numel() and p.is_contiguous()
+        if not (g.dtype in (p.dtype, torch.float32) and g.numel() == p.numel()
+                and p.is_contiguous()
                 and g.is_contiguous() and v.is_contiguous() and p.device == device
                 and g.device == device and v.device == device):
             check_tensors(op, p, g, first_param=p0, exp_avg_sq=v)
@@ -294,7 +297,7 @@ def lomo_update_multi_(
     first = params[0]
     ntiles = multi_tiles([p.shape for p in params])
     ws, tk = _l.scratch(workspace, *_l.multi_need(k, ntiles), first)
-    groups = _l.group_by_dtype(params)
+    groups = _l.group_by_dtype(params, grads)
     table = _l.Table(ws, k, ntiles)
     tiles, firsts, aligned = _l.fill_records(table, params, grads, BLOCK, seed, step, groups)
     lr64 = np.asarray(lr, dtype=np.float64)
@@ -310,7 +313,7 @@ def lomo_update_multi_(
             p0 = params[idx[0]]
             _l.launch(
                 _lomo_update_multi_kernel, (int(tiles[idx].sum()),),
-                p0, clip_coef if clip_coef is not None else p0,
+                p0, grads[idx[0]], clip_coef if clip_coef is not None else p0,
                 found_inf if found_inf is not None else p0,
                 grad_sq if grad_sq is not None else p0, ws,
                 table.base, k, ntiles, firsts[n], len(idx) if n == len(groups) - 1 else 0, tk,

@@ -14,6 +14,7 @@ shift, exactly as the reference's masked int64 arithmetic.
 import functools
 import math
 
+import torch
 import triton
 import triton.language as tl
 
@@ -213,10 +214,10 @@ def key_arg(seed: int, step: int) -> int:
 def check_tensors(op: str, param, grad, **optional):
     """Cheap checks that keep a kernel from reading or writing out of bounds (ops.py checks the
     rest for its public entry points)."""
-    if grad.dtype != param.dtype or grad.numel() != param.numel():
+    if grad.dtype not in (param.dtype, torch.float32) or grad.numel() != param.numel():
         raise ValueError(
             f"{op}: grad ({grad.dtype}, {grad.numel()} elements) does not match param "
-            f"({param.dtype}, {param.numel()} elements)"
+            f"({param.dtype} or float32, {param.numel()} elements)"
         )
     for name, t in (("param", param), ("grad", grad), *optional.items()):
         if t is None:

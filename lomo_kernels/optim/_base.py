@@ -20,6 +20,8 @@ sees it):
                      a set-up that would not clip, the clip_mode="previous" safety net
     _failures.py     what a failed backward leaves behind (nothing but the updated parameters)
     _backward.py     lomo-optim's API: fused_backward, grad_norm, step (and first-step callbacks)
+    _accumulation.py accumulation_steps > 1: gradients into buffers, the window applied in step()
+                     (_window.py: the buffers and the window's position)
     _state.py        repr, state_dict, load_state_dict
 
 Extension points (a subclass sets ``_name`` and ``_op`` and implements ``_update``; the rest have
@@ -46,6 +48,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .._checks import choice, integer, number
 from . import _distributed
+from ._accumulation import AccumulationMixin
 from ._backward import BackwardMixin
 from ._batch import BatchingMixin
 from ._bookkeeping import BookkeepingMixin, NonFiniteGradientWarning
@@ -55,6 +58,7 @@ from ._guards import compiled_autograd_active, compiled_autograd_configured, com
 from ._hooks import HooksMixin
 from ._kernels import KernelsMixin
 from ._state import StateMixin
+from ._window import check_accumulation_dtype
 
 __all__ = ["InBackwardOptimizer", "ParamsT", "NonFiniteGradientWarning", "GradNormSpikeWarning",
            "CLIP_MODES"]
@@ -71,7 +75,8 @@ ParamsT = Union[
 
 
 class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin,
-                          BookkeepingMixin, ClippingMixin, FailuresMixin, StateMixin, Optimizer):
+                          BookkeepingMixin, ClippingMixin, FailuresMixin, AccumulationMixin,
+                          StateMixin, Optimizer):
     """Base class of the in-backward optimizers (see the module docstring)."""
 
     _name = "InBackwardOptimizer"
@@ -81,7 +86,9 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
 
     def __init__(self, model: ParamsT, defaults: Dict[str, Any], *, clip_grad_norm: Optional[float],
                  backend: str, rounding: str, seed: int, clip_mode: str = "exact",
-                 batch_small_params: bool = True, independent_ranks: bool = False) -> None:
+                 batch_small_params: bool = True, independent_ranks: bool = False,
+                 accumulation_steps: int = 1,
+                 accumulation_dtype: Union[str, torch.dtype] = "float32") -> None:
         name = self._name
         if not isinstance(independent_ranks, bool):
             raise TypeError(f"{name}: independent_ranks must be True or False, got "
@@ -102,6 +109,9 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
             raise TypeError(f"{name}: batch_small_params must be True or False, got "
                             f"{batch_small_params!r}")
         self.batch_small_params = batch_small_params
+        self._init_accumulation(integer(accumulation_steps, f"{name}: accumulation_steps", ge=1),
+                                check_accumulation_dtype(accumulation_dtype,
+                                                   f"{name}: accumulation_dtype"))
         self._check_group(defaults, "")
         if compiled_autograd_active() or compiled_autograd_configured():
             raise RuntimeError(compiled_autograd_message(name))
@@ -239,6 +249,10 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
             extra["clip_mode"] = self.clip_mode
         if not self.batch_small_params:
             extra["batch_small_params"] = False
+        if self._window.enabled:
+            extra["accumulation_steps"] = self._window.steps
+            if self._window.dtype != "float32":
+                extra["accumulation_dtype"] = self._window.dtype
         return extra
 
     @staticmethod

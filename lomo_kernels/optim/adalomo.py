@@ -42,6 +42,12 @@ class AdaLomo(InBackwardOptimizer):
     that span shards are all-reduced between the three passes of the update);
     ``batch_small_params`` (True: 0-d and 1-d parameters are updated together, one multi-tensor
     call per device and dtype at the end of the backward; bitwise the same results).
+    ``accumulation_steps`` (K, default 1): with K > 1, each backward adds its gradients into
+    per-parameter buffers and ``step()`` (also called by the K-th ``fused_backward``) applies
+    one update with their sum; exact ``clip_grad_norm`` then needs no ``grad_norm`` pass
+    (docs/accumulation.md). ``accumulation_dtype``: ``"float32"`` (default, exact sums) or
+    ``"param"`` (buffers of the parameter's dtype with stochastic rounding: half the memory for
+    bf16/fp16 parameters).
 
     State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
@@ -78,6 +84,8 @@ class AdaLomo(InBackwardOptimizer):
         clip_mode: str = "exact",
         batch_small_params: bool = True,
         independent_ranks: bool = False,
+        accumulation_steps: int = 1,
+        accumulation_dtype: str = "float32",
     ) -> None:
         number(loss_scale, "AdaLomo: loss_scale", ge=0.0, none_ok=True,
                none_means="off; 0 is off too")
@@ -89,7 +97,8 @@ class AdaLomo(InBackwardOptimizer):
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
-            independent_ranks=independent_ranks,
+            independent_ranks=independent_ranks, accumulation_steps=accumulation_steps,
+            accumulation_dtype=accumulation_dtype,
         )
 
     def _repr_extra(self) -> Dict[str, Any]:

@@ -49,6 +49,12 @@ class Lomo(InBackwardOptimizer):
     ranks get an ``IndependentRanksWarning``, since nothing averages their gradients before the
     update; True: each rank trains its own parameters on purpose, e.g. a single-process reference
     inside a sharded job, or pipeline stages, and nothing is said).
+    ``accumulation_steps`` (K, default 1): with K > 1, each backward adds its gradients into
+    per-parameter buffers and ``step()`` (also called by the K-th ``fused_backward``) applies
+    one update with their sum; exact ``clip_grad_norm`` then needs no ``grad_norm`` pass
+    (docs/accumulation.md). ``accumulation_dtype``: ``"float32"`` (default, exact sums) or
+    ``"param"`` (buffers of the parameter's dtype with stochastic rounding: half the memory for
+    bf16/fp16 parameters).
 
     Parameters sharded by FSDP2 (``fully_shard``, applied before the optimizer is created) are
     updated shard by shard after the reduce-scatter, with the result of one process on the global
@@ -74,6 +80,8 @@ class Lomo(InBackwardOptimizer):
         clip_mode: str = "exact",
         batch_small_params: bool = True,
         independent_ranks: bool = False,
+        accumulation_steps: int = 1,
+        accumulation_dtype: str = "float32",
     ) -> None:
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError("Lomo: loss_scale_args must be None or a dict of DynamicLossScaler "
@@ -86,7 +94,8 @@ class Lomo(InBackwardOptimizer):
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
-            independent_ranks=independent_ranks,
+            independent_ranks=independent_ranks, accumulation_steps=accumulation_steps,
+            accumulation_dtype=accumulation_dtype,
         )
 
     def _configure(self) -> None:
