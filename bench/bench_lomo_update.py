@@ -5,8 +5,11 @@ in bf16).
 Implementations timed on the same parameters, each the way its users run it:
 
 * this project, every backend that loaded and runs on the device (``native``, ``triton`` on
-  CUDA, ``torch`` = the reference), through the public checked entry point ``ops.lomo_update_``
-  with the arguments ``lomo_kernels.Lomo``'s hook passes (a device ``found_inf`` flag always);
+  CUDA, ``torch`` = the reference), called as ``lomo_kernels.Lomo``'s hook calls it: the
+  backend's op (``ops.get_impl``, the checks of the public ``ops.lomo_update_`` are done once
+  by the optimizer, not per call) with the arguments the hook passes (a device ``found_inf``
+  flag, the gradient-norm accumulator ``grad_sq`` and the optimizer's workspace, allocated
+  once);
 * ``lomo_optim``: exactly what ``lomo_optim.Lomo``'s hook (0.1.1, non-ZeRO ``fuse_update``)
   executes for one parameter (``lomo_optim_lomo_update`` below);
 * ``sgd_fused``: ``torch.optim.SGD(params, lr, fused=True).step()`` with the gradients in
@@ -31,7 +34,7 @@ if __package__ in (None, ""):  # python bench/bench_lomo_update.py
 
 import torch
 
-from bench import microbench
+from bench import microbench, same_bytes
 from bench.results import Row
 
 OP = "lomo_update"
@@ -123,12 +126,14 @@ def candidates(device, dtype, params, grads, backends):
     for name, kind in candidate_names(device, dtype, backends):
         if kind == "kernel":
             def setup(b=name):
-                kw = dict(lr=LR, loss_scale=cfg["loss_scale"] or 1.0, clip_coef=cfg["clip_coef"],
-                          found_inf=flag, backend=b)
+                impl = ops.get_impl("lomo_update_", b, device)  # what the optimizer's hook calls
+                buf = microbench.hook_buffers("lomo_update_", params, b, device)
+                args = (cfg["clip_coef"], flag, LR, 0.0, cfg["loss_scale"] or 1.0, 0.0, "nearest",
+                        0, 1, buf["grad_sq"], buf["workspace"])
 
                 def fn():
                     for p, g in zip(params, grads):
-                        ops.lomo_update_(p, g, **kw)
+                        impl(p, g, *args)
                 return fn, list
 
             out.append(microbench.Candidate(name, kind, setup))
@@ -165,15 +170,19 @@ def n_measurements(device, dtypes, shapes, backends=None) -> int:
     return microbench.n_measurements(sys.modules[__name__], device, dtypes, shapes, backends)
 
 
-def run(device, dtypes, shapes, *, backends=None, timing=None, copy_gbps=None, progress=None,
+def same_bytes_stream(params, grads):
+    """The reference of the bandwidth fraction: read p and g, write p (bench/same_bytes.py)."""
+    return same_bytes.stream_fn(OP, params, grads)
+
+
+def run(device, dtypes, shapes, *, backends=None, timing=None, progress=None,
         **_) -> list[Row]:
     """Time every implementation for each dtype and shape; returns the result rows.
 
     ``dtypes``: torch dtypes or names ("bf16"); ``shapes``: tokens ("4096x4096", "llama7b") or
-    ``(name, [shape, ...])`` pairs. ``copy_gbps``: the device copy bandwidth of this run (measured
-    here when None)."""
+    ``(name, [shape, ...])`` pairs."""
     return microbench.run_op(sys.modules[__name__], device, dtypes, shapes, backends=backends,
-                             timing_kw=timing, copy_gbps=copy_gbps, progress=progress)
+                             timing_kw=timing, progress=progress)
 
 
 def main(argv=None) -> None:

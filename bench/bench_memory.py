@@ -14,6 +14,9 @@ Cases (``--optimizers``, comma-separated; the optimizers are bench/optimizers.py
     floor-params         the parameters alone (the model is built, nothing runs)
     floor-backward       parameters + a plain forward and backward that keeps every gradient
     lk-adalomo, lk-lomo  this project's AdaLomo / Lomo (updates fused into the backward)
+    lk-adalomo-acc4,     AdaLomo with accumulation_steps=4 (4 micro-batches of --batch-size
+    lk-adalomo-acc4-bf16 per step; float32 / bf16 buffers); lk-adalomo-window1: one micro-batch
+    lk-adalomo-window1   per step through float32 buffers (exact clipping from one backward)
     lomo_optim-adalomo,  the lomo-optim 0.1.1 package's AdaLomo / Lomo
     lomo_optim-lomo
     adamw                torch.optim.AdamW (foreach); adamw-fused: fused=True
@@ -268,9 +271,10 @@ def run_case(case: dict) -> dict:
             row["alloc_largest_bytes"] = trace.largest
         if times:
             med = statistics.median(times)
+            micro = spec.micro_batches if spec is not None else 1
             row.update(step_s=med, step_s_min=min(times), step_s_max=max(times),
-                       tokens_per_s=case["batch_size"] * case["seq_len"] / med,
-                       step_profiled=trace is not None)
+                       tokens_per_s=micro * case["batch_size"] * case["seq_len"] / med,
+                       step_profiled=trace is not None, micro_batches=micro)
         row["losses"] = losses
         row["finite"] = all(math.isfinite(x) for x in losses)
     except Exception as exc:  # noqa: BLE001 - reported in the row

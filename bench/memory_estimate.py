@@ -26,6 +26,9 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
                          parameter-sized temporaries (P) during step()
     adafactor (foreach)  P + max(A + G, G + P + S): the full-size variance estimates of every
                          matrix (row_var @ col_var, P) during step()
+    lk-adalomo-acc4      P + A + Gmax_live + S + B: B the accumulation buffers, 4 bytes per
+    lk-adalomo-window1   parameter (float32); lk-adalomo-acc4-bf16: 2 bytes (bf16); the
+    lk-adalomo-acc4-bf16 update in step() needs nothing more (no gradient, no activations left)
     lk-golore/lk-galore  P + A + Gmax_live + S, S the float32 projector (min(m, n) x r) and two
                          Adam moments (max(m, n) x r) of every matrix with min(m, n) > r, full-size
                          float32 moments of the rest (the projection's and the randomised SVD's
@@ -87,6 +90,10 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         state = factored if optimizer.endswith("adalomo") else 0
         return {"total": P + A + gmax_live + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "state": state}
+    if optimizer.startswith("lk-adalomo-"):  # accumulation buffers
+        buffers = P // es * (es if optimizer.endswith("bf16") else 4)
+        return {"total": P + A + gmax_live + factored + buffers, "params": P, "activations": A,
+                "largest_gradient": gmax_live, "state": factored, "buffers": buffers}
     if optimizer in ("lomo_optim-lomo", "lomo_optim-adalomo"):
         state = factored if optimizer.endswith("adalomo") else 0
         fp32 = {"lomo_optim-lomo": 8, "lomo_optim-adalomo": 12}[optimizer] * n_max

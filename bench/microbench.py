@@ -4,8 +4,9 @@ on them, one result row each; and the command line those scripts share with run.
 
 An op script is a module with ``OP`` (the op name), ``REFERENCES`` (the implementations every
 row's speed-ups are computed against), ``grad_std(dtype)`` (the spread of the stored gradients),
-``candidate_names(device, dtype, backends)`` and ``candidates(device, dtype, params, grads,
-backends)`` (a list of ``Candidate``)."""
+``candidate_names(device, dtype, backends)``, ``candidates(device, dtype, params, grads,
+backends)`` (a list of ``Candidate``) and ``same_bytes_stream(params, grads)`` (the reference of
+the bandwidth fraction, bench/same_bytes.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench import memprobe, shapes, timing
+from bench import memprobe, same_bytes, shapes, timing
 from bench.environment import environment
 from bench.report import format_table
 from bench.results import Row, add_speedups, skipped_rows
@@ -52,27 +53,42 @@ def kernel_backends(device, only: Sequence[str] | None = None) -> list[str]:
     return out
 
 
+def hook_buffers(op: str, params, backend: str, device) -> dict:
+    """The buffers an optimizer's hook passes to ``op`` besides the tensors: the gradient-norm
+    accumulator ``grad_sq`` and one workspace for every parameter (``ops.workspace_numel``),
+    allocated once, as the optimizers do."""
+    from lomo_kernels import ops
+
+    n = ops.workspace_numel(op, [tuple(p.shape) for p in params], backend=backend, device=device)
+    return dict(grad_sq=torch.zeros(1, dtype=torch.float32, device=device),
+                workspace=torch.zeros(n, dtype=torch.float32, device=device) if n else None)
+
+
 def measure_case(op, dtype, shape_name, shape_list, candidates: Sequence[Candidate], device, *,
-                 timing_kw: dict, copy_gbps: float | None, progress=None,
+                 timing_kw: dict, stream=None, progress=None,
                  count_bytes: bool = True) -> list[Row]:
-    """Time every candidate on the same parameters; one Row each (a failure becomes a note)."""
+    """Time every candidate on the same parameters, each interleaved with ``stream``, the
+    same-bytes stream of those parameters (bench/same_bytes.py), when given; one Row each (a
+    failure becomes a note)."""
     rows = []
     bytes_min = shapes.fewest_bytes(op, shape_list, dtype) if count_bytes else None
-    same_size = None
-    if bytes_min:  # a copy that reads and writes bytes_min / 2 each moves bytes_min in all
-        same_size = timing.copy_bandwidth(device, bytes_min / 2 / 2**20, **timing_kw)["copy_gbps"]
     for c in candidates:
         row = Row(op=op, backend=c.backend, kind=c.kind, dtype=shapes.dtype_name(dtype),
                   shape=shape_name, n_tensors=len(shape_list), numel=shapes.numel_of(shape_list),
-                  bytes_min=bytes_min, note=c.note, copy_same_size_gbps=same_size)
+                  bytes_min=bytes_min, note=c.note)
         if progress is not None:
             progress.set_postfix_str(f"{op} {row.dtype} {shape_name} {c.backend}", refresh=True)
         fn = state = None
         if c.setup is not None:
             try:
                 fn, state = c.setup()
-                t = timing.time_fn(fn, device, **timing_kw)
-                row.set_timing(t, copy_gbps)
+                if stream is not None and bytes_min:
+                    t, ref, fractions = same_bytes.time_against_stream(fn, stream, device,
+                                                                       **timing_kw)
+                    row.set_timing(t)
+                    row.set_same_bytes(ref, fractions, same_bytes.implementation(device))
+                else:
+                    row.set_timing(timing.time_fn(fn, device, **timing_kw))
                 row.peak_extra_bytes, row.peak_method = memprobe.peak_extra_bytes(fn, device)
                 row.state_bytes = memprobe.tensor_bytes(state())
             except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
@@ -93,19 +109,16 @@ def n_measurements(op_module, device, dtypes, shape_list, backends=None) -> int:
 
 
 def run_op(op_module, device, dtypes, shape_specs, *, backends=None, timing_kw=None,
-           copy_gbps=None, progress=None) -> list[Row]:
+           progress=None) -> list[Row]:
     """Time every implementation of ``op_module`` for each dtype and shape; returns the rows.
 
     ``dtypes``: torch dtypes or names ("bf16"); ``shape_specs``: tokens ("4096x4096", "llama7b")
-    or ``(name, [shape, ...])`` pairs. ``copy_gbps``: the device copy bandwidth of this run
-    (measured here when None). A case that cannot fit in free memory gives "skipped" rows."""
+    or ``(name, [shape, ...])`` pairs. A case that cannot fit in free memory gives "skipped"
+    rows."""
     device = torch.device(device)
     dtypes = [shapes.parse_dtype(d) if isinstance(d, str) else d for d in dtypes]
     shape_specs = [shapes.parse_shape(s) if isinstance(s, str) else s for s in shape_specs]
     timing_kw = timing_kw or timing.timing_defaults(device)
-    if copy_gbps is None:
-        copy_gbps = timing.copy_bandwidth(device, timing.copy_mib_default(device, "small"),
-                                          **timing_kw)["copy_gbps"]
     op = op_module.OP
     rows = []
     for dtype in dtypes:
@@ -125,7 +138,8 @@ def run_op(op_module, device, dtypes, shape_specs, *, backends=None, timing_kw=N
                                                g_std=op_module.grad_std(dtype))
             cands = op_module.candidates(device, dtype, params, grads, backends)
             rows += measure_case(op, dtype, shape_name, shape_list, cands, device,
-                                 timing_kw=timing_kw, copy_gbps=copy_gbps, progress=progress)
+                                 timing_kw=timing_kw, progress=progress,
+                                 stream=op_module.same_bytes_stream(params, grads))
             for p in params:
                 p.grad = None
             del params, grads, cands

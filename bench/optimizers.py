@@ -46,6 +46,20 @@ def _lk(cls_name: str, **kw):
     return make
 
 
+def _lk_one_window(cls_name: str, **kw):
+    """K=1 through the accumulation buffers: every backward fills float32 buffers and the update
+    runs in step() (exact clipping from one backward). Built with K=2 (buffers and workspace),
+    then windows of one backward."""
+    def make(model, lr, device, backend="auto"):
+        import lomo_kernels
+
+        opt = getattr(lomo_kernels, cls_name)(model, lr=lr, backend=backend,
+                                               accumulation_steps=2, **kw)
+        opt._window.steps = 1
+        return opt
+    return make
+
+
 def _lomo_optim(cls_name: str):
     def make(model, lr, device, backend=None):
         import lomo_optim
@@ -77,6 +91,7 @@ class OptimizerSpec:
     sweep: tuple = ()  # learning rates its --sweep tries
     family: str = ""  # optimizers that compute the same update share a family (and a tuned lr)
     default_in: tuple = ()  # the committed runs that include it: "memory", "convergence"
+    micro_batches: int = 1  # backwards per step (accumulation_steps; each on the step's batch)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
@@ -106,6 +121,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   _lk("GoLore", projection="svd", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="galore",
                   default_in=("memory", "convergence")),
+    # gradient accumulation (docs/accumulation.md): 4 micro-batches per step into float32 or
+    # bf16 buffers, and one micro-batch per step through float32 buffers (exact clipping in one
+    # backward); the step's batch is each micro-batch's
+    OptimizerSpec("lk-adalomo-acc4", "AdaLomo, 4 micro-batches, fp32 buffers",
+                  _lk("AdaLomo", accumulation_steps=4), True, lr=5e-2, family="adalomo",
+                  default_in=("memory",), micro_batches=4),
+    OptimizerSpec("lk-adalomo-acc4-bf16", "AdaLomo, 4 micro-batches, bf16 buffers",
+                  _lk("AdaLomo", accumulation_steps=4, accumulation_dtype="param"), True,
+                  lr=5e-2, family="adalomo", default_in=("memory",), micro_batches=4),
+    OptimizerSpec("lk-adalomo-window1", "AdaLomo, fp32 buffers, 1 micro-batch",
+                  _lk_one_window("AdaLomo"), True, lr=5e-2, family="adalomo",
+                  default_in=("memory",)),
 )}
 
 
@@ -126,6 +153,12 @@ def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=No
     device_type = batch.device.type
     ctx = (torch.autocast(device_type, dtype=autocast) if autocast is not None
            else contextlib.nullcontext())
+    if spec.micro_batches > 1:
+        for _ in range(spec.micro_batches):  # the last fused_backward applies the window
+            with ctx:
+                loss = model(input_ids=batch, labels=batch).loss
+            opt.fused_backward(loss / spec.micro_batches, lr)
+        return loss
     with ctx:
         loss = model(input_ids=batch, labels=batch).loss
     if spec.in_backward:

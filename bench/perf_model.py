@@ -15,13 +15,12 @@ For each op (``lomo_update``, ``adalomo_update``, bf16) and shape (a 4096x4096 w
   Triton's Python launcher costs more on the host, which is not modelled). PREDICTIONS: no GPU
   was used.
 
-``--measure`` times the native CPU kernels here (``--threads``, default 2) side by side with a
-copy that moves the same bytes (``dst.copy_(src)``, fp32, interleaved call by call with the op so
-that load from other processes hits both alike; each buffer capped at ``--copy-cap-mib``: far
-beyond the last-level cache the copy bandwidth no longer depends on the size), ``--repeats``
-times, and reports medians with the 1-minute load average before and after. A whole model is
-measured as the sum over its distinct shapes of (count x time of one update). The CPU prediction
-is bytes / the measured same-size copy bandwidth.
+``--measure`` times the native CPU kernels here (``--threads``, default 2) side by side with the
+same-bytes stream of the same tensors (bench/same_bytes.py: the update's fewest bytes in its own
+passes, interleaved call by call with the op so that load from other processes hits both alike),
+``--repeats`` times, and reports medians with the 1-minute load average before and after. A
+whole model is measured as the sum over its distinct shapes of (count x time of one update). The
+CPU prediction is the same-bytes stream's time (the update at the memory bound).
 
 examples:
   python bench/perf_model.py                                   # the model only (no timing)
@@ -48,7 +47,7 @@ if __package__ in (None, ""):  # python bench/perf_model.py
 
 import torch
 
-from bench import environment, memprobe, shapes as model_shapes, timing as bench_timing
+from bench import environment, memprobe, same_bytes, shapes as model_shapes, timing as bench_timing
 
 OPS = ("lomo_update", "adalomo_update")
 SHAPES = ("4096x4096", "32000x4096", "128256x4096", "llama3-8b")
@@ -122,19 +121,19 @@ def predict(op: str, shapes, launch_us: float) -> dict:
 
 
 def _op_fn(op: str, p, g):
-    """One update of (p, g) through the native CPU kernel, as an optimizer calls it: a reused
-    workspace, a device overflow flag, lomo-optim's default loss scale for AdaLomo."""
+    """(one update of (p, g) through the native CPU kernel, as an optimizer calls it: a reused
+    workspace, a device overflow flag, lomo-optim's default loss scale for AdaLomo; its state)"""
     from lomo_kernels import ops
 
     impl = ops.get_impl(op + "_", "native", "cpu")
     ws = torch.zeros(ops.workspace_numel(op + "_", [p.shape], backend="native"))
     flag = torch.zeros(1)
     if op == "lomo_update":
-        return lambda: impl(p, g, None, flag, LR, 0.0, 1.0, 0.0, "nearest", 0, 1, None, ws)
+        return (lambda: impl(p, g, None, flag, LR, 0.0, 1.0, 0.0, "nearest", 0, 1, None, ws)), {}
     st = {k: torch.rand(s) * 1e-4 + 1e-6 for k, s in ops.adalomo_state_shapes(p.shape).items()}
-    return lambda: impl(p, g, st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
-                        st.get("exp_avg_sq"), None, flag, LR, 0.0, LOSS_SCALE, 0.0, BETA,
-                        1e-30, 1e-3, 1.0, "nearest", 0, 2, None, ws)
+    return (lambda: impl(p, g, st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
+                         st.get("exp_avg_sq"), None, flag, LR, 0.0, LOSS_SCALE, 0.0, BETA,
+                         1e-30, 1e-3, 1.0, "nearest", 0, 2, None, ws)), st
 
 
 def _time_interleaved(fns: dict, **timing) -> dict:
@@ -157,45 +156,45 @@ def _time_interleaved(fns: dict, **timing) -> dict:
     return {k: (t[k].median_ms, statistics.median(cpu[k][-t[k].reps:])) for k in fns}
 
 
-def measure_shape(op: str, shape, repeats: int, copy_cap_mib: float, timing: dict) -> dict:
-    """Median ms of one update of `shape` and of a same-size copy, interleaved, `repeats` times."""
-    nbytes = model_bytes(op, [shape])
+def measure_shape(op: str, shape, repeats: int, timing: dict) -> dict:
+    """Median ms of one update of `shape` and of its same-bytes stream, interleaved, `repeats`
+    times."""
     params, grads = model_shapes.make_params([shape], DTYPE, "cpu", g_std=1e-3 * LOSS_SCALE)
-    fn = _op_fn(op, params[0], grads[0])
-    copy_n = int(min(nbytes / 2, copy_cap_mib * 2**20)) // 4
-    src = torch.randn(copy_n)
-    dst = torch.empty_like(src)
-    scale = nbytes / (2 * 4 * copy_n)  # copy time of `nbytes` from the capped copy's time
-    res = {"op_ms": [], "copy_ms": [], "op_cpu_ms": [], "copy_cpu_ms": [], "load_1min": []}
+    fn, states = _op_fn(op, params[0], grads[0])
+    ref = same_bytes.stream_fn(op, params, grads, [states])
+    res = {"op_ms": [], "same_bytes_ms": [], "op_cpu_ms": [], "same_bytes_cpu_ms": [],
+           "load_1min": []}
     for _ in range(repeats):
         load0 = os.getloadavg()[0]
-        t = _time_interleaved({"op": fn, "copy": lambda: dst.copy_(src)}, **timing)
+        t = _time_interleaved({"op": fn, "same_bytes": ref}, **timing)
         res["op_ms"].append(t["op"][0])
         res["op_cpu_ms"].append(t["op"][1])
-        res["copy_ms"].append(t["copy"][0] * scale)
-        res["copy_cpu_ms"].append(t["copy"][1] * scale)
+        res["same_bytes_ms"].append(t["same_bytes"][0])
+        res["same_bytes_cpu_ms"].append(t["same_bytes"][1])
         res["load_1min"].append((round(load0, 2), round(os.getloadavg()[0], 2)))
     return {**{k + "_median": statistics.median(v) for k, v in res.items() if k != "load_1min"},
             **res}
 
 
-def measure(op: str, token: str, repeats: int, copy_cap_mib: float, timing: dict) -> dict:
+def measure(op: str, token: str, repeats: int, timing: dict) -> dict:
     counts = Counter(tuple(s) for s in shape_list(token))
     tot = Counter()
     per_shape, loads = {}, []
     for shape, count in counts.items():
-        m = measure_shape(op, shape, repeats, copy_cap_mib, timing)
-        for k in ("op_ms", "copy_ms", "op_cpu_ms", "copy_cpu_ms"):
+        m = measure_shape(op, shape, repeats, timing)
+        for k in ("op_ms", "same_bytes_ms", "op_cpu_ms", "same_bytes_cpu_ms"):
             tot[k] += count * m[k + "_median"]
         loads += m["load_1min"]
         per_shape["x".join(map(str, shape))] = {"count": count, **m}
         memprobe.free_memory("cpu")
     nbytes = model_bytes(op, shape_list(token))
     return {"cpu_ms": tot["op_ms"], "cpu_gbps": nbytes / (tot["op_ms"] * 1e-3) / 1e9,
-            "copy_same_size_gbps": nbytes / (tot["copy_ms"] * 1e-3) / 1e9,
-            "frac_copy_same_size": tot["copy_ms"] / tot["op_ms"], "cpu_pred_ms": tot["copy_ms"],
-            "cpu_time_ms": tot["op_cpu_ms"], "copy_cpu_time_ms": tot["copy_cpu_ms"],
-            "frac_copy_cpu_time": tot["copy_cpu_ms"] / tot["op_cpu_ms"],
+            "same_bytes_gbps": nbytes / (tot["same_bytes_ms"] * 1e-3) / 1e9,
+            "frac_same_bytes": tot["same_bytes_ms"] / tot["op_ms"],
+            "cpu_pred_ms": tot["same_bytes_ms"],
+            "cpu_time_ms": tot["op_cpu_ms"], "same_bytes_cpu_time_ms": tot["same_bytes_cpu_ms"],
+            "frac_same_bytes_cpu_time": tot["same_bytes_cpu_ms"] / tot["op_cpu_ms"],
+            "same_bytes_impl": same_bytes.implementation("cpu"),
             "load_1min_min": min(min(x) for x in loads),
             "load_1min_max": max(max(x) for x in loads), "per_shape": per_shape}
 
@@ -262,7 +261,8 @@ def format_table(rows, measured: bool) -> str:
             "H100 us cuda now/target", "H200 us cuda now/target", "H100 us triton target",
             "H200 us triton target"]
     if measured:
-        head += ["CPU ms", "CPU GB/s", "copy GB/s", "% copy", "% copy (CPU time)", "load"]
+        head += ["CPU ms", "CPU GB/s", "same-bytes GB/s", "of same-bytes",
+                 "of same-bytes (CPU time)", "load"]
     lines = [head]
     for r in rows:
         cells = [r["op"], r["shape"], f"{r['bytes'] / 1e6:.1f}",
@@ -274,11 +274,9 @@ def format_table(rows, measured: bool) -> str:
         cells += [f"{r[f'pred_us_{gpu}_triton_target']:.0f}" for gpu in GPUS]
         if measured:
             cells += [_cell(r.get("cpu_ms"), "{:.2f}"), _cell(r.get("cpu_gbps"), "{:.1f}"),
-                      _cell(r.get("copy_same_size_gbps"), "{:.1f}"),
-                      _cell(None if "frac_copy_same_size" not in r
-                            else 100 * r["frac_copy_same_size"], "{:.0f}%"),
-                      _cell(None if "frac_copy_cpu_time" not in r
-                            else 100 * r["frac_copy_cpu_time"], "{:.0f}%"),
+                      _cell(r.get("same_bytes_gbps"), "{:.1f}"),
+                      _cell(r.get("frac_same_bytes"), "{:.2f}"),
+                      _cell(r.get("frac_same_bytes_cpu_time"), "{:.2f}"),
                       "-" if "load_1min_min" not in r
                       else f"{r['load_1min_min']:.1f}-{r['load_1min_max']:.1f}"]
         lines.append(cells)
@@ -302,8 +300,6 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timings per shape")
     ap.add_argument("--rep-ms", type=float, default=400.0, help="timer budget per timing")
-    ap.add_argument("--copy-cap-mib", type=float, default=512.0,
-                    help="largest copy buffer (MiB); beyond the cache the bandwidth is flat")
     ap.add_argument("--backward", nargs="?", const="bwd-small", default=None, metavar="MODEL",
                     help="instead of the model: time forward + backward + update of "
                          "bench_backward's MODEL (default bwd-small) against a plain one")
@@ -332,7 +328,7 @@ def main(argv=None) -> None:
             row = {"shape": token, "n_tensors": len(shapes), "numel": model_shapes.numel_of(shapes),
                    **predict(op, shapes, a.launch_us)}
             if a.measure:
-                row.update(measure(op, token, a.repeats, a.copy_cap_mib, timing))
+                row.update(measure(op, token, a.repeats, timing))
             rows.append(row)
             print(f"# {op} {token} done", file=sys.stderr, flush=True)
     env = environment.environment("cpu")

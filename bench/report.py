@@ -82,6 +82,12 @@ def footnotes(notes: Sequence[str], width: int = WIDTH) -> str:
     return "\n".join(out)
 
 
+def load_range(pairs) -> str:
+    """"lo-hi" of the 1-minute load averages recorded as (start, end) pairs of each session."""
+    loads = [x for pair in pairs for x in pair]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
 def wrap(text: str, width: int = WIDTH) -> str:
     return "\n".join(textwrap.fill(t, width, subsequent_indent="    ") for t in text.split("\n"))
 
@@ -104,7 +110,7 @@ def format_table(rows: Sequence[Row]) -> str:
         headers = ["backend", "median (ms)", "p20-p80 (ms)"]
         bw = any(r.gbps for r in group)
         if bw:
-            headers += ["GB/s", "of copy (%)"]
+            headers += ["GB/s", "of same-bytes"]
         headers += ["peak+ (MiB)", "state (MiB)"]
         bwd = any(r.ratio_to_plain_backward is not None for r in group)
         if bwd:
@@ -116,8 +122,7 @@ def format_table(rows: Sequence[Row]) -> str:
             cells = [r.backend, fmt(r.median_ms, "{:.4g}"),
                      "-" if r.p20_ms is None else f"{r.p20_ms:.3g}-{r.p80_ms:.3g}"]
             if bw:
-                cells += [fmt(r.gbps, "{:.1f}"),
-                          "-" if r.frac_copy is None else f"{100 * r.frac_copy:.0f}"]
+                cells += [fmt(r.gbps, "{:.1f}"), fmt(r.frac_same_bytes, "{:.2f}")]
             cells += ["-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.1f}",
                       "-" if r.state_bytes is None else f"{r.state_bytes / 2**20:.2f}"]
             if bwd:
@@ -155,14 +160,19 @@ def pyplot():
     return plt
 
 
+def run_record(env: dict) -> str:
+    """The run's record in two short lines (device, torch, commit; date, load): one long line
+    is cut at the figure's edges."""
+    return (f"{env['device_name']} | torch {env['torch_version']} | commit {env['git_commit']}\n"
+            f"{env['date'][:16].replace('T', ' ')} UTC | load average "
+            f"{env.get('load_avg_1_5_15min') or env.get('load_avg_1min')}")
+
+
 def save(fig, path: Path, env: dict, title: str = "", fontsize: int = 8) -> bool:
     """The run's record as the figure's title (device, torch, commit, date, load), then save."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle((title + "\n" if title else "")
-                 + f"{env['device_name']} | torch {env['torch_version']} | commit "
-                 f"{env['git_commit']} | {env['date']} | load {env.get('load_avg_1_5_15min')}",
-                 fontsize=fontsize)
+    fig.suptitle((title + "\n" if title else "") + run_record(env), fontsize=fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -173,9 +183,11 @@ _LINESTYLES = {"bf16": "-", "fp16": "--", "fp32": ":"}
 _MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^"}
 
 
-def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | None) -> bool:
-    """GB/s against size (elements, log axis) per backend and dtype, one panel per op, with the
-    measured copy bandwidth as a horizontal line. False if there was nothing to plot."""
+def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | None = None) -> bool:
+    """GB/s per backend and dtype, one panel per op, with the measured copy bandwidth as a line.
+    Several sizes: GB/s against size (log axis), whole models (many tensors) as labelled stars.
+    One size per series: horizontal bars (a line through one point would show nothing).
+    False if there was nothing to plot."""
     ops = [op for op in ("lomo_update", "adalomo_update")
            if any(r.op == op and r.gbps for r in rows)]
     if not ops:
@@ -183,41 +195,63 @@ def write_plot(path: Path, rows: Sequence[Row], env: dict, copy_gbps: float | No
     plt = pyplot()
     if plt is None:
         return False
-
+    sizes = {(r.numel, r.n_tensors) for r in rows if r.op in ops and r.gbps}
+    draw = _bars if len(sizes) == 1 else _lines
     fig, axes = plt.subplots(1, len(ops), figsize=(7 * len(ops), 5), squeeze=False)
-    backends = sorted({r.backend for r in rows if r.op in ops})
-    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
     for ax, op in zip(axes[0], ops):
-        labelled = set()
-        for b in backends:
-            for dt in ("bf16", "fp16", "fp32"):
-                sel = [r for r in rows
-                       if r.op == op and r.backend == b and r.dtype == dt and r.gbps]
-                # single tensors: a line over sizes; whole models (many tensors): stars
-                pts = sorted((r.numel, r.gbps) for r in sel if r.n_tensors == 1)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_LINESTYLES[dt],
-                            marker=_MARKERS[dt], color=colors[b], label=f"{b} {dt}")
-                models = [r for r in sel if r.n_tensors > 1]
-                if models:
-                    ax.scatter([r.numel for r in models], [r.gbps for r in models], marker="*",
-                               s=90, color=colors[b], label=None if pts else f"{b} {dt}")
-                    for r in models:
-                        if r.shape not in labelled:  # name each model once per panel
-                            labelled.add(r.shape)
-                            ax.annotate(r.shape, (r.numel, r.gbps), fontsize=7,
-                                        textcoords="offset points", xytext=(4, 4))
-        if copy_gbps:
-            ax.axhline(copy_gbps, color="black", linestyle="-.", linewidth=1.2,
-                       label=f"device copy {copy_gbps:.0f} GB/s")
-        ax.set_xscale("log")
-        ax.set_xlabel("elements updated (log); stars: whole-model passes")
-        ax.set_ylabel("effective GB/s (fewest bytes, docs/spec.md)")
-        ax.set_title(op)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        draw(ax, plt, [r for r in rows if r.op == op and r.gbps], copy_gbps)
+        ax.set_title(op if len(sizes) > 1 else f"{op}, {rows[0].shape} {rows[0].dtype}")
     return save(fig, path, env)
 
+
+def _bars(ax, plt, rows, copy_gbps) -> None:
+    """One bar per implementation (fastest at the top), its GB/s written at the bar's end."""
+    rows = sorted(rows, key=lambda r: r.gbps)
+    names = [f"{r.backend} {r.dtype}" for r in rows]
+    colors = ["tab:green" if r.backend == "native" else "tab:gray" for r in rows]
+    ax.barh(range(len(rows)), [r.gbps for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.text(r.gbps, i, f" {r.gbps:.1f} GB/s ({r.median_ms:.2f} ms)", va="center", fontsize=8)
+    if copy_gbps:
+        ax.axvline(copy_gbps, color="black", linestyle="-.", linewidth=1.2,
+                   label=f"device copy {copy_gbps:.0f} GB/s")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlim(0, 1.35 * max(max(r.gbps for r in rows), copy_gbps or 0))
+    ax.set_xlabel("effective GB/s (fewest bytes, docs/spec.md)")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def _lines(ax, plt, rows, copy_gbps) -> None:
+    backends = sorted({r.backend for r in rows})
+    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+    labelled, stars = set(), False
+    for b in backends:
+        for dt in ("bf16", "fp16", "fp32"):
+            sel = [r for r in rows if r.backend == b and r.dtype == dt]
+            pts = sorted((r.numel, r.gbps) for r in sel if r.n_tensors == 1)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_LINESTYLES[dt],
+                        marker=_MARKERS[dt], color=colors[b], label=f"{b} {dt}")
+            models = [r for r in sel if r.n_tensors > 1]
+            if models:
+                stars = True
+                ax.scatter([r.numel for r in models], [r.gbps for r in models], marker="*",
+                           s=90, color=colors[b], label=None if pts else f"{b} {dt}")
+                for r in models:
+                    if r.shape not in labelled:  # name each model once per panel
+                        labelled.add(r.shape)
+                        ax.annotate(r.shape, (r.numel, r.gbps), fontsize=7,
+                                    textcoords="offset points", xytext=(4, 4))
+    if copy_gbps:
+        ax.axhline(copy_gbps, color="black", linestyle="-.", linewidth=1.2,
+                   label=f"device copy {copy_gbps:.0f} GB/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("elements updated (log)" + ("; stars: whole-model passes" if stars else ""))
+    ax.set_ylabel("effective GB/s (fewest bytes, docs/spec.md)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
 
 
 def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool:
@@ -240,8 +274,8 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
                      "tab:orange" if r["optimizer"].startswith("lomo_optim") else "tab:red")
             if r["status"] == "ok":
                 ax.bar(i, r["peak_bytes"] / gib, color=color)
-                ax.text(i, r["peak_bytes"] / gib, f"{r['peak_bytes'] / gib:.1f}", ha="center",
-                        va="bottom", fontsize=8)
+                ax.annotate(f"{r['peak_bytes'] / gib:.1f}", (i, r["peak_bytes"] / gib),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
             elif r.get("limit_bytes"):
                 ax.bar(i, r["limit_bytes"] / gib, color="none", edgecolor=color, hatch="//")
                 ax.text(i, r["limit_bytes"] / gib, "does not\nfit", ha="center", va="bottom",

@@ -40,12 +40,15 @@ class Row:
     reps: int | None = None
     timer: str | None = None
     gbps: float | None = None
-    copy_gbps: float | None = None
-    frac_copy: float | None = None
-    # the same fraction against a copy moving as many bytes as the op (same cache residency):
-    # the fair reference on CPUs whose caches hold a whole tensor
-    copy_same_size_gbps: float | None = None
-    frac_copy_same_size: float | None = None
+    # the bandwidth fraction: time of the same-bytes stream (bench/same_bytes.py: the update's
+    # fewest bytes in its own passes, interleaved with it) / time of the update; median and
+    # p20 / p80 of the per-round ratios
+    same_bytes_ms: float | None = None
+    same_bytes_gbps: float | None = None
+    frac_same_bytes: float | None = None
+    frac_same_bytes_p20: float | None = None
+    frac_same_bytes_p80: float | None = None
+    same_bytes_impl: str | None = None
     peak_extra_bytes: int | None = None
     peak_method: str | None = None
     state_bytes: int | None = None
@@ -53,16 +56,21 @@ class Row:
     speedups: dict = dataclasses.field(default_factory=dict)
     note: str = ""
 
-    def set_timing(self, t: Timing, copy_gbps: float | None) -> None:
+    def set_timing(self, t: Timing) -> None:
         self.median_ms, self.p20_ms, self.p80_ms = t.median_ms, t.p20_ms, t.p80_ms
         self.reps, self.timer = t.reps, t.method
         if self.bytes_min is not None and t.median_ms > 0:
             self.gbps = self.bytes_min / (t.median_ms * 1e-3) / 1e9
-            if copy_gbps:
-                self.copy_gbps = copy_gbps
-                self.frac_copy = self.gbps / copy_gbps
-            if self.copy_same_size_gbps:
-                self.frac_copy_same_size = self.gbps / self.copy_same_size_gbps
+
+    def set_same_bytes(self, ref: Timing, fractions: dict, impl: str) -> None:
+        """The same-bytes stream's timing (interleaved with this row's) and the fractions."""
+        self.same_bytes_ms = ref.median_ms
+        if self.bytes_min is not None and ref.median_ms > 0:
+            self.same_bytes_gbps = self.bytes_min / (ref.median_ms * 1e-3) / 1e9
+        self.frac_same_bytes = fractions["frac_same_bytes"]
+        self.frac_same_bytes_p20 = fractions["frac_same_bytes_p20"]
+        self.frac_same_bytes_p80 = fractions["frac_same_bytes_p80"]
+        self.same_bytes_impl = impl
 
     def to_dict(self, env: dict) -> dict:
         d = dataclasses.asdict(self)

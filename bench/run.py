@@ -6,7 +6,8 @@ references: lomo-optim's per-tensor update, torch.optim.SGD(fused=True), torch.o
 then the whole-backward benchmark (bench_backward.py: forward + backward of a Llama-shaped model
 with in-backward Lomo / AdaLomo against a plain backward). Every row carries the device,
 versions, git commit, date and machine load; GB/s come from the fewest bytes each update must
-move (docs/spec.md) and are compared with a device copy bandwidth measured in the same run.
+move (docs/spec.md), and each update is timed interleaved with a stream that moves those bytes in
+its passes (bench/same_bytes.py): the bandwidth fraction.
 Results go to a new directory per run, bench/results/runs/<device>-<date>/, unless --out or
 --update-committed says otherwise.
 
@@ -15,7 +16,7 @@ examples:
   python bench/run.py --device cpu --sizes tiny --out /tmp/b   # CI smoke run (seconds)
   python bench/run.py --device cpu --threads 2 --shapes 4096x4096 --dtypes bf16
         # native CPU kernels against lomo-optim's per-tensor math and backend="torch",
-        # and the fraction of the measured CPU copy bandwidth (see the summary at the end)
+        # and the fraction of the same-bytes stream (see the summary at the end)
   python bench/run.py --device cpu --threads 2 --ops none --update-committed --tag backward
         # the whole-backward step times quoted in README.md
   python bench/run.py --device cuda --ops adalomo --shapes llama3-8b --no-backward
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench import bench_adalomo_update, bench_backward, bench_lomo_update, shapes, timing
+from bench import bench_adalomo_update, bench_backward, bench_lomo_update, shapes
 from bench.environment import add_output_args, environment, output_dir
 from bench.microbench import add_common_args, resolve_common_args
 from bench.report import format_table, wrap, write_plot
@@ -62,9 +63,6 @@ def parse_args(argv=None):
                          + f"); all: {', '.join(bench_backward.BACKWARD_MODELS)}")
     ap.add_argument("--backward-dtype", default="bf16",
                     help="parameter dtype of the backward benchmark (default bf16)")
-    ap.add_argument("--copy-mib", type=int, default=None,
-                    help="size of the copy-bandwidth buffer in MiB (default: 1024 on CUDA, "
-                         "512 on CPU, 64 with --sizes tiny)")
     add_output_args(ap, "results.json / results.csv / results.png")
     ap.add_argument("--tag", default=None,
                     help="file name prefix: results-TAG.json etc. (to keep several runs, e.g. a "
@@ -73,23 +71,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _summary(rows, env, copy: dict) -> list[str]:
+def _summary(rows, env) -> list[str]:
     lines = [f"device: {env['device_name']} | torch {env['torch_version']} | triton "
              f"{env['triton_version']} | CUDA {env['cuda_version']} | threads {env['cpu_threads']}"
              f" | commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}"
              f" | load (1/5/15 min) {env['load_avg_1_5_15min']}",
-             f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({copy['copy_mib']} MiB dst.copy_(src))",
              f"backends: {env['backends_status']}"]
     for r in rows:
         if r.kind != "kernel" or r.backend == "torch" or not r.median_ms:
             continue
         sp = ", ".join(f"{k.replace('speedup_vs_', 'vs ')} {v:.2f}x" for k, v in r.speedups.items()
                        if v is not None)
+        frac = (f" = {r.frac_same_bytes:.2f} of the same-bytes stream ({r.same_bytes_gbps:.1f}"
+                f" GB/s; p20-p80 {r.frac_same_bytes_p20:.2f}-{r.frac_same_bytes_p80:.2f})"
+                if r.frac_same_bytes and r.frac_same_bytes_p20 is not None else "")
         lines.append(f"{r.backend} {r.op} {r.dtype} {r.shape}: {r.median_ms:.4g} ms, "
-                     f"{r.gbps:.1f} GB/s = {100 * r.frac_copy:.0f}% of copy"
-                     + (f" ({100 * r.frac_copy_same_size:.0f}% of a same-size copy, "
-                        f"{r.copy_same_size_gbps:.1f} GB/s)" if r.frac_copy_same_size else "")
-                     + f"; {sp}")
+                     f"{r.gbps:.1f} GB/s{frac}; {sp}")
     for r in rows:
         if r.ratio_to_plain_backward is not None and r.op != "backward_plain":
             lines.append(f"{r.op} [{r.backend}] {r.shape} {r.dtype}: "
@@ -124,21 +121,15 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total + 1, desc="bench", unit="run", file=sys.stderr, mininterval=0.5,
+        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, mininterval=0.5,
                    disable=args.no_progress, dynamic_ncols=True)
     except ImportError:
         bar = None
 
-    if bar is not None:
-        bar.set_postfix_str("copy bandwidth", refresh=True)
-    copy = timing.copy_bandwidth(device, args.copy_mib or timing.copy_mib_default(device, sizes),
-                                 **kw["timing"])
-    if bar is not None:
-        bar.update(1)
     rows = []
     for o in ops:
         rows += OPS[o].run(device, kw["dtypes"], kw["shapes"], backends=kw["backends"],
-                           timing=kw["timing"], copy_gbps=copy["copy_gbps"], progress=bar)
+                           timing=kw["timing"], progress=bar)
     if bwd_models:
         rows += bench_backward.run(device, bwd_models, dtype=args.backward_dtype,
                                    backends=kw["backends"], timing=kw["timing"], sizes=sizes,
@@ -154,19 +145,18 @@ def main(argv=None) -> int:
         "ops": ops,
         "backward_models": bwd_models,
         "timing": kw["timing"],
-        **copy,
         "wall_s": None,
         "tag": args.tag,
     }
     print(format_table(rows))
     print()
-    for line in _summary(rows, env, copy):
+    for line in _summary(rows, env):
         print(wrap(line))
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     stem = out / (f"results-{args.tag}" if args.tag else "results")
     write_json(Path(f"{stem}.json"), rows, env, meta)
     write_csv(Path(f"{stem}.csv"), rows, env)
-    plotted = write_plot(Path(f"{stem}.png"), rows, env, copy["copy_gbps"])
+    plotted = write_plot(Path(f"{stem}.png"), rows, env)
     print()
     plot = ", .png" if plotted else " (no plot: no microbenchmark rows)"
     print(wrap(f"wrote {stem}.json, .csv{plot} in {meta['wall_s']} s"))

@@ -1,4 +1,4 @@
-"""The README's "Results" tables (Markdown), from the JSON files a benchmark run wrote.
+"""The results tables of docs/results.md (Markdown), from the JSON files a benchmark run wrote
 
     python bench/summary.py                       # bench/results/cpu/, the committed results
     python bench/summary.py bench/results/runs/cpu-20260101T000000Z

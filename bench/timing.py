@@ -34,9 +34,11 @@ class Timing:
     p80_ms: float
     reps: int | None  # number of timed calls (None: decided inside do_bench)
     method: str
+    # the timed calls in the order they ran (time_interleaved: round i of every function)
+    samples: list | None = dataclasses.field(default=None, repr=False)
 
 
-def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+def quantile(sorted_vals: Sequence[float], q: float) -> float:
     # linear interpolation, as numpy's default / torch.quantile
     pos = q * (len(sorted_vals) - 1)
     lo = math.floor(pos)
@@ -56,7 +58,7 @@ def _time_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps) -> Timing:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
+    return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8),
                   len(times), "perf_counter")
 
 
@@ -90,7 +92,7 @@ def _time_cuda(fn, warmup_ms, rep_ms, min_reps, device) -> Timing:
         e.record()
     synchronize(device)
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), n,
+    return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8), n,
                   "cuda events")
 
 
@@ -104,10 +106,16 @@ def time_fn(fn: Callable[[], object], device, *, warmup_ms=25.0, rep_ms=100.0, m
 
 
 def time_interleaved(fns: dict, device, *, warmup_ms=25.0, rep_ms=100.0, min_reps=5,
-                     max_reps=100_000) -> dict:
+                     max_reps=100_000, clock="wall") -> dict:
     """CPU: time several functions round-robin (one call of each per round) so that a burst of
     load from other processes on a shared machine hits all of them alike. ``rep_ms`` is the
-    budget per function. Returns {name: Timing}. On CUDA: ``time_fn`` for each in turn."""
+    budget per function. ``clock="thread"``: each call's CPU time of the calling thread
+    (``time.thread_time``), which leaves out the time other processes held the core; only
+    meaningful when the work runs on the calling thread (one thread). Returns {name: Timing}.
+    On CUDA: ``time_fn`` for each in turn."""
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.thread_time
     device = torch.device(device)
     if device.type == "cuda":
         return {k: time_fn(f, device, warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps)
@@ -123,15 +131,16 @@ def time_interleaved(fns: dict, device, *, warmup_ms=25.0, rep_ms=100.0, min_rep
     rounds = 0
     while rounds < min_reps or (time.perf_counter() < t_end and rounds < max_reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((now() - t0) * 1e3)
         rounds += 1
     out = {}
     for k, ts in times.items():
-        ts.sort()
-        out[k] = Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), len(ts),
-                        "perf_counter, interleaved")
+        st = sorted(ts)
+        out[k] = Timing(statistics.median(st), quantile(st, 0.2), quantile(st, 0.8), len(st),
+                        f"{'perf_counter' if clock == 'wall' else 'thread_time'}, interleaved",
+                        samples=ts)
     return out
 
 

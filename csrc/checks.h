@@ -61,6 +61,31 @@ inline void check_common(const char* op, const at::Tensor& param, const at::Tens
   }
 }
 
+// grad_accumulate_: buf float32 or grad's dtype (a supported one), same shape and device, both
+// contiguous; found_inf / buf_sq one float32 element on buf's device.
+inline void check_accumulate(const char* op, const at::Tensor& buf, const at::Tensor& grad,
+                             const std::optional<at::Tensor>& found_inf,
+                             const std::optional<at::Tensor>& buf_sq) {
+  const auto gt = grad.scalar_type(), bt = buf.scalar_type();
+  TORCH_CHECK(gt == at::kFloat || gt == at::kHalf || gt == at::kBFloat16, op,
+              ": grad must be float32, float16 or bfloat16, got ", gt);
+  TORCH_CHECK(bt == at::kFloat || bt == gt, op, ": buf must be float32 or grad's dtype (", gt,
+              "), got ", bt);
+  TORCH_CHECK(grad.sizes() == buf.sizes(), op, ": grad shape ", grad.sizes(), " != buf shape ",
+              buf.sizes());
+  TORCH_CHECK(grad.device() == buf.device(), op, ": grad is on ", grad.device(), ", buf on ",
+              buf.device());
+  CHECK_CONTIGUOUS(op, buf);
+  CHECK_CONTIGUOUS(op, grad);
+  for (const auto* t : {&found_inf, &buf_sq}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->numel() == 1 && (*t)->scalar_type() == at::kFloat &&
+                    (*t)->device() == buf.device(),
+                op, ": ", t == &found_inf ? "found_inf" : "buf_sq",
+                " must be a 1-element float32 tensor on ", buf.device());
+  }
+}
+
 // An optional 1-element float32 output on param's device (grad_sq).
 inline void check_scalar_out(const char* op, const char* name,
                              const std::optional<at::Tensor>& t, const at::Tensor& param) {

@@ -18,9 +18,12 @@
 
 namespace lomo {
 
-// The quiet NaN stored for a NaN result in fp16 (with the sign of x) / bf16.
+// The quiet NaN every backend stores for a NaN result in fp16 / bf16 (docs/spec.md, "Rounding on
+// the way down"): the pattern of torch.tensor(float("nan"), dtype=...), positive, no payload.
 constexpr uint16_t kF16CanonicalNaN = 0x7E00u;
 constexpr uint16_t kBF16CanonicalNaN = 0x7FC0u;
+// What the GPU's conversion instructions (cvt.rn.f16.f32, cvt.rn.bf16.f32) give for any NaN.
+constexpr uint16_t kGpuCvtNaN = 0x7FFFu;
 
 LOMO_HD uint32_t f32_bits(float x) {
 #if defined(__CUDA_ARCH__)
@@ -71,7 +74,7 @@ LOMO_HD float f16_bits_to_f32(uint16_t h) {
   return f32_from_bits(sign | (em < 0x0400u ? f32_bits(sub) : normal));
 }
 
-// Round to nearest even, as tensor.to(torch.float16) does for numbers; NaN -> sign | `nan`.
+// Round to nearest even, as tensor.to(torch.float16) does for numbers; NaN -> `nan`.
 LOMO_HD uint16_t f32_to_f16_bits(float x, uint16_t nan) {
   uint32_t b = f32_bits(x);
   uint32_t sign = (b >> 16) & 0x8000u;
@@ -83,8 +86,8 @@ LOMO_HD uint16_t f32_to_f16_bits(float x, uint16_t nan) {
   uint32_t nor = (a + 0x0FFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
   uint32_t h = a < 0x38800000u ? sub : nor;
   h = a >= 0x477FF000u ? 0x7C00u : h;  // |x| >= 65520 rounds to Inf
-  h = a > 0x7F800000u ? nan : h;      // NaN
-  return static_cast<uint16_t>(sign | h);
+  h = sign | h;
+  return static_cast<uint16_t>(a > 0x7F800000u ? nan : h);
 }
 
 }  // namespace lomo

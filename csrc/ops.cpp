@@ -27,7 +27,7 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
 namespace {
 
 // Bump together with CONTRACT_VERSION in lomo_kernels/ops.py whenever a schema changes.
-constexpr int64_t kContractVersion = 3;
+constexpr int64_t kContractVersion = 4;
 
 std::vector<std::unique_ptr<torch::Library>>& libraries() {
   static std::vector<std::unique_ptr<torch::Library>> libs;  // alive for the process
@@ -46,6 +46,7 @@ void register_kernels() {
   cpu->impl("lomo_update_multi_", &lomo::lomo_update_multi_cpu);
   cpu->impl("adalomo_update_multi_", &lomo::adalomo_update_multi_cpu);
   cpu->impl("golore_update_", &lomo::golore_update_cpu);
+  cpu->impl("grad_accumulate_", &lomo::grad_accumulate_cpu);
   libraries().push_back(std::move(cpu));
 #ifdef LOMO_KERNELS_WITH_CUDA
   auto cuda = impl_library("lomo_kernels", c10::DispatchKey::CUDA);
@@ -54,6 +55,7 @@ void register_kernels() {
   cuda->impl("lomo_update_multi_", &lomo::cuda::lomo_update_multi);
   cuda->impl("adalomo_update_multi_", &lomo::cuda::adalomo_update_multi);
   cuda->impl("golore_update_", &lomo::cuda::golore_update);
+  cuda->impl("grad_accumulate_", &lomo::cuda::grad_accumulate);
   libraries().push_back(std::move(cuda));
 #endif
 #ifdef LOMO_KERNELS_WITH_CUDA_EMULATION
@@ -97,6 +99,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "float32 elements of the workspace the native kernels of `op` need for `shapes` (the op "
       "contract: single-tensor ops, any one of them; multi-tensor ops, all in one call).");
+  m.def("same_bytes", &lomo::cpu::same_bytes_cpu, pybind11::arg("op"), pybind11::arg("param"),
+        pybind11::arg("grad"), pybind11::arg("exp_avg_sq") = std::nullopt,
+        "Benchmarks only: streams the bytes of one CPU update of `op` (its fewest passes over "
+        "memory) over the same tensors and work units, leaving them unchanged (bench/same_bytes.py).");
   m.def(
       "has_cuda",
       [] {

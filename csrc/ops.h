@@ -56,6 +56,11 @@ namespace lomo {
       double beta2, double eps, double momentum, std::string_view rounding, int64_t seed,    \
       int64_t step
 
+#define GRAD_ACCUMULATE_PARAMS                                                               \
+  at::Tensor &buf, const at::Tensor &grad, const std::optional<at::Tensor> &found_inf,      \
+      double loss_scale, bool first, std::string_view rounding, int64_t seed, int64_t step,  \
+      const std::optional<at::Tensor> &buf_sq, const std::optional<at::Tensor> &workspace
+
 // The arguments of GOLORE_UPDATE_PARAMS, in order, to pass them on.
 #define GOLORE_UPDATE_ARGS                                                                   \
   r, param, exp_avg, exp_avg_sq, momentum_buffer, clip_coef, found_inf, inner, lr,          \
@@ -70,10 +75,19 @@ void adalomo_update_cpu(ADALOMO_UPDATE_PARAMS);
 void lomo_update_multi_cpu(LOMO_UPDATE_MULTI_PARAMS);
 void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update_cpu(GOLORE_UPDATE_PARAMS);
+void grad_accumulate_cpu(GRAD_ACCUMULATE_PARAMS);
 
 // float32 workspace elements the CPU kernels of `op` need for `shapes` (op contract:
 // single-tensor ops, any one of the shapes; multi-tensor ops, the whole list in one call).
 int64_t workspace_numel_cpu(const std::string &op, const std::vector<std::vector<int64_t>> &shapes);
+
+// The benchmarks' same-bytes reference (csrc/cpu/same_bytes.cpp): streams the bytes of `op`'s
+// fewest passes over `param`, `grad` (and a 1-d AdaLomo parameter's exp_avg_sq), leaving them
+// unchanged; returns an xor of what it read.
+namespace cpu {
+int64_t same_bytes_cpu(const std::string &op, at::Tensor &param, const at::Tensor &grad,
+                       const std::optional<at::Tensor> &exp_avg_sq);
+}
 
 // csrc/cuda/*.cu, compiled by nvcc ...
 namespace cuda {
@@ -82,6 +96,7 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS);
 void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
 void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update(GOLORE_UPDATE_PARAMS);
+void grad_accumulate(GRAD_ACCUMULATE_PARAMS);
 int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda
 
@@ -92,6 +107,7 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS);
 void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS);
 void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS);
 void golore_update(GOLORE_UPDATE_PARAMS);
+void grad_accumulate(GRAD_ACCUMULATE_PARAMS);
 int64_t workspace_numel(std::string_view op, const Shapes& shapes);
 }  // namespace cuda_emulated
 

@@ -2,7 +2,8 @@
 //
 // Host and device share these definitions so every native kernel rounds bit for bit like
 // lomo_kernels/reference.py (round_to_dtype, random_bits); the integer conversions themselves are
-// in float_bits.h.
+// in float_bits.h. A NaN is stored as the canonical quiet NaN of its dtype on every backend and
+// both devices (docs/spec.md), not as the GPU conversion's 0x7FFF.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +57,7 @@ inline uint32_t rounding_key(int64_t seed, int64_t step) {
 // ------------------------------------------------------------------------------------------
 LOMO_HD float bf16_to_f32(uint16_t h) { return bf16_bits_to_f32(h); }
 
-// Round to nearest even, as tensor.to(torch.bfloat16); NaN -> canonical quiet NaN.
+// Round to nearest even, as tensor.to(torch.bfloat16); NaN -> the canonical quiet NaN.
 LOMO_HD uint16_t f32_to_bf16_nearest(float x) { return f32_to_bf16_bits(x, kBF16CanonicalNaN); }
 
 // Add 16 random low bits and truncate (reference._sr_bf16). NaN rounds to nearest.
@@ -77,10 +78,12 @@ LOMO_HD float f16_to_f32(uint16_t h) {
 #endif
 }
 
-// Round to nearest even, as tensor.to(torch.float16).
+// Round to nearest even, as tensor.to(torch.float16); NaN -> the canonical quiet NaN (the GPU's
+// conversion gives 0x7FFF: replaced).
 LOMO_HD uint16_t f32_to_f16_nearest(float x) {
 #if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(x));
+  const uint16_t h = __half_as_ushort(__float2half_rn(x));
+  return is_nan_bits(f32_bits(x)) ? kF16CanonicalNaN : h;
 #else
   return f32_to_f16_bits(x, kF16CanonicalNaN);
 #endif

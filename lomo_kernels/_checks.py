@@ -78,3 +78,27 @@ def eps_pair(value: Any, name: str = "eps") -> tuple:
     for i, v in enumerate(value):
         number(v, f"{name}[{i}]", ge=0.0)
     return tuple(value)
+
+
+def check_shape(where: str, shape) -> tuple:
+    """One shape: a ``torch.Size`` or a list/tuple of integers >= 0 (not a tensor)."""
+    if isinstance(shape, torch.Size):  # valid by construction (and symbolic under tracing)
+        return tuple(shape)
+    if (isinstance(shape, (torch.Tensor, str, bytes))
+            or not isinstance(shape, (torch.Size, list, tuple))
+            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape)):
+        raise TypeError(f"{where} must be a torch.Size or a sequence of integers such as "
+                        f"p.shape, got {shape!r} ({type(shape).__name__})")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where} has a negative size: {tuple(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def check_shapes(op: str, shapes) -> list[list[int]]:
+    """``workspace_numel``'s shapes: a list (or tuple) of shapes (``check_shape``)."""
+    if isinstance(shapes, (torch.Tensor, str, bytes)) or not isinstance(shapes, (list, tuple)):
+        raise TypeError(f"workspace_numel({op!r}): shapes must be a list of shapes (each a "
+                        f"torch.Size or a sequence of integers >= 0), such as "
+                        f"[p.shape for p in params], got {type(shapes).__name__}")
+    return [list(check_shape(f"workspace_numel({op!r}): shapes[{i}]", shape))
+            for i, shape in enumerate(shapes)]

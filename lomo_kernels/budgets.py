@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 ARCH = "sm_90"
 
 # (pattern on the kernel name, registers per thread, why). Names: native kernels as
-# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16), Triton kernels as
+# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16; grad_accumulate_kernel<buffer, gradient,
+# ...>), Triton kernels as
 # "triton:<call>:<kernel>" (tests/test_triton_compile.py). The AdaLomo passes are one kernel each since the ticketed
 # finalisation (stats_kernel, unorm_kernel, apply_kernel; adalomo_flat_kernel for 0-d/1-d and
 # multi-tensor updates), which replaced tile_kernel / flat_kernel / state_kernel / finalize_*.
@@ -44,6 +45,8 @@ REGISTER_BUDGETS = [
                                    "flight): 3 blocks per SM"),
     (r"^empty_shard_kernel", 64, "AdaLomo stages of an empty local shard: one block"),
     (r"^golore_update_kernel", 64, "GoLore inner update: full occupancy"),
+    (r"^grad_accumulate_kernel<", 64, "gradient accumulation (2 packs of g and of the buffer in "
+                                      "flight): full occupancy"),
     (r"^triton:", 128, "Triton, 8 or 16 warps (tests/test_triton_compile.py: <= 96 for the bf16 "
                     "stochastic-rounding apply kernels): <= 128 keeps two 8-warp blocks per SM"),
 ]
@@ -57,6 +60,7 @@ VECTOR_RULES = [
     (r"^unorm_kernel<BF16, (false|true)>", True, False, "loop"),
     (r"^apply_kernel<BF16, (false|true), (false|true)>", True, True, "loop"),
     (r"^adalomo_flat_kernel<BF16, (false|true), (false|true)>", True, True, "body"),
+    (r"^grad_accumulate_kernel<(F32|BF16), BF16,", True, True, "body"),
     (r"^triton:lomo_bf16:_lomo_update_kernel$", True, True, "body"),
     (r"^triton:lomo_multi_bf16:_lomo_update_multi_kernel$", True, True, "body"),
     (r"^triton:adalomo_bf16:_adalomo_stats_kernel$", True, False, "body"),
@@ -120,14 +124,17 @@ def short_name(mangled: str) -> str:
             break
     else:
         return mangled
-    targs = re.match(r"I((?:LNS_3FmtE\dE|LNS_5InnerE\dE|Lb[01]E|Li\d+E)+)E", mangled[i:])
+    # a second Fmt argument is a substitution of the first's type (LS3_2E): the only enum type
+    # that repeats in these kernels' arguments
+    targs = re.match(r"I((?:LNS_3FmtE\dE|LS[0-9A-Z]*_\dE|LNS_5InnerE\dE|Lb[01]E|Li\d+E)+)E",
+                     mangled[i:])
     if not targs:
         return ident
     args = []
-    arg = r"LNS_3FmtE(\d)E|LNS_5InnerE(\d)E|Lb([01])E|Li(\d+)E"
-    for fmt, inner, flag, num in re.findall(arg, targs.group(1)):
-        if fmt:
-            args.append(_FMT[fmt])
+    arg = r"LNS_3FmtE(\d)E|LS[0-9A-Z]*_(\d)E|LNS_5InnerE(\d)E|Lb([01])E|Li(\d+)E"
+    for fmt, fmt2, inner, flag, num in re.findall(arg, targs.group(1)):
+        if fmt or fmt2:
+            args.append(_FMT[fmt or fmt2])
         elif inner:
             args.append(_INNER[inner])
         elif flag:

@@ -12,11 +12,13 @@ import argparse
 import os
 import platform
 import sys
+import textwrap
 import time
 
 import torch
 
 from . import __version__, ops, selfcheck
+from .backends import can_run, native_extension, raw_impl, triton_interpret
 
 # Odd shapes (scalar tails, ragged tiles) and LLM-shaped ones (16-byte vector paths, >= 32 slices).
 SHAPES = [(4097,), (37, 129), (3, 17, 33), (4096,), (130, 1024), (40, 8, 64)]
@@ -33,7 +35,7 @@ def _versions() -> list[tuple[str, str]]:
         rows.append(("triton", triton.__version__))
     except Exception as exc:
         rows.append(("triton", f"not importable ({type(exc).__name__})"))
-    native = ops._native
+    native = native_extension()
     archs = native.cuda_archs().replace("+", " ") if native is not None else ""
     rows.append(("CUDA kernels compiled for", archs or "none (no CUDA kernels in this build)"))
     return rows
@@ -51,7 +53,8 @@ def _describe(device: torch.device) -> str:
         return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     prop = torch.cuda.get_device_properties(device)
     cap = f"{prop.major}{prop.minor}"
-    archs = ops._native.cuda_archs().split("+") if ops._native is not None else []
+    native = native_extension()
+    archs = native.cuda_archs().split("+") if native is not None else []
     if f"sm_{cap}" in archs:
         fit = f"native kernels: sm_{cap} binary"
     elif any(a.startswith("compute_") and int(a[8:]) <= int(cap) for a in archs):
@@ -63,22 +66,22 @@ def _describe(device: torch.device) -> str:
 
 
 def _status(backend: str, device: torch.device) -> str:
-    reason = ops._can_run(backend, device)
+    reason = can_run(backend, device)
     if reason is None:
         return "ok"
     return f"no: {reason}"
 
 
 def _runnable(backend: str, device: torch.device) -> bool:
-    if ops._can_run(backend, device) is not None:
+    if can_run(backend, device) is not None:
         return False
     # the Triton interpreter is a test vehicle: only when asked for (TRITON_INTERPRET=1)
-    return not (backend == "triton" and device.type == "cpu" and not ops._triton_interpret())
+    return not (backend == "triton" and device.type == "cpu" and not triton_interpret())
 
 
 def self_test(devs, backends=KERNEL_BACKENDS, shapes=None, impl_of=None):
     """One row per (backend, device, op, dtype, rounding): the worst case over ``shapes``."""
-    impl_of, shapes = impl_of or ops._raw_impl, shapes or SHAPES
+    impl_of, shapes = impl_of or raw_impl, shapes or SHAPES
     shapes_of = {op: shapes if op != "golore_update_" else shapes[:2] for op in
                  selfcheck.FIRST_USE_SHAPES}  # element-wise GoLore: a 1-D and a 2-D shape
     rows, cache = [], {}
@@ -105,10 +108,32 @@ def self_test(devs, backends=KERNEL_BACKENDS, shapes=None, impl_of=None):
     return rows
 
 
-def _table(header, rows) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+WIDTH = 100  # the doctor's output fits a terminal of this many columns
+
+
+def _table(header, rows, width=WIDTH) -> str:
+    """Columns separated by two spaces; a table wider than ``width`` caps its widest columns at one
+    width, and their cells wrap onto continuation lines (a long reason, a path)."""
+    cells = [[str(x) for x in r] for r in [header, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(*cells)]
+    cap = max(widths)
+    while cap > 12 and sum(min(w, cap) for w in widths) + 2 * (len(widths) - 1) > width:
+        cap -= 1
+    widths = [min(w, cap) for w in widths]
+    out = []
+    for i, row in enumerate(cells):
+        wrapped = [textwrap.wrap(x, w, break_long_words=True, break_on_hyphens=False) or [""]
+                   for x, w in zip(row, widths)]
+        for k in range(max(len(c) for c in wrapped)):
+            out.append("  ".join((c[k] if k < len(c) else "").ljust(w)
+                                 for c, w in zip(wrapped, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _say(text: str) -> None:
+    print(textwrap.fill(text, WIDTH, break_on_hyphens=False))
 
 
 def main(argv=None, impl_of=None) -> int:
@@ -129,12 +154,12 @@ def main(argv=None, impl_of=None) -> int:
     print(_table(("backend", "build", *(str(d) for d in devs)), rows))
     picks = ", ".join(f"{d}: {ops.resolve_backend('auto', d)}" for d in devs)
     check = "off" if selfcheck.mode() == "0" else "on"
-    print(f"(auto picks {picks}; first-use self-check on CUDA: {check}, LOMO_KERNELS_SELF_CHECK)")
+    _say(f"(auto picks {picks}; first-use self-check on CUDA: {check}, LOMO_KERNELS_SELF_CHECK)")
     if args.no_self_test:
         return 0
     print()
-    print("self-test against the reference (each op, dtype and rounding on shapes "
-          f"{', '.join(str(s) for s in SHAPES)}):")
+    _say("self-test against the reference (each op, dtype and rounding on shapes "
+         f"{', '.join(str(s) for s in SHAPES)}):")
     results = self_test(devs, impl_of=impl_of)
     table = [(b, d, op, dt, r, ulp if ulp >= 0 else "-", "ok" if ok else f"DISAGREES: {why}")
              for b, d, op, dt, r, ulp, ok, why in results]

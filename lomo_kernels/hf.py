@@ -12,7 +12,7 @@ learning rate is read from ``param_groups`` at every update. That is exactly the
     args = TrainingArguments(
         output_dir="out", learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=100,
         max_steps=1000, per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,   # required: the update happens inside each backward
+        gradient_accumulation_steps=4,   # passed on: the optimizer's accumulation_steps
         max_grad_norm=0.0,               # Trainer's clipping sees no gradients (they are freed)
         bf16=True,                       # or bf16/fp16 *parameters*; never fp16=True (GradScaler)
     )
@@ -20,9 +20,18 @@ learning rate is read from ``param_groups`` at every update. That is exactly the
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(optimizer, scheduler))
     trainer.train()
 
-or, without the helper, ``optimizers=(AdaLomo(model, lr=args.learning_rate), None)``: the Trainer
-then builds its usual scheduler (``lr_scheduler_type``, warm-up) on our optimizer, and that
-scheduler drives the lr of the in-backward updates.
+or, without the helper, ``optimizers=(AdaLomo(model, lr=args.learning_rate,
+accumulation_steps=args.gradient_accumulation_steps), None)``: the Trainer then builds its usual
+scheduler (``lr_scheduler_type``, warm-up) on our optimizer, and that scheduler drives the lr of
+the in-backward updates.
+
+Gradient accumulation (``gradient_accumulation_steps = K > 1``): the optimizer needs
+``accumulation_steps=K`` (the helper passes it on): each micro-batch's backward adds its
+gradients into the optimizer's buffers (the Trainer scales the loss as usual) and the Trainer's
+``optimizer.step()`` at the end of the window applies one update with their sum, also for the
+shorter last window of an epoch (docs/accumulation.md). Exact global-norm clipping then works
+with the Trainer's single backward per micro-batch: ``clip_grad_norm=...`` (the default
+``clip_mode="exact"``).
 
 The logged ``grad_norm`` is the optimizer's ``last_grad_norm`` (the global L2 norm of the step's
 unscaled gradients, summed by the update kernels as they read them): at its first ``step()`` the
@@ -34,11 +43,12 @@ clip_mode="previous"`` (each step clipped with the coefficient of the previous s
 
 What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.x):
 
-* ``gradient_accumulation_steps > 1``: the first micro-batch's backward already updated every
-  parameter; the second backward before ``optimizer.step()`` raises the optimizer's
-  ``RuntimeError: ... received a second gradient before optimizer.step() ... gradient
-  accumulation cannot work (set gradient_accumulation_steps=1) ...`` after the first micro-batch
-  has been applied. ``make_trainer_optimizers`` refuses such arguments up front.
+* ``gradient_accumulation_steps > 1`` with an optimizer created without ``accumulation_steps``:
+  the first micro-batch's backward already updated every parameter; the second backward before
+  ``optimizer.step()`` raises the optimizer's ``RuntimeError: ... received a second gradient
+  before optimizer.step() ... create the optimizer with accumulation_steps=K ...``.
+  ``make_trainer_optimizers`` passes ``accumulation_steps`` on (and refuses an optimizer instance
+  whose ``accumulation_steps`` differs).
 * ``max_grad_norm > 0`` (the Trainer's default 1.0): ``clip_grad_norm_`` runs after the backward,
   on parameters whose gradients are already applied and freed (``p.grad is None``): it clips
   nothing (and computes a norm of 0, which the ``GradNormCallback`` replaces by the optimizer's);
@@ -47,7 +57,9 @@ What does not work, and why (found by running ``Trainer`` 5.x with accelerate 1.
   (global norm, one backward) or ``clip_grad_value`` (element clipping). The exact
   ``clip_grad_norm`` (the default ``clip_mode="exact"``) needs two backward passes
   (``optimizer.grad_norm(loss)`` then ``optimizer.fused_backward(loss)``), which the Trainer's
-  loop does not do (``AdaLomo`` ignores it without ``grad_norm()``; ``Lomo`` raises).
+  loop does not do: every optimizer refuses it at the first backward, before any parameter
+  changes (docs/clipping.md), unless the optimizer accumulates (``accumulation_steps > 1``): it
+  then clips the window exactly.
 * ``fp16=True`` (AMP with a ``GradScaler``): the scaler multiplies the loss, our hooks see the
   scaled gradient and do not know the scale (``Lomo`` would step 65536x too far), and
   ``GradScaler.step`` then fails with "No inf checks were recorded for this optimizer" (both seen
@@ -70,11 +82,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+from typing import Any, Optional
 
+import torch
+
+from ._checks import integer
 from ._stack import user_stacklevel
-from .optim import AdaLomo, GaLore, GoLore, Lomo
+from .optim import AdaLomo, GaLore, GoLore, InBackwardOptimizer, Lomo
 from .optim._backward import at_first_step
+from .optim._clipping import ALTERNATIVES
 
 __all__ = ["make_trainer_optimizers", "check_training_args", "report_grad_norm",
            "GradNormCallback"]
@@ -95,7 +111,7 @@ def _callback_class() -> type:
             it see the value: ``report_grad_norm`` does."""
 
             def __init__(self, optimizer: Any) -> None:
-                self.optimizer = optimizer
+                self.optimizer = _in_backward(optimizer, "GradNormCallback: optimizer")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 norm = self.optimizer.last_grad_norm
@@ -116,6 +132,26 @@ def __getattr__(name: str) -> Any:
     if name == "GradNormCallback":
         return _callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _in_backward(optimizer: Any, name: str) -> Any:
+    """``optimizer`` (or the in-backward optimizer that accelerate's wrapper holds), checked."""
+    inner = optimizer
+    while not hasattr(inner, "last_grad_norm") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    if not isinstance(inner, InBackwardOptimizer):
+        raise TypeError(f"{name} must be a lomo_kernels optimizer (Lomo, AdaLomo, GoLore, "
+                        f"GaLore) or accelerate's wrapper of one, got {type(optimizer).__name__}")
+    return inner
+
+
+def _training_args(args: Any, name: str, needs: tuple) -> None:
+    """Refuse what is not a ``transformers.TrainingArguments`` (a dict, a string...)."""
+    missing = [a for a in needs if not hasattr(args, a)]
+    if isinstance(args, (dict, str, bytes, int, float)) or missing:
+        raise TypeError(f"{name} must be a transformers.TrainingArguments (with "
+                        f"{', '.join(needs)}), got {type(args).__name__}"
+                        + (f" without {', '.join(missing)}" if missing else ""))
 
 
 def calling_trainer(frame: Any) -> Any:
@@ -151,7 +187,8 @@ def _check_trainer(optimizer: Any, frame: Any) -> None:
             "already applied and freed every gradient: nothing is clipped (the logged "
             "grad_norm is the optimizer's last_grad_norm). Set max_grad_norm=0 in "
             "TrainingArguments and clip in the optimizer: clip_grad_norm=..., "
-            "clip_mode='previous' (one backward), or clip_grad_value (see lomo_kernels.hf).",
+            "clip_mode='previous' (one backward), exact clipping through gradient "
+            "accumulation (accumulation_steps=K > 1), or clip_grad_value (docs/clipping.md).",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
@@ -161,11 +198,13 @@ def report_grad_norm(trainer: Any, optimizer: Any = None) -> None:
     """Make ``trainer`` log ``optimizer.last_grad_norm`` (default: ``trainer.optimizer``) as its
     ``grad_norm``: a ``GradNormCallback`` first among its callbacks (once; a callback for another
     optimizer is replaced). The optimizers call it at their first ``step()`` under a Trainer."""
+    if not hasattr(getattr(trainer, "callback_handler", None), "callbacks"):
+        raise TypeError("report_grad_norm: trainer must be a transformers.Trainer, got "
+                        f"{type(trainer).__name__}")
     cls = _callback_class()
     if optimizer is None:
         optimizer = trainer.optimizer
-    while not hasattr(optimizer, "last_grad_norm") and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    optimizer = _in_backward(optimizer, "report_grad_norm: optimizer")
     callbacks = trainer.callback_handler.callbacks
     mine = [cb for cb in callbacks if isinstance(cb, cls)]
     if len(mine) == 1 and mine[0].optimizer is optimizer and callbacks[0] is mine[0]:
@@ -175,18 +214,26 @@ def report_grad_norm(trainer: Any, optimizer: Any = None) -> None:
     callbacks.insert(0, cls(optimizer))
 
 
-def check_training_args(args, *, strict: bool = True) -> None:
+def check_training_args(args, *, strict: bool = True,
+                        accumulation_steps: Optional[int] = None) -> None:
     """Refuse ``TrainingArguments`` that cannot work with in-backward updates (see module doc).
 
-    ``strict=False`` turns the ``max_grad_norm`` error into a warning (the run works, but no
-    clipping happens and the logged ``grad_norm`` is 0)."""
+    ``accumulation_steps``: the optimizer's (None: it will be ``gradient_accumulation_steps``, as
+    ``make_trainer_optimizers`` makes it). ``strict=False`` turns the ``max_grad_norm`` error
+    into a warning (the run works, but no clipping happens and the logged ``grad_norm`` is 0)."""
+    _training_args(args, "check_training_args: args",
+                   ("gradient_accumulation_steps", "fp16", "max_grad_norm"))
+    if not isinstance(strict, bool):
+        raise TypeError(f"check_training_args: strict must be True or False, got {strict!r}")
+    if accumulation_steps is not None:
+        integer(accumulation_steps, "check_training_args: accumulation_steps", ge=1)
     gas = getattr(args, "gradient_accumulation_steps", 1) or 1
-    if gas > 1:
+    if accumulation_steps is not None and gas != accumulation_steps:
         raise ValueError(
-            f"gradient_accumulation_steps={gas}: Lomo/AdaLomo update each parameter inside the "
-            "backward pass and free its gradient, so gradients cannot be accumulated over "
-            "micro-batches. Set gradient_accumulation_steps=1 (use a larger "
-            "per_device_train_batch_size, with gradient checkpointing if memory is short)."
+            f"gradient_accumulation_steps={gas}, but the optimizer has accumulation_steps="
+            f"{accumulation_steps}: the in-backward optimizers accumulate the micro-batches' "
+            "gradients themselves and apply them at the Trainer's optimizer.step(); create the "
+            f"optimizer with accumulation_steps={gas} (make_trainer_optimizers does it)."
         )
     if getattr(args, "fp16", False):
         raise ValueError(
@@ -196,11 +243,15 @@ def check_training_args(args, *, strict: bool = True) -> None:
         )
     mgn = getattr(args, "max_grad_norm", 0) or 0
     if mgn > 0:
+        how = (f"clip_grad_norm={mgn} (exact: the optimizer accumulates the micro-batches)"
+               if gas > 1 else f"clip_grad_norm={mgn}, clip_mode='previous' (global norm, one "
+               "backward)")
         msg = (
             f"max_grad_norm={mgn}: the Trainer clips gradients after backward, when Lomo/AdaLomo "
-            "have already applied and freed them: nothing is clipped. Set max_grad_norm=0 and "
-            f"clip in the optimizer: clip_grad_norm={mgn}, clip_mode='previous' (global norm, one "
-            "backward), or clip_grad_value."
+            "have already applied and freed them (or, accumulating, hold them in their own "
+            f"buffers): nothing is clipped. Set max_grad_norm=0 and clip in the optimizer: {how}, "
+            "exact clipping through gradient accumulation (accumulation_steps=K > 1), "
+            "or clip_grad_value."
         )
         if strict:
             raise ValueError(msg)
@@ -223,9 +274,12 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
         known the scheduler is None and the Trainer builds its own (same type) in ``train()``.
     strict: False turns a ``max_grad_norm > 0`` error into a warning.
     optimizer_kwargs: passed to the optimizer (``clip_grad_value``, ``weight_decay``,
-        ``backend``, ``rounding``, ``seed``, ...). ``clip_grad_norm`` needs
-        ``clip_mode="previous"`` (one backward per step); the exact mode needs the two-pass
-        ``grad_norm`` + ``fused_backward`` loop, which the Trainer does not run.
+        ``backend``, ``rounding``, ``seed``, ...); ``accumulation_steps`` defaults to
+        ``args.gradient_accumulation_steps``. ``clip_grad_norm`` needs ``clip_mode="previous"``
+        (one backward per step) unless the optimizer accumulates (K > 1: the exact mode clips
+        the window); the exact mode of K=1 needs the two-pass ``grad_norm`` +
+        ``fused_backward`` loop, which the Trainer does not run (refused here, before the
+        optimizer is built).
 
     Example::
 
@@ -234,27 +288,42 @@ def make_trainer_optimizers(model, args=None, optimizer: str = "adalomo", *,
         opt, sched = make_trainer_optimizers(model, args, "adalomo", clip_grad_value=1.0)
         Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched)).train()
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("make_trainer_optimizers: model must be the torch.nn.Module the Trainer "
+                        f"trains, got {type(model).__name__}")
+    if num_training_steps is not None:
+        integer(num_training_steps, "make_trainer_optimizers: num_training_steps", ge=1)
     if args is not None:
-        check_training_args(args, strict=strict)
-    if (optimizer_kwargs.get("clip_grad_norm") is not None
+        _training_args(args, "make_trainer_optimizers: args", ("gradient_accumulation_steps",))
+    gas = (getattr(args, "gradient_accumulation_steps", 1) or 1) if args is not None else 1
+    if isinstance(optimizer, InBackwardOptimizer):
+        k = optimizer.accumulation_steps
+    else:
+        k = optimizer_kwargs.setdefault("accumulation_steps", gas)
+    if args is not None:
+        check_training_args(args, strict=strict, accumulation_steps=k)
+        if lr is None:
+            _training_args(args, "make_trainer_optimizers: args", ("learning_rate",))
+    elif not isinstance(strict, bool):
+        raise TypeError(f"make_trainer_optimizers: strict must be True or False, got {strict!r}")
+    if (optimizer_kwargs.get("clip_grad_norm") is not None and k == 1
             and optimizer_kwargs.get("clip_mode", "exact") == "exact"):
         raise ValueError(
-            "clip_grad_norm with clip_mode='exact' needs two backward passes per step "
-            "(optimizer.grad_norm(loss), then optimizer.fused_backward(loss)), which Trainer does "
-            "not run; pass clip_mode='previous' (one backward: each step is clipped with the "
-            "previous step's norm), use clip_grad_value, or a custom loop (lomo_kernels.finetune)."
+            "clip_grad_norm with clip_mode='exact' needs the gradient norm before the update, "
+            "which the Trainer's single loss.backward() cannot give (it would train unclipped). "
+            f"Ways to clip: {ALTERNATIVES}. Or use clip_grad_value (element-wise)."
         )
     if lr is None:
         lr = args.learning_rate if args is not None else 1e-3
     classes = {"adalomo": AdaLomo, "lomo": Lomo, "golore": GoLore, "galore": GaLore}
-    if isinstance(optimizer, (Lomo, AdaLomo, GoLore)):
+    if isinstance(optimizer, InBackwardOptimizer):
         opt = optimizer
-    elif optimizer in classes:
+    elif isinstance(optimizer, str) and optimizer in classes:
         opt = classes[optimizer](model, lr=lr, **optimizer_kwargs)
     else:
-        raise ValueError(
-            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo or "
-            f"GoLore, got {optimizer!r}"
+        raise (ValueError if isinstance(optimizer, str) else TypeError)(
+            f"optimizer must be one of {sorted(classes)} or an instance of Lomo, AdaLomo, "
+            f"GoLore or GaLore, got {optimizer!r}"
         )
 
     if args is not None:

@@ -17,6 +17,10 @@ Where this deviates from ``lomo-optim`` (and docs/spec.md), on purpose:
     ``lomo-optim`` writes NaN into the parameter.
   * parameters of more than two dimensions are factored over their last two dimensions
     (docs/spec.md); ``lomo-optim`` crashes on them.
+  * the sums behind AdaLomo's rms(p), rms(u) and its row/column means accumulate in float64
+    (``lomo-optim``: float32 torch reductions, ~1e-3 off over tens of millions of elements on
+    CPU; docs/spec.md "How the sums are accumulated").
+  * a NaN stored in fp16 / bf16 is the canonical quiet NaN (CANONICAL_NAN).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "adalomo_update_",
     "golore_update_",
     "golore_scalars",
+    "grad_accumulate_",
     "round_to_dtype",
     "random_bits",
     "rounding_key",
@@ -110,12 +115,27 @@ def random_bits(numel: int, seed: int, step: int, device=None) -> torch.Tensor:
     return _mix32_t((i & _M32) ^ hi)
 
 
+# A NaN stored in fp16 / bf16 is this quiet NaN (positive, no payload: what
+# torch.tensor(float("nan"), dtype=...) holds) on every backend and device. x.to(dtype) does not
+# promise it: on CPU it keeps the payload (fp16) or gives 0xFFFF (bf16), on a GPU 0x7FFF.
+CANONICAL_NAN = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
+
+
+def _nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``x`` rounded to nearest even in ``dtype`` (tensor.to), NaN -> CANONICAL_NAN."""
+    y = x.to(dtype)
+    if dtype not in CANONICAL_NAN:
+        return y
+    nan = torch.tensor(CANONICAL_NAN[dtype], dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.where(torch.isnan(x), nan.to(x.device), y)
+
+
 def _sr_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     b = x.contiguous().view(torch.int32).to(torch.int64) & _M32
     b = (b + (bits >> 16)) & 0xFFFF0000
     b = torch.where(b >= 2**31, b - 2**32, b).to(torch.int32)
     y = b.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), y)
+    return torch.where(torch.isnan(x), _nearest(x, torch.bfloat16), y)
 
 
 def _pow2(k: torch.Tensor) -> torch.Tensor:
@@ -132,16 +152,17 @@ def _sr_fp16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     r = (bits >> 8).to(torch.float32) * 2.0**-24
     y = (f + (r < q - f).to(torch.float32)) * _pow2(k)
     y = torch.clamp(y, max=65504.0).copysign(x)
-    nearest = x.to(torch.float16)
+    nearest = _nearest(x, torch.float16)
     return torch.where(torch.isnan(x) | (a >= 65520.0), nearest, y.to(torch.float16))
 
 
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int, step: int):
-    """Round the fp32 tensor ``x`` to ``dtype`` (nearest-even, or stochastic: see above)."""
+    """Round the fp32 tensor ``x`` to ``dtype`` (nearest-even, or stochastic: see above); a NaN
+    becomes CANONICAL_NAN in fp16 / bf16."""
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if rounding == "nearest" or dtype == torch.float32:
-        return x.to(dtype)
+        return _nearest(x, dtype)
     bits = random_bits(x.numel(), seed, step, x.device).view(x.shape)
     if dtype == torch.bfloat16:
         return _sr_bf16(x, bits)
@@ -220,12 +241,71 @@ def lomo_update_(
 
 
 # ---------------------------------------------------------------------------------------------
+# Gradient accumulation (docs/spec.md "Gradient accumulation")
+# ---------------------------------------------------------------------------------------------
+
+
+def grad_accumulate_(buf, grad, found_inf, loss_scale, first, rounding, seed, step, buf_sq=None,
+                     workspace=None):
+    """``buf = round(g / loss_scale)`` (``first``) or ``round(buf + g / loss_scale)``, in place.
+
+    ``buf`` float32 or ``grad``'s dtype; the sum in float32, rounded to ``buf``'s dtype as the
+    updates round a parameter (``rounding``, the hash of (seed, step, element index)); a
+    ``first`` write never reads ``buf`` (it may hold anything). ``buf_sq`` (optional 1-element
+    float32) is SET to ``sum(buf_new**2)`` of the stored values (summed in float64): the squared
+    norm of the accumulated gradient. ``found_inf`` is set to 1 when a stored value is NaN/Inf
+    (a non-finite gradient, or a sum beyond the buffer's range)."""
+    if buf.numel() == 0:
+        if buf_sq is not None:
+            buf_sq.zero_()
+        return
+    g32 = grad.to(torch.float32)
+    if loss_scale != 1.0:
+        g32 = g32 / f32(loss_scale)
+    new = g32 if first else buf.to(torch.float32) + g32
+    out = round_to_dtype(new, buf.dtype, rounding, seed, step)
+    buf.copy_(out)
+    stored = out.to(torch.float64)
+    if buf_sq is not None:
+        buf_sq.copy_((stored * stored).sum().to(buf_sq.dtype).view_as(buf_sq))
+    _mark_found_inf(found_inf, ~torch.isfinite(stored))
+
+
+# ---------------------------------------------------------------------------------------------
 # AdaLomo
 # ---------------------------------------------------------------------------------------------
 
 
+# The sums that decide an AdaLomo update (rms(p), rms(u), the row and column means of G, the mean
+# of r) accumulate in float64: torch's float32 reductions on CPU are about 1e-3 off over tens of
+# millions of elements (torch.linalg.vector_norm on a 49152 x 576 tensor: 1.6e-3), which would
+# scale a whole update by that much. lomo-optim sums in float32 (docs/spec.md says where this
+# differs). Each sum is rounded to float32 where a kernel stores it (the workspace header), and
+# what is computed from it follows the kernels' order, so that the staged form (stages 1-3) and
+# the one-call form give the same bits.
+
+
+def _sum64(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """sum(x) over ``dim`` (all: None) in float64, rounded to float32 (a header slot)."""
+    x64 = x.double()
+    s = x64.sum() if dim is None else x64.sum(dim=dim, keepdim=keepdim)
+    return s.float()
+
+
+def _rms_of(sum_sq: torch.Tensor, numel: int) -> torch.Tensor:
+    """sqrt(sum_sq / numel) in float64 from the float32 sum, rounded once to float32."""
+    return torch.sqrt(sum_sq.double() / numel).float()
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+    """rms(x) = ||x||_2 / sqrt(numel(x)), the sum of squares accumulated in float64."""
+    x64 = x.double()
+    return _rms_of((x64 * x64).sum().float(), x.numel())
+
+
+def _mean_rows(sq: torch.Tensor) -> torch.Tensor:
+    """mean(G, dim=-1) in float64, rounded once to float32 (a kernel divides its float64 row sum)."""
+    return (sq.double().sum(dim=-1) / sq.shape[-1]).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,16 +395,17 @@ def adalomo_update_(
 def _adalomo_one_call(param, grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_sq, clip_coef,
                       found_inf, lr, weight_decay, loss_scale, clip_grad_value, beta, eps1, eps2,
                       clip_threshold, rounding, seed, step):
-    """The three passes in lomo-optim's fp32 order (the oracle of stage 0)."""
+    """The three passes in lomo-optim's order, the sums in float64 (the oracle of stage 0)."""
     g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef)
     bad = ~torch.isfinite(grad)
     ok = ~bad.any()
     sq = g32 * g32 + f32(eps1)
     b, omb = f32(beta), f32(1.0 - beta)
     if exp_avg_sq_row is not None:
-        row = torch.add(exp_avg_sq_row * b, sq.mean(dim=-1), alpha=omb)
-        col = torch.add(exp_avg_sq_col * b, sq.mean(dim=-2), alpha=omb)
-        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        m = sq.shape[-2]
+        row = torch.add(exp_avg_sq_row * b, _mean_rows(sq), alpha=omb)
+        col = torch.add(exp_avg_sq_col * b, _sum64(sq, dim=-2) / m, alpha=omb)
+        r_factor = (row / (_sum64(row, dim=-1, keepdim=True) / m)).rsqrt().unsqueeze(-1)
         c_factor = col.unsqueeze(-2).rsqrt()
         u = (r_factor * c_factor) * g32
         exp_avg_sq_row.copy_(torch.where(ok, row, exp_avg_sq_row))
@@ -373,17 +454,17 @@ def _adalomo_stage1(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws,
         return
     _add_grad_sq(grad_sq, grad, loss_scale)
     p64 = param.double()
-    ws[WS_SUM_PP] = (p64 * p64).sum().float()
+    ws[WS_SUM_PP] = _sum64(p64 * p64)
     ws[WS_BAD] = (~torch.isfinite(grad)).any().float()
     if geo is None:
         return
     s, m, n = geo
     g32 = _preprocess(grad, loss_scale, clip_grad_value, clip_coef).reshape(s, m, n)
     sq = g32 * g32 + f32(eps1)
-    r = torch.add(row.reshape(s, m) * f32(beta), sq.mean(dim=-1), alpha=f32(1.0 - beta))
+    r = torch.add(row.reshape(s, m) * f32(beta), _mean_rows(sq), alpha=f32(1.0 - beta))
     new_r.copy_(r)
-    sum_r.copy_(r.double().sum(-1).float())
-    colsum.copy_(sq.double().sum(-2).float())
+    sum_r.copy_(_sum64(r, dim=-1))
+    colsum.copy_(_sum64(sq, dim=-2))
 
 
 def _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value, beta, eps1,
@@ -412,7 +493,7 @@ def _adalomo_stage2(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws,
     u, _ = _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value, beta,
                      eps1, global_rows)
     u64 = u.double()
-    ws[WS_SUM_UU] = (u64 * u64).sum().float()
+    ws[WS_SUM_UU] = _sum64(u64 * u64)
 
 
 def _adalomo_stage3(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws, lr,
@@ -424,8 +505,8 @@ def _adalomo_stage3(param, grad, row, col, v, clip_coef, found_inf, grad_sq, ws,
     # an empty shard still commits its copy of the (replicated) column state
     u, state = _staged_u(param, grad, row, col, v, clip_coef, ws, loss_scale, clip_grad_value,
                          beta, eps1, global_rows)
-    rms_u = torch.sqrt(ws[WS_SUM_UU].double() / global_numel).float()
-    rms_p = torch.sqrt(ws[WS_SUM_PP].double() / global_numel).float()
+    rms_u = _rms_of(ws[WS_SUM_UU], global_numel)
+    rms_p = _rms_of(ws[WS_SUM_PP], global_numel)
     u = u / (rms_u / f32(clip_threshold)).clamp(min=1.0)
     p32 = param.to(torch.float32)
     lr_t = f32(lr) * rms_p.clamp(min=f32(eps2))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import backends, reference
+from ._ops import SINGLE_OF, adalomo_state_shapes
 
 CHECKED_BACKENDS = ("native", "triton", "cuda_emulated")
 ROUNDINGS_OF = {torch.float32: ("nearest",), torch.float16: ("nearest", "stochastic"),
@@ -49,7 +50,6 @@ class SelfCheckWarning(RuntimeWarning):
 
 _lock = threading.Lock()
 _results: dict[tuple, "Verdict"] = {}  # (op, backend, device, dtype) -> verdict
-_disabled: dict[tuple, str] = {}  # (backend, device) -> why
 
 
 def mode() -> str:
@@ -59,15 +59,16 @@ def mode() -> str:
     return value
 
 
-def disabled_reason(backend: str, device: torch.device) -> str | None:
-    return _disabled.get((backend, str(device)))
+# (backend, device) -> why it is disabled for this process; kept by lomo_kernels.backends, which
+# resolution consults
+disabled_reason = backends.disabled_reason
 
 
 def reset() -> None:
     """Forget every verdict and re-enable every backend (tests)."""
     with _lock:
         _results.clear()
-        _disabled.clear()
+        backends.enable_all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def _inputs(op, shape, dtype, device, seed):
     scale = {"adalomo_update_": 0.05, "golore_update_": 0.1}.get(op, 1000.0)
     g = (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
     if op == "adalomo_update_":
-        shapes = ops.adalomo_state_shapes(shape)
+        shapes = adalomo_state_shapes(shape)
     elif op == "golore_update_":
         shapes = {"exp_avg": shape, "exp_avg_sq": shape}
     else:
@@ -208,34 +209,36 @@ def _applies(backend: str, device: torch.device) -> bool:
     return backend in CHECKED_BACKENDS and (m == "all" or (m == "1" and device.type == "cuda"))
 
 
-def guard(op: str, backend: str, device: torch.device, impl):
-    """``impl``, or a wrapper that checks it at its first use per dtype (see the module doc)."""
+def guard(op: str, backend: str, device: torch.device, impl, fallback):
+    """``impl``, or a wrapper that checks it at its first use per dtype (see the module doc).
+    ``fallback(device)``: the implementation that runs instead when the check fails (ops.get_impl
+    of "auto", which then skips the disabled backend)."""
     if not _applies(backend, device):
         return impl
     if op in FIRST_USE_SHAPES:
-        return _Checked(op, backend, device, impl)
-    if op in ops.SINGLE_OF:
-        return _CheckedMulti(op, backend, device, impl)
+        return _Checked(op, backend, device, impl, fallback)
+    if op in SINGLE_OF:
+        return _CheckedMulti(op, backend, device, impl, fallback)
     return impl
 
 
 class _Checked:
-    __slots__ = ("op", "backend", "device", "impl", "fallback")
+    __slots__ = ("op", "backend", "device", "impl", "resolve_fallback", "fallback")
 
-    def __init__(self, op, backend, device, impl):
+    def __init__(self, op, backend, device, impl, resolve_fallback):
         self.op, self.backend, self.device, self.impl = op, backend, device, impl
-        self.fallback = None
+        self.resolve_fallback, self.fallback = resolve_fallback, None
 
     def __call__(self, param, grad, *args, **kwargs):
         verdict = _results.get((self.op, self.backend, str(param.device), param.dtype))
-        if verdict is None and (self.backend, str(param.device)) not in _disabled:
+        if verdict is None and disabled_reason(self.backend, param.device) is None:
             if param.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return self.impl(param, grad, *args, **kwargs)  # no sync while capturing
             verdict = _first_use(self.op, self.backend, param.device, param.dtype, self.impl)
         if verdict is not None and verdict.ok:
             return self.impl(param, grad, *args, **kwargs)
         if self.fallback is None:
-            self.fallback = ops.get_impl(self.op, "auto", param.device)
+            self.fallback = self.resolve_fallback(param.device)
         return self.fallback(param, grad, *args, **kwargs)
 
 
@@ -244,18 +247,19 @@ class _CheckedMulti:
     for every dtype of the list (the multi kernel updates each tensor bitwise as the single one),
     else on ``auto``'s choice."""
 
-    __slots__ = ("op", "single", "backend", "device", "impl", "fallback")
+    __slots__ = ("op", "single", "backend", "device", "impl", "resolve_fallback", "fallback")
 
-    def __init__(self, op, backend, device, impl):
-        self.op, self.single, self.backend = op, ops.SINGLE_OF[op], backend
+    def __init__(self, op, backend, device, impl, resolve_fallback):
+        self.op, self.single, self.backend = op, SINGLE_OF[op], backend
         self.device, self.impl, self.fallback = device, impl, None
+        self.resolve_fallback = resolve_fallback
 
     def _ok(self, dtype) -> bool:
         verdict = _results.get((self.single, self.backend, str(self.device), dtype))
-        if verdict is None and (self.backend, str(self.device)) not in _disabled:
+        if verdict is None and disabled_reason(self.backend, self.device) is None:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return True
-            raw = ops._raw_impl(self.single, self.backend, self.device)
+            raw = backends.raw_impl(self.single, self.backend, self.device)
             verdict = _first_use(self.single, self.backend, self.device, dtype, raw)
         return verdict is not None and verdict.ok
 
@@ -263,7 +267,7 @@ class _CheckedMulti:
         if all(self._ok(dt) for dt in {p.dtype for p in params}):
             return self.impl(params, *args, **kwargs)
         if self.fallback is None:
-            self.fallback = ops.get_impl(self.op, "auto", self.device)
+            self.fallback = self.resolve_fallback(self.device)
         return self.fallback(params, *args, **kwargs)
 
 
@@ -276,12 +280,12 @@ def _first_use(op, backend, device, dtype, impl) -> Verdict:
         _results[key] = verdict
         if not verdict.ok:
             why = f"its self-check disagreed with the reference ({verdict.detail})"
-            _disabled.setdefault((backend, str(device)), why)
+            backends.disable(backend, device, why)
     if not verdict.ok:
         warnings.warn(
             f"lomo_kernels SELF-CHECK FAILED: the {backend} kernel on {device} disagrees with the "
             f"reference: {verdict.detail}. The {backend} backend is disabled on {device} for this "
-            f"process; the update runs on backend {ops.resolve_backend('auto', device)!r} instead. "
+            f"process; the update runs on backend {backends.resolve_backend('auto', device)!r} instead. "
             "Please report this with the output of `python -m lomo_kernels` "
             "(LOMO_KERNELS_SELF_CHECK=0 turns the check off).",
             SelfCheckWarning, stacklevel=3)

@@ -90,6 +90,23 @@ def results_per_cpu_isa(script: str, tmp_path) -> dict:
     return results
 
 
+# What a test's "backend" or "target" parameter runs, as a marker (backend_<name>, registered in
+# pyproject.toml): `-m backend_triton` selects every test of the Triton backend in every file.
+_TARGET_BACKEND = {"cpu": "native", "cuda": "native", "cuda_emulated": "cuda_emulated"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        backend = params.get("backend")
+        name = getattr(backend, "name", backend)
+        if name is None:
+            name = _TARGET_BACKEND.get(params.get("target"))
+        if isinstance(name, str) and name in ops.BACKENDS and name != "auto":
+            item.add_marker(f"backend_{name}")
+
+
 # Tables of the static GPU budgets (lomo_kernels/budgets.py), filled by the tests that read compiled
 # sm_90 code and printed at the end of the run, so that CI's output shows them.
 BUDGET_TABLES: list[str] = []

@@ -193,7 +193,7 @@ def train_one_backward(ctx, m, opt, ref, ref_opt):
     """STEPS steps of one fused_backward each, sharded and single-process: every step's
     last_grad_norm agrees within 1e-5."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradNormSpikeWarning)  # the unclipped first step
+        warnings.simplefilter("error", GradNormSpikeWarning)  # a healthy run: no false alarm
         for step in range(STEPS):
             for model, o, c in ((m, opt, ctx), (ref, ref_opt, None)):
                 x, y = batch(step, c)
@@ -214,6 +214,40 @@ def one_backward_clipping(ctx, cls_name, backend):
     params = params_of(m)
     for n, want in params_of(ref).items():
         close(params[n], want, f"parameter {n}")
+
+
+def accumulation(ctx, cls_name, backend):
+    """accumulation_steps=2: two micro-batches per step (loss / 2; the last step through plain
+    backwards and step()), exact clipping from the accumulated shards' norm without a grad_norm
+    pass: the parameters and each step's norm follow the single-process K=1 run on both
+    micro-batches at once (grad_norm + fused_backward) within 1e-5."""
+    cls = CLASSES[cls_name]
+    kw = options(cls_name, backend)
+    m, ref = shard(Net()), Net()
+    opt = cls(m, accumulation_steps=2, **kw)
+    ref_opt = cls(ref, independent_ranks=True, **kw)
+    for step in range(3):
+        for i in range(2):
+            x, y = batch(10 * step + i, ctx)
+            if step < 2:
+                opt.fused_backward(loss_of(m, x, y) / 2, None)
+            else:
+                (loss_of(m, x, y) / 2).backward()
+        if step == 2:
+            opt.step()
+        parts = [batch(10 * step + i) for i in range(2)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ref_opt.grad_norm(loss_of(ref, x, y))
+        ref_opt.fused_backward(loss_of(ref, x, y), None)
+        got, want = float(opt.last_grad_norm), float(ref_opt.last_grad_norm)
+        assert want > 0 and math.isclose(got, want, rel_tol=1e-5), (step, got, want)
+    assert float(opt.clip_coef) < 1.0  # the clipping was active
+    params = params_of(m)
+    for n, want in params_of(ref).items():
+        close(params[n], want, f"parameter {n}")
+    raises(RuntimeError, "not supported for parameters sharded by fully_shard",
+           lambda: (loss_of(m, *batch(99, ctx)).backward(), opt.state_dict()))
+    opt.step()
 
 
 def mixed_precision(ctx, cls_name, backend):

@@ -113,6 +113,29 @@ def one_backward_clipping(ctx, projection):
     compare(params_of(m), states_of(opt, m), ref, ref_opt, tolerance(projection))
 
 
+def accumulation(ctx, projection):
+    """accumulation_steps=2 on shards (each weight's buffer: its local rows), exact clipping of
+    the accumulated gradient with no grad_norm pass: equal to the single process's K=1 steps on
+    both micro-batches at once (grad_norm + fused_backward), refreshes included."""
+    kw = options(projection)
+    m, ref = shard(Net()), Net()
+    opt = GoLore(groups(m), accumulation_steps=2, **kw)
+    ref_opt = GoLore(groups(ref), independent_ranks=True, **kw)
+    for step in range(STEPS):
+        for i in range(2):
+            x, y = batch(10 * step + i, ctx)
+            opt.fused_backward(loss_of(m, x, y) / 2, None)  # the second one applies the window
+        parts = [batch(10 * step + i) for i in range(2)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ref_opt.grad_norm(loss_of(ref, x, y))
+        ref_opt.fused_backward(loss_of(ref, x, y), None)
+        got, want = float(opt.last_grad_norm), float(ref_opt.last_grad_norm)
+        assert want > 0 and math.isclose(got, want, rel_tol=1e-5), (step, got, want)
+    assert float(opt.clip_coef) < 1.0  # the clipping was active
+    replicated_agree(opt, m, ctx)
+    compare(params_of(m), states_of(opt, m), ref, ref_opt, tolerance(projection))
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite gradients on one rank
 # ---------------------------------------------------------------------------------------------

@@ -2,13 +2,17 @@
 oracle next to the reference), and the tolerance checks of docs/spec.md.
 
 Hyper-parameter dicts use one set of keys everywhere: ``lr``, ``wd`` (weight decay), ``ls`` (loss
-scale), ``cgv`` (clip_grad_value, 0 = off), ``coef`` (clip_coef or None) and, for AdaLomo, ``beta``
-and ``thr`` (clip_threshold).
+scale), ``cgv`` (clip_grad_value, 0 = off), ``coef`` (clip_coef or None) and, for AdaLomo, ``beta``,
+``thr`` (clip_threshold) and optionally ``eps1``, ``eps2``.
+
+``BACKENDS_HERE``: every (backend, device) that runs on this machine, for the tests that run all of
+them on the same inputs (the property-based fuzzing, tests/test_fuzz_backends.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,21 @@ from conftest import ulp_distance
 from lomo_kernels import ops, reference
 
 EPS1, EPS2 = 1e-30, 1e-3
+
+
+def _backends_here() -> list:
+    status = ops.available_backends()
+    out = [("torch", "cpu")]
+    out += [(b, "cpu") for b in ("native", "cuda_emulated") if status[b].startswith("loaded")]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and status["triton"].startswith("loaded"):
+        out.append(("triton", "cpu"))  # the interpreter
+    if torch.cuda.is_available():
+        out += [("native", "cuda")] if "cuda" in status["native"] else []
+        out += [("triton", "cuda")] if status["triton"].startswith("loaded") else []
+    return out
+
+
+BACKENDS_HERE = _backends_here()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Shapes of LLM weights: the last dimension a multiple of 16 (the 16-byte vector paths), 1 x n and
 # m x 1, and a 3-D parameter with >= 32 slices of [m, n] (the serial-slice branch).
@@ -75,10 +94,12 @@ class AdaLomo64:
 
 
 def f64_adalomo(p, g, state, h) -> AdaLomo64:
-    """docs/spec.md's AdaLomo in float64, factored over the last two dims (batched over the rest)."""
+    """docs/spec.md's AdaLomo in float64, factored over the last two dims (batched over the rest);
+    ``h["eps1"]``, ``h["eps2"]`` default to EPS1, EPS2."""
     f32 = reference.f32
     g = _preprocess64(g, h)
-    G = g * g + f32(EPS1)
+    eps1, eps2 = h.get("eps1", EPS1), h.get("eps2", EPS2)
+    G = g * g + f32(eps1)
     b, omb = f32(h["beta"]), f32(1 - h["beta"])
     if p.dim() >= 2:
         r = state["exp_avg_sq_row"].double() * b + omb * G.mean(-1)
@@ -93,9 +114,38 @@ def f64_adalomo(p, g, state, h) -> AdaLomo64:
     rms_u = u.norm().item() / math.sqrt(n)
     u = u / max(1.0, rms_u / f32(h["thr"]))
     p64 = p.double()
-    lr_t = f32(h["lr"]) * max(f32(EPS2), p64.norm().item() / math.sqrt(n))
+    lr_t = f32(h["lr"]) * max(f32(eps2), p64.norm().item() / math.sqrt(n))
     a, s = p64 * (1 - lr_t * f32(h["wd"])), lr_t * u
     return AdaLomo64(a - s, a.abs() + s.abs(), new_state, rms_u)
+
+
+def f64_golore(r, p, st, inner, momentum, coef, h):
+    """golore_update_'s formulas (reference.golore_update_) in float64 with the host scalars every
+    backend receives; ``h``: lr, weight_decay, scale, beta1, beta2, eps, step. Returns
+    (N, |terms of N|, new state, |terms of state|, new p, |terms of p|)."""
+    s = reference.golore_scalars(inner, h["lr"], h["weight_decay"], h["scale"], h["beta1"],
+                                 h["beta2"], h["eps"], momentum, h["step"])
+    g = r.double() * (1.0 if coef is None else reference.f32(coef))
+    new, size = {}, {}
+    if inner == "adamw":
+        m0, v0 = st["exp_avg"].double(), st["exp_avg_sq"].double()
+        m, v = s["b1"] * m0 + s["omb1"] * g, s["b2"] * v0 + s["omb2"] * g * g
+        new.update(exp_avg=m, exp_avg_sq=v)
+        size.update(exp_avg=(s["b1"] * m0).abs() + (s["omb1"] * g).abs(), exp_avg_sq=v)
+        den = (v / s["bc2"]).sqrt() + s["eps"]
+        n = (m / s["bc1"]) / den
+        n_size = size["exp_avg"] / s["bc1"] / den
+    elif momentum:
+        b0 = st["momentum_buffer"].double()
+        n = b0 * s["momentum"] + g
+        new["momentum_buffer"] = n
+        n_size = size["momentum_buffer"] = (b0 * s["momentum"]).abs() + g.abs()
+    else:
+        n, n_size = g, g.abs()
+    if p is None:
+        return n, n_size, new, size, None, None
+    a, b = p.double() * s["decay"], s["neg_lr_scale"] * n
+    return n, n_size, new, size, a + b, a.abs() + (s["neg_lr_scale"] * n_size).abs()
 
 
 # ---------------------------------------------------------------- docs/spec.md tolerances

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lomo_kernels
-from lomo_kernels import BackendFallbackWarning, ops
+from lomo_kernels import BackendFallbackWarning, backends, ops
 
 
 class _NativeWithoutCuda:
@@ -19,10 +19,10 @@ class _NativeWithoutCuda:
 
 @pytest.fixture
 def no_native(monkeypatch):
-    monkeypatch.setattr(ops, "_native", None)
-    monkeypatch.setitem(ops._STATUS, "native",
+    monkeypatch.setattr(backends, "_native", None)
+    monkeypatch.setitem(backends._STATUS, "native",
                         "unavailable: ModuleNotFoundError: No module named 'lomo_kernels._C'")
-    monkeypatch.setattr(ops, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(backends, "_FALLBACK_WARNED", set())
 
 
 def test_auto_on_cpu_without_the_extension_warns_once(no_native):
@@ -51,10 +51,10 @@ def test_explicit_torch_backend_is_not_a_fallback(no_native):
 
 def test_auto_on_cuda_without_triton_or_native_cuda_kernels_warns(monkeypatch):
     # resolve_backend only reads what loaded: no GPU is needed to ask about "cuda"
-    monkeypatch.setattr(ops, "_native", _NativeWithoutCuda())
-    monkeypatch.setattr(ops, "_triton", None)
-    monkeypatch.setitem(ops._STATUS, "triton", "unavailable: ModuleNotFoundError: No module named 'triton'")
-    monkeypatch.setattr(ops, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(backends, "_native", _NativeWithoutCuda())
+    monkeypatch.setattr(backends, "_triton", None)
+    monkeypatch.setitem(backends._STATUS, "triton", "unavailable: ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(backends, "_FALLBACK_WARNED", set())
     with pytest.warns(BackendFallbackWarning) as w:
         assert ops.resolve_backend("auto", "cuda") == "torch"
     msg = str(w[0].message)
@@ -69,8 +69,8 @@ def test_other_devices_do_not_warn(no_native):
 
 
 def test_triton_is_reported_usable_only_where_it_can_run(monkeypatch):
-    if ops._triton is None:
-        pytest.skip(f"Triton did not load here: {ops._STATUS['triton']}")
+    if backends._triton is None:
+        pytest.skip(f"Triton did not load here: {backends._STATUS['triton']}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     status = lomo_kernels.available_backends()["triton"]

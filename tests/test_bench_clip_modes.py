@@ -17,7 +17,8 @@ def test_every_clipping_mode_runs_side_by_side():
                                   timing=dict(warmup_ms=0.0, rep_ms=1.0, min_reps=2))
     rows = result["rows"]
     assert [(r["optimizer"], r["mode"]) for r in rows] == [("none", "plain backward")] + [
-        (o, m) for o in ("lomo", "adalomo") for m in ("unclipped", "exact", "previous")]
+        (o, m) for o in ("lomo", "adalomo")
+        for m in ("unclipped", "exact", "previous", "window1", "acc4")]
     for r in rows:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] >= 2
         assert (r["ratio_to_unclipped"] is None) == (r["optimizer"] == "none")

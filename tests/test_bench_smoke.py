@@ -18,11 +18,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import same_bytes  # noqa: E402
 
 ENV_FIELDS = ("device", "device_name", "torch_version", "triton_version", "cuda_version",
               "git_commit", "git_dirty", "date", "cpu_threads", "backends_status")
 ROW_FIELDS = ("op", "backend", "kind", "dtype", "shape", "n_tensors", "numel", "bytes_min",
-              "median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy",
+              "median_ms", "p20_ms", "p80_ms", "gbps", "same_bytes_ms", "same_bytes_gbps",
+              "frac_same_bytes", "frac_same_bytes_p20", "frac_same_bytes_p80", "same_bytes_impl",
               "peak_extra_bytes", "peak_method", "state_bytes", "ratio_to_plain_backward", "note")
 SPEEDUPS = {
     "lomo_update": ("speedup_vs_lomo_optim", "speedup_vs_torch_backend"),
@@ -58,7 +62,7 @@ def test_outputs_written(bench_run):
         pass
     else:
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "copy bandwidth" in stdout and "lomo_update" in stdout
+    assert "of same-bytes" in stdout and "lomo_update" in stdout
     assert max(len(line) for line in stdout.splitlines()) <= 100
 
 
@@ -83,7 +87,6 @@ def test_json_rows(bench_run):
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     assert rows
-    assert _positive(data["meta"]["copy_gbps"])
     ops = {r["op"] for r in rows}
     assert {"lomo_update", "adalomo_update", "backward_plain", "backward_lomo",
             "backward_adalomo"} <= ops
@@ -107,8 +110,12 @@ def test_json_rows(bench_run):
     micro = [r for r in rows if r["op"] in SPEEDUPS]
     assert {r["dtype"] for r in micro} == {"bf16", "fp32"}
     for r in micro:
-        assert _positive(r["gbps"]) and _positive(r["copy_gbps"]) and _positive(r["frac_copy"])
-        assert math.isclose(r["frac_copy"], r["gbps"] / r["copy_gbps"], rel_tol=1e-9)
+        # the fraction of the same-bytes stream, timed interleaved with the row's update
+        assert _positive(r["gbps"]) and _positive(r["same_bytes_gbps"])
+        assert r["frac_same_bytes_p20"] <= r["frac_same_bytes"] <= r["frac_same_bytes_p80"]
+        assert _positive(r["frac_same_bytes_p20"])
+        assert math.isclose(r["same_bytes_gbps"], r["bytes_min"] / r["same_bytes_ms"] / 1e6,
+                            rel_tol=1e-9)
         assert r["bytes_min"] > 0
         for key in SPEEDUPS[r["op"]]:
             assert _positive(r[key]), (r["op"], r["backend"], key, r[key])
@@ -125,6 +132,7 @@ def test_json_rows(bench_run):
 
     if lomo_kernels.available_backends()["native"].startswith("loaded"):
         assert ("lomo_update", "native") in backends and ("adalomo_update", "native") in backends
+        assert {r["same_bytes_impl"] for r in micro} == {same_bytes.NATIVE_IMPL}
 
     # LOMO moves 3 elements' worth of bytes per element, AdaLomo (2-d) 6
     r = next(r for r in micro if r["op"] == "lomo_update" and r["shape"] == "512x1024"

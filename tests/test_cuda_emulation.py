@@ -125,14 +125,6 @@ def test_memory_model_exposes_a_missing_fence_and_a_plain_load(variant, model, m
         assert out[blocks:blocks + 1].view(torch.int32).item() == 0  # the ticket is reset
 
 
-def test_static_shared_memory_is_poisoned_at_every_block_start(os_threads):
-    # a read of __shared__ memory before the block wrote it sees 0xFF bytes (-1), never what the
-    # block that ran before on the same OS thread left there
-    blocks = 6
-    out = _probe("uninitialized_shared", torch.zeros(blocks * 64, dtype=torch.int32), blocks)
-    assert out.tolist() == [-1] * (blocks * 64)
-
-
 def test_blocks_start_in_reversed_and_shuffled_orders():
     blocks = 50
     orders = []
@@ -154,6 +146,42 @@ def test_blocks_start_in_reversed_and_shuffled_orders():
 def test_what_a_gpu_would_not_run_is_an_error(name, message):
     with pytest.raises(RuntimeError, match=message):
         _probe(name, torch.zeros(64))
+
+
+@pytest.mark.parametrize("blocks", [1, 5])
+def test_uninitialised_static_shared_memory_reads_the_poison(blocks, monkeypatch):
+    # A kernel that never zeroes its shared counter: on a GPU it starts from whatever the SM's
+    # shared memory held. Here from the poison (-1) in every block, also in the first block an OS
+    # thread runs (fresh memory would be zero and the count right by luck) and in the blocks after
+    # it (the previous block's count would pile up).
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_THREADS", "1")
+    out = _probe("uninitialised_shared", torch.zeros(blocks, dtype=torch.int32), blocks)
+    assert out.tolist() == [64 - 1] * blocks
+
+
+def test_launch_limits_of_shared_memory():
+    # dynamic shared memory: 48 KB without the opt-in, up to the kernel's opt-in with it
+    n = 48 * 1024 // 4
+    out = _probe("dynamic_shared", torch.zeros(1, dtype=torch.int32), 48 * 1024)
+    assert out.item() == n * (n - 1) // 2
+    with pytest.raises(RuntimeError, match=r"49156 bytes of dynamic shared memory .* exceed the "
+                                           r"49152 a block may use without the opt-in"):
+        _probe("dynamic_shared", torch.zeros(1, dtype=torch.int32), 48 * 1024 + 4)
+    n = 64 * 1024 // 4
+    out = _probe("dynamic_shared", torch.zeros(1, dtype=torch.int32), 64 * 1024, 1)
+    assert out.item() == n * (n - 1) // 2
+    # static (32 KB) and dynamic shared memory together: 48 KB without the opt-in
+    out = _probe("static_and_dynamic_shared", torch.zeros(64, dtype=torch.int32), 16 * 1024)
+    assert out.tolist() == [3] * 64
+    with pytest.raises(RuntimeError, match=r"32768 bytes of static shared memory \(up to 'big'\) "
+                                           r"and 16388 dynamic exceed the 49152 a block may use"):
+        _probe("static_and_dynamic_shared", torch.zeros(64, dtype=torch.int32), 16 * 1024 + 4)
+
+
+def test_launch_limit_of_kernel_parameters():
+    with pytest.raises(RuntimeError, match=r"parameters of parameter_space_probe take 32768 bytes, "
+                                           r"more than a kernel's 32764"):
+        _probe("parameter_space", torch.zeros(1, dtype=torch.int32))
 
 
 def test_vector_access_past_the_tensor_is_an_error():

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lomo_kernels
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
@@ -32,6 +34,7 @@ def test_the_trainer_recipe_runs_as_written(tmp_path, monkeypatch):
     assert len(logged) == 4 and logged[-1]["loss"] < logged[0]["loss"] - 0.5, logged
     assert all(e["grad_norm"] > 0 for e in logged)  # the optimizer's norm, not the Trainer's 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the second optimizer replaces the first: it says so
+        # a new model: no optimizer is replaced, so no OptimizerReplacedWarning
+        warnings.simplefilter("error", lomo_kernels.OptimizerReplacedWarning)
         exec(compile(blocks[1], f"{DOC}:without-helper", "exec"), ns)
     assert type(ns["trainer"].optimizer).__name__ == "AdaLomo"

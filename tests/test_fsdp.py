@@ -31,6 +31,8 @@ CASES = (
     + [f"bf16_step:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + [f"one_backward_clipping:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
     + [f"one_backward_clipping:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
+    + [f"accumulation:Lomo:{b}" for b in FSDP_LOMO_BACKENDS]
+    + [f"accumulation:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]
     + ["mixed_precision:Lomo:torch", "mixed_precision:AdaLomo:torch"]
     + ["nonfinite_on_one_rank:Lomo:torch", "loss_scaler_agrees:torch"]
     + [f"nonfinite_on_one_rank:AdaLomo:{b}" for b in FSDP_ADALOMO_BACKENDS]

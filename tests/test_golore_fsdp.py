@@ -19,6 +19,7 @@ CASES = (
     + [f"equivalence:random:auto:{b}" for b in ("native", "cuda_emulated")]
     + [f"equivalence:svd:{side}:torch" for side in ("auto", "right")]
     + [f"one_backward_clipping:{p}" for p in ("random", "svd")]
+    + ["accumulation:random"]
     + [f"nonfinite_on_one_rank:{p}" for p in ("random", "svd")]
     + [f"dcp_round_trip:{p}" for p in ("random", "svd")]
     + ["refusals", "bf16_smoke:random", "bf16_smoke:svd"]

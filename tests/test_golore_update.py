@@ -15,6 +15,8 @@ import torch
 from conftest import (requires_cuda_emulation, requires_native, requires_triton, target_device,
                       target_op, ulp_distance)
 
+from oracle import f64_golore
+
 from lomo_kernels import ops, reference
 
 OP = torch.ops.lomo_kernels.golore_update_
@@ -56,31 +58,8 @@ def _call(fn, r, p, st, inner, momentum, device="cpu", coef=None, found=None, ro
 
 
 def _f64(r, p, st, inner, momentum, coef=None, h=H):
-    """The formulas in float64 with the host scalars every backend receives. Returns
-    (N, |terms of N|, new state, |terms of state|, new p, |terms of p|)."""
-    s = reference.golore_scalars(inner, h["lr"], h["weight_decay"], h["scale"], h["beta1"],
-                                 h["beta2"], h["eps"], momentum, h["step"])
-    g = r.double() * (1.0 if coef is None else reference.f32(coef))
-    new, size = {}, {}
-    if inner == "adamw":
-        m0, v0 = st["exp_avg"].double(), st["exp_avg_sq"].double()
-        m, v = s["b1"] * m0 + s["omb1"] * g, s["b2"] * v0 + s["omb2"] * g * g
-        new.update(exp_avg=m, exp_avg_sq=v)
-        size.update(exp_avg=(s["b1"] * m0).abs() + (s["omb1"] * g).abs(), exp_avg_sq=v)
-        den = (v / s["bc2"]).sqrt() + s["eps"]
-        n = (m / s["bc1"]) / den
-        n_size = size["exp_avg"] / s["bc1"] / den
-    elif momentum:
-        b0 = st["momentum_buffer"].double()
-        n = b0 * s["momentum"] + g
-        new["momentum_buffer"] = n
-        n_size = size["momentum_buffer"] = (b0 * s["momentum"]).abs() + g.abs()
-    else:
-        n, n_size = g, g.abs()
-    if p is None:
-        return n, n_size, new, size, None, None
-    a, b = p.double() * s["decay"], s["neg_lr_scale"] * n
-    return n, n_size, new, size, a + b, a.abs() + (s["neg_lr_scale"] * n_size).abs()
+    """The formulas in float64 (oracle.f64_golore) with this module's hyper-parameters."""
+    return f64_golore(r, p, st, inner, momentum, coef, h)
 
 
 def _close(got, want, size, rel):

@@ -151,3 +151,33 @@ def test_fused_backward_peak_is_the_largest_gradient(cls):
     # fresh-clone CI run traced 1 MiB less than the sum (16.8 vs 17.8 MB), so it allows one
     # gradient's worth of slack rather than the exact sum
     assert plain.peak >= sum(grads) - largest > 2 * largest * (1 + BOUND_FRACTION)
+
+
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo])
+def test_an_accumulation_window_adds_only_its_buffers(cls):
+    """accumulation_steps=2 with exact clipping, after a first window (buffers and state
+    allocated): each accumulating backward allocates at most the largest gradient + 1/8 of it
+    (the gradient, freed once added into its buffer), and ``step()`` (the window's norm, the clip
+    coefficient, every update from the buffers) no more than that. The first window is the
+    one that allocates the float32 buffers: 4 bytes per parameter (the control)."""
+    model, ids = _small_llama()
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(4 * p.numel() for p in model.parameters())
+    opt = cls(model, lr=1e-3, clip_grad_norm=1.0, accumulation_steps=2)
+    loss = model(input_ids=ids, labels=ids).loss / 2
+    first = allocation_trace(lambda: loss.backward())
+    assert first.peak >= buffers  # the buffers, allocated at the first window's gradients
+    (model(input_ids=ids, labels=ids).loss / 2).backward()
+    opt.step()  # the first window: the optimizer's state
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss / 2
+        trace = allocation_trace(lambda: loss.backward())
+        assert trace.peak <= largest * (1 + BOUND_FRACTION), (trace, largest)
+        assert all(p.grad is None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    trace = allocation_trace(opt.step)
+    # the native update kernels take the parameter's dtype: at most one 16-bit copy of a buffer
+    # lives at a time (the largest gradient's size), never the float32 buffers' size
+    assert trace.peak <= largest * (1 + BOUND_FRACTION), (trace, largest)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it updated
+    opt.remove_hooks()

@@ -17,8 +17,6 @@ from test_op_contract import CONTRACT_BACKENDS
 from lomo_kernels import AdaLomo, Lomo, NonFiniteGradientWarning, OptimizerReplacedWarning, ops
 from lomo_kernels.optim._batch import SMALL_NUMEL
 
-pytestmark = pytest.mark.filterwarnings("ignore::lomo_kernels.GradNormSpikeWarning")
-
 # name: (constructor keywords, how a step runs)
 VARIANTS = {
     "plain": ({}, "plain"),

@@ -257,13 +257,10 @@ def test_clip_grad_norm_with_a_plain_backward_is_explained():
         loss_of(m, x, y).backward()
     assert opt.state == {} and all(p.grad is None for p in m.parameters())
     m = mlp()
-    opt = AdaLomo(m, lr=0.1, clip_grad_norm=1.0)
-    with pytest.warns(UserWarning, match="training proceeds unclipped"):
+    opt = AdaLomo(m, lr=0.1, clip_grad_norm=1.0)  # (as Lomo: tests/test_optim_clipping.py)
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
         loss_of(m, x, y).backward()
-    opt.step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        loss_of(m, x, y).backward()  # said once
+    assert opt.state == {} and all(p.grad is None for p in m.parameters())
 
 
 def test_grad_norm_is_the_global_norm_and_clips():

@@ -519,8 +519,9 @@ def test_clip_grad_norm_scales_the_update():
     oa.fused_backward(a.loss(c), 0.1)
     ob.fused_backward(b.loss(c * (0.01 / (c.norm() + 1e-6))), 0.1)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
-    with pytest.warns(UserWarning, match="training proceeds unclipped"):
-        oc = GoLore(Linear(3, 7), rank=2, clip_grad_norm=1.0)
+    # exact clipping without grad_norm(loss) is refused (tests/test_optim_clipping.py)
+    oc = GoLore(Linear(3, 7), rank=2, clip_grad_norm=1.0)
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
         oc.param_groups[0]["params"][0].sum().backward()
 
 

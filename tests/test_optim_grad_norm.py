@@ -18,8 +18,6 @@ from lomo_kernels import (
 )
 from lomo_kernels.optim import _batch
 
-# (the first step of clip_mode="previous" is unclipped and flagged; the tests about that say so)
-pytestmark = pytest.mark.filterwarnings("ignore::lomo_kernels.GradNormSpikeWarning")
 
 # relative tolerance of last_grad_norm against the float64 norm of the same gradients: the
 # kernels sum squares in float32 (fixed order); bf16/fp16 gradients of a scaled loss may differ
@@ -174,8 +172,9 @@ def test_previous_mode_keeps_the_coefficient_after_a_non_finite_step(cls):
 
 @pytest.mark.parametrize("path", ["fused", "plain"])
 def test_previous_mode_flags_a_spike(path):
-    """A step whose norm jumps far above the previous one (so that the previous coefficient
-    clips too little) is flagged; steady steps are not."""
+    """The safety net (docs/clipping.md): a step whose applied update norm exceeds
+    clip_spike_factor (10) x clip_grad_norm is flagged; the unclipped first step (nothing to
+    compare with), steady steps and a 5x jump are not; the step after a spike neither."""
     c = 0.05
     m = model()
     opt = AdaLomo(m, lr=1e-3, clip_grad_norm=c, clip_mode="previous")
@@ -188,23 +187,43 @@ def test_previous_mode_flags_a_spike(path):
         else:
             loss.backward()
             opt.step()
+        return opt.last_grad_norm.item()
 
-    with pytest.warns(GradNormSpikeWarning, match="first step"):  # unclipped, norm >> c
-        step()
-    assert opt.clip_spikes == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradNormSpikeWarning)
+        assert step() > 20 * c  # the first step: unclipped, far above c, not flagged
         for _ in range(2):
             step()  # about the same norm: clipped to about c
-    assert opt.clip_spikes == 1
+        step(5.0)  # applied 5x c
+        step(0.2)  # back down
+    assert opt.clip_spikes == 0
     with pytest.warns(GradNormSpikeWarning, match=r"previous step's coefficient") as w:
-        step(30.0)
-    assert opt.clip_spikes == 2
-    assert "clip_grad_norm=0.05" in str(w[0].message)
+        step(30.0)  # applied about 30x c
+    assert opt.clip_spikes == 1 and len(w) == 1
+    msg = str(w[0].message)
+    assert "clip_grad_norm=0.05" in msg and "clip_spike_factor=10" in msg
+    for alt in ("grad_norm(loss)", "accumulation_steps=K > 1"):
+        assert alt in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradNormSpikeWarning)
+        step()  # after the spike: clipped with the spike's norm, far below c
     opt.clip_spike_factor = 1e9  # the threshold is the user's
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradNormSpikeWarning)
         step(900.0)
+    assert opt.clip_spikes == 1
+
+
+def test_clip_spike_factor_is_checked():
+    opt = Lomo(model(), lr=1e-3, clip_grad_norm=0.05, clip_mode="previous")
+    assert opt.clip_spike_factor == 10.0
+    with pytest.raises(TypeError, match="clip_spike_factor must be a finite number >= 1"):
+        opt.clip_spike_factor = "3"
+    with pytest.raises(ValueError, match="clip_spike_factor must be a finite number >= 1"):
+        opt.clip_spike_factor = 0.5
+    assert opt.clip_spike_factor == 10.0
+    opt.clip_spike_factor = 4
+    assert opt.clip_spike_factor == 4.0
 
 
 def test_exact_mode_never_flags():

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from lomo_kernels import AdaLomo, DynamicLossScaler, Lomo, ops
+from lomo_kernels import AdaLomo, DynamicLossScaler, GoLore, Lomo, ops
 
 
 def mlp(dtype=torch.float32):
@@ -142,6 +142,29 @@ def test_bad_values_in_a_loaded_state_dict_change_nothing(cls):
     with pytest.raises(TypeError, match=r"state_dict param_groups\[0\]\['lr'\] must be"):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo, GoLore])
+def test_public_methods_check_the_kinds_of_their_arguments(cls):
+    m = mlp()
+    opt = cls(m, lr=1e-2, **({"rank": 2} if cls is GoLore else {}))
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(TypeError, match=r"step\(closure\): closure must be None or a callable "
+                                        r"that returns the loss, got float"):
+        opt.step(0.5)
+    with pytest.raises(TypeError, match="load_state_dict takes the dict that "
+                                        r"optimizer.state_dict\(\) returns.*got list"):
+        opt.load_state_dict([])
+    with pytest.raises(TypeError, match=r"got a dict with keys \['param_groups'\]"):
+        opt.load_state_dict({"param_groups": []})
+    with pytest.raises(TypeError, match="loss must be a tensor, got float"):
+        opt.fused_backward(1.0, 0.1)
+    with pytest.raises(TypeError, match="fused_backward lr must be a finite number >= 0"):
+        opt.fused_backward(m(torch.ones(1, 4)).sum(), "0.1")
+    with pytest.raises(TypeError, match="a param group must be a dict"):
+        opt.add_param_group([torch.nn.Parameter(torch.ones(3))])
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.step(lambda: 3.0) == 3.0
 
 
 def test_dynamic_loss_scaler_arguments():

@@ -56,5 +56,5 @@ def test_a_tiny_measured_run_writes_its_results(tmp_path, capsys):
     rows = json.loads((tmp_path / "perf_model.json").read_text())["rows"]
     assert [r["op"] for r in rows] == ["lomo_update", "adalomo_update"]
     for r in rows:
-        assert r["cpu_ms"] > 0 and r["copy_same_size_gbps"] > 0 and r["load_1min_max"] >= 0
+        assert r["cpu_ms"] > 0 and r["same_bytes_gbps"] > 0 and r["load_1min_max"] >= 0
     assert (tmp_path / "perf_model.md").read_text().count("64x96") == 2

@@ -13,7 +13,7 @@ from conftest import requires_cuda_emulation, requires_native
 from oracle import bits, rand
 
 import lomo_kernels
-from lomo_kernels import doctor, ops, reference, selfcheck
+from lomo_kernels import backends, doctor, ops, reference, selfcheck
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,8 @@ def _skips_the_last_element(impl):
 
 @pytest.fixture
 def broken_native(monkeypatch):
-    raw = ops._raw_impl
-    monkeypatch.setattr(ops, "_raw_impl", lambda op, backend, device: _skips_the_last_element(
+    raw = backends.raw_impl
+    monkeypatch.setattr(backends, "raw_impl", lambda op, backend, device: _skips_the_last_element(
         raw(op, backend, device)) if backend == "native" else raw(op, backend, device))
 
 
@@ -127,6 +127,7 @@ def test_the_doctor_runs_as_a_new_user_would():
                          timeout=600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
+    assert max(len(line) for line in out.splitlines()) <= doctor.WIDTH, out  # 100 columns
     for needle in ("lomo_kernels", "torch", "triton", "CUDA kernels compiled for", "backend",
                    "self-test against the reference", " 0 disagreements"):
         assert needle in out, needle
@@ -142,19 +143,35 @@ def test_the_doctor_runs_as_a_new_user_would():
 def test_the_doctor_fails_on_a_disagreement(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "SHAPES", [(1031,), (9, 40)])
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the doctor leaves out the interpreter then
-    raw = ops._raw_impl
+    raw = backends.raw_impl
     code = doctor.main([], impl_of=lambda op, backend, device: _skips_the_last_element(
         raw(op, backend, device)) if backend == "native" and op != "golore_update_"
         else raw(op, backend, device))
     out = capsys.readouterr().out
     assert code == 1
-    assert "DISAGREES: (1031,): 1 elements differ (element 1030" in out
+    assert max(len(line) for line in out.splitlines()) <= doctor.WIDTH
+    flat = " ".join(out.split())  # the long result cells wrap onto continuation lines
+    assert "DISAGREES: (1031,): 1 elements differ (element 1030" in flat
     assert "disagreements" in out
 
 
 def test_the_doctor_without_self_test(capsys):
     assert doctor.main(["--no-self-test"]) == 0
     assert "self-test" not in capsys.readouterr().out
+
+
+def test_the_doctors_tables_wrap_long_cells_to_100_columns():
+    reason = "unavailable: " + " ".join(f"word{i}" for i in range(60))
+    table = doctor._table(("backend", "build", "cpu"), [("triton", reason, "no: " + reason),
+                                                        ("native", "loaded", "ok")])
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert len(lines) > 4  # the long cells took several lines
+    assert lines[0].split() == ["backend", "build", "cpu"] and lines[1].startswith("-------")
+    assert " ".join(lines).split().count("word59") == 2  # nothing was cut
+    assert lines[-1].split() == ["native", "loaded", "ok"]
+    short = doctor._table(("a", "b"), [("x", "y")])
+    assert short.splitlines() == ["a  b", "-  -", "x  y"]  # a narrow table is unchanged
 
 
 @requires_native

@@ -172,7 +172,7 @@ def test_scheduler_drives_the_lr(tmp_path, use_helper):
 
 
 @requires_accelerate
-def test_gradient_accumulation_raises_clearly(tmp_path):
+def test_gradient_accumulation_without_accumulation_steps_raises_clearly(tmp_path):
     model, data = _model(), _data()
     opt = AdaLomo(model, lr=1e-2)
     args = _args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2)
@@ -180,10 +180,60 @@ def test_gradient_accumulation_raises_clearly(tmp_path):
                                    optimizers=(opt, None))
     with pytest.raises(RuntimeError, match=r"second gradient before optimizer\.step\(\)") as e:
         trainer.train()
-    assert "gradient_accumulation_steps=1" in str(e.value)
-    # the helper refuses it before anything runs
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
-        make_trainer_optimizers(_model(), args)
+    assert "accumulation_steps=K" in str(e.value)
+    # the helper refuses such an instance before anything runs, and passes K on otherwise
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2, but the optimizer has "
+                                         "accumulation_steps=1"):
+        make_trainer_optimizers(_model(), args, AdaLomo(_model(), lr=1e-2))
+    opt, _ = make_trainer_optimizers(_model(), args)
+    assert opt.accumulation_steps == 2
+
+
+def _train(tmp_path, cls, kw, **args):
+    model = _model()
+    opt = cls(model, lr=1e-2, accumulation_steps=args.get("gradient_accumulation_steps", 1),
+              **kw)
+    transformers.Trainer(model=model, args=_args(tmp_path, **args), train_dataset=_data(),
+                         optimizers=(opt, None)).train()
+    return model, opt
+
+
+ACCUMULATING = [(Lomo, {}), (AdaLomo, {}), (AdaLomo, {"clip_grad_norm": 0.05}),
+                (GoLore, {"rank": 8, "update_proj_gap": 2, "inner": "sgd", "momentum": 0.9})]
+ACCUMULATING_IDS = ["lomo", "adalomo", "adalomo-exact-clip", "golore"]
+
+
+@requires_accelerate
+@pytest.mark.parametrize("cls,kw", ACCUMULATING, ids=ACCUMULATING_IDS)
+def test_trainer_gradient_accumulation_equals_a_k_times_larger_batch(tmp_path, cls, kw):
+    """gradient_accumulation_steps=4 on micro-batches of 1 == one batch of 4 per step (the
+    Trainer's loss scaling, the optimizer's buffers; exact clipping from one backward per
+    micro-batch == grad_norm + fused_backward on the batch of 4, which the Trainer cannot run)."""
+    if "clip_grad_norm" in kw:
+        want = _model()
+        opt = cls(want, lr=1e-2, **kw)
+        x = _batch(_data())
+        for _ in range(3):
+            opt.grad_norm(want(input_ids=x, labels=x).loss)
+            opt.fused_backward(want(input_ids=x, labels=x).loss)
+        assert opt.clip_coef.item() < 1.0  # clipping is active
+    else:
+        want, _ = _train(tmp_path / "k1", cls, kw, per_device_train_batch_size=4)
+    got, opt = _train(tmp_path / "k4", cls, kw, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4)
+    assert opt.accumulation_steps == 4 and opt._window.index == 3  # three windows applied
+    _assert_same_params(got, want)
+
+
+@requires_accelerate
+@pytest.mark.parametrize("cls,kw", ACCUMULATING[:2], ids=ACCUMULATING_IDS[:2])
+def test_trainer_epoch_end_partial_window(tmp_path, cls, kw):
+    """4 samples, windows of 3 micro-batches: each epoch is a full window and a window of one;
+    the same as batches of 3 and 1 without accumulation (2 epochs)."""
+    want, _ = _train(tmp_path / "k1", cls, kw, per_device_train_batch_size=3, max_steps=4)
+    got, _ = _train(tmp_path / "k3", cls, kw, per_device_train_batch_size=1,
+                    gradient_accumulation_steps=3, max_steps=4)
+    _assert_same_params(got, want)
 
 
 @requires_accelerate
@@ -257,7 +307,7 @@ def test_trainer_clips_with_the_previous_steps_norm(tmp_path):
     opt, _ = make_trainer_optimizers(model, args, "lomo", lr=1e-2, **kw)
     log = _LrLog(opt)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lomo_kernels.GradNormSpikeWarning)  # the first step
+        warnings.simplefilter("error", lomo_kernels.GradNormSpikeWarning)  # no false alarm
         transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
                              callbacks=[log]).train()
         _replay(ref, data, Lomo, log.lrs, **kw)
@@ -292,20 +342,30 @@ def test_bare_optimizer_under_max_grad_norm_warns_once_at_the_first_step(tmp_pat
 
 
 @requires_accelerate
-def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path):
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo, GoLore])
+def test_optimizer_clip_grad_norm_needs_the_two_pass_loop(tmp_path, cls):
+    """Exact clipping cannot run under the Trainer's single backward: every optimizer refuses the
+    first backward before any parameter changes, and says what works (docs/clipping.md)."""
     model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
-                                   optimizers=(Lomo(model, lr=1e-2, clip_grad_norm=1.0), None))
-    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm"):
+                                   optimizers=(cls(model, lr=1e-2, clip_grad_norm=1.0), None))
+    with pytest.raises(ValueError, match="plain loss.backward\\(\\) cannot do global-norm") as e:
         trainer.train()
+    assert "clip_mode='previous'" in str(e.value) and "accumulation_steps" in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_helper_checks_arguments():
     ns = types.SimpleNamespace
     ok = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0)
     check_training_args(ok)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
-        check_training_args(ns(gradient_accumulation_steps=4, fp16=False, max_grad_norm=0))
+    four = ns(gradient_accumulation_steps=4, fp16=False, max_grad_norm=0, max_steps=-1)
+    check_training_args(four)
+    check_training_args(four, accumulation_steps=4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4, but the optimizer has "
+                                         "accumulation_steps=1"):
+        check_training_args(four, accumulation_steps=1)
     with pytest.raises(ValueError, match="fp16=True"):
         check_training_args(ns(gradient_accumulation_steps=1, fp16=True, max_grad_norm=0))
     mgn = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=1.0)
@@ -318,6 +378,8 @@ def test_helper_checks_arguments():
     model = _model()
     with pytest.raises(ValueError, match="two backward passes.*clip_mode='previous'"):
         make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0)
+    opt, _ = make_trainer_optimizers(model, four, "adalomo", lr=1e-3, clip_grad_norm=1.0)
+    assert opt.clip_mode == "exact" and opt.accumulation_steps == 4
     opt, _ = make_trainer_optimizers(model, None, "adalomo", clip_grad_norm=1.0,
                                      clip_mode="previous")
     assert opt.clip_mode == "previous"
@@ -328,6 +390,38 @@ def test_helper_checks_arguments():
     for name, cls in (("golore", GoLore), ("galore", GaLore)):
         opt, _ = make_trainer_optimizers(_model(), None, name, lr=0.5, rank=4)
         assert type(opt) is cls and opt.param_groups[0]["rank"] == 4
+
+
+def test_helpers_check_the_kinds_of_their_arguments():
+    ns = types.SimpleNamespace
+    ok = ns(gradient_accumulation_steps=1, fp16=False, max_grad_norm=0.0)
+    model = _model()
+    with pytest.raises(TypeError, match="args must be a transformers.TrainingArguments.*dict"):
+        check_training_args({"max_grad_norm": 0.0})
+    with pytest.raises(TypeError, match="without max_grad_norm"):
+        check_training_args(ns(gradient_accumulation_steps=1, fp16=False))
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        check_training_args(ok, strict="no")
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module"):
+        make_trainer_optimizers(list(model.parameters()), None, "adalomo")
+    with pytest.raises(TypeError, match="optimizer must be one of"):
+        make_trainer_optimizers(model, None, ["adalomo"])
+    with pytest.raises(TypeError, match="optimizer must be one of"):
+        make_trainer_optimizers(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="num_training_steps must be an integer >= 1"):
+        make_trainer_optimizers(model, None, "adalomo", num_training_steps=10.5)
+    with pytest.raises(ValueError, match="num_training_steps must be an integer >= 1"):
+        make_trainer_optimizers(model, None, "adalomo", num_training_steps=0)
+    with pytest.raises(TypeError, match="without learning_rate"):
+        make_trainer_optimizers(model, ok, "adalomo")
+    with pytest.raises(TypeError, match="trainer must be a transformers.Trainer"):
+        lomo_kernels.hf.report_grad_norm(object(), AdaLomo(model))
+    trainer = ns(callback_handler=ns(callbacks=[]), optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a lomo_kernels optimizer.*SGD"):
+        lomo_kernels.hf.report_grad_norm(trainer)
+    with pytest.raises(TypeError, match="optimizer must be a lomo_kernels optimizer"):
+        lomo_kernels.hf.GradNormCallback("adalomo")
 
 
 def test_helper_builds_the_scheduler_without_a_trainer():

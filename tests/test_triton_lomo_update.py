@@ -1,4 +1,8 @@
-"""The Triton LOMO kernel (and the shared rounding helpers) against the reference and float64.
+"""What only the Triton LOMO kernel has: the shared rounding helpers on arbitrary values and indices,
+the launcher's own argument checks, one compiled variant per dtype (no recompilation, no host
+sync, on a GPU), and the multi-tensor launch over mixed dtypes and views. The properties every
+backend shares (against the reference and float64, stochastic rounding, non-finite gradients,
+layouts, the optimizer) are in test_lomo_update.py.
 
 Runs in the Triton interpreter on CPU tensors when there is no GPU (conftest sets
 TRITON_INTERPRET=1), and on CUDA tensors when there is one. The oracle always runs on CPU copies.
@@ -8,148 +12,18 @@ import os
 
 import pytest
 import torch
-from conftest import ODD_SIZES, requires_cuda, requires_triton, ulp_distance
-from oracle import f64_lomo
+from conftest import requires_cuda, requires_triton, ulp_distance
 from oracle import rand as _rand
 from triton_launches import capture
 
 import lomo_kernels
 from lomo_kernels import ops, reference
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.lomo, pytest.mark.backend_triton]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # CPU tensors only in the interpreter; CUDA tensors whenever a GPU exists.
 DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 300), (300, 1), (37, 129), (3, 17, 33), ()]
-
-HYPER = {
-    "plain": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.0, coef=None),
-    "wd": dict(lr=3e-2, wd=0.1, ls=1.0, cgv=0.0, coef=None),
-    "clip": dict(lr=1e-2, wd=0.0, ls=1.0, cgv=0.5, coef=0.37),
-    "all": dict(lr=3e-3, wd=0.1, ls=1000.0, cgv=0.7, coef=0.37),  # non-power-of-two loss scale
-    "pow2_scale": dict(lr=1e-2, wd=0.01, ls=1024.0, cgv=0.0, coef=None),
-}
-
-
-def _f64_lomo(p, g, h):
-    return f64_lomo(p, g, h)[0]
-
-
-def _assert_close_to_f64(out, want64):
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out.double(), want64, rtol=1e-5, atol=1e-7)
-    else:  # rounded once from fp32 math (1 ulp: the interpreter truncates bf16 stores)
-        assert ulp_distance(out, want64.to(out.dtype)).max().item() <= 1
-
-
-def _assert_matches_reference(out, ref, p0):
-    if out.dtype == torch.float32:
-        # The reference's torch.add(alpha) is one fma; the interpreter's tl.fma is not fused:
-        # allow 2 ulp of the larger term of p*decay - lr*g (|p0| or, without cancellation, |ref|).
-        bound = 2.4e-7 * torch.maximum(p0.abs(), ref.abs())
-        assert ((out - ref).abs() <= bound).all()
-    else:
-        assert ulp_distance(out, ref).max().item() <= 1
-
-
-def _run(impl, p, g, h, device, rounding="nearest", seed=0, step=1, found=None):
-    coef = None if h["coef"] is None else torch.tensor(h["coef"], device=device)
-    impl(p, g, coef, found, h["lr"], h["wd"], h["ls"], h["cgv"], rounding, seed, step)
-
-
-def _triton_and_reference(shape, dtype, h, device, rounding="nearest", seed=0, step=1, data_seed=0):
-    """(triton result, reference result computed on CPU, p0, g, found_inf) for one update."""
-    p0 = _rand(shape, dtype, seed=data_seed)
-    g = _rand(shape, dtype, scale=max(h["ls"], 1.0), seed=data_seed + 1)
-    out = p0.to(device, copy=True)
-    found = torch.zeros(1, device=device)
-    _run(lomo_kernels.triton_kernels.lomo_update_, out, g.to(device), h, device, rounding, seed,
-         step, found)
-    ref = p0.clone()
-    _run(reference.lomo_update_, ref, g, h, "cpu", rounding, seed, step)
-    return out.cpu(), ref, p0, g, found.cpu()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", ODD_SIZES[:3])
-@pytest.mark.parametrize("hname", list(HYPER))
-def test_lomo_matches_reference_and_float64(device, dtype, size, hname):
-    h = HYPER[hname]
-    out, ref, p0, g, found = _triton_and_reference((size,), dtype, h, device)
-    _assert_matches_reference(out, ref, p0)
-    _assert_close_to_f64(out, _f64_lomo(p0, g, h))
-    assert found.item() == 0.0
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_lomo_shapes(device, dtype, shape):
-    h = HYPER["all"]
-    out, ref, p0, g, _ = _triton_and_reference(shape, dtype, h, device)
-    assert out.shape == p0.shape
-    _assert_matches_reference(out, ref, p0)
-    _assert_close_to_f64(out, _f64_lomo(p0, g, h))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,hname", [(torch.float32, "all"), (torch.bfloat16, "all"),
-                                         (torch.float16, "pow2_scale")])
-def test_lomo_large(device, dtype, hname):
-    # 278011 elements: 67 full blocks and a ragged tail
-    h = HYPER[hname]
-    out, ref, p0, g, _ = _triton_and_reference((ODD_SIZES[3],), dtype, h, device)
-    _assert_matches_reference(out, ref, p0)
-    _assert_close_to_f64(out, _f64_lomo(p0, g, h))
-
-
-# ---------------------------------------------------------------- stochastic rounding
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("size,hname", [(1, "all"), (7, "plain"), (4097, "all"), (4097, "wd")])
-def test_lomo_stochastic_rounding_is_bitwise_the_reference(device, dtype, size, hname):
-    out, ref, *_ = _triton_and_reference((size,), dtype, HYPER[hname], device, "stochastic",
-                                         seed=12345, step=7)
-    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lomo_stochastic_rounding_is_bitwise_the_reference_large(device):
-    out, ref, *_ = _triton_and_reference((ODD_SIZES[3],), torch.bfloat16, HYPER["clip"], device,
-                                         "stochastic", seed=2**32 + 99, step=2**33 + 3)
-    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lomo_stochastic_rounding_is_unbiased(device, dtype):
-    # Every element starts at 1.0 and moves by lr*g = 1e-4: far below half an ulp of bf16/fp16 at 1
-    # (2**-8 / 2**-11), so nearest rounding loses the update; the stochastic mean keeps it.
-    n, seeds = 4097, 8
-    g = torch.full((n,), 1.0, dtype=dtype, device=device)
-    h = dict(lr=1e-4, wd=0.0, ls=1.0, cgv=0.0, coef=None)
-    want = float(torch.tensor(1.0) - torch.tensor(1e-4))  # the fp32 result
-    spacing = torch.finfo(dtype).eps / 2  # of the grid just below 1.0
-    total = 0.0
-    for s in range(seeds):
-        p = torch.ones(n, dtype=dtype, device=device)
-        _run(lomo_kernels.triton_kernels.lomo_update_, p, g, h, device, "stochastic", s, 1)
-        assert ((p == 1.0) | (p == 1.0 - spacing)).all()  # one of the two neighbours
-        assert (p == 1.0 - spacing).any() and (p == 1.0).any()
-        total += p.double().sum().item()
-    mean = total / (n * seeds)
-    # within 5 standard errors (<= 0.5 spacing / sqrt(samples)) of the fp32 value
-    assert abs(mean - want) <= 5 * 0.5 * spacing / (n * seeds) ** 0.5
-    # the bias that stochastic rounding removes (nearest keeps 1.0; the interpreter's truncating
-    # bf16 store gives 1 - spacing: biased either way)
-    p = torch.ones(n, dtype=dtype, device=device)
-    _run(lomo_kernels.triton_kernels.lomo_update_, p, g, h, device, "nearest", 0, 1)
-    assert abs(p.double().mean().item() - want) > 0.5e-4
 
 
 # A test-only kernel: the shared rounding helper on arbitrary fp32 values and element indices.
@@ -226,51 +100,6 @@ def test_rounding_key_argument_is_an_int32_with_the_key_bits():
         assert -(2**31) <= k < 2**31 and k % 2**32 == reference.rounding_key(seed, step)
 
 
-# ---------------------------------------------------------------- determinism, non-finite
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"),
-                                            (torch.bfloat16, "stochastic")])
-def test_lomo_is_deterministic(device, dtype, rounding):
-    a, *_ = _triton_and_reference((3 * 4096 + 5,), dtype, HYPER["all"], device, rounding, 5, 6)
-    b, *_ = _triton_and_reference((3 * 4096 + 5,), dtype, HYPER["all"], device, rounding, 5, 6)
-    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
-@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter, Inf/NaN
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hname", ["plain", "all"])
-def test_lomo_nonfinite_gradients_leave_those_elements_unchanged(device, dtype, hname):
-    h = HYPER[hname]
-    n = 4096 + 100  # bad values in a full block and in the tail block
-    p0 = _rand((n,), dtype, seed=3)
-    g = _rand((n,), dtype, seed=4)
-    bad = torch.tensor([0, 17, 4095, 4096, n - 1])
-    g[bad] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"), float("inf")],
-                          dtype=dtype)
-    out = p0.to(device, copy=True)
-    found = torch.zeros(1, device=device)
-    _run(lomo_kernels.triton_kernels.lomo_update_, out, g.to(device), h, device, "stochastic", 1,
-         1, found)
-    out = out.cpu()
-    assert found.item() == 1.0
-    assert torch.equal(out[bad].view(torch.uint8), p0[bad].view(torch.uint8))
-    ref, ref_found = p0.clone(), torch.zeros(1)
-    _run(reference.lomo_update_, ref, g, h, "cpu", "stochastic", 1, 1, ref_found)
-    assert ref_found.item() == 1.0
-    _assert_matches_reference(out, ref, p0)
-    ok = torch.ones(n, dtype=torch.bool)
-    ok[bad] = False
-    assert not torch.equal(out[ok], p0[ok])  # the rest was updated
-    # a flag already raised by another parameter stays raised by a clean one
-    clean = p0.to(device, copy=True)
-    _run(lomo_kernels.triton_kernels.lomo_update_, clean, _rand((n,), dtype).to(device), h,
-         device, found=found)
-    assert found.item() == 1.0
-
-
 @requires_cuda
 def test_lomo_no_host_sync_and_no_recompile_on_cuda():
     # Per-step values (lr, seed, step) are runtime arguments: one compiled variant, no host sync.
@@ -294,7 +123,7 @@ def test_lomo_no_host_sync_and_no_recompile_on_cuda():
     assert found.item() == 0.0
 
 
-# ---------------------------------------------------------------- through ops and the optimizer
+# ---------------------------------------------------------------- the launchers
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -328,94 +157,6 @@ def test_ops_dispatches_to_triton_and_checks_arguments(device):
     before = p.clone()
     launch(p[:0], g[:0], None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 0)  # empty: a no-op
     assert torch.equal(p, before)
-
-
-def _mlp(dtype, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)
-    ).to(dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"),
-                                            (torch.bfloat16, "stochastic")])
-def test_lomo_optimizer_triton_matches_torch_over_steps(device, dtype, rounding):
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
-    losses, finals = {}, {}
-    for backend in ("triton", "torch"):
-        model = _mlp(dtype).to(device)
-        opt = lomo_kernels.Lomo(model, lr=0.05, weight_decay=0.01, clip_grad_norm=1.0,
-                                backend=backend, rounding=rounding, seed=3)
-        losses[backend] = []
-        for _ in range(4):
-            loss = torch.nn.functional.mse_loss(model(x.to(device, dtype)).float(), y.to(device))
-            opt.grad_norm(loss)  # global-norm clipping: clip_coef stays a device tensor
-            loss = torch.nn.functional.mse_loss(model(x.to(device, dtype)).float(), y.to(device))
-            opt.fused_backward(loss, lr=0.05)
-            losses[backend].append(loss.item())
-        finals[backend] = [p.detach().cpu() for p in model.parameters()]
-    assert losses["triton"][-1] < losses["triton"][0]
-    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5 if dtype ==
-                               torch.float32 else 1e-2, atol=0)
-    for a, b in zip(finals["triton"], finals["torch"]):
-        if dtype == torch.float32:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        else:  # per-element ulp differences in one step may change the next step's gradients
-            assert ulp_distance(a, b).max().item() <= 2
-            assert (a == b).float().mean().item() > 0.9
-
-
-# ---------------------------------------------------------------- unaligned views, multi-tensor
-
-
-def _lomo_all(impl_args, p, g, device, ws_shapes):
-    found, acc = torch.zeros(1, device=device), torch.zeros(1, device=device)
-    ws = torch.zeros(lomo_kernels.triton_kernels.workspace_numel("lomo_update_", ws_shapes),
-                     device=device)
-    lomo_kernels.triton_kernels.lomo_update_(p, g, torch.tensor(0.9, device=device), found,
-                                             *impl_args, acc, ws)
-    return found.cpu(), acc.cpu()
-
-
-@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter, Inf/NaN
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("p_off,g_off", [(3, 3), (1, 1), (3, 5), (0, 2)])
-def test_lomo_unaligned_views_update_like_aligned_tensors(device, dtype, p_off, g_off):
-    # (3, 3), (1, 1): equally misaligned, the kernel peels the head and vectorises the body;
-    # (3, 5), (0, 2): not peelable. Either way: bitwise the update of aligned copies, nothing
-    # outside the view touched, a non-finite gradient in the head and in the body skipped.
-    n = 2 * 4096 + 37
-    base_p = _rand((n + 16,), dtype, seed=21).to(device)
-    base_g = _rand((n + 16,), dtype, seed=22).to(device)
-    base_g[g_off + 1] = float("nan")
-    base_g[g_off + 5000] = float("inf")
-    p, g = base_p[p_off: p_off + n], base_g[g_off: g_off + n]
-    if p_off == g_off and p_off:
-        assert lomo_kernels.triton_kernels.launch.peel(p, g)[0] > 0
-    p_copy, g_copy = p.clone(), g.clone()
-    before = base_p.clone()
-    args = (3e-2, 0.1, 4.0, 0.5, "stochastic", 7, 9)
-    f1, a1 = _lomo_all(args, p, g, device, [(n,)])
-    f2, a2 = _lomo_all(args, p_copy, g_copy, device, [(n,)])
-    assert torch.equal(p.cpu().view(torch.uint8), p_copy.cpu().view(torch.uint8))
-    assert f1.item() == f2.item() == 1.0
-    assert torch.isnan(a1).all() and torch.isnan(a2).all()  # the true norm of a NaN gradient
-    outside = torch.ones(n + 16, dtype=torch.bool)
-    outside[p_off: p_off + n] = False
-    assert torch.equal(base_p.cpu()[outside], before.cpu()[outside])
-    for i in (1, 5000):
-        assert torch.equal(p.cpu()[i: i + 1].view(torch.uint8),
-                           before.cpu()[p_off + i: p_off + i + 1].view(torch.uint8))
-    # and the squared norm of a finite gradient does not depend on the peeling
-    g_fin = torch.nan_to_num(g, nan=0.5, posinf=0.5)
-    f1, a1 = _lomo_all(args, p, g_fin, device, [(n,)])
-    f2, a2 = _lomo_all(args, p_copy, g_fin.clone(), device, [(n,)])
-    torch.testing.assert_close(a1, a2, rtol=1e-6, atol=0)
-    want = ((g_fin.cpu().double() / 4.0) ** 2).sum()
-    torch.testing.assert_close(a1.double(), want.view(1), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -68,8 +68,12 @@ def _adalomo_stats_kernel(
         rmask = rows < m
         mask = rmask[:, None] & cmask[None, :]
         first = (b * m + rows) * n  # 64-bit once per row (INDEX64), 32-bit per element
-        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask).to(tl.float32)
-        p = tl.load((p_ptr + first)[:, None] + cols[None, :], mask=mask).to(tl.float32)
+        # masked lanes read 0: finite, and nothing in the sums below (other=: Triton leaves
+        # them undefined without it)
+        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32)
+        p = tl.load((p_ptr + first)[:, None] + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32)
         bad_acc = tl.maximum(bad_acc, tl.max((~is_finite(g)).to(tl.float32), axis=1))
         gu, g = unscale_clip(g, scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF)
         if GRAD_SQ:
@@ -181,7 +185,7 @@ def _adalomo_unorm_kernel(
         mask = rmask[:, None] & cmask[None, :]
         r = tl.load(ws_ptr + new_r + b * m + rows, mask=rmask, other=1.0)
         rf = rsqrt_rn(tl.math.div_rn(r, mean_r))  # rsqrt(r / mean(r))
-        g = tl.load((g_ptr + (b * m + rows) * n)[:, None] + cols[None, :], mask=mask)
+        g = tl.load((g_ptr + (b * m + rows) * n)[:, None] + cols[None, :], mask=mask, other=0.0)
         gu, g = unscale_clip(g.to(tl.float32), scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE,
                              HAS_CLIP_COEF)
         u = (rf[:, None] * cf[None, :]) * g
@@ -206,10 +210,10 @@ def _apply_rows(p_ptr, g_ptr, row_ptr, ws_ptr, new_r, b, m, n, pm, pn, R, nsub, 
         p_at = (p_ptr + first)[:, None] + cols[None, :]
         r = tl.load(ws_ptr + new_r + b * m + rows, mask=rmask, other=1.0)
         rf = rsqrt_rn(tl.math.div_rn(r, mean_r))
-        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask)
+        g = tl.load((g_ptr + first)[:, None] + cols[None, :], mask=mask, other=0.0)
         gu, g = unscale_clip(g.to(tl.float32), scale, clip_value, coef, LOSS_SCALE, CLIP_VALUE,
                              HAS_CLIP_COEF)
-        p = tl.load(p_at, mask=mask).to(tl.float32)
+        p = tl.load(p_at, mask=mask, other=0.0).to(tl.float32)
         new = update_elements(p, (rf[:, None] * cf[None, :]) * g, denom, lr_t, decay, DIVIDE)
         # the hash: 32-bit per element, its high-word key one value per call or two per row
         new = round_span(new, first[:, None], cols[None, :], key, p_ptr.dtype.element_ty,

@@ -240,7 +240,7 @@ def adalomo_update_multi_(
     first = params[0]
     ntiles = sum(_l.cdiv(p.numel(), TILE) for p in params)
     ws, tk = _l.scratch(workspace, *_l.multi_need(k, ntiles), first)
-    groups = _l.group_by_dtype(params)
+    groups = _l.group_by_dtype(params, grads)
     table = _l.Table(ws, k, ntiles)
     tiles, firsts, aligned = _l.fill_records(table, params, grads, TILE, seed, step, groups,
                                              exp_avg_sqs, peel=False)
@@ -251,15 +251,15 @@ def adalomo_update_multi_(
     for j, values in enumerate((lr, weight_decay, np.where(cgv > 0, cgv, np.inf), beta64,
                                 1.0 - beta64, eps1, eps2, clip_threshold, np.sqrt(numel))):
         f[:, _l.F0 + j] = _l.f32s(values)
-    table.send()
     mode, scale = loss_scale_args(loss_scale)
     with _l.device_guard(first):
+        table.send()  # on the stream of the parameters' device, before the launches that read it
         for n, idx in enumerate(groups):
             p0 = params[idx[0]]
             count = int(tiles[idx].sum())
             _l.launch(
                 _vector_multi_kernel, (count,),
-                p0, clip_coef if clip_coef is not None else p0,
+                p0, grads[idx[0]], clip_coef if clip_coef is not None else p0,
                 found_inf if found_inf is not None else p0,
                 grad_sq if grad_sq is not None else p0, ws,
                 table.base, k, ntiles, firsts[n], len(idx) if n == len(groups) - 1 else 0, tk,

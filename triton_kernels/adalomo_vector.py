@@ -9,7 +9,7 @@ from .adalomo_math import rsqrt_rn, step_scalars, update_elements
 from .launch import _F0, multi_offsets, record_fields, tile_record
 from .lomo_update import add_sums_in_list_order, add_to
 from .reduce import PARTS, last_arrival, sum_parts
-from .rounding import is_finite, load_clip_coef, round_span, unscale_clip
+from .rounding import is_finite, load_clip_coef, load_lanes, round_span, unscale_clip
 
 ORDER_CHUNK = tl.constexpr(16)  # per-tensor sums loaded at once (list-order grad_sq)
 
@@ -24,9 +24,10 @@ def _vector_work(p_ptr, g_ptr, v_ptr, found_inf_ptr, offs, mask, key, scale, cli
     whole tensor is here (statistics, then the update); 1: statistics only; 2: the update only,
     given the tensor's (sum p*p, flag, sum u*u) at ``stats_ptr``. Returns the sums of p*p, u*u,
     g_unscaled^2 and the non-finite flag (zeros in MODE 2)."""
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)  # masked lanes read 0
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask)
+    # masked lanes: g = p = 0 (finite, nothing in the sums), v = 1 (a finite rsqrt)
+    g = load_lanes(g_ptr + offs, mask, 0.0).to(tl.float32)
+    p = load_lanes(p_ptr + offs, mask, 0.0).to(tl.float32)
+    v = load_lanes(v_ptr + offs, mask, 1.0)
     finite = is_finite(g)  # of the raw gradient
     gu, g = unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF)
     zero = tl.full([], 0, tl.float32)
@@ -149,8 +150,8 @@ def _vector_kernel(
 
 
 @triton.jit
-def _vector_record(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p, g, numel, head, tile0, key = record_fields(rec, DTYPE, ALIGNED)
+def _vector_record(rec, DTYPE: tl.constexpr, GDTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p, g, numel, head, tile0, key = record_fields(rec, DTYPE, GDTYPE, ALIGNED)
     v = tl.load(rec.to(tl.pointer_type(tl.int64), bitcast=True) + 2).to(
         tl.pointer_type(tl.float32))
     if ALIGNED:
@@ -163,7 +164,7 @@ def _vector_record(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["base", "ntensors", "ntiles", "first_tile", "final", "tk"])
 def _vector_multi_kernel(
-    p_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
+    p_ptr, g_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
     base, ntensors, ntiles, first_tile, final, tk, scale,
     TILE: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
     CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -176,7 +177,8 @@ def _vector_multi_kernel(
     (A MODE 0 path for lone tiles here too would cost registers in the whole kernel.)"""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
-    p, g, v, numel, tile0, key, f = _vector_record(rec, p_ptr.dtype.element_ty, ALIGNED)
+    p, g, v, numel, tile0, key, f = _vector_record(rec, p_ptr.dtype.element_ty,
+                                                   g_ptr.dtype.element_ty, ALIGNED)
     coef = load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF)
     st_ptr = ws_ptr + stats + 3 * t
     tiles = (numel + TILE - 1) // TILE

@@ -88,8 +88,9 @@ def golore_update_(
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"{op}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     full = param is not None
-    if full and (r.dtype != param.dtype or r.numel() != param.numel()):
-        raise ValueError(f"{op}: r (the gradient) must match param's dtype and size")
+    if full and (r.dtype not in (param.dtype, torch.float32) or r.numel() != param.numel()):
+        raise ValueError(f"{op}: r (the gradient) must match param's dtype (or be float32) and "
+                         "size")
     if not full and r.dtype != torch.float32:
         raise ValueError(f"{op}: r (the projected gradient) must be float32, got {r.dtype}")
     adam, mom = inner == "adamw", inner == "sgd" and momentum != 0.0

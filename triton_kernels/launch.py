@@ -8,12 +8,12 @@ addresses every step, so the table is rebuilt every call: on the host, in a stag
 memory on CUDA), with numpy (no Python loop over scalars), then sent to the workspace with ONE
 asynchronous host-to-device copy per call, whatever the number of tensors. The staging buffer and
 the view of the workspace it is copied into are kept per (workspace, size), so a steady training
-loop allocates nothing and creates no tensor per call. A CUDA event guards the staging buffer: if
-the previous copy out of it has not run yet, the call stages in a fresh pinned buffer instead.
+loop allocates nothing and creates no tensor per call. A CUDA event, recorded on the stream of the
+workspace's device right after the copy, guards the staging buffer: if the previous copy out of it
+has not run yet, the call stages in a fresh pinned buffer instead.
 """
 
 import contextlib
-import math
 import weakref
 
 import numpy as np
@@ -56,12 +56,15 @@ def cdiv(a: int, b: int) -> int:
 
 def peel(param: torch.Tensor, grad: torch.Tensor):
     """(head, aligned): the elements before the first 16-byte boundary of ``param`` when ``grad``
-    has the same misalignment (the kernel then moves the rest in 16-byte vectors), else (0, False).
-    Fresh allocations are aligned: (0, True)."""
+    is on a 16-byte boundary at the same element (same dtypes: the same misalignment; a float32
+    ``grad`` of a 16-bit ``param`` or the reverse: both offsets checked), the kernel then moves
+    the rest in 16-byte vectors; else (0, False). Fresh allocations are aligned: (0, True)."""
     pa, ga = param.data_ptr() % 16, grad.data_ptr() % 16
-    if pa != ga:
+    ps, gs = param.element_size(), grad.element_size()
+    head = ((16 - pa) % 16) // ps
+    if pa % ps or ga % gs or (ga + head * gs) % 16:
         return 0, False
-    return min(((16 - pa) % 16) // param.element_size(), param.numel()), True
+    return min(head, param.numel()), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +103,14 @@ def multi_offsets(base, ntensors, ntiles):
 
 
 @triton.jit
-def record_fields(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def record_fields(rec, DTYPE: tl.constexpr, GDTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """(param, grad pointers, numel, head, first tile, key) of the record at ``rec`` (a float32
-    pointer into the workspace)."""
+    pointer into the workspace); the gradient is GDTYPE (DTYPE, or float32: an accumulation
+    buffer of a 16-bit parameter)."""
     addr = rec.to(tl.pointer_type(tl.int64), bitcast=True)
     ints = rec.to(tl.pointer_type(tl.int32), bitcast=True)
     p = tl.load(addr).to(tl.pointer_type(DTYPE))
-    g = tl.load(addr + 1).to(tl.pointer_type(DTYPE))
+    g = tl.load(addr + 1).to(tl.pointer_type(GDTYPE))
     if ALIGNED:  # every address of the table is 16-byte aligned: vector accesses
         p = tl.multiple_of(p, 16)
         g = tl.multiple_of(g, 16)
@@ -161,10 +165,11 @@ def f32s(values) -> np.ndarray:
 
 
 class _Staging:
-    __slots__ = ("ws", "dst", "host", "array", "event", "used")
+    __slots__ = ("ws", "device", "dst", "host", "array", "event", "used")
 
     def __init__(self, ws, start, n):
         self.ws = weakref.ref(ws)
+        self.device = ws.device
         self.dst = ws[start: start + n].view(torch.int32)
         self.host = torch.empty(n, dtype=torch.int32, pin_memory=ws.is_cuda)
         self.array = self.host.numpy()
@@ -202,11 +207,17 @@ class Table:
         self.tile_table = st.array[k * REC:]
 
     def send(self):
+        """One asynchronous copy of the table into the workspace. The copy is queued on the
+        current stream of the workspace's device (made current here, as the launches that read
+        the table make it), and the event that guards the staging buffer is recorded on that
+        same stream: recorded on another device's stream it could complete before the copy, and
+        the next call would refill the pinned buffer while the copy still reads it."""
         st = self._st
-        st.dst.copy_(st.host, non_blocking=True)
-        if st.event is not None:
-            st.event.record()
-            st.used = True
+        with device_guard(st.dst):
+            st.dst.copy_(st.host, non_blocking=True)
+            if st.event is not None:
+                st.event.record(torch.cuda.current_stream(st.device))
+                st.used = True
 
 
 def fill_records(table: Table, params, grads, block: int, seed, step, groups, exp_avg_sqs=None,
@@ -229,10 +240,12 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     if exp_avg_sqs is not None:
         va = np.fromiter((v.data_ptr() for v in exp_avg_sqs), np.int64, k)
         r64[:, V_ADDR // 2] = va
-    if peel:
-        same = (pa % 16) == (ga % 16)
-        esize = params[0].element_size()
-        head = np.where(same, np.minimum(((16 - pa % 16) % 16) // esize, numel), 0)
+    if peel:  # as peel(): both on a 16-byte boundary at the head's end
+        ps = np.fromiter((p.element_size() for p in params), np.int64, k)
+        gs = np.fromiter((g.element_size() for g in grads), np.int64, k)
+        first = ((16 - pa % 16) % 16) // ps
+        same = (pa % ps == 0) & (ga % gs == 0) & ((ga + first * gs) % 16 == 0)
+        head = np.where(same, np.minimum(first, numel), 0)
     else:
         same = (pa % 16 == 0) & (ga % 16 == 0) & (va % 16 == 0 if exp_avg_sqs is not None else True)
         head = np.zeros(k, dtype=np.int64)
@@ -252,14 +265,15 @@ def fill_records(table: Table, params, grads, block: int, seed, step, groups, ex
     return tiles, firsts, bool(same.all())
 
 
-def group_by_dtype(params):
-    """Lists of list indices, one per dtype (in order of first appearance): one launch each."""
-    first = params[0].dtype
-    if all(p.dtype == first for p in params):
+def group_by_dtype(params, grads):
+    """Lists of list indices, one per (parameter dtype, gradient dtype) (in order of first
+    appearance): one launch each."""
+    first = (params[0].dtype, grads[0].dtype)
+    if all((p.dtype, g.dtype) == first for p, g in zip(params, grads)):
         return [list(range(len(params)))]
     groups: dict = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.dtype, g.dtype), []).append(i)
     return list(groups.values())
 
 
@@ -270,30 +284,3 @@ def drop_empty(params, *lists):
         return (params, *lists)
     keep = [i for i, p in enumerate(params) if p.numel()]
     return tuple([v[i] for i in keep] for v in (params, *lists))
-
-
-# ---------------------------------------------------------------------------------------------
-# Launch counts (what bench/ models and what the tests observe)
-# ---------------------------------------------------------------------------------------------
-
-
-def launches(op: str, shape, stage: int = 0, dtypes=None) -> int:
-    """Kernel launches of one call of ``op`` on the Triton backend, with a workspace (nothing else
-    is launched: no allocation, no memset; the multi-tensor ops add one host-to-device copy).
-
-    ``shape``: the parameter's shape (single-tensor ops) or the list of shapes (multi-tensor ops;
-    ``dtypes``: their dtypes, one launch group per dtype; default: one dtype)."""
-    from . import adalomo_update
-
-    if op == "lomo_update_":
-        return 1 if math.prod(shape) else 0
-    if op == "adalomo_update_":
-        return adalomo_update.launches(tuple(shape), stage)
-    if op in ("lomo_update_multi_", "adalomo_update_multi_"):
-        dtypes = list(dtypes) if dtypes is not None else [None] * len(shape)
-        groups: dict = {}
-        for s, d in zip(shape, dtypes):
-            if math.prod(s):
-                groups.setdefault(d, []).append(tuple(s))
-        return len(groups)
-    raise ValueError(f"unknown op {op!r}")

@@ -25,7 +25,7 @@ import triton.language as tl
 from . import launch as _l
 from .launch import _F0, multi_offsets, record_fields, tile_record
 from .reduce import PARTS, add_in_order, last_arrival, sum_parts
-from .rounding import check_tensors, f32, is_finite, key_arg, load_clip_coef
+from .rounding import check_tensors, f32, is_finite, key_arg, load_clip_coef, load_lanes
 from .rounding import loss_scale_args, round_span, unscale_clip
 
 # 4096 elements = 16 per thread with 8 warps: two 16-byte vector loads of each bf16 input per
@@ -47,8 +47,8 @@ def _lomo_elems(p_ptr, g_ptr, offs, first, mask, found_inf_ptr, key, decay, neg_
     """Update the elements ``offs`` (int32) of ``p_ptr``, whose flat indices in the tensor are
     ``first + offs`` (for the hash; ``mask`` None for a full block); returns their sum of
     unscaled squared gradients."""
-    p = tl.load(p_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)  # masked lanes read 0: finite
+    p = load_lanes(p_ptr + offs, mask, 0.0)
+    g = load_lanes(g_ptr + offs, mask, 0.0).to(tl.float32)  # masked lanes: 0, finite, gsq + 0
     finite = is_finite(g)  # of the raw gradient, before unscaling
     gu, g = unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE, CLIP_VALUE, HAS_CLIP_COEF)
     gsq = tl.full([], 0, tl.float32)
@@ -62,8 +62,10 @@ def _lomo_elems(p_ptr, g_ptr, offs, first, mask, found_inf_ptr, key, decay, neg_
     if HAS_FOUND_INF:
         # Each thread ORs the flags of its own 16 contiguous bytes (no shuffle, no barrier), and
         # only threads that saw a NaN/Inf store (the same 1.0): no block reduction, no atomics.
+        # A masked-off lane never raises the flag: its g is the finite 0.0 of other= (gating the
+        # body's flags by the mask as well costs fp32 LOMO 28 registers per thread, 67 -> 95).
         if HEAD_BLOCK:  # a few elements: one store each
-            tl.store(found_inf_ptr + offs * 0, 1.0, mask=~finite)
+            tl.store(found_inf_ptr + offs * 0, 1.0, mask=~finite & mask)
         else:
             VEC: tl.constexpr = 128 // p_ptr.dtype.element_ty.primitive_bitwidth
             n: tl.constexpr = offs.shape[0] // VEC
@@ -159,18 +161,20 @@ def add_sums_in_list_order(ws_ptr, grad_sq_ptr, gsq, t, slots, tk, ntensors, fin
 
 @triton.jit(do_not_specialize=["base", "ntensors", "ntiles", "first_tile", "final", "tk"])
 def _lomo_update_multi_kernel(
-    p_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
+    p_ptr, g_ptr, clip_coef_ptr, found_inf_ptr, grad_sq_ptr, ws_ptr,
     base, ntensors, ntiles, first_tile, final, tk, scale,
     BLOCK: tl.constexpr, ALIGNED: tl.constexpr, LOSS_SCALE: tl.constexpr,
     CLIP_VALUE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC: tl.constexpr, GRAD_SQ: tl.constexpr,
 ):
-    """The tensors of one dtype (``p_ptr``: the first of them, for the dtype); program ``pid``
+    """The tensors of one dtype (``p_ptr``, ``g_ptr``: the first of them, for the parameters' and
+    the gradients' dtypes); program ``pid``
     updates tile ``first_tile + pid`` of the call's tile table (launch.multi_layout)."""
     tt, slots, stats, parts = multi_offsets(base, ntensors, ntiles)
     gtile, t, rec = tile_record(ws_ptr, base, ntensors, first_tile)
     # (ALIGNED is about the bodies, after each head: _lomo_tile states it, not the record)
-    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty, False)
+    p, g, numel, head, tile0, key = record_fields(rec, p_ptr.dtype.element_ty,
+                                                  g_ptr.dtype.element_ty, False)
     gsq = _lomo_tile(p, g, found_inf_ptr, numel, head, gtile - tile0, key, tl.load(rec + _F0),
                      tl.load(rec + _F0 + 1), scale, tl.load(rec + _F0 + 2),
                      load_clip_coef(clip_coef_ptr, HAS_CLIP_COEF), BLOCK, ALIGNED, LOSS_SCALE,
@@ -217,7 +221,8 @@ def multi_checks(op, params, grads, clip_coef, found_inf, rounding, grad_sq, sta
     device = p0.device
     for i, (p, g) in enumerate(zip(params, grads)):
         v = states[i] if states is not None else p
-        if not (g.dtype == p.dtype and g.numel() == p.numel() and p.is_contiguous()
+        if not (g.dtype in (p.dtype, torch.float32) and g.numel() == p.numel()
+                and p.is_contiguous()
                 and g.is_contiguous() and v.is_contiguous() and p.device == device
                 and g.device == device and v.device == device):
             check_tensors(op, p, g, first_param=p0, exp_avg_sq=v)
@@ -240,6 +245,9 @@ def lomo_update_(
         return
     head, aligned = _l.peel(param, grad)
     ntiles = max(1, _l.cdiv(numel - head, BLOCK))
+    # 32-bit tile offsets only when the last tile's end (start + BLOCK, and head + start) stays
+    # below 2**31: otherwise the full-block test wraps and the last tile runs past the tensor
+    index64 = head + ntiles * BLOCK >= 2**31
     # the workspace holds the partial sums of grad_sq; otherwise a float32 placeholder (never
     # dereferenced) keeps the kernel signature, hence the compiled variant, the same
     ws, tk = workspace if workspace is not None else grad_sq, 0
@@ -260,7 +268,7 @@ def lomo_update_(
             BLOCK=BLOCK, ALIGNED=aligned, LOSS_SCALE=mode, CLIP_VALUE=clip_grad_value > 0,
             HAS_CLIP_COEF=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=rounding == "stochastic" and param.dtype != torch.float32,
-            GRAD_SQ=grad_sq is not None, INDEX64=numel >= 2**31,
+            GRAD_SQ=grad_sq is not None, INDEX64=index64,
             num_warps=_warps(param.dtype, rounding),
         )
 
@@ -289,7 +297,7 @@ def lomo_update_multi_(
     first = params[0]
     ntiles = multi_tiles([p.shape for p in params])
     ws, tk = _l.scratch(workspace, *_l.multi_need(k, ntiles), first)
-    groups = _l.group_by_dtype(params)
+    groups = _l.group_by_dtype(params, grads)
     table = _l.Table(ws, k, ntiles)
     tiles, firsts, aligned = _l.fill_records(table, params, grads, BLOCK, seed, step, groups)
     lr64 = np.asarray(lr, dtype=np.float64)
@@ -298,14 +306,14 @@ def lomo_update_multi_(
     f[:, _l.F0] = _l.f32s(1.0 - lr64 * np.asarray(weight_decay, dtype=np.float64))
     f[:, _l.F0 + 1] = _l.f32s(-lr64)
     f[:, _l.F0 + 2] = np.where(cgv > 0, _l.f32s(cgv), np.inf)  # off: a clamp to +-inf is exact
-    table.send()
     mode, scale = loss_scale_args(loss_scale)
     with _l.device_guard(first):
+        table.send()  # on the stream of the parameters' device, before the launches that read it
         for n, idx in enumerate(groups):
             p0 = params[idx[0]]
             _l.launch(
                 _lomo_update_multi_kernel, (int(tiles[idx].sum()),),
-                p0, clip_coef if clip_coef is not None else p0,
+                p0, grads[idx[0]], clip_coef if clip_coef is not None else p0,
                 found_inf if found_inf is not None else p0,
                 grad_sq if grad_sq is not None else p0, ws,
                 table.base, k, ntiles, firsts[n], len(idx) if n == len(groups) - 1 else 0, tk,

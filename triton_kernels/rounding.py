@@ -14,12 +14,15 @@ shift, exactly as the reference's masked int64 arithmetic.
 import functools
 import math
 
+import torch
 import triton
 import triton.language as tl
 
 from ..reference import f32, rounding_key  # noqa: F401  (f32: the launchers' scalars)
 
 _SIGN32 = tl.constexpr(0x80000000)
+_F16_NAN = tl.constexpr(0x7E00)  # the canonical quiet NaNs (reference.CANONICAL_NAN)
+_BF16_NAN = tl.constexpr(0x7FC0)
 _TWO_M24 = tl.constexpr(5.9604644775390625e-08)  # 2**-24, exact in fp32
 
 
@@ -74,12 +77,26 @@ def _pow2(k):
 
 
 @triton.jit
+def canonical_nan(x, y, DTYPE: tl.constexpr):
+    """``y`` (fp32 ``x`` rounded to ``DTYPE``) with every lane where ``x`` is NaN set to the
+    canonical quiet NaN of fp16 / bf16 (0x7E00 / 0x7FC0, docs/spec.md), not the 0x7FFF of the
+    GPU's conversion instruction nor the payload the interpreter's numpy keeps."""
+    if DTYPE == tl.float16:
+        nan = tl.full([], _F16_NAN, tl.uint16).to(tl.float16, bitcast=True)
+        y = tl.where(x != x, nan, y)
+    elif DTYPE == tl.bfloat16:
+        nan = tl.full([], _BF16_NAN, tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, nan, y)
+    return y
+
+
+@triton.jit
 def stochastic_bf16(x, bits):
     """Add the top 16 random bits to the fp32 pattern and truncate: E[result] = x."""
     b = x.to(tl.uint32, bitcast=True)
-    b = (b + (bits >> 16)) >> 16  # no wrap: the largest finite pattern + 0xFFFF < 2**32
-    y = b.to(tl.uint16).to(tl.bfloat16, bitcast=True)  # the top half is the bf16: no conversion
-    return tl.where(x != x, x.to(tl.bfloat16), y)  # NaN rounds to nearest (stays NaN)
+    b = b + (bits >> 16)  # no wrap: the largest finite pattern + 0xFFFF < 2**32
+    b = tl.where(x != x, _BF16_NAN << 16, b) >> 16  # NaN: the canonical NaN (nearest rounding's)
+    return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)  # the top half is the bf16
 
 
 @triton.jit
@@ -98,7 +115,7 @@ def stochastic_fp16(x, bits):
         tl.float32, bitcast=True
     )  # copysign(y, x): y >= 0
     # NaN and |x| >= 65520 (which rounds to Inf) round to nearest, as tensor.to does.
-    return tl.where((x != x) | (a >= 65520.0), x, y).to(tl.float16)
+    return canonical_nan(x, tl.where((x != x) | (a >= 65520.0), x, y).to(tl.float16), tl.float16)
 
 
 @triton.jit
@@ -110,7 +127,7 @@ def round_span(x, first, local, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constex
     elif STOCHASTIC and DTYPE == tl.float16:
         return stochastic_fp16(x, span_bits(first, local, key, INDEX64))
     else:
-        return x.to(DTYPE)
+        return canonical_nan(x, x.to(DTYPE), DTYPE)
 
 
 @triton.jit
@@ -124,7 +141,7 @@ def round_to(x, idx, hkey, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
     elif STOCHASTIC and DTYPE == tl.float16:
         return stochastic_fp16(x, random_bits(idx, hkey))
     else:
-        return x.to(DTYPE)
+        return canonical_nan(x, x.to(DTYPE), DTYPE)
 
 
 @triton.jit
@@ -150,6 +167,16 @@ def unscale_clip(g, scale, clip_value, clip_coef, LOSS_SCALE: tl.constexpr,
     if HAS_CLIP_COEF:
         gc = gc * clip_coef
     return g, gc
+
+
+@triton.jit
+def load_lanes(ptr, mask, other):
+    """tl.load of the lanes in ``mask`` (None: every lane, unmasked vector accesses); the others
+    read ``other``: Triton leaves a masked-off lane undefined without it."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=other)
 
 
 @triton.jit
@@ -187,10 +214,10 @@ def key_arg(seed: int, step: int) -> int:
 def check_tensors(op: str, param, grad, **optional):
     """Cheap checks that keep a kernel from reading or writing out of bounds (ops.py checks the
     rest for its public entry points)."""
-    if grad.dtype != param.dtype or grad.numel() != param.numel():
+    if grad.dtype not in (param.dtype, torch.float32) or grad.numel() != param.numel():
         raise ValueError(
             f"{op}: grad ({grad.dtype}, {grad.numel()} elements) does not match param "
-            f"({param.dtype}, {param.numel()} elements)"
+            f"({param.dtype} or float32, {param.numel()} elements)"
         )
     for name, t in (("param", param), ("grad", grad), *optional.items()):
         if t is None:

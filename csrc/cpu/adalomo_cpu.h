@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_vec.h"
 #include "update_args.h"
 
 namespace lomo {
@@ -30,6 +31,9 @@ struct AdaCall {
 // The step scalars from the (reduced) header values, for every kind of parameter and call.
 struct AdaStep {
   float denom, lr_t, decay;
+  // p, u finite (sum(p*p), sum(u*u) finite), lr_t finite, |decay| <= 1: p * decay - lr_t * u is
+  // finite or infinite, never NaN, so the apply pass needs no NaN select
+  bool clean;
 };
 
 inline AdaStep step_scalars(const AdaLomoScalars& s, float sum_pp, float sum_uu, int64_t numel) {
@@ -40,6 +44,8 @@ inline AdaStep step_scalars(const AdaLomoScalars& s, float sum_pp, float sum_uu,
   st.denom = adalomo_denom(s, rms(sum_uu));
   st.lr_t = adalomo_lr_t(s, rms(sum_pp));
   st.decay = adalomo_decay(s, st.lr_t);
+  st.clean = std::isfinite(sum_pp) && std::isfinite(sum_uu) && std::isfinite(st.lr_t) &&
+             std::fabs(st.decay) <= 1.0f;
   return st;
 }
 
@@ -51,6 +57,15 @@ LOMO_CPU_INLINE storage_t<F> apply_one(float denom, float decay, float lr_t, sto
   const float un = DEN1 ? u : u / denom;  // u / 1 == u exactly
   const float nv = to_f32<F>(p) * decay - lr_t * un;
   return from_f32<F, SR>(nv, bits);
+}
+
+// apply_one for nearest rounding when nv cannot be NaN (AdaStep::clean); decay is a literal 1
+// in the caller when it is exactly 1 (the multiply folds away).
+template <Fmt F, bool DEN1>
+LOMO_CPU_INLINE storage_t<F> apply_one_clean(float denom, float decay, float lr_t, storage_t<F> p,
+                                             float u) {
+  const float un = DEN1 ? u : u / denom;
+  return from_f32_not_nan<F>(to_f32<F>(p) * decay - lr_t * un);
 }
 
 inline void set_found(float* found) {

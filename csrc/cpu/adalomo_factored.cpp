@@ -2,7 +2,8 @@
 // passes, each a stage of the op contract (stage 0 runs them in one call; 1, 2, 3 one each, for a
 // parameter sharded on dim 0):
 //   stage 1: non-finite flag, sum(p*p), row sums of G = g*g + eps1 (-> the new r, kept in the
-//            scratch, and sum(r) per slice) and column sums of G, into the workspace header;
+//            scratch, and sum(r) per slice) and column sums of G, into the workspace header (a
+//            pass over the tiles, then a short phase over slices and runs of columns);
 //   stage 2: new c from the (all-reduced) column sums, sum(u*u) with the new r and c;
 //   stage 3: u / max(1, rms(u) / clip_threshold), apply, round, store p; commit r and c.
 // A non-finite gradient element leaves p and the state untouched (decided after stage 1).
@@ -19,41 +20,16 @@
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_vec.h"
 #include "cpu/cpu_workspace.h"
+#include "cpu/factored_tiles.h"
 
 namespace lomo {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileCols = 4096;
-constexpr int64_t kTileElems = 262144;
-constexpr int64_t kMaxRowGroups = 64;  // bounds the column-sum partials to 64 rows of n
 constexpr int64_t kFlushRows = 64;
-constexpr int64_t kColRun = 4096;  // columns per run of the column-sum reduction
+constexpr int64_t kColRun = 512;  // columns per unit of the column-sum reduction
 
 // ================================ factored parameters ========================================
-struct Geo {
-  int64_t S, m, n;  // slices of m x n
-  int64_t tc, ncb;  // tile columns, column blocks
-  int64_t tr, nrb;  // tile rows, row groups per slice
-  int64_t units;
-};
-
-Geo factored_geo(c10::IntArrayRef sizes) {
-  Geo g{};
-  const int64_t d = static_cast<int64_t>(sizes.size());
-  g.n = sizes[d - 1];
-  g.m = sizes[d - 2];
-  g.S = 1;
-  for (int64_t i = 0; i < d - 2; ++i) g.S *= sizes[i];
-  g.tc = std::max<int64_t>(1, std::min(g.n, kTileCols));
-  g.ncb = ceil_div(g.n, g.tc);
-  g.tr = std::min(g.m, std::max(ceil_div(kTileElems, g.tc), ceil_div(g.m, kMaxRowGroups)));
-  g.tr = std::max<int64_t>(g.tr, 1);
-  g.nrb = ceil_div(g.m, g.tr);
-  g.units = g.S * g.nrb * g.ncb;
-  return g;
-}
-
 int64_t header_floats(const Geo& g) { return kHeader + g.S + g.S * g.n; }
 
 struct FacScratch {
@@ -93,25 +69,9 @@ struct FacCtx {
   float* r;           // state [S*m]
   float* c;           // state [S*n]
   int64_t rows_g;     // unsharded rows (the divisor of the means over rows)
+  bool fused_c;       // stage 0: the finalize phase also makes the new c
   AdaStep st;         // stage 3
 };
-
-struct Tile {
-  int64_t s, rg, cb, r0, r1, c0, w;
-};
-
-LOMO_CPU_INLINE Tile tile_of(const Geo& g, int64_t unit) {
-  Tile t;
-  t.cb = unit % g.ncb;
-  const int64_t srg = unit / g.ncb;
-  t.s = srg / g.nrb;
-  t.rg = srg % g.nrb;
-  t.r0 = t.rg * g.tr;
-  t.r1 = std::min(g.m, t.r0 + g.tr);
-  t.c0 = t.cb * g.tc;
-  t.w = std::min(g.n, t.c0 + g.tc) - t.c0;
-  return t;
-}
 
 // mean(new r) of slice s, from the (reduced) header
 LOMO_CPU_INLINE float mean_r(const FacCtx& c, int64_t s) {
@@ -126,6 +86,7 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   using S = storage_t<F>;
   using VF = typename Vec<W>::F;
   using VU = typename Vec<W>::U;
+  using Gr = Group<F, W>;
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
@@ -134,7 +95,9 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   const int64_t w = t.w, n = geo.n;
   double* __restrict colpart = c.w.colpart + (t.s * geo.nrb + t.rg) * n + t.c0;
   double* __restrict rowpart = c.w.rowpart + t.cb * geo.S * geo.m;
-  alignas(64) float colf[kTileCols + kLanes];  // fp32 column sums of up to kFlushRows rows
+  // fp32 column sums of up to kFlushRows rows; each group of 16 columns in the lane order of
+  // Group (cpu_vec.h), put back in column order when flushed to colpart
+  alignas(64) float colf[kTileCols + kLanes];
   DAcc<W> pp, gq;
   VU emax[P] = {};  // the largest exponent field seen: 0xFF marks NaN/Inf
   for (int64_t rb = t.r0; rb < t.r1; rb += kFlushRows) {
@@ -147,12 +110,15 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
       DAcc<W> racc;
       for (int64_t b = 0; b < w; b += kBlock) {
         const int64_t be = std::min(w, b + kBlock);
-        Lanes<W> fr, fp, fq;
+        Lanes<W> fr, fp, fq;  // in Group's lane order until the block is added
         // 16 elements from gs / ps (column j of the tile); `rest` < 16: a zero-padded tail
         const auto group = [&](const S* gs, const S* ps, int64_t j, int rest)
                                __attribute__((always_inline)) {
+          VF gr[P], pr[P];
+          Gr::load(gs, gr);
+          Gr::load(ps, pr);
           for (int q = 0; q < P; ++q) {
-            const VF graw = vload<F, W>(gs + q * W);
+            const VF graw = gr[q];
             const VU e = (VU)graw & 0x7F800000u;
             emax[q] = emax[q] > e ? emax[q] : e;
             if constexpr (K::GSQ) {
@@ -161,14 +127,13 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
             }
             const VF gv = pre(graw);
             VF G = gv * gv + eps1;
-            if (rest) G = lane_ids<W>(q) < rest ? G : VF{};
+            if (rest) G = Gr::ids(q) < rest ? G : VF{};
             fr.v[q] += G;
             VF cs;
             std::memcpy(&cs, colf + j + q * W, sizeof cs);
             cs += G;
             std::memcpy(colf + j + q * W, &cs, sizeof cs);
-            const VF pv = vload<F, W>(ps + q * W);
-            fp.v[q] += pv * pv;
+            fp.v[q] += pr[q] * pr[q];
           }
         };
         int64_t j = b;
@@ -177,16 +142,21 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
           const int rest = static_cast<int>(be - j);
           group(Padded<F>(g + j, rest).v, Padded<F>(p + j, rest).v, j, rest);
         }
-        racc.add(fr);
-        pp.add(fp);
-        if constexpr (K::GSQ) gq.add(fq);
+        racc.add(Gr::logical(fr));
+        pp.add(Gr::logical(fp));
+        if constexpr (K::GSQ) gq.add(Gr::logical(fq));
       }
       rowpart[row] = racc.sum();
     }
-    if (rb == t.r0) {
-      for (int64_t j = 0; j < w; ++j) colpart[j] = colf[j];
-    } else {
-      for (int64_t j = 0; j < w; ++j) colpart[j] += colf[j];
+    for (int64_t j0 = 0; j0 < w; j0 += kLanes) {  // column order again
+      for (int q = 0; q < P; ++q) {
+        for (int k = 0; k < W; ++k) {
+          const int64_t j = j0 + Gr::element(q, k);
+          if (j >= w) continue;
+          const float x = colf[j0 + q * W + k];
+          colpart[j] = rb == t.r0 ? static_cast<double>(x) : colpart[j] + x;
+        }
+      }
     }
   }
   uint32_t bad = 0;
@@ -242,6 +212,8 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
 LOMO_CPU_CLONES(fac_unorm)
 
 // ---- stage 3 pass: apply; commit this tile's share of the new state -------------------------
+// With nearest rounding and AdaStep::clean, the loop runs in explicit vectors with no NaN select,
+// and no multiply by a decay of exactly 1 (bitwise the same results).
 template <class K, int W>
 LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   constexpr Fmt F = K::F;
@@ -253,12 +225,39 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   const uint32_t key = c.s.key;
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
+  const bool clean = !K::SR && c.st.clean;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
     const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
     int64_t begin = row * geo.n + t.c0;
     const int64_t end = begin + t.w;
     const float* __restrict cfj = cf;
+    // (rf * c_j) * g: u of element j
+    const auto u_of = [&](const S* __restrict g, int64_t j) __attribute__((always_inline)) {
+      return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<F>(g[j]), scale, clip, coef);
+    };
+    // 16 elements at a time in vectors (cpu_vec.h's Group), then the tail element by element
+    const auto clean_run = [&](S* __restrict p, const S* __restrict g, int64_t len, float dec)
+                               __attribute__((always_inline)) {
+      using G = Group<F, W>;
+      using VF = typename Vec<W>::F;
+      const VPre<K::DIV, W, K::CLIP> pre(scale, clip, coef);
+      const VF rfv = splat<W>(rf), den = splat<W>(denom), decv = splat<W>(dec);
+      const VF lrv = splat<W>(lr_t);
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes) {
+        VF gv[G::P], pv[G::P], cv[G::P];
+        G::load(g + j, gv);
+        G::load(p + j, pv);
+        G::load_f32(cfj + j, cv);
+        for (int q = 0; q < G::P; ++q) {
+          const VF u = (rfv * cv[q]) * pre(gv[q]);
+          pv[q] = pv[q] * decv - lrv * (K::DEN1 ? u : u / den);
+        }
+        G::store_not_nan(p + j, pv);
+      }
+      for (; j < len; ++j) p[j] = apply_one_clean<F, K::DEN1>(denom, dec, lr_t, p[j], u_of(g, j));
+    };
     while (begin < end) {  // split where the hash's high half changes
       const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
       const uint32_t hk = hash_high_key(key, static_cast<uint64_t>(begin));
@@ -266,11 +265,15 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       S* __restrict p = static_cast<S*>(c.p) + begin;
       const S* __restrict g = static_cast<const S*>(c.g) + begin;
       const int64_t len = stop - begin;
-      for (int64_t j = 0; j < len; ++j) {
-        const float gv = preprocess<K::DIV, K::CLIP>(to_f32<F>(g[j]), scale, clip, coef);
-        const float u = (rf * cfj[j]) * gv;
-        const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-        p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u, bits);
+      if (clean && decay == 1.0f) {
+        clean_run(p, g, len, 1.0f);
+      } else if (clean) {
+        clean_run(p, g, len, decay);
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
+          p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u_of(g, j), bits);
+        }
       }
       cfj += len;
       begin = stop;
@@ -298,40 +301,40 @@ void new_col_state(const FacCtx& c, int64_t j0, int64_t j1) {
   }
 }
 
-// After the stage-1 pass: per slice the new r and sum(r); per column run the column sums into
-// the header (and, in one call, the new c at once: no all-reduce comes in between). On the
-// calling thread: O(rows + 64 x cols) additions cost less than another round of the threads.
-void fac_finalize(const FacCtx& c, bool fused) {
+// The phase after the stage-1 pass: unit u < S makes the new r of slice u and sum(r); the others
+// one run of kColRun columns of a slice each: its column sums into the header and, in one call
+// (FacCtx::fused_c), the new c at once (no all-reduce comes in between). Each unit writes only its
+// own outputs, each sum in a fixed order.
+int64_t finalize_units(const Geo& g) { return g.S + g.S * ceil_div(g.n, kColRun); }
+
+void fac_finalize(const FacCtx& c, int64_t u) {
   const Geo& g = c.geo;
   const int64_t runs = ceil_div(g.n, kColRun);
   const float b = c.s.beta, omb = c.s.one_minus_beta;
-  const auto fin = [&](int64_t u) {
-    if (u < g.S) {  // r = b * r + (1 - b) * mean(G, -1): one fma, as torch.add(.., alpha)
-      double sum_r = 0.0;
-      for (int64_t i = u * g.m; i < (u + 1) * g.m; ++i) {
-        double rs = 0.0;
-        for (int64_t cb = 0; cb < g.ncb; ++cb) rs += c.w.rowpart[cb * g.S * g.m + i];
-        const float r = std::fma(static_cast<float>(rs / static_cast<double>(g.n)), omb,
-                                 c.r[i] * b);
-        c.w.newr[i] = r;
-        sum_r += r;
-      }
-      c.hdr[kHeader + u] = static_cast<float>(sum_r);
-      return;
+  if (u < g.S) {  // r = b * r + (1 - b) * mean(G, -1): one fma, as torch.add(.., alpha)
+    double sum_r = 0.0;
+    for (int64_t i = u * g.m; i < (u + 1) * g.m; ++i) {
+      double rs = 0.0;
+      for (int64_t cb = 0; cb < g.ncb; ++cb) rs += c.w.rowpart[cb * g.S * g.m + i];
+      const float r = std::fma(static_cast<float>(rs / static_cast<double>(g.n)), omb,
+                               c.r[i] * b);
+      c.w.newr[i] = r;
+      sum_r += r;
     }
-    const int64_t s = (u - g.S) / runs, j0 = ((u - g.S) % runs) * kColRun;
-    const int64_t len = std::min(g.n - j0, kColRun);
-    double sum[kColRun];
-    for (int64_t j = 0; j < len; ++j) sum[j] = 0.0;
-    for (int64_t rg = 0; rg < g.nrb; ++rg) {
-      const double* __restrict cp = c.w.colpart + (s * g.nrb + rg) * g.n + j0;
-      for (int64_t j = 0; j < len; ++j) sum[j] += cp[j];
-    }
-    float* colsum = c.hdr + kHeader + g.S + s * g.n + j0;
-    for (int64_t j = 0; j < len; ++j) colsum[j] = static_cast<float>(sum[j]);
-    if (fused) new_col_state(c, s * g.n + j0, s * g.n + j0 + len);
-  };
-  for (int64_t u = 0; u < g.S + g.S * runs; ++u) fin(u);
+    c.hdr[kHeader + u] = static_cast<float>(sum_r);
+    return;
+  }
+  const int64_t s = (u - g.S) / runs, j0 = ((u - g.S) % runs) * kColRun;
+  const int64_t len = std::min(g.n - j0, kColRun);
+  double sum[kColRun];
+  for (int64_t j = 0; j < len; ++j) sum[j] = 0.0;
+  for (int64_t rg = 0; rg < g.nrb; ++rg) {
+    const double* __restrict cp = c.w.colpart + (s * g.nrb + rg) * g.n + j0;
+    for (int64_t j = 0; j < len; ++j) sum[j] += cp[j];
+  }
+  float* colsum = c.hdr + kHeader + g.S + s * g.n + j0;
+  for (int64_t j = 0; j < len; ++j) colsum[j] = static_cast<float>(sum[j]);
+  if (c.fused_c) new_col_state(c, s * g.n + j0, s * g.n + j0 + len);
 }
 
 template <class T, class Get>
@@ -345,20 +348,25 @@ T sum_slots(const Slot* slots, int64_t n, Get get) {
 // three passes and stops after the first on a non-finite gradient; 1, 2, 3 run one pass each.
 void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
   using Fn = void (*)(const FacCtx&, int64_t);
-  enum Pass { kStats, kUnorm, kApply };
+  enum Pass { kStats, kFinalize, kUnorm, kApply };
   const Geo& g = c.geo;
   float* h = c.hdr;
-  Pass pass[3];
+  Pass pass[4];
   int n = 0;
-  if (a.stage <= 1) pass[n++] = kStats;
+  if (a.stage <= 1) {
+    pass[n++] = kStats;
+    pass[n++] = kFinalize;
+  }
   if (a.stage == 0 || a.stage == 2) pass[n++] = kUnorm;
   if (a.stage == 0 || a.stage == 3) pass[n++] = kApply;
-  Fn fn[3] = {};
+  c.fused_c = a.stage == 0;
+  Fn fn[4] = {};
   for (int k = 0; k < n; ++k) {
     if (pass[k] == kStats)
       dispatch_flags<kUseDIV | kUseGSQ | kUseCLIP>(dtype, false, a.div, a.grad_sq != nullptr,
                                                    false, a.clip,
                                         [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); });
+    if (pass[k] == kFinalize) fn[k] = &fac_finalize;
     if (pass[k] == kUnorm)
       dispatch_flags<kUseDIV | kUseCLIP>(dtype, false, a.div, false, false, a.clip,
                               [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); });
@@ -384,12 +392,12 @@ void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
   }
   const auto between = [&](int k) {
     if (pass[k] == kStats) {
-      fac_finalize(c, a.stage == 0);
       h[0] = static_cast<float>(sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.pp; }));
       h[1] = sum_slots<uint32_t>(c.w.slots, g.units, [](const Slot& s) { return s.bad; }) ? 1.0f : 0.0f;
       if (a.grad_sq && g.units)
         a.grad_sq[0] += static_cast<float>(
             sum_slots<double>(c.w.slots, g.units, [](const Slot& s) { return s.gsq; }));
+    } else if (pass[k] == kFinalize) {
       if (a.stage == 0 && h[1] > 0) {
         set_found(a.found);
         skip = true;
@@ -400,7 +408,11 @@ void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
     }
   };
   parallel_phases(
-      n, [&](int k) { return skip ? int64_t{0} : g.units; },
+      n,
+      [&](int k) {
+        if (pass[k] == kFinalize) return finalize_units(g);  // also after a non-finite gradient
+        return skip ? int64_t{0} : g.units;
+      },
       [&](int k, int64_t u) { fn[k](c, u); }, between);
   if (pass[n - 1] == kApply && !skip && g.units == 0)  // an empty shard commits its copy of c
     std::memcpy(c.c, c.w.cnew, sizeof(float) * static_cast<size_t>(g.S * g.n));

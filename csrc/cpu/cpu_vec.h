@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/cpu_common.h"
 #include "rounding.h"
@@ -110,6 +111,36 @@ LOMO_CPU_INLINE typename Vec<W>::F vload(const storage_t<F>* p) {
   }
 }
 
+// from_f32<F, false>(x) for an x that is not NaN: bf16 without the NaN select (which costs three
+// vector operations of the eight the rounding takes); fp32 and fp16 as from_f32.
+template <Fmt F>
+LOMO_CPU_INLINE storage_t<F> from_f32_not_nan(float x) {
+  if constexpr (F == Fmt::BF16) {
+    const uint32_t b = f32_bits(x);
+    return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  } else {
+    return from_f32<F, false>(x, 0u);
+  }
+}
+
+// Whether a[0, len) or b[0, len) holds a NaN or an Inf (an exponent field of all ones), from the
+// stored words: a max over |word| (three vector operations per 16 bf16 / fp16 elements of both).
+template <Fmt F>
+LOMO_CPU_INLINE bool any_non_finite(const storage_t<F>* a, const storage_t<F>* b, int64_t len) {
+  using U = std::conditional_t<F == Fmt::F32, uint32_t, uint16_t>;
+  constexpr U abs_mask = F == Fmt::F32 ? 0x7FFFFFFFu : 0x7FFFu;
+  constexpr U inf = F == Fmt::F32 ? 0x7F800000u : (F == Fmt::BF16 ? 0x7F80u : 0x7C00u);
+  const U* wa = reinterpret_cast<const U*>(a);
+  const U* wb = reinterpret_cast<const U*>(b);
+  U m = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const U x = wa[j] & abs_mask, y = wb[j] & abs_mask;
+    const U xy = x > y ? x : y;
+    m = xy > m ? xy : m;
+  }
+  return m >= inf;
+}
+
 // docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise, with the
 // scalars broadcast once (outside the loops).
 template <bool DIV, int W, bool CLIP = true>
@@ -119,13 +150,14 @@ struct VPre {
   LOMO_CPU_INLINE VPre(float s, float clip, float c)
       : scale(splat<W>(s)), lo(splat<W>(-clip)), hi(splat<W>(clip)), coef(splat<W>(c)) {}
   LOMO_CPU_INLINE VF unscale(VF g) const { return DIV ? g / scale : g * scale; }
-  LOMO_CPU_INLINE VF operator()(VF g) const {
-    g = unscale(g);
+  // value clipping and clip_coef, after unscale
+  LOMO_CPU_INLINE VF clip_coef(VF g) const {
     if (!CLIP) return g;
     g = g < lo ? lo : g;
     g = g > hi ? hi : g;
     return g * coef;
   }
+  LOMO_CPU_INLINE VF operator()(VF g) const { return clip_coef(unscale(g)); }
 };
 
 // 16 stored elements, zero-padded after the first `len`, staged for a clone's vector loads.
@@ -205,6 +237,102 @@ LOMO_CPU_INLINE void add_squares_block(DAcc<W>& acc, const float* __restrict x, 
   }
   acc.add(s);
 }
+
+// fma lane by lane (one rounding, as __builtin_fmaf; the clones' vectoriser makes it one vfmadd).
+template <int W>
+LOMO_CPU_INLINE typename Vec<W>::F vfma(typename Vec<W>::F a, typename Vec<W>::F b,
+                                        typename Vec<W>::F c) {
+  typename Vec<W>::F r;
+  for (int k = 0; k < W; ++k) r[k] = __builtin_fmaf(a[k], b[k], c[k]);
+  return r;
+}
+
+// 16 consecutive elements <-> the P = 16 / W vectors of a clone, for the element-wise fast paths.
+// The vectors may hold the elements in another order than 0..15: bf16 in 256-bit vectors uses
+// the order of vpunpcklwd / vpunpckhwd (per 128-bit half: elements 0-3 and 8-11 in vector 0,
+// 4-7 and 12-15 in vector 1), which widens and narrows without cross-lane shuffles. Element-wise
+// math does not mind; an fp32 operand is loaded in the same order (load_f32) and lane sums are
+// put back in element order (logical) before they are reduced.
+template <Fmt F, int W>
+struct Group {
+  static constexpr int P = kLanes / W;
+  using V = Vec<W>;
+  using VF = typename V::F;
+  using S = storage_t<F>;
+  static constexpr bool kUnpack = F == Fmt::BF16 && W == 8;
+  typedef uint16_t H16 __attribute__((vector_size(32)));
+
+  static LOMO_CPU_INLINE void load(const S* x, VF* v) {
+    if constexpr (kUnpack) {
+      H16 h;
+      std::memcpy(&h, x, sizeof h);
+      const H16 z = {};
+      v[0] = (VF)__builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 24, 0, 25, 0, 26,
+                                         0, 27);
+      v[1] = (VF)__builtin_shufflevector(z, h, 0, 20, 0, 21, 0, 22, 0, 23, 0, 28, 0, 29, 0, 30,
+                                         0, 31);
+    } else {
+      for (int q = 0; q < P; ++q) v[q] = vload<F, W>(x + q * W);
+    }
+  }
+  static LOMO_CPU_INLINE void load_f32(const float* x, VF* v) {
+    if constexpr (kUnpack) {
+      VF a, b;
+      std::memcpy(&a, x, sizeof a);
+      std::memcpy(&b, x + 8, sizeof b);
+      v[0] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+      v[1] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    } else {
+      for (int q = 0; q < P; ++q) std::memcpy(&v[q], x + q * W, sizeof(VF));
+    }
+  }
+  // from_f32_not_nan of every lane
+  static LOMO_CPU_INLINE void store_not_nan(S* x, const VF* v) {
+    if constexpr (F == Fmt::F32) {
+      for (int q = 0; q < P; ++q) std::memcpy(x + q * W, &v[q], sizeof(VF));
+    } else if constexpr (F == Fmt::BF16) {
+      typename V::U r[P];
+      for (int q = 0; q < P; ++q) {  // (b + 0x7FFF + lsb) >> 16 as in from_f32_not_nan
+        const typename V::U b = (typename V::U)v[q];
+        r[q] = b + 0x7FFFu + ((b >> 16) & 1u);
+      }
+      if constexpr (kUnpack) {  // the high halves, back in element order
+        const H16 h = __builtin_shufflevector((H16)r[0], (H16)r[1], 1, 3, 5, 7, 17, 19, 21, 23,
+                                              9, 11, 13, 15, 25, 27, 29, 31);
+        std::memcpy(x, &h, sizeof h);
+      } else {
+        for (int q = 0; q < P; ++q) {
+          const typename V::H h = __builtin_convertvector(r[q] >> 16, typename V::H);
+          std::memcpy(x + q * W, &h, sizeof h);
+        }
+      }
+    } else {
+      for (int q = 0; q < P; ++q)
+        for (int k = 0; k < W; ++k) x[q * W + k] = from_f32_not_nan<F>(v[q][k]);
+    }
+  }
+  // the element (0..15) lane k of vector q holds
+  static constexpr int element(int q, int k) {
+    return kUnpack ? 4 * q + (k < 4 ? k : k + 4) : q * W + k;
+  }
+  // element() of every lane of vector q
+  static LOMO_CPU_INLINE typename V::I ids(int q) {
+    typename V::I v;
+    for (int k = 0; k < W; ++k) v[k] = element(q, k);
+    return v;
+  }
+  // lane sums in element order (Lanes' logical lanes)
+  static LOMO_CPU_INLINE Lanes<W> logical(const Lanes<W>& a) {
+    if constexpr (kUnpack) {
+      Lanes<W> out;
+      out.v[0] = __builtin_shufflevector(a.v[0], a.v[1], 0, 1, 2, 3, 8, 9, 10, 11);
+      out.v[1] = __builtin_shufflevector(a.v[0], a.v[1], 4, 5, 6, 7, 12, 13, 14, 15);
+      return out;
+    } else {
+      return a;
+    }
+  }
+};
 
 }  // namespace cpu
 }  // namespace lomo

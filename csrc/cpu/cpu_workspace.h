@@ -135,6 +135,7 @@ inline int64_t numel_of(const std::vector<int64_t>& shape) {
 // adalomo_update.cpp); `multi`: the multi-tensor op (the whole list in one call).
 int64_t lomo_workspace_numel_cpu(const std::vector<std::vector<int64_t>>& shapes, bool multi);
 int64_t adalomo_workspace_numel_cpu(const std::vector<std::vector<int64_t>>& shapes, bool multi);
+int64_t grad_accumulate_workspace_numel_cpu(const std::vector<std::vector<int64_t>>& shapes);
 
 }  // namespace cpu
 }  // namespace lomo

@@ -12,6 +12,7 @@ int64_t workspace_numel_cpu(const std::string& op,
   if (op == "lomo_update_multi_") return cpu::lomo_workspace_numel_cpu(shapes, true);
   if (op == "adalomo_update_") return cpu::adalomo_workspace_numel_cpu(shapes, false);
   if (op == "adalomo_update_multi_") return cpu::adalomo_workspace_numel_cpu(shapes, true);
+  if (op == "grad_accumulate_") return cpu::grad_accumulate_workspace_numel_cpu(shapes);
   TORCH_CHECK(false, "workspace_numel: unknown op '", op, "'");
 }
 

@@ -26,7 +26,7 @@ constexpr int kFuseTiles = 8;    // a tensor of at most this many tiles is appli
 constexpr int kMaxMulti = 16;    // tensors per multi-tensor launch (kernel parameter space)
 
 template <typename S>
-constexpr int64_t flat_tile() {
+__host__ __device__ constexpr int64_t flat_tile() {  // host (grid sizes) and device (tile offsets)
   return int64_t{kThreads} * Pack<S>::N * kFlatUnroll;
 }
 
@@ -276,9 +276,9 @@ __device__ void flat_finish(const FlatCall& c, const FlatTensor& t, float coef, 
 // The one flat kernel: block b is tile (b - first) of the record whose range holds b.
 template <Fmt F, bool SR, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) adalomo_flat_kernel(const __grid_constant__ FlatCall c) {
-  __shared__ float red[32];
-  __shared__ double dred[32];
-  __shared__ int flag;
+  LOMO_SHARED(float, red, [32]);
+  LOMO_SHARED(double, dred, [32]);
+  LOMO_SHARED(int, flag);
   int i = 0;
   while (i + 1 < c.count && static_cast<int>(blockIdx.x) >= c.t[i + 1].first) ++i;
   const FlatTensor& t = c.t[i];

@@ -67,10 +67,10 @@ __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
-  __shared__ float col_smem[kWarps * TC];
-  __shared__ float red[32];
-  __shared__ double dred[32];
-  __shared__ int flag;
+  LOMO_SHARED(float, col_smem, [kWarps * TC]);
+  LOMO_SHARED(float, red, [32]);
+  LOMO_SHARED(double, dred, [32]);
+  LOMO_SHARED(int, flag);
   const Geom& geo = a.geo;
   const TilePos t = tile_pos<TC, N>(a);
   const S* p = static_cast<const S*>(a.p);

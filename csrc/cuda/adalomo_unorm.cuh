@@ -13,9 +13,9 @@ __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
-  __shared__ float red[32];
-  __shared__ double dred[32];
-  __shared__ int flag;
+  LOMO_SHARED(float, red, [32]);
+  LOMO_SHARED(double, dred, [32]);
+  LOMO_SHARED(int, flag);
   if (__ldcg(a.ws.header + 1) > 0.0f) return;  // the same in every block: no ticket taken
   const Geom& geo = a.geo;
   const TilePos t = tile_pos<TC, N>(a);

@@ -178,6 +178,7 @@ void run_factored(const Args& a, int stage) {
 }  // namespace
 
 int64_t lomo_workspace_numel(bool multi, const Shapes& shapes);  // lomo_update.cu
+int64_t grad_accumulate_workspace_numel(const Shapes& shapes);   // grad_accumulate.cu
 
 int64_t workspace_numel(std::string_view op, const Shapes& shapes) {
   int64_t need = 0;
@@ -198,6 +199,8 @@ int64_t workspace_numel(std::string_view op, const Shapes& shapes) {
     need = flat_carve(static_cast<int64_t>(shapes.size()), tiles, Carver(), nullptr);
   } else if (op == "lomo_update_" || op == "lomo_update_multi_") {
     need = lomo_workspace_numel(op == "lomo_update_multi_", shapes);
+  } else if (op == "grad_accumulate_") {
+    need = grad_accumulate_workspace_numel(shapes);
   }
   return need;
 }

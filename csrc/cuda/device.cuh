@@ -7,7 +7,11 @@
 //       kernel<<<grid, block, smem, stream>>>(args...) plus the launch check; emulated: runs the
 //       grid on the CPU (and counts the launch).
 //   LOMO_DYNAMIC_SHARED(T, name)   `extern __shared__` memory of the launch, as a T*.
+//   LOMO_SHARED(T, name, [dims])   `__shared__ T name[dims]` (emulated: poisoned at every block
+//                                  start; a plain __shared__ does not compile there).
 //   LOMO_CHECK_DEVICE(op, x)       x is a CUDA tensor (emulated: a CPU tensor).
+//   atomic_add_acq_rel(p, v)       atomicAdd with acq_rel semantics at device (gpu) scope: the
+//                                  PTX atom.acq_rel.gpu (emulated: emu::atomic_add_acq_rel).
 //   LOMO_CROSS_BLOCK_MEMORY(t)     t is a workspace the blocks of a launch exchange data through
 //                                  (emulated: under the emulator's memory model; GPU: nothing).
 //   fresh_thread_index()           threadIdx.x, read again from the special register: nvcc keeps
@@ -57,11 +61,15 @@ inline int64_t sm_count() { return 132; }
 inline void memset_async(void* p, int value, size_t bytes, Stream) { std::memset(p, value, bytes); }
 using emu::launch_kernel;
 inline unsigned fresh_thread_index() { return threadIdx.x; }
+using emu::atomic_add_acq_rel;  // hooked: an acquire for the memory model (emulation.h)
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CPU(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ::lomo::emu::check_vector_access(p, bytes, store)
 #define LOMO_CROSS_BLOCK_MEMORY(t) ::lomo::emu::cross_block_tensor(t)
 #define LOMO_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<T*>(::lomo::emu::dynamic_shared_memory())
+#define LOMO_SHARED(T, name, ...)          \
+  static thread_local T name __VA_ARGS__; \
+  ::lomo::emu::static_shared_memory(&name, sizeof(name), #name)
 #else
 using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
@@ -81,12 +89,21 @@ __device__ __forceinline__ unsigned fresh_thread_index() {
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
   return t;
 }
+__device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
 #define LOMO_CHECK_DEVICE(op, x) CHECK_CUDA(op, x)
 #define LOMO_CHECK_VECTOR_ACCESS(p, bytes, store) ((void)0)
 #define LOMO_CROSS_BLOCK_MEMORY(t) ((void)0)
 #define LOMO_DYNAMIC_SHARED(T, name)                                 \
   extern __shared__ __align__(16) unsigned char lomo_dynamic_smem[]; \
   T* name = reinterpret_cast<T*>(lomo_dynamic_smem)
+#define LOMO_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
 #endif
 
 }  // namespace LOMO_CUDA_NS

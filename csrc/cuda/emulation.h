@@ -10,9 +10,12 @@
 //   * the threads of a block are fibers (user-level contexts, one stack each) on that OS thread; a
 //     thread runs until it reaches a barrier or a warp collective, then the next one runs, so
 //     __syncthreads() is a true barrier and warp collectives exchange values between 32 lanes;
-//   * __shared__ memory is per block (a static thread_local: every fiber of the OS thread's current
-//     block sees it); static and dynamic shared memory (LOMO_DYNAMIC_SHARED) are poisoned (0xFF)
-//     at every block start, so a read before the block wrote it is a NaN or -1;
+//   * shared memory is per block: static (LOMO_SHARED, a static thread_local that every fiber of
+//     the OS thread's current block sees) and dynamic (LOMO_DYNAMIC_SHARED) are both poisoned
+//     (0xFF bytes) at every block start, so a read before the block's first write reads NaN / -1,
+//     not zero nor the previous block's values;
+//   * the launch limits of a GPU: static + dynamic shared memory within 48 KB unless the kernel
+//     opted in (cudaFuncSetAttribute, up to 227 KB), kernel parameters within 32764 bytes;
 //   * a memory model for the memory blocks exchange data through (emulator_model.cpp): stores
 //     published only by __threadfence(), relaxed atomics, __ldcg against a stale per-block L1;
 //     blocks start in reversed or shuffled orders;
@@ -23,9 +26,13 @@
 //
 // Floating point: every intrinsic maps to the IEEE operation it names (__fmaf_rn -> fmaf, ...), so
 // results are bitwise those of the GPU, except: rsqrtf (approximate on the GPU, within 2 ulp; here
-// the correctly rounded 1/sqrt), and fp32 subnormals (flushed by the GPU only under -ftz=true,
-// which this project never uses). The emulated sources must be compiled with -ffp-contract=off
-// (setup.py does), like the nvcc build's --fmad=false.
+// the correctly rounded 1/sqrt), fp32 subnormals (flushed by the GPU only under -ftz=true, which
+// this project never uses) and the payload of an fp32 NaN (the GPU's arithmetic makes 0x7FFFFFFF,
+// the host's keeps the operand's or makes 0xFFC00000). The fp16/bf16 conversion intrinsics give
+// the GPU's 0x7FFF for every NaN, as cvt does; the kernels never store that pattern: rounding.h
+// stores the canonical NaN on both builds (docs/spec.md), so fp16/bf16 results are bitwise equal,
+// NaN included. Tests compare fp32 NaNs by NaN-ness. The emulated sources must be compiled with
+// -ffp-contract=off (setup.py does), like the nvcc build's --fmad=false.
 //
 // Not emulated: texture/surface memory, cooperative groups, dynamic parallelism, clusters,
 // spin-waits on another block's progress (blocks run to completion one at a time per OS thread),
@@ -64,8 +71,10 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// One instance per OS thread, and an OS thread runs one block at a time: per-block memory.
-#define __shared__ static thread_local
+// Static shared memory is declared with LOMO_SHARED (csrc/cuda/device.cuh), which the emulation
+// poisons per block; a plain __shared__ would keep the previous block's values.
+#define __shared__ \
+  static_assert(false, "declare static shared memory with LOMO_SHARED(T, name, [dims])");
 
 struct uint3 {
   unsigned x, y, z;
@@ -99,8 +108,24 @@ struct LaunchSite {
 namespace emu {
 
 using Invoke = void (*)(const void* call);
-void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_smem, Invoke invoke,
-              const void* call);
+// `kernel` identifies the kernel (its opt-in to more shared memory); `param_bytes` is the size of
+// its parameter space as a GPU lays it out.
+void run_grid(const LaunchSite& site, const void* kernel, size_t param_bytes, dim3 grid,
+              dim3 block, size_t dynamic_smem, Invoke invoke, const void* call);
+
+// The size of a kernel's parameter space: each parameter at the next multiple of its alignment.
+template <typename... P>
+constexpr size_t param_bytes() {
+  size_t end = 0;
+  ((end = (end + alignof(P) - 1) / alignof(P) * alignof(P) + sizeof(P)), ...);
+  return end;
+}
+
+// The opt-in of cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
+void set_max_dynamic_shared(const void* kernel, size_t bytes);
+// A static shared variable of the current block (LOMO_SHARED): the first thread of the block to
+// declare it poisons it; the block's static + dynamic shared memory is checked against the limit.
+void static_shared_memory(void* p, size_t bytes, const char* name);
 
 // Warp collectives: every lane of `mask` contributes `value` and blocks until all of them have
 // arrived; the last one computes each lane's result (a shuffle: the value of the lane `src` it
@@ -171,7 +196,8 @@ void launch_kernel(const LaunchSite& site, void (*kernel)(P...), dim3 grid, dim3
     std::tuple<std::decay_t<P>...> args;
   };
   const Call call{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
-  run_grid(site, grid, block, dynamic_smem,
+  run_grid(site, reinterpret_cast<const void*>(kernel), param_bytes<std::decay_t<P>...>(), grid,
+           block, dynamic_smem,
            [](const void* c) {
              const Call& k = *static_cast<const Call*>(c);
              std::apply(k.kernel, k.args);  // each thread gets its own copy of the parameters
@@ -209,6 +235,21 @@ inline uint32_t reduce(unsigned mask, Collective kind, uint32_t v) {
 
 }  // namespace emu
 }  // namespace lomo
+
+// ------------------------------------------------------------------------------------------
+// Runtime API: the one kernel attribute the launch limits depend on
+// ------------------------------------------------------------------------------------------
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  TORCH_CHECK(attr == cudaFuncAttributeMaxDynamicSharedMemorySize && value >= 0,
+              "cuda_emulated: cudaFuncSetAttribute: only cudaFuncAttributeMaxDynamicSharedMemorySize");
+  lomo::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel),
+                                    static_cast<size_t>(value));
+  return cudaSuccess;
+}
 
 // ------------------------------------------------------------------------------------------
 // Synchronisation and warp intrinsics
@@ -440,11 +481,11 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 inline float __half2float(__half h) { return lomo::f16_bits_to_f32(h.bits); }
 inline __half __float2half_rn(float x) {
-  return __half{lomo::f32_to_f16_bits(x, lomo::kF16CanonicalNaN)};
+  return __half{lomo::f32_to_f16_bits(x, lomo::kGpuCvtNaN)};  // cvt.rn.f16.f32: NaN -> 0x7FFF
 }
 inline __half __float2half(float x) { return __float2half_rn(x); }
 inline float __bfloat162float(__nv_bfloat16 h) { return lomo::bf16_bits_to_f32(h.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  return __nv_bfloat16{lomo::f32_to_bf16_bits(x, lomo::kBF16CanonicalNaN)};
+  return __nv_bfloat16{lomo::f32_to_bf16_bits(x, lomo::kGpuCvtNaN)};  // cvt.rn.bf16.f32
 }
 inline __nv_bfloat16 __float2bfloat16(float x) { return __float2bfloat16_rn(x); }

@@ -38,7 +38,8 @@ struct GoloreArgs {
 template <Fmt F, bool SR, Inner I, bool FULL>
 __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, int pass) {
   using S = storage_t<F>;
-  const S* __restrict__ r = static_cast<const S*>(a.r);
+  // not __restrict__: in projected mode N is written over r (a.out == a.r)
+  const S* r = static_cast<const S*>(a.r);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pass == kCheck) {
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
     }
     if constexpr (I == Inner::SgdMomentum) a.buf[i] = b;
     if constexpr (FULL) {
-      S* __restrict__ p = static_cast<S*>(a.p);
+      S* __restrict__ p = static_cast<S*>(a.p);  // full rank: r is the gradient, not p
       const float pv = __fmaf_rn(nv, s.neg_lr_scale, __fmul_rn(to_f32<F>(p[i]), s.decay));
       const uint32_t bits = SR ? random_bits(s.key, static_cast<uint64_t>(i)) : 0u;
       p[i] = from_f32<F, SR>(pv, bits);

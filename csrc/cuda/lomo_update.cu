@@ -28,7 +28,7 @@ constexpr int kUnroll = 2;      // packs per thread per tile, loads issued first
 constexpr int kLomoMulti = 32;  // records per launch (kernel parameter space)
 
 template <typename S>
-constexpr int64_t lomo_tile() {
+__host__ __device__ constexpr int64_t lomo_tile() {  // host (grid sizes) and device (tile offsets)
   return int64_t{kThreads} * Pack<S>::N * kUnroll;
 }
 
@@ -78,9 +78,9 @@ template <Fmt F, bool SR, bool DIV, bool GSQ>
 __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_constant__ LomoCall c) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
-  __shared__ float red[32];
-  __shared__ double dred[32];
-  __shared__ int flag;
+  LOMO_SHARED(float, red, [32]);
+  LOMO_SHARED(double, dred, [32]);
+  LOMO_SHARED(int, flag);
   int i = 0;
   while (i + 1 < c.count && static_cast<int>(blockIdx.x) >= c.t[i + 1].first) ++i;
   const LomoTensor& t = c.t[i];

@@ -34,20 +34,23 @@ int fill_records(Call& call, const std::vector<Record>& ts, size_t begin, size_t
 }
 
 // True in every thread of the block that arrives last of `count` at `counter` (all threads of the
-// block call it). Before the ticket the block's global writes are fenced; the last block fences
-// again before it reads the others' (which it must load with __ldcg: L1 is not coherent).
+// block call it). The barrier first: every thread's global writes happen before thread 0 passes
+// it. Then thread 0 alone fences (cumulative: it makes the writes it has observed through the
+// barrier visible at device scope) and takes the ticket with an acq_rel atomic: release for this
+// block's writes, acquire of every earlier block's. The second barrier hands that on to the
+// block's other threads, which read the others' partials with __ldcg (L1 is not coherent). One
+// fence per block and ticket (the cooperative-groups grid-sync / CUTLASS semaphore idiom), not
+// one per warp.
 __device__ __forceinline__ bool last_arrival(int* counter, int count, int* flag) {
-  __threadfence();
   __syncthreads();
   if (fresh_thread_index() == 0) {
-    const bool last = atomicAdd(counter, 1) == count - 1;
+    __threadfence();
+    const bool last = atomic_add_acq_rel(counter, 1) == count - 1;
     if (last) atomicExch(counter, 0);  // every other block of this launch has counted already
     *flag = last;
   }
   __syncthreads();
-  const bool last = *flag != 0;
-  if (last) __threadfence();
-  return last;
+  return *flag != 0;
 }
 
 // sum(a[0 .. count)) by one block in a fixed order (thread t: t, t + kThreads, ..., then the fixed

@@ -29,6 +29,37 @@ __device__ __forceinline__ void store_pack(S* p, const Pack<S>& x) {
   *reinterpret_cast<Pack<S>*>(p) = x;
 }
 
+// N consecutive elements of S moved as N * sizeof(S) / 16 128-bit accesses: the same elements as
+// one Pack of a narrower operand (a float32 buffer or gradient next to 16-bit values).
+template <typename S, int N>
+struct alignas(16) Packs {
+  static_assert(N * sizeof(S) % 16 == 0, "Packs: whole 16-byte accesses");
+  static constexpr int kParts = N * sizeof(S) / 16;
+  S v[N];
+};
+
+template <typename S, int N>
+__device__ __forceinline__ Packs<S, N> load_packs(const S* p) {
+  Packs<S, N> x;
+#pragma unroll
+  for (int i = 0; i < Packs<S, N>::kParts; ++i) {
+    const Pack<S> part = load_pack(p + i * Pack<S>::N);
+#pragma unroll
+    for (int k = 0; k < Pack<S>::N; ++k) x.v[i * Pack<S>::N + k] = part.v[k];
+  }
+  return x;
+}
+template <typename S, int N>
+__device__ __forceinline__ void store_packs(S* p, const Packs<S, N>& x) {
+#pragma unroll
+  for (int i = 0; i < Packs<S, N>::kParts; ++i) {
+    Pack<S> part;
+#pragma unroll
+    for (int k = 0; k < Pack<S>::N; ++k) part.v[k] = x.v[i * Pack<S>::N + k];
+    store_pack(p + i * Pack<S>::N, part);
+  }
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Butterfly sum over a warp: every lane gets the same value, the tree is fixed.

@@ -332,7 +332,8 @@ void init_block(BlockRun& r, const Launch& L, int64_t b) {
     }
   }
   if (L.smem) std::memset(r.smem, 0xFF, L.smem);  // stale shared memory reads as NaN / -1
-  poison_static_shared();                           // and so does static __shared__ memory
+  r.static_smem.clear();  // poisoned when the block first declares it (static_shared_memory)
+  r.static_smem_bytes = 0;
 }
 
 void run_block(BlockRun& r, Launch& L, int64_t k) {
@@ -450,8 +451,8 @@ using namespace detail;
 // ------------------------------------------------------------------------------------------
 // Launch
 // ------------------------------------------------------------------------------------------
-void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke invoke,
-              const void* call) {
+void run_grid(const LaunchSite& site, const void* kernel, size_t param_bytes, dim3 grid,
+              dim3 block, size_t smem, Invoke invoke, const void* call) {
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
   const std::string name = kernel_name(site.text);
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 0x7FFFFFFFu &&
@@ -462,8 +463,17 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke
                   block.z <= 64,
               "cuda_emulated: invalid block (", block.x, ", ", block.y, ", ", block.z, ") for ",
               name, " at ", site.file, ":", site.line);
-  TORCH_CHECK(smem <= kMaxDynamicSmem, "cuda_emulated: ", smem,
-              " bytes of dynamic shared memory for ", name, " exceed the per-block maximum");
+  // What a GPU refuses at launch (cudaErrorInvalidValue) or nvcc at compile time.
+  TORCH_CHECK(param_bytes <= kMaxParamBytes, "cuda_emulated: the parameters of ", name, " take ",
+              param_bytes, " bytes, more than a kernel's ", kMaxParamBytes, " at ", site.file, ":",
+              site.line);
+  const size_t opt_in = max_dynamic_shared(kernel);
+  TORCH_CHECK(smem <= std::max(opt_in, kDefaultShared), "cuda_emulated: ", smem,
+              " bytes of dynamic shared memory for ", name, " at ", site.file, ":", site.line,
+              " exceed the ", std::max(opt_in, kDefaultShared), " a block may use ",
+              opt_in ? "(the kernel's opt-in)"
+                     : "without the opt-in (cudaFuncSetAttribute(kernel, "
+                       "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))");
   const int64_t launch = g_stats.launches++;
   Launch L;
   L.site = site;
@@ -472,6 +482,7 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, Invoke
   L.nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   L.nthreads = static_cast<int>(threads);
   L.smem = smem;
+  L.smem_limit = opt_in ? kMaxSharedOptIn : kDefaultShared;
   L.invoke = invoke;
   L.call = call;
   L.ranges = &tls_ranges;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/emulation.h"
@@ -23,7 +24,9 @@ namespace detail {
 
 constexpr size_t kStackBytes = 64 * 1024;  // kernel frames are small; a guard page below each
 constexpr int kMaxThreads = 1024;
-constexpr size_t kMaxDynamicSmem = 227 * 1024;  // H100: the opt-in maximum per block
+constexpr size_t kMaxSharedOptIn = 227 * 1024;  // H100: shared memory per block with the opt-in
+constexpr size_t kDefaultShared = 48 * 1024;    // static + dynamic per block without it
+constexpr size_t kMaxParamBytes = 32764;        // kernel parameters (CUDA 12.1+, Volta and later)
 
 enum class Wait : uint8_t { None, Block, Warp, Exited };
 
@@ -58,6 +61,7 @@ struct Launch {
   int64_t nblocks;
   int nthreads;
   size_t smem;
+  size_t smem_limit;  // static + dynamic shared memory per block
   Invoke invoke;
   const void* call;
   const std::vector<MemRange>* ranges;
@@ -93,6 +97,8 @@ struct BlockRun {
   size_t stack_slots = 0, stack_stride = 0;
   std::vector<unsigned char> smem_buf;
   unsigned char* smem = nullptr;
+  std::vector<std::pair<void*, size_t>> static_smem;  // declared (and poisoned) in this block
+  size_t static_smem_bytes = 0;
 
   ~BlockRun();
   void reserve(int n);  // fiber stacks for n threads (kept between launches)
@@ -104,10 +110,6 @@ extern __thread BlockRun* tls_run;
 extern thread_local std::vector<MemRange> tls_ranges;
 // The scratch tensors registered by cross_block_tensor, alive as long as their ranges are.
 extern thread_local std::vector<at::Tensor> tls_keep_alive;
-
-// Fills the calling OS thread's static __shared__ variables of every kernel with 0xFF (a stale
-// read is a NaN or -1, as for dynamic shared memory); returns how many there are.
-size_t poison_static_shared();
 
 // The cross-block memory model of one launch (emulator_model.cpp): created by run_grid when the
 // model is on and the launch has cross-block memory; blocks then run one at a time on the
@@ -122,6 +124,9 @@ void model_block_start(MemoryModel& m, int64_t block);
 void model_block_exit(MemoryModel& m);
 void model_finish(MemoryModel& m);  // publishes every store, ends the model's hooks
 bool memory_model_enabled();        // LOMO_KERNELS_EMULATION_MEMORY_MODEL (default on)
+
+// The opt-in of `kernel` to more dynamic shared memory (0: none).
+size_t max_dynamic_shared(const void* kernel);
 
 // Fails the launch with `what`, naming the current block and thread; never returns to the fiber.
 [[noreturn]] void fail_here(BlockRun& r, const std::string& what);

@@ -1,15 +1,10 @@
-// The SIMT emulator's memory checks: dynamic shared memory of a launch, static __shared__ memory
-// poisoned at every block start, 16-byte vector accesses (alignment and the bounds of the tensors an
-// op registered with MemoryScope).
-#include <dlfcn.h>
-#include <elf.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
+// The SIMT emulator's memory checks: static and dynamic shared memory of a block (poisoned, within
+// the launch limits), 16-byte vector accesses (alignment and the bounds of the tensors an op
+// registered with MemoryScope).
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <unordered_map>
 
 #include "emulated/emulation_api.h"
 #include "emulated/emulator_internal.h"
@@ -22,71 +17,44 @@ thread_local std::vector<MemRange> tls_ranges;
 thread_local std::vector<at::Tensor> tls_keep_alive;
 
 namespace {
-
-// A static __shared__ variable: `static thread_local` (emulation.h), at `rel` bytes from threadIdx
-// in every OS thread's TLS block of this module.
-struct StaticShared {
-  ptrdiff_t rel;
-  size_t size;
-};
-
-// The kernels' static __shared__ variables: the thread-local statics of functions of
-// lomo::cuda_emulated (mangled _ZZN4lomo13cuda_emulated...), from this module's symbol table (an
-// STT_TLS symbol's value is its offset in the module's TLS block). Empty if the module is stripped.
-std::vector<StaticShared> find_static_shared() {
-  std::vector<StaticShared> vars;
-  Dl_info info;
-  if (!dladdr(reinterpret_cast<void*>(&find_static_shared), &info) || !info.dli_fname) return vars;
-  const int fd = open(info.dli_fname, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return vars;
-  struct stat st;
-  void* map = fstat(fd, &st) == 0 ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)
-                                  : MAP_FAILED;
-  close(fd);
-  if (map == MAP_FAILED) return vars;
-  const auto* base = static_cast<const char*>(map);
-  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
-  const bool elf64 = static_cast<size_t>(st.st_size) > sizeof(Elf64_Ehdr) &&
-                     std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 &&
-                     eh->e_ident[EI_CLASS] == ELFCLASS64;
-  std::vector<std::pair<uint64_t, size_t>> found;
-  bool anchor = false;
-  uint64_t anchor_value = 0;
-  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(base + (elf64 ? eh->e_shoff : 0));
-  for (int i = 0; elf64 && i < eh->e_shnum; ++i) {
-    if (sh[i].sh_type != SHT_SYMTAB) continue;
-    const char* names = base + sh[sh[i].sh_link].sh_offset;
-    const auto* sym = reinterpret_cast<const Elf64_Sym*>(base + sh[i].sh_offset);
-    for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
-      if (ELF64_ST_TYPE(sym[k].st_info) != STT_TLS) continue;
-      const char* name = names + sym[k].st_name;
-      if (std::strcmp(name, "threadIdx") == 0) {
-        anchor = true;
-        anchor_value = sym[k].st_value;
-      } else if (std::strncmp(name, "_ZZN4lomo13cuda_emulated", 24) == 0 && sym[k].st_size) {
-        found.emplace_back(sym[k].st_value, sym[k].st_size);
-      }
-    }
-  }
-  munmap(map, st.st_size);
-  if (!anchor) return vars;
-  for (const auto& [value, size] : found)
-    vars.push_back({static_cast<ptrdiff_t>(value - anchor_value), size});
-  return vars;
-}
-
+std::mutex opt_in_mutex;
+std::unordered_map<const void*, size_t> opt_ins;  // kernel -> cudaFuncSetAttribute's bytes
 }  // namespace
 
-size_t poison_static_shared() {
-  static const std::vector<StaticShared> vars = find_static_shared();
-  auto* anchor = reinterpret_cast<unsigned char*>(&threadIdx);
-  for (const StaticShared& v : vars) std::memset(anchor + v.rel, 0xFF, v.size);
-  return vars.size();
+size_t max_dynamic_shared(const void* kernel) {
+  std::lock_guard<std::mutex> lock(opt_in_mutex);
+  const auto it = opt_ins.find(kernel);
+  return it == opt_ins.end() ? 0 : it->second;
 }
 
 }  // namespace detail
 
 using namespace detail;
+
+void set_max_dynamic_shared(const void* kernel, size_t bytes) {
+  TORCH_CHECK(bytes <= kMaxSharedOptIn, "cuda_emulated: cudaFuncSetAttribute: ", bytes,
+              " bytes of dynamic shared memory exceed the ", kMaxSharedOptIn, " of a block");
+  std::lock_guard<std::mutex> lock(opt_in_mutex);
+  opt_ins[kernel] = bytes;
+}
+
+void static_shared_memory(void* p, size_t bytes, const char* name) {
+  BlockRun& r = *tls_run;
+  for (const auto& [q, n] : r.static_smem)
+    if (q == p) return;  // an earlier thread of this block declared (and poisoned) it
+  std::memset(p, 0xFF, bytes);  // read before the block writes it: NaN / -1, as stale memory
+  r.static_smem.emplace_back(p, bytes);
+  r.static_smem_bytes += bytes;
+  if (r.static_smem_bytes + r.L->smem > r.L->smem_limit) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "%zu bytes of static shared memory (up to '%s') and %zu dynamic exceed the %zu "
+                  "a block may use%s",
+                  r.static_smem_bytes, name, r.L->smem, r.L->smem_limit,
+                  r.L->smem_limit == kDefaultShared ? " without the opt-in" : "");
+    fail_here(r, buf);
+  }
+}
 
 unsigned char* dynamic_shared_memory() {
   BlockRun& r = *tls_run;

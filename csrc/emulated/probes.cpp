@@ -63,7 +63,7 @@ struct AtomicOut {
 };
 
 __global__ void atomic_probe(AtomicOut* out, unsigned* ticket, long long* partials) {
-  __shared__ long long part[32];
+  LOMO_SHARED(long long, part, [32]);
   const int t = threadIdx.x;
   const unsigned b = blockIdx.x;
   atomicAdd(&out->add, 1);
@@ -76,7 +76,7 @@ __global__ void atomic_probe(AtomicOut* out, unsigned* ticket, long long* partia
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
   if ((t & 31) == 0) part[t >> 5] = v;
   __syncthreads();
-  __shared__ bool last;
+  LOMO_SHARED(bool, last);
   if (t == 0) {
     long long s = 0;
     for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) s += part[w];
@@ -99,7 +99,7 @@ __global__ void atomic_probe(AtomicOut* out, unsigned* ticket, long long* partia
 // finisher reads the partials with plain loads (a stale L1 on a GPU) instead of __ldcg; 3, the
 // finisher does not fence after its ticket (no acquire).
 __global__ void ticket_probe(float* partials, int* ticket, float* total, int variant) {
-  __shared__ int last;
+  LOMO_SHARED(int, last);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = static_cast<float>(blockIdx.x) + 1.0f;
     if (variant != 1) __threadfence();
@@ -115,16 +115,6 @@ __global__ void ticket_probe(float* partials, int* ticket, float* total, int var
   }
 }
 
-// Reads static __shared__ memory before writing it (the bug), then writes it: every block must
-// read the poison (0xFF bytes), never a value an earlier block left.
-__global__ void uninitialized_shared_probe(int* out) {
-  __shared__ int s[64];
-  const int t = threadIdx.x;
-  out[blockIdx.x * blockDim.x + t] = s[t];
-  __syncthreads();
-  s[t] = static_cast<int>(blockIdx.x) + 1;
-}
-
 // The order blocks start in: out[k] = the k-th block to take a number.
 __global__ void order_probe(int* out, int* counter) {
   if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = static_cast<int>(blockIdx.x);
@@ -133,7 +123,7 @@ __global__ void order_probe(int* out, int* counter) {
 // A block reduction through shared memory with the barrier between the writes and the reads
 // missing: the emulator's schedule variants must make some block read stale values.
 __global__ void missing_barrier_probe(int* out) {
-  __shared__ int s[256];
+  LOMO_SHARED(int, s, [256]);
   const int t = threadIdx.x;
   s[t] = static_cast<int>(blockIdx.x) + t + 1;
   // __syncthreads() belongs here
@@ -163,6 +153,45 @@ __global__ void mixed_collectives_probe() {
   else (void)__shfl_xor_sync(0xFFFFFFFFu, 1, 1);
 }
 
+// Static shared memory the kernel never initialises (the bug: `if (threadIdx.x == 0) count = 0;`
+// and a barrier are missing): it must start from the poison in every block, not from zero (fresh
+// memory) nor from the previous block's count.
+__global__ void uninitialised_shared_probe(int* out) {
+  LOMO_SHARED(int, count);
+  atomicAdd(&count, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = count;
+}
+
+// n ints of dynamic shared memory, written and summed; OPT_IN: the kernel raised its limit.
+template <bool OPT_IN>
+__global__ void dynamic_shared_probe(int* out, int n) {
+  LOMO_DYNAMIC_SHARED(int, s);
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) s[i] = i;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int sum = 0;
+    for (int i = 0; i < n; ++i) sum += s[i];
+    out[0] = sum;
+  }
+}
+
+// 32 KB of static shared memory next to the launch's dynamic shared memory.
+__global__ void static_and_dynamic_shared_probe(int* out) {
+  LOMO_SHARED(int, big, [8192]);
+  LOMO_DYNAMIC_SHARED(int, s);
+  big[threadIdx.x] = 1;
+  s[threadIdx.x] = 2;
+  __syncthreads();
+  out[threadIdx.x] = big[threadIdx.x] + s[threadIdx.x];
+}
+
+// 32768 bytes of parameters: over a kernel's 32764.
+struct ManyRecords {
+  int v[8190];
+};
+__global__ void parameter_space_probe(ManyRecords r, int* out) { out[0] = r.v[0]; }
+
 }  // namespace
 
 void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64_t arg2) {
@@ -188,10 +217,6 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
     emu::cross_block_tensor(out);
     LOMO_LAUNCH(ticket_probe, static_cast<unsigned>(arg), 64, 0, nullptr, o,
                 reinterpret_cast<int*>(o + arg), o + arg + 1, static_cast<int>(arg2));
-  } else if (name == "uninitialized_shared") {
-    TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == arg * 64);
-    LOMO_LAUNCH(uninitialized_shared_probe, static_cast<unsigned>(arg), 64, 0, nullptr,
-                out.data_ptr<int>());
   } else if (name == "order") {  // out: arg block numbers, then the counter
     TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == arg + 1);
     LOMO_LAUNCH(order_probe, static_cast<unsigned>(arg), 32, 0, nullptr, out.data_ptr<int>(),
@@ -210,6 +235,23 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
                 reinterpret_cast<const uint16_t*>(out.data_ptr()), arg);
   } else if (name == "mixed_collectives") {
     LOMO_LAUNCH(mixed_collectives_probe, 1, 32, 0, nullptr);
+  } else if (name == "uninitialised_shared") {  // arg blocks of 64 threads
+    LOMO_LAUNCH(uninitialised_shared_probe, static_cast<unsigned>(arg), 64, 0, nullptr,
+                out.data_ptr<int>());
+  } else if (name == "dynamic_shared") {  // arg bytes; arg2 != 0: the kernel opted in to arg bytes
+    const int n = static_cast<int>(arg / 4);
+    if (arg2) {
+      cudaFuncSetAttribute(dynamic_shared_probe<true>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(arg));
+      LOMO_LAUNCH(dynamic_shared_probe<true>, 1, 256, arg, nullptr, out.data_ptr<int>(), n);
+    } else {
+      LOMO_LAUNCH(dynamic_shared_probe<false>, 1, 256, arg, nullptr, out.data_ptr<int>(), n);
+    }
+  } else if (name == "static_and_dynamic_shared") {  // arg bytes of dynamic shared memory
+    LOMO_LAUNCH(static_and_dynamic_shared_probe, 1, 64, arg, nullptr, out.data_ptr<int>());
+  } else if (name == "parameter_space") {
+    static const ManyRecords records{};
+    LOMO_LAUNCH(parameter_space_probe, 1, 32, 0, nullptr, records, out.data_ptr<int>());
   } else if (name == "bad_block") {
     LOMO_LAUNCH(deadlock_probe, 1, 2048, 0, nullptr);
   } else {

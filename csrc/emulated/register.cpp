@@ -84,6 +84,16 @@ void golore_update_emulated(GOLORE_UPDATE_PARAMS) {
   cuda_emulated::golore_update(GOLORE_UPDATE_ARGS);
 }
 
+void grad_accumulate_emulated(GRAD_ACCUMULATE_PARAMS) {
+  const emu::MemoryScope scope({{"buf", &buf},
+                                {"grad", &grad},
+                                {"found_inf", opt(found_inf)},
+                                {"buf_sq", opt(buf_sq)},
+                                {"workspace", opt(workspace)}});
+  cuda_emulated::grad_accumulate(buf, grad, found_inf, loss_scale, first, rounding, seed, step,
+                                 buf_sq, workspace);
+}
+
 }  // namespace
 
 namespace emu {
@@ -93,6 +103,7 @@ void register_emulated_kernels(torch::Library& lib) {
   lib.impl("lomo_update_multi_", &lomo_update_multi_emulated);
   lib.impl("adalomo_update_multi_", &adalomo_update_multi_emulated);
   lib.impl("golore_update_", &golore_update_emulated);
+  lib.impl("grad_accumulate_", &grad_accumulate_emulated);
 }
 }  // namespace emu
 

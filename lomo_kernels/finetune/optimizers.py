@@ -41,7 +41,7 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
     in-backward optimizers accumulate that many backward passes per ``step()`` (passed as
     ``accumulation_steps``; refused with a clear error where the optimizer cannot)."""
     clip_mode = clip_mode if clip_grad_norm is not None else "exact"
-    extra = accumulation_kwargs(name, accumulation_steps, clip_grad_norm, clip_mode)
+    extra = accumulation_kwargs(name, accumulation_steps)
     if name in ("golore", "galore"):
         if clip_grad_value:
             raise UsageError(f"{name}: --clip-grad-value is not supported (the gradient is "
@@ -67,7 +67,7 @@ def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_g
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def accumulation_kwargs(name: str, steps: int, clip_grad_norm, clip_mode: str) -> dict:
+def accumulation_kwargs(name: str, steps: int) -> dict:
     """The in-backward optimizers' keyword for gradient accumulation over ``steps`` backward
     passes: ``{"accumulation_steps": steps}`` where the optimizer takes it, else a UsageError.
     (AdamW accumulates in ``.grad`` as usual: nothing to pass.)"""
@@ -80,10 +80,8 @@ def accumulation_kwargs(name: str, steps: int, clip_grad_norm, clip_mode: str) -
                          "over micro-batches in this version; use --gradient-accumulation-steps "
                          "1 with a larger --batch-size (and --gradient-checkpointing), or "
                          "--optimizer adamw")
-    if clip_grad_norm is not None and clip_mode == "exact":
-        raise UsageError(f"--gradient-accumulation-steps {steps} with --clip-grad-norm: exact "
-                         "clipping needs the whole step's gradient before any update; use "
-                         "--clip-mode previous or --clip-grad-value")
+    # (exact --clip-grad-norm needs no second pass here: the optimizer clips the accumulated
+    # gradient at step(), docs/accumulation.md)
     return {"accumulation_steps": steps}
 
 

@@ -8,6 +8,9 @@ the parameters (they were updated inside the backward) that marks the step bound
 optimizer's first ``step()`` the callbacks registered with ``at_first_step`` run (the Hugging
 Face helper, lomo_kernels/hf.py, registers the one that finds a ``transformers.Trainer`` calling
 the optimizer): the optimizer itself knows nothing of them.
+
+With ``accumulation_steps=K > 1`` (_accumulation.py) a ``fused_backward`` accumulates, the K-th
+one ends with ``step()``, and ``step()`` applies the window.
 """
 
 from __future__ import annotations
@@ -46,10 +49,14 @@ class BackwardMixin:
         if lr is not None:
             number(lr, f"{self._name}: fused_backward lr", ge=0.0)
         self._prepare(loss)
+        accumulating = self._window.enabled
         skip, self._skip_next = self._skip_next, False
         try:
-            if not skip:
+            if accumulating:
+                self._check_window_open()
+            if not skip and not accumulating:
                 self._check_clip(plain=False)
+            if not skip:
                 self._check_groups(lr)
         except BaseException:
             self._skip_next = skip
@@ -57,20 +64,26 @@ class BackwardMixin:
         if lr is not None:
             for group in self.param_groups:
                 group["lr"] = lr
-        self._token += 1
+        if not accumulating:
+            self._token += 1
         self._mode = "skip" if skip else "update"
         self._in_fused = True
         self._n_updated = 0
         try:
             self._scaled(loss).backward()
-        except BaseException:
+        except BaseException as exc:
             self._drop_pending()  # (an error outside our hooks: they did not clean up)
+            self._note_outside_failure(exc)
             raise
         finally:
             self._in_fused = False
             self._mode = "update"
             self._active_scale = 1.0
             self._active_tasks.clear()
+        if accumulating:
+            if self._window.count >= self._window.steps:
+                self.step()  # the window's last micro-batch: apply it
+            return
         if not skip:
             self._after_update()
         self.step()  # marks the step boundary (and tells LR schedulers a step was taken)
@@ -86,6 +99,11 @@ class BackwardMixin:
         self._prepare(loss)
         if self.clip_grad_norm is None:
             raise ValueError(f"{self._name}: grad_norm() needs clip_grad_norm to be set")
+        if self._window.enabled:
+            raise ValueError(
+                f"{self._name}: grad_norm() is not needed with accumulation_steps="
+                f"{self._window.steps}: step() clips the window exactly with the norm of the "
+                "accumulated gradient (one backward per micro-batch)")
         self._check_groups()
         self._mode = "norm"
         self._grad_norms = []
@@ -100,8 +118,12 @@ class BackwardMixin:
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """A no-op: the update happened inside backward. Marks the step boundary."""
+        """Marks the step boundary (the update happened inside backward); with
+        ``accumulation_steps > 1``, applies the gradients accumulated since the last step."""
         self._require_attached()
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{self._name}: step(closure): closure must be None or a callable "
+                            f"that returns the loss, got {type(closure).__name__}")
         self._sharding.check_not_resharded(self.model, self._where)
         loss = None
         if closure is not None:
@@ -113,8 +135,12 @@ class BackwardMixin:
             for callback in list(_FIRST_STEP):
                 callback(self, frame)
         self._drop_pending()  # (only after a backward that failed outside our hooks)
-        self._began = False
-        self._token += 1
-        self._active_tasks.clear()  # step() runs outside any backward
-        self._failed_tasks.clear()
+        try:
+            if self._window.enabled:
+                self._apply_window()
+        finally:
+            self._began = False
+            self._token += 1
+            self._active_tasks.clear()  # step() runs outside any backward
+            self._failed_tasks.clear()
         return loss

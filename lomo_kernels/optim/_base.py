@@ -15,9 +15,13 @@ sees it):
     _hooks.py        hook registration and ownership; the hook itself, which routes a gradient
     _kernels.py      per-device kernels, workspace and norm accumulator; one parameter's update
     _batch.py        the small parameters updated together at the end of the backward
-    _bookkeeping.py  per step: gradient norm, clip coefficient, loss scale, non-finite flags
+    _bookkeeping.py  per step: gradient norm, loss scale, non-finite flags (one host look)
+    _clipping.py     global-norm clipping: the coefficient each backward applies, the refusal of
+                     a set-up that would not clip, the clip_mode="previous" safety net
     _failures.py     what a failed backward leaves behind (nothing but the updated parameters)
     _backward.py     lomo-optim's API: fused_backward, grad_norm, step (and first-step callbacks)
+    _accumulation.py accumulation_steps > 1: gradients into buffers, the window applied in step()
+                     (_window.py: the buffers and the window's position)
     _state.py        repr, state_dict, load_state_dict
 
 Extension points (a subclass sets ``_name`` and ``_op`` and implements ``_update``; the rest have
@@ -26,8 +30,9 @@ defaults here): ``_update(p, g, group, state, seed)`` (passing ``self._grad_sq(p
 seeds)`` with ``_multi_op`` and ``_is_small(p)`` (small-parameter batching),
 ``_update_sharded(p, g, group, state, seed, shard)`` and ``_sharded_state(shard)`` (FSDP2 shards;
 ``_shardable = False`` refuses them), ``_group_rules()`` (per-group value checks),
-``_configure()`` (after the checks, before any hook), ``_check_clip(plain)``, ``_loss_scale()``,
-``_prepare(loss)`` (before a backward of ours) and ``_repr_extra()``. A subclass whose kernel
+``_configure()`` (after the checks, before any hook), ``_clips_held_gradient()`` (exact clipping
+without ``grad_norm``: gradient accumulation), ``_loss_scale()``, ``_prepare(loss)`` (before a
+backward of ours) and ``_repr_extra()``. A subclass whose kernel
 cannot add the squared norm (``_kernel_adds_grad_sq`` False, the default for ops other than LOMO's
 and AdaLomo's) has it added by the base with one torch reduction of ``g``.
 """
@@ -43,14 +48,17 @@ from torch.optim import Optimizer
 from .. import ops
 from .._checks import choice, integer, number
 from . import _distributed
+from ._accumulation import AccumulationMixin
 from ._backward import BackwardMixin
 from ._batch import BatchingMixin
-from ._bookkeeping import BookkeepingMixin, GradNormSpikeWarning, NonFiniteGradientWarning
+from ._bookkeeping import BookkeepingMixin, NonFiniteGradientWarning
+from ._clipping import ClippingMixin, GradNormSpikeWarning
 from ._failures import FailuresMixin
 from ._guards import compiled_autograd_active, compiled_autograd_configured, compiled_autograd_message
 from ._hooks import HooksMixin
 from ._kernels import KernelsMixin
 from ._state import StateMixin
+from ._window import check_accumulation_dtype
 
 __all__ = ["InBackwardOptimizer", "ParamsT", "NonFiniteGradientWarning", "GradNormSpikeWarning",
            "CLIP_MODES"]
@@ -67,20 +75,20 @@ ParamsT = Union[
 
 
 class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin,
-                          BookkeepingMixin, FailuresMixin, StateMixin, Optimizer):
+                          BookkeepingMixin, ClippingMixin, FailuresMixin, AccumulationMixin,
+                          StateMixin, Optimizer):
     """Base class of the in-backward optimizers (see the module docstring)."""
 
     _name = "InBackwardOptimizer"
     _op = ""
     _shardable = True  # its update works on FSDP2 shards (_update_sharded)
     _multi_op = ""  # the multi-tensor op of the small parameters ("": none, no batching)
-    #: clip_mode="previous": a step whose clipped norm exceeds this many times clip_grad_norm is
-    #: flagged (GradNormSpikeWarning, clip_spikes). An attribute, may be changed at any time.
-    clip_spike_factor = 2.0
 
     def __init__(self, model: ParamsT, defaults: Dict[str, Any], *, clip_grad_norm: Optional[float],
                  backend: str, rounding: str, seed: int, clip_mode: str = "exact",
-                 batch_small_params: bool = True, independent_ranks: bool = False) -> None:
+                 batch_small_params: bool = True, independent_ranks: bool = False,
+                 accumulation_steps: int = 1,
+                 accumulation_dtype: Union[str, torch.dtype] = "float32") -> None:
         name = self._name
         if not isinstance(independent_ranks, bool):
             raise TypeError(f"{name}: independent_ranks must be True or False, got "
@@ -101,6 +109,9 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
             raise TypeError(f"{name}: batch_small_params must be True or False, got "
                             f"{batch_small_params!r}")
         self.batch_small_params = batch_small_params
+        self._init_accumulation(integer(accumulation_steps, f"{name}: accumulation_steps", ge=1),
+                                check_accumulation_dtype(accumulation_dtype,
+                                                   f"{name}: accumulation_dtype"))
         self._check_group(defaults, "")
         if compiled_autograd_active() or compiled_autograd_configured():
             raise RuntimeError(compiled_autograd_message(name))
@@ -108,6 +119,7 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
         params, self._names = self._collect(model)
         self.model = model if isinstance(model, torch.nn.Module) else None  # as lomo-optim
         self._init_bookkeeping()
+        self._init_clipping()
         self._init_backward()
         self._init_kernels()
         self._init_batching()
@@ -212,10 +224,6 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
         tensors, for torch.distributed.checkpoint)."""
         return {"step": 0}
 
-    def _check_clip(self, plain: bool) -> None:
-        """Before an updating backward (``plain``: a loss.backward() we did not start): refuse or
-        warn about a clipping set-up that cannot apply. Lomo requires grad_norm() first."""
-
     def _loss_scale(self) -> float:
         """The loss scale of the next backward of ours (fused_backward, grad_norm)."""
         return 1.0
@@ -241,6 +249,10 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
             extra["clip_mode"] = self.clip_mode
         if not self.batch_small_params:
             extra["batch_small_params"] = False
+        if self._window.enabled:
+            extra["accumulation_steps"] = self._window.steps
+            if self._window.dtype != "float32":
+                extra["accumulation_dtype"] = self._window.dtype
         return extra
 
     @staticmethod

@@ -1,24 +1,23 @@
-"""Per-step bookkeeping: the gradient norm, the clip coefficient, the loss scale and the non-finite
-flags, with ONE host look per step.
+"""Per-step bookkeeping: the gradient norm, the loss scale and the non-finite flags, with ONE host
+look per step.
 
 Every update adds its parameter's squared gradient norm to a per-device float32 accumulator
 (zeroed when an updating backward starts: ``_start_grad_norm``). After the backward
 ``_after_update`` computes ``last_grad_norm`` on the device (the square root of the sum over
 devices; ``_reduce_grad_sq`` is where a sharded optimizer sums over ranks), turns it into the next
-step's ``clip_coef`` with ``clip_mode="previous"`` (``torch.where`` keeps the last finite
-coefficient after a non-finite step), and reads the overflow flags, the norm and the coefficient
-the step used in one transfer (_batch.host_look): the non-finite warning, the fp16 loss scaler and
-the clipping safety net (``GradNormSpikeWarning``, ``clip_spikes``) work from those values. The
-``grad_norm`` pass (``norm`` mode) records each gradient's norm instead (``_record_norm``) and
-``_finish_norm_pass`` turns them into the coefficient of the next ``fused_backward``.
+step's ``clip_coef`` with ``clip_mode="previous"`` (_clipping.py), and reads the overflow flags,
+the norm and the coefficient the step applied in one transfer (_batch.host_look): the non-finite
+warning, the fp16 loss scaler and the clipping safety net (``GradNormSpikeWarning``,
+``clip_spikes``) work from those values. The ``grad_norm`` pass (``norm`` mode) records each
+gradient's norm instead (``_record_norm``) and ``_finish_norm_pass`` turns them into the
+coefficient of the next updating backward.
 
-Attributes owned here: ``clip_coef``, ``last_grad_norm``, ``clip_spikes``, ``loss_scaler``,
-``_found_inf``, ``_clip_coefs``, ``_grad_norms``, ``_active_scale``, ``_skip_next``, ``_began``.
+Attributes owned here: ``last_grad_norm``, ``loss_scaler``, ``_found_inf``, ``_grad_norms``,
+``_active_scale``, ``_skip_next``, ``_began``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, List, Optional
 
@@ -34,24 +33,16 @@ class NonFiniteGradientWarning(RuntimeWarning):
     """A backward produced NaN/Inf gradients; the affected values were left unchanged."""
 
 
-class GradNormSpikeWarning(RuntimeWarning):
-    """``clip_mode="previous"``: a step's gradient, clipped with the previous step's coefficient,
-    had a norm above ``clip_spike_factor * clip_grad_norm`` (counted in ``clip_spikes``)."""
-
-
 class BookkeepingMixin:
     """The per-step values of ``InBackwardOptimizer`` (see the module doc)."""
 
     def _init_bookkeeping(self) -> None:
-        self.clip_coef = None  # 0-d float32 device tensor after grad_norm() (or a "previous" step)
         self.last_grad_norm: Optional[torch.Tensor] = None  # 0-d device tensor, after a backward
-        self.clip_spikes = 0  # steps flagged by the clip_mode="previous" safety net
         self.loss_scaler: Optional[DynamicLossScaler] = None  # dynamic scaler (fp16 Lomo)
         self._active_scale = 1.0  # the loss scale of the backward running now
         self._skip_next = False
         self._grad_norms: List[torch.Tensor] = []
         self._found_inf: Dict[torch.device, torch.Tensor] = {}  # device -> 1-element flag
-        self._clip_coefs: Dict[torch.device, torch.Tensor] = {}  # device -> clip_coef there
         self._began = False  # an updating backward has started (its accumulators are zeroed)
 
     # ------------------------------------------------------------------ the kernels' scalars
@@ -61,27 +52,11 @@ class BookkeepingMixin:
             t = self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
         return t
 
-    def _clip_coef_on(self, device: torch.device) -> Optional[torch.Tensor]:
-        if self.clip_coef is None or self.clip_grad_norm is None:
-            return None
-        t = self._clip_coefs.get(device)
-        if t is None:
-            t = self._clip_coefs[device] = self.clip_coef.to(device)
-        return t
-
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss our backward differentiates; the hooks divide by the same scale. (A plain
         loss.backward() is not scaled, so its hooks divide by nothing.)"""
         s = self._active_scale = self._loss_scale()
         return loss * s if s != 1.0 else loss
-
-    def _clip_coef_from(self, norm: torch.Tensor) -> torch.Tensor:
-        """lomo-optim's coefficient: ``min(1, clip_grad_norm / (norm + 1e-6))``, on the device."""
-        return torch.clamp(float(self.clip_grad_norm) / (norm + 1e-6), max=1.0)
-
-    def _set_clip_coef(self, coef: torch.Tensor) -> None:
-        self.clip_coef = coef
-        self._clip_coefs = {coef.device: coef}
 
     # ------------------------------------------------------------------ the grad_norm pass
     def _record_norm(self, g: torch.Tensor, shard: Optional[object]) -> None:
@@ -115,7 +90,7 @@ class BookkeepingMixin:
                     stacklevel=user_stacklevel(),
                 )
             return total
-        self._set_clip_coef(self._clip_coef_from(total))
+        self._set_clip_coef(self._clip_coef_from(total), fresh=True)
         return total
 
     # ------------------------------------------------------------------ after an updating backward
@@ -124,6 +99,7 @@ class BookkeepingMixin:
         self._buffers.zero_grad_sq()
         self._sharding.zero_grad_sq()
         self._began = True
+        self._begin_clipping()
 
     def _main_device(self) -> torch.device:
         return next(iter(self._buffers.grad_sq))
@@ -154,12 +130,10 @@ class BookkeepingMixin:
         and the coefficient this step used. True if clean. The loss scaler only learns from the
         backwards it scaled (fused_backward)."""
         clipping = self.clip_grad_norm is not None
-        used = self.clip_coef if clipping else None
+        used = self._applied_clip_coef()
         norm = self._finish_grad_norm()
         if clipping and self.clip_mode == "previous":
-            keep = self.clip_coef.to(norm.device) if self.clip_coef is not None else 1.0
-            coef = self._clip_coef_from(norm)
-            self._set_clip_coef(torch.where(torch.isfinite(norm), coef, keep))
+            self._next_clip_coef(norm)
         flags = list(self._found_inf.values())
         seen = _batch.host_look(flags + [norm] + ([used] if used is not None else []))
         for t in flags:
@@ -184,24 +158,3 @@ class BookkeepingMixin:
         elif scaler is not None:
             scaler.update_scale(overflow=False)
         return not found
-
-    def _check_spike(self, norm: float, coef: Optional[float]) -> None:
-        """The clip_mode="previous" safety net, from values the host look already has (``coef``:
-        the coefficient this step used; None: none yet, the step was not clipped)."""
-        applied = norm * (1.0 if coef is None else coef)
-        limit = self.clip_spike_factor * float(self.clip_grad_norm)
-        if math.isfinite(applied) and applied > limit:
-            self.clip_spikes += 1
-            how = ("was not clipped (the first step has no previous norm; call grad_norm(loss) "
-                   "before it to clip it exactly)" if coef is None else
-                   f"was clipped with the previous step's coefficient ({coef:.4g})")
-            warnings.warn(
-                f"{self._name}: clip_mode='previous': this step {how}; its gradient norm was "
-                f"{norm:.4g}, so the applied norm {applied:.4g} is "
-                f"{applied / float(self.clip_grad_norm):.1f}x clip_grad_norm="
-                f"{self.clip_grad_norm:g} (flagged above clip_spike_factor="
-                f"{self.clip_spike_factor:g}; {self.clip_spikes} step(s) so far: "
-                "optimizer.clip_spikes). Use clip_mode='exact' where such steps matter.",
-                GradNormSpikeWarning,
-                stacklevel=user_stacklevel(),
-            )

@@ -50,9 +50,12 @@ class FailuresMixin:
         """Reset the per-backward bookkeeping and say what the failed backward changed."""
         n = self._n_updated
         waiting = len(self._pending)
+        window = self._window_note(exc) if self._window.enabled else None
         self._abort_backward()
         pname = self._pname(p)
         at = "" if f"parameter {pname} " in str(exc) else f"at parameter {pname}; "
+        if window is not None:
+            return with_note(exc, window.replace("(", f"({at}", 1)) if window else exc
         if n == 0:
             note = f"({at}no parameter was changed by this backward and no gradient was kept)"
         else:

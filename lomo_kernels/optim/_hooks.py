@@ -183,18 +183,22 @@ class HooksMixin:
         if self._mode == "norm":
             self._record_norm(g, shard)
             return
+        if not g.is_contiguous():
+            g = g.contiguous()
+        if self._window.enabled:  # accumulation_steps > 1: into the buffer (_accumulation.py)
+            self._accumulate(p, g, shard)
+            return
         if self._stamp.get(p) == self._token:
             raise RuntimeError(
                 f"{self._name}: parameter {self._pname(p)} received a second gradient before "
-                "optimizer.step(). The update happens inside backward and frees each gradient, so "
-                "gradient accumulation cannot work (set gradient_accumulation_steps=1): call "
-                "optimizer.step() (a no-op that marks the step boundary) after every "
-                "loss.backward(), or use fused_backward(loss, lr). (A weight shared between "
-                "reentrant checkpoint segments also gets its gradient in pieces: use "
-                "torch.utils.checkpoint(..., use_reentrant=False).)"
+                "optimizer.step(). With accumulation_steps=1 (the default) the update happens "
+                "inside each backward and frees the gradient: call optimizer.step() (which marks "
+                "the step boundary) after every loss.backward(), or use fused_backward(loss, lr). "
+                "To accumulate gradients over K micro-batches (e.g. gradient_accumulation_steps="
+                "K in transformers), create the optimizer with accumulation_steps=K. (A weight "
+                "shared between reentrant checkpoint segments also gets its gradient in pieces: "
+                "use torch.utils.checkpoint(..., use_reentrant=False).)"
             )
-        if not g.is_contiguous():
-            g = g.contiguous()
         self._route(p, g, shard)
 
     def _route(self, p: torch.Tensor, g: torch.Tensor, shard: Optional[Any]) -> None:
@@ -213,9 +217,14 @@ class HooksMixin:
         if not self._active_tasks:
             self._n_updated = 0
         if self._mode == "update":
+            if not self._active_tasks:
+                self._check_window_open()
             self._sharding.check_world()
             plain = not self._in_fused
-            self._check_clip(plain=plain)
+            # (a nested task runs inside a backward already checked; accumulating: the window
+            # is clipped in step())
+            if not self._active_tasks and not self._window.enabled:
+                self._check_clip(plain=plain)
             self._check_groups()
             if plain and self._fp16:
                 self._warn_once(
@@ -227,13 +236,16 @@ class HooksMixin:
                 )
             if not self._active_tasks:  # a new updating backward (checked): fresh accumulators
                 self._drop_pending()  # left by a backward that failed outside our hooks
-                self._start_grad_norm()
+                self._start_grad_norm()  # (and the clip coefficient it applies: _clipping.py)
         self._active_tasks.add(tid)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_task(tid))
 
     def _end_task(self, tid: int) -> None:
         self._active_tasks.discard(tid)
         if self._active_tasks or self._mode != "update":
+            return
+        if self._window.enabled:
+            self._end_accumulating_backward()
             return
         self._update_pending()  # the end of an updating backward: the small parameters
         if not self._in_fused:

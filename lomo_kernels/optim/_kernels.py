@@ -82,7 +82,9 @@ class KernelsMixin:
             for p in params:
                 if p in small:
                     batches.setdefault(p.dtype, []).append(tuple(p.shape))
-            self._buffers.ensure(dev, self._workspace_numel(dev, params, list(batches.values())))
+            need = self._workspace_numel(dev, params, list(batches.values()))
+            accumulate = self._accumulate_workspace_numel(dev, [tuple(p.shape) for p in params])
+            self._buffers.ensure(dev, max(need, accumulate))
             if dev not in self._sq_in_kernel:
                 self._sq_in_kernel[dev] = self._kernel_adds_grad_sq(dev)
 

@@ -1,7 +1,9 @@
 """An in-backward optimizer's ``repr``, ``state_dict`` and ``load_state_dict``.
 
 ``state_dict`` is torch's, with a ``"lomo_kernels"`` entry for what lives outside the param
-groups (seed, clipping, the skip of an overflowed step, the loss scaler). ``load_state_dict``
+groups (seed, clipping, the skip of an overflowed step, the loss scaler, and, saved between two
+backwards of an accumulation window, the window: its buffers and position, so that a resumed run
+continues it bitwise). ``load_state_dict``
 checks every saved group before anything changes, and restores the state tensors as they were
 saved (torch would cast floating state to the parameter's dtype; AdaLomo's factors stay float32).
 """
@@ -46,14 +48,23 @@ class StateMixin:
             "clip_coef": None if self.clip_coef is None else self.clip_coef.detach().cpu().clone(),
             "skip_next": self._skip_next,
             "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+            "accumulation": self._window_state(),
         }
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            got = (f"a dict with keys {sorted(map(str, state_dict))}"
+                   if isinstance(state_dict, dict) else type(state_dict).__name__)
+            raise TypeError(f"{self._name}: load_state_dict takes the dict that "
+                            f"optimizer.state_dict() returns ('state', 'param_groups', ...), "
+                            f"got {got}")
         state_dict = dict(state_dict)
         for i, group in enumerate(state_dict.get("param_groups", ())):
             self._check_group(group, f"state_dict param_groups[{i}]")  # before anything changes
         extra = state_dict.pop("lomo_kernels", None)
+        saved_window = None if extra is None else extra.get("accumulation")
+        self._check_window_state(saved_window)  # before anything changes
         # torch casts floating state to the parameter dtype; AdaLomo's factors must stay fp32,
         # so the tensors are restored here, as they were saved.
         tensors = {}
@@ -79,3 +90,4 @@ class StateMixin:
             if extra["loss_scaler"] is not None:
                 self.loss_scaler = DynamicLossScaler()
                 self.loss_scaler.load_state_dict(extra["loss_scaler"])
+        self._load_window_state(saved_window)

@@ -29,9 +29,11 @@ class AdaLomo(InBackwardOptimizer):
     clip_threshold: grouped update normalisation threshold on ``rms(u)`` (default 1.0), > 0.
     decay_rate: second-moment decay exponent, ``beta_t = 1 - t ** decay_rate`` (default -0.8),
         <= 0.
-    clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before ``fused_backward``;
-        applied only once ``grad_norm`` has run, as in lomo-optim. None (off) or > 0. With
-        ``clip_mode="previous"``: one backward (the README, "Gradient norm and clipping").
+    clip_grad_norm: global L2-norm clipping via ``grad_norm(loss)`` before every
+        ``fused_backward`` (lomo-optim trains unclipped without it, silently; here an updating
+        backward without a ``grad_norm`` before it is refused before anything changes, as
+        ``Lomo`` does). None (off) or > 0. With ``clip_mode="previous"``: one backward
+        (docs/clipping.md).
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay, scaled by the relative step size (default 0), >= 0.
 
@@ -40,6 +42,12 @@ class AdaLomo(InBackwardOptimizer):
     that span shards are all-reduced between the three passes of the update);
     ``batch_small_params`` (True: 0-d and 1-d parameters are updated together, one multi-tensor
     call per device and dtype at the end of the backward; bitwise the same results).
+    ``accumulation_steps`` (K, default 1): with K > 1, each backward adds its gradients into
+    per-parameter buffers and ``step()`` (also called by the K-th ``fused_backward``) applies
+    one update with their sum; exact ``clip_grad_norm`` then needs no ``grad_norm`` pass
+    (docs/accumulation.md). ``accumulation_dtype``: ``"float32"`` (default, exact sums) or
+    ``"param"`` (buffers of the parameter's dtype with stochastic rounding: half the memory for
+    bf16/fp16 parameters).
 
     State per parameter (``self.state[p]``): ``step`` (t), and float32 ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (parameters of 2 or more dimensions, factored over the last two) or
@@ -76,6 +84,8 @@ class AdaLomo(InBackwardOptimizer):
         clip_mode: str = "exact",
         batch_small_params: bool = True,
         independent_ranks: bool = False,
+        accumulation_steps: int = 1,
+        accumulation_dtype: str = "float32",
     ) -> None:
         number(loss_scale, "AdaLomo: loss_scale", ge=0.0, none_ok=True,
                none_means="off; 0 is off too")
@@ -87,23 +97,12 @@ class AdaLomo(InBackwardOptimizer):
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
-            independent_ranks=independent_ranks,
+            independent_ranks=independent_ranks, accumulation_steps=accumulation_steps,
+            accumulation_dtype=accumulation_dtype,
         )
 
     def _repr_extra(self) -> Dict[str, Any]:
         return {"loss_scale": self.loss_scale, **super()._repr_extra()}
-
-    def _check_clip(self, plain: bool) -> None:
-        # As in lomo-optim, clipping applies once grad_norm() has run. A plain loss.backward()
-        # never runs it: say so once rather than silently train unclipped.
-        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
-                and self.clip_mode == "exact"):
-            self._warn_once(
-                "unclipped",
-                "AdaLomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
-                "clipping (it needs optimizer.grad_norm(loss) before optimizer.fused_backward(loss, "
-                "lr)); training proceeds unclipped. Use clip_grad_value instead.",
-            )
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0

@@ -31,11 +31,12 @@ from . import _batch, _golore_shards
 from . import projector as proj
 from ._base import InBackwardOptimizer
 from ._golore_groups import _check_betas, _check_bool, _check_momentum, _split_excluded
+from ._subspace_window import SubspaceAccumulationMixin
 
 PROJECTIONS = ("random", "svd")
 
 
-class GoLore(InBackwardOptimizer):
+class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
     """GoLore (``projection="random"``) and GaLore (``projection="svd"``), in the backward pass.
 
     model: an ``nn.Module`` (its trainable parameters) or an iterable of parameters / param
@@ -60,14 +61,24 @@ class GoLore(InBackwardOptimizer):
     exclude: parameters, names or ``fnmatch`` patterns of names (``"*embed_tokens*"``) trained at
         full rank by the inner optimizer (they are put in groups of their own with
         ``low_rank=False``). Parameters with fewer than two dimensions always are.
-    clip_grad_norm: global L2-norm clipping through ``grad_norm(loss)`` before
-        ``fused_backward`` (two backward passes), as ``AdaLomo``; None: off.
+    clip_grad_norm: global L2-norm clipping through ``grad_norm(loss)`` before every
+        ``fused_backward`` (two backward passes; without it the backward is refused before
+        anything changes), as ``AdaLomo``; None: off.
     clip_mode: ``"exact"`` (those two passes) or ``"previous"`` (one backward, clipped with the
         previous step's global norm), as ``Lomo``.
     backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"torch"`` for the fused inner update.
     rounding: ``"nearest"``, or ``"stochastic"`` for bf16/fp16 weights (see ``_apply``).
     seed: keys the random projections (with the parameter's ordinal and the refresh index) and
         stochastic rounding.
+    accumulation_steps: K (default 1); with K > 1 each backward accumulates and ``step()`` (also
+        called by the K-th ``fused_backward``) updates once from the sum. A low-rank weight
+        accumulates its projected gradient R (float32, the size of one moment: the projection is
+        linear, so the sum is exact) and its gradient is freed in the hook; the projector due
+        at the window's update is drawn at the window's first gradient (GaLore's SVD: from
+        that micro-batch's gradient). With ``clip_grad_norm`` in the exact mode the norm of the
+        whole accumulated gradient is needed, which R does not give: low-rank weights then keep
+        a full buffer as ``AdaLomo`` does (docs/accumulation.md). ``accumulation_dtype`` as
+        ``Lomo`` (for full buffers; R is float32).
 
     Weights of more than two dimensions are treated as ``shape[0] x prod(shape[1:])`` matrices.
 
@@ -116,6 +127,8 @@ class GoLore(InBackwardOptimizer):
         seed=0,
         clip_mode="exact",
         independent_ranks=False,
+        accumulation_steps=1,
+        accumulation_dtype="float32",
     ):
         defaults = dict(
             lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, side=side,
@@ -135,6 +148,7 @@ class GoLore(InBackwardOptimizer):
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed, clip_mode=clip_mode, independent_ranks=independent_ranks,
+            accumulation_steps=accumulation_steps, accumulation_dtype=accumulation_dtype,
         )
         if module is not None:  # names for messages, also when exclude made the groups
             self.model = module
@@ -158,17 +172,6 @@ class GoLore(InBackwardOptimizer):
             "momentum": _check_momentum,
             "low_rank": _check_bool,
         }
-
-    def _check_clip(self, plain: bool) -> None:
-        # As AdaLomo: clipping applies once grad_norm() has run; a plain backward says so once.
-        if (self.clip_grad_norm is not None and self.clip_coef is None and plain
-                and self.clip_mode == "exact"):
-            self._warn_once(
-                "unclipped",
-                f"{self._name}: clip_grad_norm is set, but a plain loss.backward() cannot do "
-                "global-norm clipping (it needs optimizer.grad_norm(loss) before "
-                "optimizer.fused_backward(loss, lr)); training proceeds unclipped.",
-            )
 
     # ------------------------------------------------------------------ the update
     @staticmethod
@@ -241,8 +244,9 @@ class GoLore(InBackwardOptimizer):
     def _configure(self) -> None:
         self._sharding.keyed = True  # every rank must give a parameter the same ordinal
 
-    def _refresh(self, g2, group, state, side, seed, mn, rows=None) -> bool:
-        """Draw the projector due at this update; False when an SVD refresh must wait for a
+    def _refresh(self, g2, group, state, side, seed, mn, rows=None, t0=None) -> bool:
+        """Draw the projector due at this update (``t0``: the 0-based update it is for; default:
+        the update running now); False when an SVD refresh must wait for a
         finite gradient. ``rows``: the shard layout when ``g2`` holds this rank's rows of the
         gradient (``_golore_shards.Rows``), else None. The first moment (exp_avg / momentum_buffer) is carried into the new
         subspace as GoLore's code does; Adam's second moment is kept coordinate-wise, also as
@@ -250,7 +254,7 @@ class GoLore(InBackwardOptimizer):
         entries negative (sqrt -> NaN), and the positive transfer (P_new^T P_old)**2 v shrinks v
         by ~r/d for an unrelated random subspace: once m has rebuilt, updates are then up to
         ~sqrt(d/r) times too large until v has re-accumulated (~1 / (1 - beta2) steps)."""
-        t0 = state["step"] - 1
+        t0 = state["step"] - 1 if t0 is None else t0
         use_svd = group["projection"] == "svd" or t0 < group["svd_steps"]
         idx = state["refreshes"]
         if use_svd:
@@ -304,7 +308,10 @@ class GoLore(InBackwardOptimizer):
             n_mat.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             w.addmm_(*proj.back_factors(n_mat, pmat, side, w.dtype), alpha=-alpha)
             return
-        g2.addmm_(*proj.back_factors(n_mat, pmat, side, w.dtype), beta=0.0, alpha=alpha)
+        if g2 is None:  # accumulated in the subspace: no gradient left, one weight-sized scratch
+            g2 = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        # (a float32 accumulation buffer of a 16-bit weight keeps U in float32)
+        g2.addmm_(*proj.back_factors(n_mat, pmat, side, g2.dtype), beta=0.0, alpha=alpha)
         self._lomo_impl(w.device)(w, g2, None, found, 1.0, lr * wd, 1.0, 0.0, self.rounding,
                                   seed, state["step"])
 

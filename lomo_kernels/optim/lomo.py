@@ -24,8 +24,9 @@ class Lomo(InBackwardOptimizer):
     lr: learning rate (default 1e-3), a finite number >= 0; read from ``param_groups`` at every
         update, so LR schedulers work; ``fused_backward(loss, lr)`` sets it for every group.
     clip_grad_norm: global L2-norm clipping, two backward passes: ``grad_norm(loss)`` then
-        ``fused_backward(loss, lr)``. None (off) or > 0. With ``clip_mode="previous"``, one
-        backward (the README, "Gradient norm and clipping").
+        ``fused_backward(loss, lr)`` (each ``grad_norm`` clips the one backward after it; an
+        updating backward without one is refused before anything changes). None (off) or > 0.
+        With ``clip_mode="previous"``, one backward (docs/clipping.md).
     clip_grad_value: clamp every gradient element to ``[-v, v]``. None or 0: off; else > 0.
     weight_decay: decoupled weight decay (default 0), >= 0.
     loss_scale_args: arguments of the dynamic loss scaler (``DynamicLossScaler``: init_scale,
@@ -48,6 +49,12 @@ class Lomo(InBackwardOptimizer):
     ranks get an ``IndependentRanksWarning``, since nothing averages their gradients before the
     update; True: each rank trains its own parameters on purpose, e.g. a single-process reference
     inside a sharded job, or pipeline stages, and nothing is said).
+    ``accumulation_steps`` (K, default 1): with K > 1, each backward adds its gradients into
+    per-parameter buffers and ``step()`` (also called by the K-th ``fused_backward``) applies
+    one update with their sum; exact ``clip_grad_norm`` then needs no ``grad_norm`` pass
+    (docs/accumulation.md). ``accumulation_dtype``: ``"float32"`` (default, exact sums) or
+    ``"param"`` (buffers of the parameter's dtype with stochastic rounding: half the memory for
+    bf16/fp16 parameters).
 
     Parameters sharded by FSDP2 (``fully_shard``, applied before the optimizer is created) are
     updated shard by shard after the reduce-scatter, with the result of one process on the global
@@ -73,6 +80,8 @@ class Lomo(InBackwardOptimizer):
         clip_mode: str = "exact",
         batch_small_params: bool = True,
         independent_ranks: bool = False,
+        accumulation_steps: int = 1,
+        accumulation_dtype: str = "float32",
     ) -> None:
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError("Lomo: loss_scale_args must be None or a dict of DynamicLossScaler "
@@ -85,7 +94,8 @@ class Lomo(InBackwardOptimizer):
         super().__init__(
             model, defaults, clip_grad_norm=clip_grad_norm, backend=backend, rounding=rounding,
             seed=seed, clip_mode=clip_mode, batch_small_params=batch_small_params,
-            independent_ranks=independent_ranks,
+            independent_ranks=independent_ranks, accumulation_steps=accumulation_steps,
+            accumulation_dtype=accumulation_dtype,
         )
 
     def _configure(self) -> None:
@@ -123,26 +133,6 @@ class Lomo(InBackwardOptimizer):
         if self.loss_scaler is not None:
             extra["loss_scale"] = self.loss_scaler.loss_scale
         return extra
-
-    def _check_clip(self, plain: bool) -> None:
-        if self.clip_grad_norm is None or self.clip_coef is not None or self.clip_mode != "exact":
-            return  # ("previous": the first step is unclipped, see the README)
-        if plain:
-            if self._auto_clip:
-                return  # a plain backward is not scaled: the scaler's clipping does not apply
-            raise ValueError(
-                "Lomo: clip_grad_norm is set, but a plain loss.backward() cannot do global-norm "
-                "clipping (it needs two backward passes: optimizer.grad_norm(loss), then "
-                "optimizer.fused_backward(loss, lr)). Use clip_grad_value, or drop "
-                "clip_grad_norm, when the training loop (e.g. transformers.Trainer) calls "
-                "backward itself."
-            )
-        why = (" (turned on at 1.0 with the float16 loss scaler, as lomo-optim does: the "
-               "grad_norm pass finds overflows)" if self._auto_clip else "")
-        raise ValueError(
-            f"clip_grad_norm is not None{why}, but clip_coef is None. "
-            "Please call optimizer.grad_norm() before optimizer.fused_backward()."
-        )
 
     def _is_small(self, p: torch.Tensor) -> bool:
         return p.dim() <= 1 or p.numel() <= SMALL_NUMEL
@@ -183,7 +173,7 @@ class Lomo(InBackwardOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # (checks it; works on a copy)
         extra = state_dict.get("lomo_kernels") or {}
-        super().load_state_dict(state_dict)
         self._first_backward = extra.get("first_backward", self._first_backward)
         self._auto_clip = extra.get("auto_clip", self._auto_clip)

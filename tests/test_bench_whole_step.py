@@ -1,0 +1,43 @@
+"""The whole-step benchmark (bench/bench_backward.py --whole-step): every variant runs and really
+updates its own copy of the model, the plain step's ratio to itself is 1, and a row carries what
+the results need. Its speed is not asserted (a tiny synthetic model stands in for the real one)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: bench/
+
+from bench import bench_backward  # noqa: E402
+
+
+def test_every_variant_updates_its_own_copy():
+    base, ids = bench_backward.build_model("bwd-tiny", torch.float32, "cpu")
+    fns = bench_backward.whole_step_fns(base, ids, torch.float32)
+    assert list(fns) == [v for v, _, _ in bench_backward.STEP_VARIANTS]
+    before = [p.detach().clone() for p in base.parameters()]
+    for name, step in fns.items():
+        step()
+        model = step.__defaults__[0]  # the model copy the step runs on
+        changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert changed == (name != "backward_plain"), name
+        if name == "backward_plain":
+            assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(base.parameters(), before))  # base untouched
+
+
+def test_rows_are_ratios_to_the_plain_step_of_the_same_round():
+    base, ids = bench_backward.build_model("bwd-tiny", torch.float32, "cpu")
+    rows = bench_backward.whole_step("bwd-tiny", ["fp32"], [1], repeats=1, rounds=2, base=base,
+                                     ids=ids)
+    assert [r["op"] for r in rows] == [v for v, _, _ in bench_backward.STEP_VARIANTS]
+    plain = rows[0]
+    assert plain["ratio_to_plain_backward"] == 1.0 and plain["overhead_ms"] == 0.0
+    for r in rows:
+        assert r["rounds"] == 2 and r["threads"] == 1 and r["dtype"] == "fp32"
+        assert r["median_ms"] > 0 and r["ratio_to_plain_backward"] > 0
+        assert len(r["load_1min_start_end"]) == 1
+    assert "median ms" in bench_backward.format_whole_step(rows)

@@ -1,0 +1,163 @@
+"""Masked lanes of the Triton kernels never decide a result.
+
+Triton documents the value of a masked-off lane of ``tl.load`` without ``other=`` as undefined;
+the interpreter happens to fill it with zeros, so a kernel that sums every lane, or stores a flag
+from every lane, passes on CPU and may not on a GPU. Two checks:
+
+* every masked ``tl.load`` of triton_kernels/ names its ``other=`` (read from the source);
+* the kernels run in an interpreter whose masked lanes without ``other=`` read NaN (bf16: its NaN
+  pattern, integers: -1), on sizes with partial tiles and rows, and still agree with the reference:
+  no NaN in the parameter, the state or ``grad_sq``, and ``found_inf`` stays 0.
+"""
+
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import requires_triton, ulp_distance
+
+from lomo_kernels import ops
+
+pytestmark = requires_triton
+
+TRITON_DIR = pathlib.Path(__file__).resolve().parent.parent / "triton_kernels"
+
+
+def _masked_loads_without_other(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if not (isinstance(f, ast.Attribute) and f.attr == "load"
+                and isinstance(f.value, ast.Name) and f.value.id == "tl"):
+            continue
+        names = {k.arg for k in node.keywords}
+        if "mask" in names and "other" not in names:
+            yield f"{path.name}:{node.lineno}"
+
+
+def test_every_masked_triton_load_names_its_other():
+    files = sorted(TRITON_DIR.glob("*.py"))
+    assert files, TRITON_DIR
+    missing = [where for path in files for where in _masked_loads_without_other(path)]
+    assert not missing, f"masked tl.load without other= (masked lanes undefined): {missing}"
+
+
+@pytest.fixture
+def poisoned_masked_lanes(monkeypatch):
+    """Masked-off lanes of a tl.load without ``other=`` read NaN (or -1) in the interpreter."""
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.create_masked_load
+
+    def poisoned(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
+        if other is None:
+            dtype_tt = ptrs.get_element_ty()
+            dtype_np = interp._get_np_dtype(dtype_tt)
+            if dtype_tt == interp.tl.bfloat16:
+                fill = np.full_like(ptrs.data, 0x7FC0, dtype=dtype_np)
+            elif np.issubdtype(dtype_np, np.floating):
+                fill = np.full_like(ptrs.data, np.nan, dtype=dtype_np)
+            else:
+                fill = np.full_like(ptrs.data, -1, dtype=dtype_np)
+            other = interp.TensorHandle(fill, dtype_tt)
+        return original(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", poisoned)
+
+
+def _impl(op, backend):
+    """``op`` of ``backend`` with the reference's positional signature."""
+    return ops.get_impl(op, backend, "cpu")
+
+
+def _rand(shape, dtype, gen):
+    return (torch.randn(shape, generator=gen) * 0.5 + 0.01).to(dtype)
+
+
+def _check_against_reference(got, want):
+    for name in got:
+        g, w = got[name], want[name]
+        assert not torch.isnan(g).any(), name
+        if g.dtype in (torch.float16, torch.bfloat16):
+            assert ulp_distance(g, w).max() <= 1, name
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(4097,), (9000,), (37, 129), (3, 17, 33)])
+def test_lomo_and_adalomo_ignore_masked_lanes(poisoned_masked_lanes, dtype, shape):
+    gen = torch.Generator().manual_seed(5)
+    p0, g = _rand(shape, dtype, gen), _rand(shape, dtype, gen)
+    clip = torch.tensor([0.7])
+    results = {}
+    for backend in ("torch", "triton"):
+        p = p0.clone()
+        found, gsq = torch.zeros(1), torch.zeros(1)
+        _impl("lomo_update_", backend)(p, g.clone(), clip, found, 1e-2, 0.1, 1.0, 0.0,
+                                       "nearest", 3, 1, gsq)
+        assert found.item() == 0.0, backend
+        results[backend] = {"p": p, "grad_sq": gsq}
+    _check_against_reference(results["triton"], results["torch"])
+
+    state_shapes = ops.adalomo_state_shapes(shape)
+    beta = 1.0 - 2 ** -0.8
+    results = {}
+    for backend in ("torch", "triton"):
+        p = p0.clone()
+        st = {k: torch.rand(s, generator=torch.Generator().manual_seed(9)) + 0.5
+              for k, s in state_shapes.items()}
+        found, gsq = torch.zeros(1), torch.zeros(1)
+        _impl("adalomo_update_", backend)(
+            p, g.clone(), st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
+            st.get("exp_avg_sq"), clip, found, 1e-2, 0.1, 1.0, 0.0, beta, 1e-30, 1e-3, 1.0,
+            "nearest", 3, 2, gsq)
+        assert found.item() == 0.0, backend
+        results[backend] = {"p": p, "grad_sq": gsq, **st}
+    _check_against_reference(results["triton"], results["torch"])
+
+
+def test_multi_tensor_ops_ignore_masked_lanes(poisoned_masked_lanes):
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(7,), (4097,), (1,), (300,)]
+    p0 = [_rand(s, torch.bfloat16, gen) for s in shapes]
+    g = [_rand(s, torch.bfloat16, gen) for s in shapes]
+    k = len(shapes)
+    for op in ("lomo_update_multi_", "adalomo_update_multi_"):
+        results = {}
+        for backend in ("torch", "triton"):
+            ps = [p.clone() for p in p0]
+            found, gsq = torch.zeros(1), torch.zeros(1)
+            if op == "lomo_update_multi_":
+                _impl(op, backend)(ps, [x.clone() for x in g], None, found, [1e-2] * k,
+                                   [0.1] * k, 1.0, [0.0] * k, "nearest", [1] * k, [1] * k, gsq)
+                extra = {}
+            else:
+                vs = [torch.full(s, 0.5) for s in shapes]
+                _impl(op, backend)(ps, [x.clone() for x in g], vs, None, found, [1e-2] * k,
+                                   [0.1] * k, 1.0, [0.0] * k, [0.5] * k, [1e-30] * k,
+                                   [1e-3] * k, [1.0] * k, "nearest", [1] * k, [2] * k, gsq)
+                extra = {f"v{i}": v for i, v in enumerate(vs)}
+            assert found.item() == 0.0, (op, backend)
+            results[backend] = {**{f"p{i}": p for i, p in enumerate(ps)}, "grad_sq": gsq,
+                                **extra}
+        _check_against_reference(results["triton"], results["torch"])
+
+
+def test_golore_ignores_masked_lanes(poisoned_masked_lanes):
+    gen = torch.Generator().manual_seed(7)
+    r0 = torch.randn(37, 5, generator=gen)
+    results = {}
+    for backend in ("torch", "triton"):
+        r = r0.clone()
+        m, v = torch.zeros_like(r), torch.zeros_like(r)
+        found = torch.zeros(1)
+        _impl("golore_update_", backend)(r, None, m, v, None, None, found, "adamw", 1e-2, 0.0,
+                                         1.0, 0.9, 0.999, 1e-8, 0.0, "nearest", 0, 1)
+        assert found.item() == 0.0, backend
+        results[backend] = {"r": r, "m": m, "v": v}
+    _check_against_reference(results["triton"], results["torch"])
