@@ -107,7 +107,7 @@ def _golore(r=None, param=None, m="auto", v="auto", buf=None, inner="adamw", mom
 GOLORE_BAD = {
     "r \\(the projected gradient\\) must be float32": _golore(r=z(8, 4, dtype=torch.bfloat16),
                                                              m=z(8, 4), v=z(8, 4)),
-    "r \\(the gradient\\) must have param's dtype, shape and device": _golore(param=z(8, 5)),
+    "r \\(the gradient\\) must have param's dtype \\(or float32\\), shape and device": _golore(param=z(8, 5)),
     "exp_avg is required for inner='adamw'": _golore(m=None),
     "momentum_buffer must be None for inner='adamw'": _golore(buf=z(8, 4)),
     "momentum_buffer is required for inner='sgd'": _golore(m=None, v=None, inner="sgd",

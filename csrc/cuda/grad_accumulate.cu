@@ -53,7 +53,7 @@ __device__ __forceinline__ storage_t<BF> acc_elem(storage_t<BF> b, float graw, f
 }
 
 template <typename SB, typename SG>
-constexpr int64_t acc_tile() {
+__host__ __device__ constexpr int64_t acc_tile() {  // host (grid sizes) and device (tile offsets)
   return int64_t{kThreads} * Pack<SG>::N * kAccUnroll;
 }
 
@@ -62,9 +62,9 @@ __global__ void __launch_bounds__(kThreads, 4) grad_accumulate_kernel(const AccA
   using SB = storage_t<BF>;
   using SG = storage_t<GF>;
   constexpr int N = Pack<SG>::N;  // elements per thread step (the gradient is the narrower)
-  __shared__ float red[32];
-  __shared__ double dred[32];
-  __shared__ int flag;
+  LOMO_SHARED(float, red, [32]);
+  LOMO_SHARED(double, dred, [32]);
+  LOMO_SHARED(int, flag);
   const int tile = static_cast<int>(blockIdx.x);
   SB* buf = static_cast<SB*>(a.buf);
   const SG* g = static_cast<const SG*>(a.g);
@@ -211,6 +211,7 @@ void grad_accumulate(GRAD_ACCUMULATE_PARAMS) {
     } else {
       scratch = at::zeros({need}, buf.options().dtype(at::kFloat));
     }
+    LOMO_CROSS_BLOCK_MEMORY(scratch);  // the partials other blocks read (the emulation's model)
     acc_carve(a.tiles, Carver(scratch.data_ptr<float>(), scratch.numel()), &a.parts, &a.ticket);
   }
   const at::ScalarType bt = buf.scalar_type(), gt = grad.scalar_type();
