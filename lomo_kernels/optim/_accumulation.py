@@ -136,7 +136,9 @@ class AccumulationMixin:
         self._mode = "update"
         self._active_scale = 1.0  # the buffers hold unscaled gradients
         self._n_updated = 0
-        self._start_grad_norm()
+        self._start_grad_norm()  # (its _begin_clipping: "previous" applies the last coefficient)
+        if self.clip_grad_norm is not None and self.clip_mode == "exact":
+            self._clip_applies = True  # the window's own coefficient, set by _clip_window
         for i, p in enumerate(params):
             try:
                 self._apply_param(p, w.buffers[p], self._sharding.shards.get(p))
