@@ -458,8 +458,8 @@ def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) 
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every (model, case) that ``new`` measured replaced."""
-    return merge_by(old, new, lambda r: (r.get("model_config"), r["optimizer"]))
+    """``old`` with every (model, sequence length, case) that ``new`` measured replaced."""
+    return merge_by(old, new, lambda r: (r.get("model_config"), r.get("seq_len"), r["optimizer"]))
 
 
 def _estimate(case: dict) -> dict:
@@ -475,6 +475,7 @@ def reestimate(folder: Path) -> dict:
     a = data["args"]
     for r in data["rows"]:
         r["estimate"] = _estimate({**a, "optimizer": r["optimizer"],
+                                   "seq_len": r.get("seq_len", a["seq_len"]),
                                    "shape": a["shapes"][r["model_config"]]})
         r["estimate_bytes"] = r["estimate"]["total"]
     write_json_payload(folder / "memory.json", data)
@@ -525,6 +526,9 @@ def main(argv=None) -> dict:
     out = output_dir(args, env)
     old = (json.loads((out / "memory.json").read_text())
            if args.merge and (out / "memory.json").exists() else None)
+    if old is not None:  # rows written before rows carried their sequence length
+        for r in old["rows"]:
+            r.setdefault("seq_len", old["args"]["seq_len"])
     rows, shapes, search = [], {}, None
 
     def write() -> tuple[dict, bool]:
@@ -551,7 +555,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             load = os.getloadavg()[0]
             r = runner({**base, "optimizer": o, "shape": shape})
-            r.update(model_config=config, load_avg_1min_before=round(load, 2),
+            r.update(model_config=config, seq_len=seq_len, load_avg_1min_before=round(load, 2),
                      wall_s=round(time.perf_counter() - t0, 1), date=env["date"],
                      git_commit=env["git_commit"])
             log(f"  {config} {o}: {r['status']}, peak {fmt_bytes(r.get('peak_bytes'), si=False)}"

@@ -9,20 +9,22 @@ Stages, each run in a fresh process (its peak RSS is its own; a crash loses one 
 file rewritten after every run and read back at start (an interrupted study resumes):
 
     baseline  the untrained model's held-out loss and exact match (fp32 and bf16 parameters)
-    sweep     each optimizer at 3 learning rates, seed 0 (fp32 parameters)
+    sweep     each optimizer family at 3 learning rates, seed 0 (fp32 parameters; GaLore takes
+              GoLore's rate, lomo-optim's AdaLomo this project's: the same update rules)
     seeds     each optimizer at its best swept rate (lowest final held-out loss), seeds 1 and 2
-    rounding  bf16 parameters, AdaLomo and Lomo at their best fp32 rates, rounding nearest and
-              stochastic, seeds 0-2
+    rounding  bf16 parameters (float32 arithmetic: see float32_compute), AdaLomo and Lomo at
+              their best fp32 rates, rounding nearest and stochastic, seeds 0-2
+    timing    each optimizer's step against a plain forward+backward, interleaved (below)
 
 A seed fixes the order of the training examples (and GoLore's random projections, stochastic
 rounding's bits): runs with the same seed see the same batches. Optimizers: this project's
 AdaLomo, Lomo, GoLore, GaLore (the CLI's construction: rank 16, embeddings and head at full
 rank), lomo-optim's AdaLomo, torch's AdamW (fp32 parameters: its own master weights). One torch
 thread per run. Step time: the median of a run's training steps after the first; and, in the
-runs marked ``timed`` (the sweep's middle rate, the rounding stage's seed 0), after training, the
-optimizer's step and a plain forward+backward (a second copy of the model, no optimizer, the
-gradients freed) on the same batches, alternated (ABBA) in one process: ``step_ratio`` is the
-median of the pairs' ratios, so that the machine's load cancels to first order.
+timing stage (the pretrained model, after one warm-up step of each), the optimizer's step and a
+plain forward+backward (a second copy of the model, no optimizer, the gradients freed) on the
+same batches, alternated (ABBA) in one process: ``step_ratio`` is the median of the pairs'
+ratios, so that the machine's load cancels to first order.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def run_one(spec: dict) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # evaluation in batches of 16 (fewer, fuller batches than the training batch size)
     run.eval_batches = eval_batches(run.gen_examples, 16, pad, run.device)
+    run.float32_compute = spec.get("compute") == "fp32"
+    if run.float32_compute:
+        float32_compute(run.model)
     rss_loaded = _status_kib("VmRSS") * 1024
     if name == "lomo_optim-adalomo":
         import lomo_optim
@@ -135,6 +140,30 @@ def run_one(spec: dict) -> dict:
     if spec.get("timed"):
         out["timing"] = _interleaved(run, load_model, train_step)
     return out
+
+
+def float32_compute(model) -> None:
+    """Every linear and embedding layer of ``model`` computes in float32 from its (bf16)
+    parameter: the parameters and their gradients stay bf16 (autograd rounds each weight's
+    float32 gradient to its dtype), the activations are float32. (This CPU has no bf16
+    instructions: bf16 matrix products are emulated, several times slower.)"""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    def linear(self, x):
+        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+
+    def embedding(self, ids):
+        return F.embedding(ids, self.weight.float(), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.forward = types.MethodType(linear, m)
+        elif isinstance(m, torch.nn.Embedding):
+            m.forward = types.MethodType(embedding, m)
 
 
 def heldout(model, batches: list, eos_id: int) -> dict:
@@ -176,6 +205,8 @@ def _interleaved(run, load_model, train_step) -> dict:
                      attn_implementation=run.args.attn_implementation,
                      gradient_checkpointing=False)
     ref.train()
+    if run.args.dtype == "bf16" and run.float32_compute:
+        float32_compute(ref)
     lr = run.args.lr
     torch.manual_seed(0)
 
@@ -212,9 +243,9 @@ def _spec(args, optimizer, lr, seed, *, dtype="fp32", rounding="nearest", steps=
 
 
 def _key(spec: dict) -> tuple:
-    return tuple(spec[k] for k in ("stage", "optimizer", "lr", "seed", "dtype", "rounding",
-                                   "steps", "batch_size", "seq_len", "eval_examples",
-                                   "warmup_steps"))
+    return tuple(spec.get(k) for k in ("stage", "optimizer", "lr", "seed", "dtype", "rounding",
+                                       "steps", "batch_size", "seq_len", "eval_examples",
+                                       "warmup_steps", "compute"))
 
 
 def best_lr(runs: list, optimizer: str):
@@ -233,8 +264,8 @@ def best_lr(runs: list, optimizer: str):
 
 def plan(args, runs: list) -> list:
     """Every run of the study, in order; the later stages depend on the sweep's results."""
-    specs = [_spec(args, "adalomo", 0.0, 0, dtype=d, steps=0, stage="baseline",
-                   generate=(d == "fp32")) for d in ("fp32", "bf16")]
+    bf16 = {"dtype": "bf16", "compute": "fp32"}  # bf16 parameters, float32 arithmetic
+    specs = [_spec(args, "adalomo", 0.0, 0, steps=0, stage="baseline", generate=True)]
     for name in SWEEP:
         if name in args.optimizers:
             specs += [_spec(args, name, lr, 0, stage="sweep",
@@ -245,10 +276,11 @@ def plan(args, runs: list) -> list:
         if lr is not None:
             seeds = SEEDS if name in FAMILY else SEEDS[1:]  # seed 0 is the sweep's run
             specs += [_spec(args, name, lr, s, stage="seeds") for s in seeds]
+    specs.append(_spec(args, "adalomo", 0.0, 0, steps=0, stage="baseline", **bf16))
     for name in ROUNDING_OPTIMIZERS:
         lr = best_lr(runs, name)
         if lr is not None and name in args.optimizers:
-            specs += [_spec(args, name, lr, s, dtype="bf16", rounding=rounding, stage="rounding")
+            specs += [_spec(args, name, lr, s, rounding=rounding, stage="rounding", **bf16)
                       for rounding in ("nearest", "stochastic") for s in SEEDS]
     for name in args.optimizers:
         lr = best_lr(runs, name)
@@ -257,8 +289,8 @@ def plan(args, runs: list) -> list:
     for name in ROUNDING_OPTIMIZERS:
         lr = best_lr(runs, name)
         if lr is not None and name in args.optimizers:
-            specs += [_spec(args, name, lr, 0, steps=0, dtype="bf16", rounding=rounding,
-                            stage="timing", timed=True) for rounding in ("nearest", "stochastic")]
+            specs += [_spec(args, name, lr, 0, steps=0, rounding=rounding, stage="timing",
+                            timed=True, **bf16) for rounding in ("nearest", "stochastic")]
     return specs
 
 
@@ -302,7 +334,8 @@ def study(args) -> Path:
             f"held-out loss {result['eval_loss']:.4f}, exact match {result['exact_match']:.0%}, "
             f"step {result['step_s'] or 0:.1f} s")
         print(f"[{result['date']}] {spec['stage']} {spec['optimizer']} lr={spec['lr']:g} "
-              f"seed={spec['seed']} {spec['dtype']}/{spec['rounding']}: {msg} "
+              f"seed={spec['seed']} {spec['dtype']}/{spec['rounding']}"
+              f"{'/fp32 compute' if spec.get('compute') else ''}: {msg} "
               f"({result['wall_s']:.0f} s)", flush=True)
         payload = {"environment": environment("cpu"), "command": command,
                    "settings": {"steps": args.steps, "batch_size": args.batch_size,

@@ -102,6 +102,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   _lk("GoLore", projection="random", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="golore",
                   default_in=("memory", "convergence")),
+    # GaLore's recipe (the fine-tuning CLI's): the embeddings and the output layer at full rank
+    # (full-size float32 Adam moments: 8 bytes per element of each vocabulary-sized matrix)
+    OptimizerSpec("lk-golore-embfull", "GoLore (lomo_kernels, random; embeddings full rank)",
+                  _lk("GoLore", projection="random", exclude=("*embed_tokens*", "lm_head.weight"),
+                      **GOLORE), True, lr=1e-2, family="golore"),
     OptimizerSpec("lk-galore", "GaLore (lomo_kernels, svd)",
                   _lk("GoLore", projection="svd", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="galore",
