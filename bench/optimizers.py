@@ -125,14 +125,22 @@ def get(name: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
 
 
-def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=None):
+def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=None,
+               loss_chunk: int | None = None):
     """One training step (forward, loss, backward with the update); returns the loss tensor.
-    ``autocast``: a dtype for ``torch.autocast`` of the forward (mixed precision), or None."""
+    ``autocast``: a dtype for ``torch.autocast`` of the forward (mixed precision), or None.
+    ``loss_chunk``: the output layer and loss over that many positions at a time
+    (bench/chunked_loss.py), instead of the model's own loss over the whole sequence."""
     device_type = batch.device.type
     ctx = (torch.autocast(device_type, dtype=autocast) if autocast is not None
            else contextlib.nullcontext())
     with ctx:
-        loss = model(input_ids=batch, labels=batch).loss
+        if loss_chunk:
+            from bench.chunked_loss import chunked_lm_loss
+
+            loss = chunked_lm_loss(model, batch, loss_chunk)
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
     if spec.in_backward:
         opt.fused_backward(loss, lr)
     else:

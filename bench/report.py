@@ -235,7 +235,8 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
     for ax, (config, seq_len) in zip(axes[0], panels):
         sel = [r for r in rows if r["model_config"] == config
                and r.get("seq_len", args["seq_len"]) == seq_len]
-        names = [r["optimizer"] for r in sel]
+        names = [r["optimizer"] + (f"\n(loss in {r['loss_chunk']}-token chunks)"
+                                   if r.get("loss_chunk") else "") for r in sel]
         for i, r in enumerate(sel):
             color = ("tab:gray" if r["optimizer"].startswith("floor") else
                      "tab:green" if r["optimizer"].startswith("lk-") else
