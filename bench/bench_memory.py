@@ -375,7 +375,9 @@ def format_rows(rows) -> str:
         if note and note not in notes:
             notes.append(note)
         st = r.get("step_s")
-        table.append([r.get("model_config", ""), r["optimizer"], r["status"],
+        case = r["optimizer"] + (f" (loss/{r['loss_chunk']})" if r.get("loss_chunk") else "")
+        table.append([r.get("model_config", "") + (f" @{r['seq_len']}" if r.get("seq_len") else ""),
+                      case, r["status"],
                       gib(r.get("peak_bytes")), gib(r.get("alloc_peak_bytes")),
                       gib(r.get("estimate_bytes")), gib(r.get("state_bytes")),
                       "-" if st is None else f"{st:.2f}",

@@ -313,8 +313,12 @@ def study(args) -> Path:
     env = environment("cpu")
     out_path = output_dir(args, env) / "finetune_study.json"
     runs = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
-    done = {_key(r["spec"]) for r in runs if "error" not in r}
-    runs = [r for r in runs if "error" not in r]  # failed runs are retried
+    # failed runs are retried; runs with other settings (an earlier study) are not this study's
+    settings = ("batch_size", "seq_len", "eval_examples", "warmup_steps")
+    runs = [r for r in runs if "error" not in r
+            and all(r["spec"][k] == getattr(args, k) for k in settings)
+            and r["spec"]["steps"] in (0, args.steps)]
+    done = {_key(r["spec"]) for r in runs}
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     command = "python bench/finetune_study.py " + " ".join(sys.argv[1:])
