@@ -438,6 +438,8 @@ def parse_args(argv=None):
     p.add_argument("--reestimate", type=Path, default=None, metavar="DIR",
                    help="only recompute the estimates of DIR/memory.json (after a change to "
                         "memory_estimate.py) and redraw DIR/memory.png; nothing is measured")
+    p.add_argument("--plot-model", default=None, choices=sorted(MODEL_CONFIGS),
+                   help="also draw memory-<config>.png with that model's rows only")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -558,6 +560,10 @@ def main(argv=None) -> dict:
                 r["model_config"] for r in result["rows"]))
             result["args"]["shapes"] = {**old["args"].get("shapes", {}), **shapes}
         write_json_payload(out / "memory.json", result)
+        if args.plot_model:  # one model's rows (every sequence length) in a figure of their own
+            sel = [r for r in result["rows"] if r.get("model_config") == args.plot_model]
+            if sel:
+                plot_memory(out / f"memory-{args.plot_model}.png", sel, env, result["args"])
         return result, plot_memory(out / "memory.png", result["rows"], env, result["args"])
 
     for config in configs:

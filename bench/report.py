@@ -268,7 +268,8 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
         ax.set_ylabel("peak memory above the process baseline (GiB)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    return save(fig, path, env, "one training step per case")
+    return save(fig, path, env, "Peak memory of one full-parameter training step per case "
+                "(hatched: the case ran under the limit and failed to allocate)")
 
 
 def plot_curves(path: Path, runs: list[dict], env: dict, title: str) -> bool:
