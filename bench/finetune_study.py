@@ -10,7 +10,8 @@ file rewritten after every run and read back at start (an interrupted study resu
 
     baseline  the untrained model's held-out loss and exact match (fp32 and bf16 parameters)
     sweep     each optimizer family at 3 learning rates, seed 0 (fp32 parameters; GaLore takes
-              GoLore's rate, lomo-optim's AdaLomo this project's: the same update rules)
+              GoLore's rate, lomo-optim's AdaLomo this project's: the same update rules), and
+              one more beyond the best when the best is at an end of the three
     seeds     each optimizer at its best swept rate (lowest final held-out loss), seeds 1 and 2
     rounding  bf16 parameters (float32 arithmetic: see float32_compute), AdaLomo and Lomo at
               their best fp32 rates, rounding nearest and stochastic, seeds 0-2
@@ -248,29 +249,56 @@ def _key(spec: dict) -> tuple:
                                        "warmup_steps", "compute"))
 
 
+def _best(swept: list):
+    finite = [r for r in swept if r["eval_loss"] == r["eval_loss"]]  # a diverged run never wins
+    return min(finite, key=lambda r: (r["eval_loss"], -r["exact_match"])) if finite else None
+
+
+def sweep_lrs(runs: list, family: str) -> tuple:
+    """The rates ``family``'s sweep tries: SWEEP's, and, once they are done, one more step of
+    the grid beyond the best if the best is at an end (so that the best is bracketed)."""
+    lrs = SWEEP[family]
+    swept = {r["spec"]["lr"]: r for r in runs if r["spec"]["stage"] == "sweep"
+             and r["spec"]["optimizer"] == family and "error" not in r}
+    if not all(lr in swept for lr in lrs):
+        return lrs
+    best = _best([swept[lr] for lr in lrs])
+    if best is None:
+        return lrs
+    lr, ratio = best["spec"]["lr"], lrs[1] / lrs[0]
+    if lr == lrs[0]:
+        return (float(f"{lr / ratio:.1g}"),) + lrs
+    if lr == lrs[-1]:
+        return lrs + (float(f"{lr * ratio:.1g}"),)
+    return lrs
+
+
 def best_lr(runs: list, optimizer: str):
     """The swept rate of ``optimizer``'s family with the lowest final held-out loss (a diverged
     run never wins); None until the family's sweep is complete."""
     family = FAMILY.get(optimizer, optimizer)
-    swept = [r for r in runs if r["spec"]["stage"] == "sweep"
+    lrs = sweep_lrs(runs, family)
+    swept = [r for r in runs if r["spec"]["stage"] == "sweep" and r["spec"]["lr"] in lrs
              and r["spec"]["optimizer"] == family and "error" not in r]
-    if len(swept) < len(SWEEP[family]):
+    if len(swept) < len(lrs):
         return None
-    finite = [r for r in swept if r["eval_loss"] == r["eval_loss"]]
-    if not finite:
-        return None
-    return min(finite, key=lambda r: (r["eval_loss"], -r["exact_match"]))["spec"]["lr"]
+    best = _best(swept)
+    return None if best is None else best["spec"]["lr"]
 
 
 def plan(args, runs: list) -> list:
     """Every run of the study, in order; the later stages depend on the sweep's results."""
     bf16 = {"dtype": "bf16", "compute": "fp32"}  # bf16 parameters, float32 arithmetic
     specs = [_spec(args, "adalomo", 0.0, 0, steps=0, stage="baseline", generate=True)]
-    for name in SWEEP:
+    for name in SWEEP:  # the grids first, then any extensions
         if name in args.optimizers:
             specs += [_spec(args, name, lr, 0, stage="sweep",
-                            generate=(name == "adalomo" and i == 1))
-                      for i, lr in enumerate(SWEEP[name])]
+                            generate=(name == "adalomo" and lr == SWEEP[name][1]))
+                      for lr in SWEEP[name]]
+    for name in SWEEP:
+        if name in args.optimizers:
+            specs += [_spec(args, name, lr, 0, stage="sweep")
+                      for lr in sweep_lrs(runs, name) if lr not in SWEEP[name]]
     for name in args.optimizers:
         lr = best_lr(runs, name)
         if lr is not None:

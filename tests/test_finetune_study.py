@@ -90,7 +90,9 @@ def test_the_plan_reuses_seed_0_and_queues_rounding_after_the_sweep():
                               warmup_steps=2, optimizers=list(fs.LABELS))
     first = fs.plan(args, [])
     assert {s["stage"] for s in first} == {"baseline", "sweep"}
-    runs = [r for fam in fs.SWEEP for r in _runs({lr: lr for lr in fs.SWEEP[fam]}, fam)]
+    # each family's best rate in the middle of its sweep (no extension)
+    runs = [r for fam in fs.SWEEP
+            for r in _runs({lr: abs(i - 1) for i, lr in enumerate(fs.SWEEP[fam])}, fam)]
     full = fs.plan(args, runs)
     seeds = [(s["optimizer"], s["seed"]) for s in full if s["stage"] == "seeds"]
     assert ("adalomo", 0) not in seeds and ("adalomo", 1) in seeds
@@ -99,3 +101,14 @@ def test_the_plan_reuses_seed_0_and_queues_rounding_after_the_sweep():
     assert len(rounding) == 12 and all(s["dtype"] == "bf16" for s in rounding)
     assert {s["rounding"] for s in rounding} == {"nearest", "stochastic"}
     assert len({fs._key(s) for s in full}) == len(full)
+
+
+def test_a_best_rate_at_an_end_of_the_sweep_extends_it_once():
+    lrs = fs.SWEEP["lomo"]
+    runs = _runs({lrs[0]: 0.2, lrs[1]: 0.5, lrs[2]: 9.0}, "lomo")
+    ext = fs.sweep_lrs(runs, "lomo")
+    assert len(ext) == 4 and ext[0] == pytest.approx(lrs[0] ** 2 / lrs[1], rel=0.2)
+    assert fs.best_lr(runs, "lomo") is None  # the extension is not measured yet
+    runs += _runs({ext[0]: 0.3}, "lomo")
+    assert fs.best_lr(runs, "lomo") == lrs[0]
+    assert fs.sweep_lrs(runs, "lomo") == ext  # once: no further extension
