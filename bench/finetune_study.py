@@ -11,7 +11,7 @@ file rewritten after every run and read back at start (an interrupted study resu
     baseline  the untrained model's held-out loss and exact match (fp32 and bf16 parameters)
     sweep     each optimizer family at 3 learning rates, seed 0 (fp32 parameters; GaLore takes
               GoLore's rate, lomo-optim's AdaLomo this project's: the same update rules), and
-              one more beyond the best when the best is at an end of the three
+              up to two more steps of the grid beyond the best while the best is at an end
     seeds     each optimizer at its best swept rate (lowest final held-out loss), seeds 1 and 2
     rounding  bf16 parameters (float32 arithmetic: see float32_compute), AdaLomo and Lomo at
               their best fp32 rates, rounding nearest and stochastic, seeds 0-2
@@ -254,22 +254,27 @@ def _best(swept: list):
     return min(finite, key=lambda r: (r["eval_loss"], -r["exact_match"])) if finite else None
 
 
-def sweep_lrs(runs: list, family: str) -> tuple:
-    """The rates ``family``'s sweep tries: SWEEP's, and, once they are done, one more step of
-    the grid beyond the best if the best is at an end (so that the best is bracketed)."""
+def sweep_lrs(runs: list, family: str, max_extra: int = 2) -> tuple:
+    """The rates ``family``'s sweep tries: SWEEP's, then, while the best measured one is at an
+    end, one more step of the grid beyond it (at most ``max_extra``), so that the best is
+    bracketed."""
     lrs = SWEEP[family]
+    ratio = lrs[1] / lrs[0]
     swept = {r["spec"]["lr"]: r for r in runs if r["spec"]["stage"] == "sweep"
              and r["spec"]["optimizer"] == family and "error" not in r}
-    if not all(lr in swept for lr in lrs):
-        return lrs
-    best = _best([swept[lr] for lr in lrs])
-    if best is None:
-        return lrs
-    lr, ratio = best["spec"]["lr"], lrs[1] / lrs[0]
-    if lr == lrs[0]:
-        return (float(f"{lr / ratio:.1g}"),) + lrs
-    if lr == lrs[-1]:
-        return lrs + (float(f"{lr * ratio:.1g}"),)
+    for _ in range(max_extra):
+        if not all(lr in swept for lr in lrs):
+            break
+        best = _best([swept[lr] for lr in lrs])
+        if best is None:
+            break
+        lr = best["spec"]["lr"]
+        if lr == lrs[0]:
+            lrs = (float(f"{lr / ratio:.1g}"),) + lrs
+        elif lr == lrs[-1]:
+            lrs = lrs + (float(f"{lr * ratio:.1g}"),)
+        else:
+            break
     return lrs
 
 

@@ -103,7 +103,7 @@ def test_the_plan_reuses_seed_0_and_queues_rounding_after_the_sweep():
     assert len({fs._key(s) for s in full}) == len(full)
 
 
-def test_a_best_rate_at_an_end_of_the_sweep_extends_it_once():
+def test_a_best_rate_at_an_end_of_the_sweep_extends_it_until_bracketed():
     lrs = fs.SWEEP["lomo"]
     runs = _runs({lrs[0]: 0.2, lrs[1]: 0.5, lrs[2]: 9.0}, "lomo")
     ext = fs.sweep_lrs(runs, "lomo")
@@ -111,4 +111,9 @@ def test_a_best_rate_at_an_end_of_the_sweep_extends_it_once():
     assert fs.best_lr(runs, "lomo") is None  # the extension is not measured yet
     runs += _runs({ext[0]: 0.3}, "lomo")
     assert fs.best_lr(runs, "lomo") == lrs[0]
-    assert fs.sweep_lrs(runs, "lomo") == ext  # once: no further extension
+    assert fs.sweep_lrs(runs, "lomo") == ext  # bracketed: no further extension
+    runs[-1]["eval_loss"] = 0.1  # the new end is the best: one more step, then no more
+    ext2 = fs.sweep_lrs(runs, "lomo")
+    assert len(ext2) == 5 and ext2[1:] == ext
+    runs += _runs({ext2[0]: 0.05}, "lomo")
+    assert fs.sweep_lrs(runs, "lomo") == ext2 and fs.best_lr(runs, "lomo") == ext2[0]
