@@ -179,9 +179,9 @@ def plot(path: Path, data: dict, summary: dict) -> bool:
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("held-out loss after training (per seed; bar: mean)")
-    ax.set_title("held-out loss (50 dates) after training")
-    ax.grid(True, axis="y", alpha=0.3)
     s = data["settings"]
+    ax.set_title(f"held-out loss ({s['eval_examples']} dates) after training")
+    ax.grid(True, axis="y", alpha=0.3)
     return save(fig, path, data["environment"],
                 f"SmolLM2-135M-Instruct fine-tuned on the dates task: {s['steps']} steps x "
                 f"batch {s['batch_size']}, 1 thread", fontsize=9)
