@@ -367,9 +367,13 @@ def study(args) -> Path:
         result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         done.add(_key(spec))
         runs.append(result)
-        msg = result.get("error", "")[-300:] or (
-            f"held-out loss {result['eval_loss']:.4f}, exact match {result['exact_match']:.0%}, "
-            f"step {result['step_s'] or 0:.1f} s")
+        if "error" in result:
+            msg = result["error"][-300:]
+        elif "timing" in result:
+            msg = f"step / plain forward+backward {result['timing']['step_ratio']:.3f}"
+        else:
+            msg = (f"held-out loss {result['eval_loss']:.4f}, exact match "
+                   f"{result['exact_match']:.0%}, step {result['step_s'] or 0:.1f} s")
         print(f"[{result['date']}] {spec['stage']} {spec['optimizer']} lr={spec['lr']:g} "
               f"seed={spec['seed']} {spec['dtype']}/{spec['rounding']}"
               f"{'/fp32 compute' if spec.get('compute') else ''}: {msg} "
