@@ -183,7 +183,8 @@ def _warm_up(case: dict, device, dtype) -> None:
     else:
         spec = optimizers.get(case["optimizer"])
         opt = spec.make(model, case["lr"], device, backend=case["backend"])
-        optimizers.train_step(spec, opt, model, batch, case["lr"])
+        optimizers.train_step(spec, opt, model, batch, case["lr"],
+                              loss_chunk=case.get("loss_chunk"))
         optimizers.detach(opt)
 
 
@@ -233,7 +234,8 @@ def run_case(case: dict) -> dict:
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
                 return loss
-            return optimizers.train_step(spec, opt, model, batch, case["lr"])
+            return optimizers.train_step(spec, opt, model, batch, case["lr"],
+                                         loss_chunk=case.get("loss_chunk"))
 
         times, losses = [], []
         probe.reset()
@@ -377,7 +379,9 @@ def format_rows(rows) -> str:
         if note and note not in notes:
             notes.append(note)
         st = r.get("step_s")
-        table.append([r.get("model_config", ""), r["optimizer"], r["status"],
+        case = r["optimizer"] + (f" (loss/{r['loss_chunk']})" if r.get("loss_chunk") else "")
+        table.append([r.get("model_config", "") + (f" @{r['seq_len']}" if r.get("seq_len") else ""),
+                      case, r["status"],
                       gib(r.get("peak_bytes")), gib(r.get("alloc_peak_bytes")),
                       gib(r.get("estimate_bytes")), gib(r.get("state_bytes")),
                       "-" if st is None else f"{st:.2f}",
@@ -408,6 +412,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="N",
+                   help="compute the output layer and the loss N positions at a time, each "
+                        "chunk recomputed in the backward (bench/chunked_loss.py); default: the "
+                        "model's own loss over the whole sequence")
     p.add_argument("--cpu-limit-gib", type=float, default=16.0,
                    help="CPU: memory a case may use above its baseline; a case needing more "
                         "does not fit (default 16 GiB; lowered to what is free, less 1.5 GiB)")
@@ -434,6 +442,8 @@ def parse_args(argv=None):
     p.add_argument("--reestimate", type=Path, default=None, metavar="DIR",
                    help="only recompute the estimates of DIR/memory.json (after a change to "
                         "memory_estimate.py) and redraw DIR/memory.png; nothing is measured")
+    p.add_argument("--plot-model", default=None, choices=sorted(MODEL_CONFIGS),
+                   help="also draw memory-<config>.png with that model's rows only")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -462,14 +472,16 @@ def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) 
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every (model, case) that ``new`` measured replaced."""
-    return merge_by(old, new, lambda r: (r.get("model_config"), r["optimizer"]))
+    """``old`` with every (model, sequence length, case) that ``new`` measured replaced."""
+    return merge_by(old, new, lambda r: (r.get("model_config"), r.get("seq_len"), r["optimizer"],
+                                         r.get("loss_chunk")))
 
 
 def _estimate(case: dict) -> dict:
     return estimate(case["optimizer"], case["shape"],
                     vocab=case["shape"].get("vocab_size") or ByteTokenizer.vocab_size,
                     seq=case["seq_len"], batch=case["batch_size"],
+                    loss_chunk=case.get("loss_chunk"),
                     es=torch.empty((), dtype=DTYPES[case["dtype"]]).itemsize,
                     checkpointing=case["gradient_checkpointing"])
 
@@ -479,6 +491,8 @@ def reestimate(folder: Path) -> dict:
     a = data["args"]
     for r in data["rows"]:
         r["estimate"] = _estimate({**a, "optimizer": r["optimizer"],
+                                   "seq_len": r.get("seq_len", a["seq_len"]),
+                                   "loss_chunk": r.get("loss_chunk"),
                                    "shape": a["shapes"][r["model_config"]]})
         r["estimate_bytes"] = r["estimate"]["total"]
     write_json_payload(folder / "memory.json", data)
@@ -519,6 +533,7 @@ def main(argv=None) -> dict:
 
     base = dict(device=str(device), dtype=args.dtype, seq_len=seq_len, batch_size=args.batch_size,
                 steps=args.steps, gradient_checkpointing=args.gradient_checkpointing, lr=args.lr,
+                loss_chunk=args.loss_chunk,
                 backend=args.backend, allocator_trace=not args.no_allocator_trace)
     env = environment(device)
     for mod in ("transformers", "lomo_optim"):
@@ -529,6 +544,9 @@ def main(argv=None) -> dict:
     out = output_dir(args, env)
     old = (json.loads((out / "memory.json").read_text())
            if args.merge and (out / "memory.json").exists() else None)
+    if old is not None:  # rows written before rows carried their sequence length
+        for r in old["rows"]:
+            r.setdefault("seq_len", old["args"]["seq_len"])
     rows, shapes, search = [], {}, None
 
     def write() -> tuple[dict, bool]:
@@ -546,6 +564,10 @@ def main(argv=None) -> dict:
                 r["model_config"] for r in result["rows"]))
             result["args"]["shapes"] = {**old["args"].get("shapes", {}), **shapes}
         write_json_payload(out / "memory.json", result)
+        if args.plot_model:  # one model's rows (every sequence length) in a figure of their own
+            sel = [r for r in result["rows"] if r.get("model_config") == args.plot_model]
+            if sel:
+                plot_memory(out / f"memory-{args.plot_model}.png", sel, env, result["args"])
         return result, plot_memory(out / "memory.png", result["rows"], env, result["args"])
 
     for config in configs:
@@ -555,7 +577,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             load = os.getloadavg()[0]
             r = runner({**base, "optimizer": o, "shape": shape})
-            r.update(model_config=config, load_avg_1min_before=round(load, 2),
+            r.update(model_config=config, seq_len=seq_len, loss_chunk=args.loss_chunk,
+                     load_avg_1min_before=round(load, 2),
                      wall_s=round(time.perf_counter() - t0, 1), date=env["date"],
                      git_commit=env["git_commit"])
             log(f"  {config} {o}: {r['status']}, peak {fmt_bytes(r.get('peak_bytes'), si=False)}"

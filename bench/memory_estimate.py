@@ -10,7 +10,8 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
     A      activations: with checkpointing one hidden state per layer boundary, one layer
            recomputed (its saved tensors and their gradients), and the output layer: bf16
            logits, their float32 upcast and log-softmax for the loss, and the gradients of
-           those on the way back (HF's loss upcasts the logits)
+           those on the way back (HF's loss upcasts the logits); with the loss computed in
+           chunks of positions (bench/chunked_loss.py), one chunk's logits
     S      the optimizer's persistent state
 
     floor-params         P
@@ -33,6 +34,8 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
                          Adam moments (max(m, n) x r) of every matrix with min(m, n) > r, full-size
                          float32 moments of the rest (the projection's and the randomised SVD's
                          temporaries are O((m + n) r), not counted)
+    lk-golore-embfull    the same with the embeddings and the output layer at full rank (full-size
+                         float32 moments)
 
 The activation term is rough (a few hundred MB at seq 256); it is the same for every optimizer,
 so the differences between optimizers are what the estimate predicts best.
@@ -60,7 +63,7 @@ def _param_shapes(shape: dict, vocab: int) -> list[tuple[int, ...]]:
 
 
 def activation_bytes(shape: dict, vocab: int, seq: int, batch: int, es: int,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, loss_chunk: int | None = None) -> int:
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = shape["num_key_value_heads"] * (shape.get("head_dim")
                                          or h // shape["num_attention_heads"])
@@ -68,19 +71,21 @@ def activation_bytes(shape: dict, vocab: int, seq: int, batch: int, es: int,
     # one layer's saved tensors: norms, q/k/v, attention out, o-proj in, gate/up/act, down in
     layer = tokens * (6 * h + 2 * kv + 4 * inter) * es
     body = (layers * tokens * h * es + 2 * layer) if checkpointing else layers * layer
-    logits = tokens * vocab * (2 * es + 2 * 4 + 2 * 4)  # bf16 + fp32 upcast + log-softmax, + grads
+    # bf16 + fp32 upcast + log-softmax, + grads; chunked: one chunk's at a time
+    logit_rows = min(seq, loss_chunk) * batch if loss_chunk else tokens
+    logits = logit_rows * vocab * (2 * es + 2 * 4 + 2 * 4)
     return body + logits
 
 
 def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, es: int,
-             checkpointing: bool) -> dict:
+             checkpointing: bool, loss_chunk: int | None = None) -> dict:
     """{"total": bytes, and the parts it adds up}; see the module docstring."""
     shapes = _param_shapes(shape, vocab)
     n_max = max(math.prod(s) for s in shapes)
     P = sum(math.prod(s) for s in shapes) * es
     Gmax = n_max * es
     gmax_live = 2 * Gmax if shape.get("tie_word_embeddings") else Gmax
-    A = activation_bytes(shape, vocab, seq, batch, es, checkpointing)
+    A = activation_bytes(shape, vocab, seq, batch, es, checkpointing, loss_chunk)
     factored = sum(4 * (s[0] + s[1]) if len(s) == 2 else 4 * s[0] for s in shapes)
     if optimizer == "floor-params":
         return {"total": P, "params": P}
@@ -102,9 +107,11 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         extra = max(A + gmax_live, fp32) if shape.get("tie_word_embeddings") else A + fp32
         return {"total": P + extra + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "fp32_copies": fp32, "state": state}
-    if optimizer in ("lk-golore", "lk-galore"):
+    if optimizer in ("lk-golore", "lk-galore", "lk-golore-embfull"):
         r = GOLORE["rank"]
-        state = sum(4 * (min(s) * r + 2 * max(s) * r) if len(s) == 2 and min(s) > r
+        full = optimizer.endswith("embfull")  # vocabulary-sized matrices at full rank
+        state = sum(4 * (min(s) * r + 2 * max(s) * r)
+                    if len(s) == 2 and min(s) > r and not (full and vocab in s)
                     else 8 * math.prod(s) for s in shapes)
         return {"total": P + A + gmax_live + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "state": state}

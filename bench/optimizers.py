@@ -117,6 +117,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   _lk("GoLore", projection="random", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="golore",
                   default_in=("memory", "convergence")),
+    # GaLore's recipe (the fine-tuning CLI's): the embeddings and the output layer at full rank
+    # (full-size float32 Adam moments: 8 bytes per element of each vocabulary-sized matrix)
+    OptimizerSpec("lk-golore-embfull", "GoLore (lomo_kernels, random; embeddings full rank)",
+                  _lk("GoLore", projection="random", exclude=("*embed_tokens*", "lm_head.weight"),
+                      **GOLORE), True, lr=1e-2, family="golore"),
     OptimizerSpec("lk-galore", "GaLore (lomo_kernels, svd)",
                   _lk("GoLore", projection="svd", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="galore",
@@ -147,9 +152,12 @@ def get(name: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
 
 
-def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=None):
+def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=None,
+               loss_chunk: int | None = None):
     """One training step (forward, loss, backward with the update); returns the loss tensor.
-    ``autocast``: a dtype for ``torch.autocast`` of the forward (mixed precision), or None."""
+    ``autocast``: a dtype for ``torch.autocast`` of the forward (mixed precision), or None.
+    ``loss_chunk``: the output layer and loss over that many positions at a time
+    (bench/chunked_loss.py), instead of the model's own loss over the whole sequence."""
     device_type = batch.device.type
     ctx = (torch.autocast(device_type, dtype=autocast) if autocast is not None
            else contextlib.nullcontext())
@@ -160,7 +168,12 @@ def train_step(spec: OptimizerSpec, opt, model, batch, lr: float, *, autocast=No
             opt.fused_backward(loss / spec.micro_batches, lr)
         return loss
     with ctx:
-        loss = model(input_ids=batch, labels=batch).loss
+        if loss_chunk:
+            from bench.chunked_loss import chunked_lm_loss
+
+            loss = chunked_lm_loss(model, batch, loss_chunk)
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
     if spec.in_backward:
         opt.fused_backward(loss, lr)
     else:

@@ -262,12 +262,15 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
     if plt is None:
         return False
 
-    configs = list(dict.fromkeys(r["model_config"] for r in rows))
-    fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 5.5), squeeze=False)
+    panels = list(dict.fromkeys((r["model_config"], r.get("seq_len", args["seq_len"]))
+                                for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
     gib = 2**30
-    for ax, config in zip(axes[0], configs):
-        sel = [r for r in rows if r["model_config"] == config]
-        names = [r["optimizer"] for r in sel]
+    for ax, (config, seq_len) in zip(axes[0], panels):
+        sel = [r for r in rows if r["model_config"] == config
+               and r.get("seq_len", args["seq_len"]) == seq_len]
+        names = [r["optimizer"] + (f"\n(loss in {r['loss_chunk']}-token chunks)"
+                                   if r.get("loss_chunk") else "") for r in sel]
         for i, r in enumerate(sel):
             color = ("tab:gray" if r["optimizer"].startswith("floor") else
                      "tab:green" if r["optimizer"].startswith("lk-") else
@@ -292,14 +295,15 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
                        label=f"limit {min(limits) / gib:.1f} GiB")
         n = next((r["n_params"] for r in sel if r.get("n_params")), None)
         ax.set_title(f"{config}" + (f" ({n / 1e9:.2f}B parameters)" if n else "")
-                     + f", {args['dtype']}, seq {args['seq_len']} x batch {args['batch_size']}"
+                     + f", {args['dtype']}, seq {seq_len} x batch {args['batch_size']}"
                      + (", checkpointing" if args["gradient_checkpointing"] else ""), fontsize=9)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("peak memory above the process baseline (GiB)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    return save(fig, path, env, "one training step per case")
+    return save(fig, path, env, "Peak memory of one full-parameter training step per case "
+                "(hatched: the case ran under the limit and failed to allocate)")
 
 
 def plot_curves(path: Path, runs: list[dict], env: dict, title: str) -> bool:

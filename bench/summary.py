@@ -40,13 +40,21 @@ def _gib(x) -> str:
 def memory(path: Path) -> str:
     data = json.loads(path.read_text())
     rows, args = data["rows"], data["args"]
-    configs = list(dict.fromkeys(r["model_config"] for r in rows))
-    cases = list(dict.fromkeys(r["optimizer"] for r in rows))
-    by = {(r["model_config"], r["optimizer"]): r for r in rows}
+    # a column group per (model, sequence length); a row per case (and loss chunking)
+    col = lambda r: (r["model_config"], r.get("seq_len", args["seq_len"]))  # noqa: E731
+    case_of = lambda r: r["optimizer"] + (  # noqa: E731
+        f" (loss/{r['loss_chunk']})" if r.get("loss_chunk") else "")
+    configs = list(dict.fromkeys(col(r) for r in rows))
+    cases = list(dict.fromkeys(case_of(r) for r in rows))
+    by = {(col(r), case_of(r)): r for r in rows}
+    seqs = sorted({s for _, s in configs})
     headers = ["case"]
     for c in configs:
-        n = next((r["n_params"] for r in rows if r["model_config"] == c and r.get("n_params")), 0)
-        headers += [f"{c} ({n / 1e9:.2f}B) peak RSS", "allocator", "estimate", "step (s)"]
+        n = next((r["n_params"] for r in rows if r["model_config"] == c[0] and r.get("n_params")),
+                 0)
+        seq = f" seq {c[1]}" if len(seqs) > 1 else ""
+        headers += [f"{c[0]} ({n / 1e9:.2f}B){seq} peak RSS", "allocator", "estimate",
+                    "step (s)"]
     headers.append("state (MiB)")
     table = []
     for case in cases:
@@ -66,12 +74,14 @@ def memory(path: Path) -> str:
                 cells += [r.get("note") or r["status"], "-", _gib(r.get("estimate_bytes")), "-"]
         table.append(cells + [state])
     cmd = (f"python bench/bench_memory.py --device {args['device']} --model-config "
-           f"{' '.join(configs)} --seq-len {args['seq_len']}"
+           f"{' '.join(dict.fromkeys(c for c, _ in configs))} --seq-len "
+           f"{' / '.join(map(str, seqs))}"
            + (" --gradient-checkpointing" if args["gradient_checkpointing"] else "")
            + " --update-committed")
     loads = sorted(r["load_avg_1min_before"] for r in rows if "load_avg_1min_before" in r)
     during = f"; 1-minute load during the cases {loads[0]}-{loads[-1]}" if loads else ""
-    return (f"Memory (GiB above the process baseline; {args['dtype']}, seq {args['seq_len']} x "
+    return (f"Memory (GiB above the process baseline; {args['dtype']}, seq "
+            f"{' / '.join(map(str, seqs))} x "
             f"batch {args['batch_size']}): {_machine(data['environment'])}{during}.\n`{cmd}`\n\n"
             + markdown(headers, table))
 

@@ -78,3 +78,11 @@ def test_help_names_no_internal_documents(script, capsys):
     out = capsys.readouterr().out
     assert "usage" in out
     assert "SPEC.md" not in out and "DESIGN.md" not in out and "issue" not in out.lower()
+
+
+def test_merge_keeps_each_sequence_length_and_loss_chunking():
+    old = [{"model_config": "8b", "seq_len": 256, "optimizer": "a", "v": 1},
+           {"model_config": "8b", "seq_len": 2048, "optimizer": "a", "v": 2}]
+    new = [{"model_config": "8b", "seq_len": 2048, "optimizer": "a", "v": 3},
+           {"model_config": "8b", "seq_len": 2048, "optimizer": "a", "loss_chunk": 256, "v": 4}]
+    assert [r["v"] for r in bm.merge_rows(old, new)] == [1, 3, 4]
