@@ -222,11 +222,23 @@ def clip_cost(res: Results) -> str:
             "(docs/results.md, \"Clipping modes\")")
 
 
+def finetune_study(res: Results) -> str:
+    """docs/evidence.md: the pretrained model's learning-rate sweep, each optimizer at its best rate
+    over the seeds, and the bf16 rounding study (bench/finetune_study_report.py's tables)."""
+    from bench import finetune_study_report as report
+
+    data = res(f"{CPU}/finetune_study.json")
+    env = data.get("environment", {})
+    command = data.get("command", "python bench/finetune_study.py --update-committed")
+    return (_source(env, command) + "\n\n```text\n"
+            + report.tables(report.summarise(data)).rstrip("\n") + "\n```")
+
+
 GENERATORS = {
     "headline": headline, "summary": summary_table, "memory": memory_table,
     "convergence": convergence_table, "step-time": step_time_table,
     "clip-modes": clip_modes_table, "clip-cost": clip_cost, "microbench": microbench_table,
-    "finetune-example": finetune_example,
+    "finetune-example": finetune_example, "finetune-study": finetune_study,
 }
 
 
