@@ -108,7 +108,8 @@ def train(model, opt, steps, ctx=None, lr=None, first=0):
         if step < STEPS - 1:
             norms.append(float(opt.grad_norm(loss)))
             opt.fused_backward(loss, lr)
-        else:
+        else:  # exact clipping of a plain backward: grad_norm first (else it is refused)
+            norms.append(float(opt.grad_norm(loss)))
             loss.backward()
             opt.step()
     return norms
