@@ -251,7 +251,9 @@ def bf16_smoke(ctx, projection):
     before = params_of(m)
     for step in range(3):
         x, y = batch(step, ctx, torch.bfloat16)
-        opt.fused_backward(loss_of(m, x, y))
+        loss = loss_of(m, x, y)
+        opt.grad_norm(loss)  # exact clipping: the norm first
+        opt.fused_backward(loss)
     after = params_of(m)
     for n in before:
         assert torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n]), n
