@@ -320,7 +320,7 @@ def test_bad_arguments_are_named(call):
     with pytest.raises((TypeError, RuntimeError), match="r .the projected gradient. must be"):
         call(r.bfloat16(), inner="sgd")
     with pytest.raises((ValueError, RuntimeError), match="r .the gradient. must have param's"):
-        call(r, param=torch.zeros(4, 5, dtype=torch.bfloat16), inner="sgd")
+        call(r.half(), param=torch.zeros(4, 5, dtype=torch.bfloat16), inner="sgd")
     with pytest.raises((ValueError, RuntimeError), match="step must be >= 1"):
         call(r, exp_avg=z, exp_avg_sq=z.clone(), step=0)
     with pytest.raises((ValueError, RuntimeError), match="r must be contiguous"):
