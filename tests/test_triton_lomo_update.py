@@ -139,7 +139,9 @@ def test_ops_dispatches_to_triton_and_checks_arguments(device):
     with pytest.raises(ValueError, match="contiguous"):
         ops.lomo_update_(p.t(), g.t(), lr=0.1, backend="triton")
     with pytest.raises(TypeError, match="dtype"):
-        ops.lomo_update_(p, g.float(), lr=0.1, backend="triton")
+        # (float32 is allowed: an accumulation buffer; another 16-bit dtype is not)
+        ops.lomo_update_(p, g.to(torch.bfloat16 if p.dtype == torch.float16 else torch.float16),
+                         lr=0.1, backend="triton")
     with pytest.raises(ValueError, match="shape"):
         ops.lomo_update_(p, g[:4], lr=0.1, backend="triton")
     with pytest.raises(ValueError, match="rounding"):
@@ -151,7 +153,7 @@ def test_ops_dispatches_to_triton_and_checks_arguments(device):
     with pytest.raises(ValueError, match="does not match"):
         launch(p, g.reshape(-1)[:40], None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 0)
     with pytest.raises(ValueError, match="does not match"):
-        launch(p, g.float(), None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 0)
+        launch(p, g.half(), None, None, 0.1, 0.0, 1.0, 0.0, "nearest", 0, 0)  # (float32: allowed)
     with pytest.raises(ValueError, match="found_inf"):
         launch(p, g, None, torch.zeros(0, device=device), 0.1, 0.0, 1.0, 0.0, "nearest", 0, 0)
     before = p.clone()
