@@ -374,6 +374,37 @@ def test_stochastic_rounding_keeps_tiny_updates():
     assert abs(results["stochastic"] - (1.0 - 20 * 1e-4)) < 2e-4  # kept on average
 
 
+@pytest.mark.parametrize("cls", [Lomo, AdaLomo, lomo_kernels.GoLore])
+def test_default_rounding_is_stochastic_for_16_bit_and_exact_for_float32(cls):
+    """The default (None) rounds bf16 parameters stochastically (bitwise rounding="stochastic"),
+    and leaves float32 parameters on the nearest-rounding path (bitwise rounding="nearest");
+    an explicit "stochastic" with only float32 parameters is refused."""
+    x, y = data()
+    for dtype, same_as in ((torch.bfloat16, "stochastic"), (torch.float32, "nearest")):
+        m_default, m_explicit = mlp(dtype), mlp(dtype)
+        o_default = cls(m_default, lr=0.01)
+        o_explicit = cls(m_explicit, lr=0.01, rounding=same_as) if dtype != torch.float32 \
+            else cls(m_explicit, lr=0.01, rounding="nearest")
+        assert o_default.rounding == "stochastic"
+        for m, o in ((m_default, o_default), (m_explicit, o_explicit)):
+            for _ in range(3):
+                loss_of(m, x.to(dtype), y.to(dtype)).backward()
+                o.step()
+        for a, b in zip(m_default.parameters(), m_explicit.parameters()):
+            assert torch.equal(a, b), (dtype, same_as)
+    with pytest.raises(ValueError, match="float32 .*leave rounding at its default"):
+        cls(mlp(), lr=0.01, rounding="stochastic")
+
+
+def test_default_rounding_keeps_tiny_updates_of_bf16_parameters():
+    p = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
+    opt = Lomo([p], lr=1e-4)  # the default rounding
+    for _ in range(20):
+        (p.float().sum()).backward()  # each step moves p by -1e-4, below half a bf16 ulp
+        opt.step()
+    assert abs(p.float().mean().item() - (1.0 - 20 * 1e-4)) < 2e-4
+
+
 def test_zero_dim_and_empty_parameters():
     w0 = torch.nn.Parameter(torch.tensor(2.0))
     empty = torch.nn.Parameter(torch.zeros(0, 4))

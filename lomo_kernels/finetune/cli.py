@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--svd-steps", type=COUNT, default=0,
                    help="GoLore: SVD projections for the first N steps, random after")
     t.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
-    t.add_argument("--rounding", choices=ops.ROUNDINGS, default="nearest",
-                   help="rounding of bf16/fp16 parameters (in-backward optimizers)")
+    t.add_argument("--rounding", choices=ops.ROUNDINGS, default=None,
+                   help="rounding of bf16/fp16 parameters (in-backward optimizers; default "
+                   "stochastic; nearest is lomo-optim's)")
     t.add_argument("--seed", type=COUNT, default=0)
     t.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads (default on CPU: 1 for the tiny/small demo configs, "

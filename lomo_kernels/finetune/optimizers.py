@@ -33,7 +33,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 
 def make_optimizer(name: str, model, lr: float, *, backend: str = "auto", clip_grad_norm=None,
-                   clip_grad_value=None, weight_decay: float = 0.0, rounding: str = "nearest",
+                   clip_grad_value=None, weight_decay: float = 0.0, rounding: str | None = None,
                    seed: int = 0, fused_adamw: bool | None = None, rank: int = 16,
                    update_proj_gap: int = 50, golore_scale: float = 0.25, svd_steps: int = 0,
                    clip_mode: str = "exact", accumulation_steps: int = 1):

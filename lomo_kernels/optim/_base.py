@@ -85,7 +85,7 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
     _multi_op = ""  # the multi-tensor op of the small parameters ("": none, no batching)
 
     def __init__(self, model: ParamsT, defaults: Dict[str, Any], *, clip_grad_norm: Optional[float],
-                 backend: str, rounding: str, seed: int, clip_mode: str = "exact",
+                 backend: str, rounding: Optional[str], seed: int, clip_mode: str = "exact",
                  batch_small_params: bool = True, independent_ranks: bool = False,
                  accumulation_steps: int = 1,
                  accumulation_dtype: Union[str, torch.dtype] = "float32") -> None:
@@ -97,7 +97,9 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
         self._sharding = _distributed.Sharding(name, independent_ranks)
         self._init_hooks()
         self.backend = choice(backend, f"{name}: backend", ops.BACKENDS)
-        self.rounding = choice(rounding, f"{name}: rounding", ops.ROUNDINGS)
+        # None (the default): stochastic, which only 16-bit parameters use (_rounding_for)
+        self.rounding = choice("stochastic" if rounding is None else rounding,
+                               f"{name}: rounding", ops.ROUNDINGS)
         self.seed = integer(seed, f"{name}: seed")
         self.clip_grad_norm = number(clip_grad_norm, f"{name}: clip_grad_norm", gt=0.0,
                                      none_ok=True)
@@ -132,13 +134,18 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
         if rounding == "stochastic" and not any(p.dtype in _LOW_PRECISION for _, p in trainable):
             raise ValueError(
                 f"{name}: rounding='stochastic' applies to float16/bfloat16 parameters, and every "
-                "trainable parameter here is float32 (stored exactly, nothing to round); use "
-                "rounding='nearest'"
+                "trainable parameter here is float32 (stored exactly, nothing to round); leave "
+                "rounding at its default (None)"
             )
         self._fp16 = any(p.dtype == torch.float16 for _, p in trainable)
         self._configure()
         self._attach(trainable)
         self._ready = True
+
+    def _rounding_for(self, dtype: torch.dtype) -> str:
+        """The rounding of an update of a ``dtype`` tensor: ``self.rounding`` for 16-bit
+        tensors; float32 results are stored exactly ("nearest" keeps the kernels' fast path)."""
+        return self.rounding if dtype in _LOW_PRECISION else "nearest"
 
     # ------------------------------------------------------------------ arguments
     def _collect(self, model: Any) -> Tuple[list, Dict[torch.Tensor, str]]:

@@ -79,7 +79,7 @@ class AdaLomo(InBackwardOptimizer):
         weight_decay: float = 0.0,
         *,
         backend: str = "auto",
-        rounding: str = "nearest",
+        rounding: Optional[str] = None,
         seed: int = 0,
         clip_mode: str = "exact",
         batch_small_params: bool = True,
@@ -133,7 +133,7 @@ class AdaLomo(InBackwardOptimizer):
         return (
             p, g, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"), self._clip_coef_on(dev), self._device_flag(dev), lr, wd,
-            self._active_scale, cgv, beta, eps1, eps2, ct, self.rounding, seed, t,
+            self._active_scale, cgv, beta, eps1, eps2, ct, self._rounding_for(p.dtype), seed, t,
         )
 
     def _update(self, p, g, group, state, seed) -> None:
@@ -153,7 +153,7 @@ class AdaLomo(InBackwardOptimizer):
         self._multi_impl(dev)(
             params, grads, [st["exp_avg_sq"] for st in states], self._clip_coef_on(dev),
             self._device_flag(dev), lr, wd, self._active_scale, cgv, beta, eps1, eps2, ct,
-            self.rounding, seeds, steps, self._grad_sq(params[0]), self._workspace(dev),
+            self._rounding_for(params[0].dtype), seeds, steps, self._grad_sq(params[0]), self._workspace(dev),
         )
         for st, t in zip(states, steps):
             st["step"] = t

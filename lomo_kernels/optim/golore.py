@@ -67,7 +67,8 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
     clip_mode: ``"exact"`` (those two passes) or ``"previous"`` (one backward, clipped with the
         previous step's global norm), as ``Lomo``.
     backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"torch"`` for the fused inner update.
-    rounding: ``"nearest"``, or ``"stochastic"`` for bf16/fp16 weights (see ``_apply``).
+    rounding: of bf16/fp16 weights (see ``_apply``): None (default) is ``"stochastic"``;
+        ``"nearest"`` rounds to nearest, as lomo-optim does; as ``Lomo``.
     seed: keys the random projections (with the parameter's ordinal and the refresh index) and
         stochastic rounding.
     accumulation_steps: K (default 1); with K > 1 each backward accumulates and ``step()`` (also
@@ -123,7 +124,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         exclude=(),
         clip_grad_norm=None,
         backend="auto",
-        rounding="nearest",
+        rounding=None,
         seed=0,
         clip_mode="exact",
         independent_ranks=False,
@@ -227,7 +228,8 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         self._impl(r.device)(
             r, param, state.get("exp_avg"), state.get("exp_avg_sq"), state.get("momentum_buffer"),
             self._clip_coef_on(r.device), found, group["inner"], lr, weight_decay, 1.0,
-            float(b1), float(b2), float(group["eps"]), float(group["momentum"]), self.rounding,
+            float(b1), float(b2), float(group["eps"]), float(group["momentum"]),
+            self._rounding_for(r.dtype if param is None else param.dtype),
             seed, state["step"],
         )
 
@@ -303,7 +305,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         """
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         alpha = lr * float(group["scale"])
-        stochastic = self.rounding == "stochastic" and w.dtype != torch.float32
+        stochastic = self._rounding_for(w.dtype) == "stochastic"
         if wd == 0.0 and not stochastic:
             n_mat.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             w.addmm_(*proj.back_factors(n_mat, pmat, side, w.dtype), alpha=-alpha)
@@ -312,7 +314,8 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             g2 = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         # (a float32 accumulation buffer of a 16-bit weight keeps U in float32)
         g2.addmm_(*proj.back_factors(n_mat, pmat, side, g2.dtype), beta=0.0, alpha=alpha)
-        self._lomo_impl(w.device)(w, g2, None, found, 1.0, lr * wd, 1.0, 0.0, self.rounding,
+        self._lomo_impl(w.device)(w, g2, None, found, 1.0, lr * wd, 1.0, 0.0,
+                                  self._rounding_for(w.dtype),
                                   seed, state["step"])
 
     def _lomo_impl(self, device):

@@ -39,8 +39,10 @@ class Lomo(InBackwardOptimizer):
         is found by the ``grad_norm`` pass, which must then run before every ``fused_backward``.
 
     Keyword-only (lomo_kernels): ``backend`` (one of ``lomo_kernels.ops.BACKENDS``; "auto"
-    picks the fastest that runs on each parameter's device), ``rounding`` ("nearest", or
-    "stochastic" for bf16/fp16 parameters), ``seed`` (of stochastic rounding), ``clip_mode``
+    picks the fastest that runs on each parameter's device), ``rounding`` of bf16/fp16
+    parameters (default None: "stochastic", unbiased, so updates below half an ulp survive in
+    expectation, chosen by a fine-tuning study in docs/evidence.md; "nearest": lomo-optim's
+    round-to-nearest; float32 parameters are stored exactly either way), ``seed`` (of stochastic rounding), ``clip_mode``
     ("exact": lomo-optim's two passes; "previous": each step clips with the coefficient of the
     previous step's norm, one backward), ``batch_small_params`` (True: parameters of at most
     ``SMALL_NUMEL`` = 65536 elements and 1-d parameters are updated together, one multi-tensor
@@ -75,7 +77,7 @@ class Lomo(InBackwardOptimizer):
         loss_scale_args: Optional[Dict[str, Any]] = None,
         *,
         backend: str = "auto",
-        rounding: str = "nearest",
+        rounding: Optional[str] = None,
         seed: int = 0,
         clip_mode: str = "exact",
         batch_small_params: bool = True,
@@ -150,7 +152,7 @@ class Lomo(InBackwardOptimizer):
         dev = p.device
         self._impl(dev)(
             p, g, self._clip_coef_on(dev), self._device_flag(dev), lr, wd, self._active_scale, cgv,
-            self.rounding, seed, t, self._grad_sq(p), self._workspace(dev),
+            self._rounding_for(p.dtype), seed, t, self._grad_sq(p), self._workspace(dev),
         )
         state["step"] = t
 
@@ -160,7 +162,7 @@ class Lomo(InBackwardOptimizer):
         dev = params[0].device
         self._multi_impl(dev)(
             params, grads, self._clip_coef_on(dev), self._device_flag(dev), lr, wd,
-            self._active_scale, cgv, self.rounding, seeds, steps, self._grad_sq(params[0]),
+            self._active_scale, cgv, self._rounding_for(params[0].dtype), seeds, steps, self._grad_sq(params[0]),
             self._workspace(dev),
         )
         for st, t in zip(states, steps):
