@@ -46,7 +46,10 @@ GENERATORS = {
     "bandwidth-wall-over-cpu": benchmarks.wall_over_cpu,
     "bandwidth-stream": benchmarks.stream_speed, "gpu-predictions": benchmarks.gpu_predictions,
     # docs/clipping.md
-    "clip-cost": clipping.clip_cost,
+    "clip-cost": clipping.clip_cost, "clip-exact-cost": clipping.exact_cost,
+    "clip-previous-cost": clipping.previous_cost, "spike-warning": clipping.spike_table,
+    "spike-margins": clipping.spike_margins, "spike-lomo": clipping.lomo_spikes,
+    "spike-first-norms": clipping.first_norms, "spike-demo-largest": clipping.demo_largest,
     # docs/evidence.md
     "finetune-study": evidence.finetune_study, "finetune-greedy": evidence.greedy_check,
     "finetune-baseline-fp32": evidence.baseline_fp32,
