@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # python bench/render_docs.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.docgen import (  # noqa: E402
-    benchmarks, clipping, evidence, evidence_memory, readme, results_page)
+    accumulation, benchmarks, clipping, evidence, evidence_memory, readme, results_page)
 from bench.docgen.common import MissingResults, Results  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +41,9 @@ GENERATORS = {
     "memory": results_page.memory_table, "convergence": results_page.convergence_table,
     "step-time": results_page.step_time_table, "clip-modes": results_page.clip_modes_table,
     "microbench": results_page.microbench_table, "finetune-example": results_page.finetune_example,
+    # docs/accumulation.md
+    "accumulation-k1": accumulation.measured_k1, "accumulation-memory": accumulation.memory_table,
+    "accumulation-logits": accumulation.logits,
     # docs/benchmarks.md
     "bandwidth": benchmarks.table, "bandwidth-load": benchmarks.load_range,
     "bandwidth-wall-over-cpu": benchmarks.wall_over_cpu,

@@ -109,7 +109,7 @@ def activations(res: Results) -> str:
     chunk = next(k for _, s, k in cases if k)
     h, v = shape["hidden_size"], shape["vocab_size"]
     act = {s: activation_bytes(shape, v, s, 1, ES, True) for s in (short, long_)}
-    logits = long_ * v * (2 * ES + 2 * 4 + 2 * 4)
+    logits = act[long_] - activation_bytes(shape, 0, long_, 1, ES, True)  # the vocabulary's
     n = _estimate("floor-params", short, None)["params"] / ES
     extra, step = 2 * long_ * h * v, 8 * n * long_
     plain = _estimate("lk-adalomo", long_, None)["total"]
