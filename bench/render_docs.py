@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # python bench/render_docs.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.docgen import (  # noqa: E402
-    accumulation, benchmarks, clipping, evidence, evidence_memory, readme, results_page)
+    accumulation, benchmarks, clipping, evidence, evidence_memory, golore, readme, results_page)
 from bench.docgen.common import MissingResults, Results  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,8 @@ GENERATORS = {
     "clip-previous-cost": clipping.previous_cost, "spike-warning": clipping.spike_table,
     "spike-margins": clipping.spike_margins, "spike-lomo": clipping.lomo_spikes,
     "spike-first-norms": clipping.first_norms, "spike-demo-largest": clipping.demo_largest,
+    # docs/golore.md
+    "golore-state": golore.state_table, "golore-recipe-state": golore.recipe_state,
     # docs/evidence.md
     "finetune-study": evidence.finetune_study, "finetune-greedy": evidence.greedy_check,
     "finetune-baseline-fp32": evidence.baseline_fp32,
