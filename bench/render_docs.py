@@ -55,6 +55,7 @@ GENERATORS = {
     "spike-first-norms": clipping.first_norms, "spike-demo-largest": clipping.demo_largest,
     # docs/golore.md
     "golore-state": golore.state_table, "golore-recipe-state": golore.recipe_state,
+    "golore-svd-working-set": golore.svd_working_set, "golore-svd-example": golore.svd_example,
     # docs/evidence.md
     "finetune-study": evidence.finetune_study, "finetune-greedy": evidence.greedy_check,
     "finetune-baseline-fp32": evidence.baseline_fp32,

@@ -31,3 +31,35 @@ def recipe_state(res: Results) -> str:
 
     b = bg.state_bytes("golore", bg.model_shapes(MODEL), RANKS[0], RECIPE)
     return f"{b / GIB:.2f} GiB of state at r = {RANKS[0]}"
+
+
+SVD_SHAPES = {(1024, 4096): "k, v", (4096, 4096): "q, o", (14336, 4096): "gate, up, down",
+              (128256, 4096): "embed., head"}  # Llama-3-8B's weight shapes (down transposed)
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def svd_working_set(res: Results) -> str:
+    """bench/bench_golore.py's working set of one SVD refresh (on the meta device: every tensor
+    the refresh creates, nothing run) against GaLore's float32 copy and full SVD outputs."""
+    from bench import bench_golore as bg
+
+    rows = []
+    for shape, label in SVD_SHAPES.items():
+        cells = [f"{shape[0]} x {shape[1]} ({label})", ">= " + _mib(bg.galore_svd_bytes(shape))]
+        for r in RANKS:
+            cpu, cuda = bg.svd_working_set(shape, r)
+            cells.append(f"{_mib(cuda)} (CPU {cpu / 2**20:.0f})")
+        rows.append(cells)
+    return summary.markdown(["weight", "GaLore"] + [f"r = {r}" for r in RANKS], rows)
+
+
+def svd_example(res: Results) -> str:
+    from bench import bench_golore as bg
+
+    shape = (14336, 4096)
+    return (f"an exact SVD of a {shape[0]} x {shape[1]} bf16 gradient holds at least "
+            f"{_mib(bg.galore_svd_bytes(shape))}; the randomized one about "
+            f"{_mib(bg.svd_working_set(shape, RANKS[0])[1])} at r = {RANKS[0]}")
