@@ -56,6 +56,7 @@ GENERATORS = {
     # docs/golore.md
     "golore-state": golore.state_table, "golore-recipe-state": golore.recipe_state,
     "golore-svd-working-set": golore.svd_working_set, "golore-svd-example": golore.svd_example,
+    "golore-shards": golore.shards_table, "golore-shards-comparison": golore.shards_comparison,
     # docs/evidence.md
     "finetune-study": evidence.finetune_study, "finetune-greedy": evidence.greedy_check,
     "finetune-baseline-fp32": evidence.baseline_fp32,

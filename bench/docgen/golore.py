@@ -63,3 +63,47 @@ def svd_example(res: Results) -> str:
     return (f"an exact SVD of a {shape[0]} x {shape[1]} bf16 gradient holds at least "
             f"{_mib(bg.galore_svd_bytes(shape))}; the randomized one about "
             f"{_mib(bg.svd_working_set(shape, RANKS[0])[1])} at r = {RANKS[0]}")
+
+
+WORLD = 8
+
+
+def _size(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.0f} MiB"
+
+
+def shards_table(res: Results) -> str:
+    """bench/bench_golore_shards.py's per-rank prediction on WORLD ranks, GaLore's recipe."""
+    from bench import bench_golore_shards as bs
+
+    shapes = bs.model_shapes(MODEL)
+    rows = []
+    for r in RANKS:
+        for side in ("auto", "right"):
+            e = bs.per_rank(shapes, r, WORLD, side)
+            state = e["projectors"] + e["moments"] + e["full"]
+            reduce = (_size(4 * e["step_reduce"]) + " + " if e["step_reduce"] else "") \
+                + f"{e['flags']} x 4 B"
+            rows.append([r, side] + [f"{4 * e[k] / GIB:.3f} GiB" for k in
+                                     ("projectors", "moments", "full")]
+                        + [f"{4 * state / GIB:.2f} GiB", f"{2 * e['params'] / GIB:.2f} GiB",
+                           reduce, f"{4 * e['refresh'] / GIB:.1f} GiB"])
+    return summary.markdown(["r", "side", "projectors", "low-rank moments", "full-rank moments",
+                             "state / rank", "bf16 parameters / rank", "all-reduce per step",
+                             "one SVD refresh of every weight"], rows)
+
+
+def shards_comparison(res: Results) -> str:
+    """The gradients FSDP reduce-scatters per step, and an SVD refresh spread over its period."""
+    import inspect
+
+    from bench import bench_golore_shards as bs
+    from lomo_kernels import GoLore
+
+    shapes = bs.model_shapes(MODEL)
+    grads = 2 * sum(bs._numel(s) for s in shapes.values())
+    gap = inspect.signature(GoLore).parameters["update_proj_gap"].default
+    refresh = 4 * bs.per_rank(shapes, RANKS[0], WORLD, "auto")["refresh"]
+    return (f"for comparison the bf16 gradients FSDP reduce-scatters every step are "
+            f"{grads / GIB:.0f} GiB. An SVD refresh happens every T steps ({gap} by default): at "
+            f"r = {RANKS[0]} about {refresh / gap / 2**20:.0f} MiB per step on average")
