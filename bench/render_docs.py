@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # python bench/render_docs.py
 
 from bench.docgen import (  # noqa: E402
     accumulation, benchmarks, clipping, evidence, evidence_memory, golore, readme, results_page)
-from bench.docgen.common import MissingResults, Results  # noqa: E402,F401
+from bench.docgen.common import MissingResults, Results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!-- results:([a-z0-9-]+) -->(.*?)<!-- /results:\1 -->", re.S)
