@@ -52,6 +52,21 @@ def test_check_fails_on_a_changed_number(copy_of_the_tree, capsys):
     assert results.read_text() == text
 
 
+def test_check_fails_on_a_changed_inline_number(copy_of_the_tree, capsys):
+    page = copy_of_the_tree / "docs" / "evidence.md"
+    text = page.read_text()
+    part = re.search(r"<!-- results:rounding-result -->(.*?)<!-- /results:rounding-result -->",
+                     text)
+    digit = re.search(r"\d", part.group(1))
+    changed = part.group(1)[:digit.start()] + str((int(digit.group()) + 1) % 10) \
+        + part.group(1)[digit.end():]
+    page.write_text(text.replace(part.group(0), part.group(0).replace(part.group(1), changed)))
+    assert render_docs.main(["--check", "--root", str(copy_of_the_tree)]) == 1
+    assert "docs/evidence.md" in capsys.readouterr().err
+    assert render_docs.main(["--root", str(copy_of_the_tree)]) == 0
+    assert page.read_text() == text
+
+
 def test_check_fails_on_a_missing_results_file(copy_of_the_tree, capsys):
     (copy_of_the_tree / "bench" / "results" / "cpu" / "convergence.json").unlink()
     assert render_docs.main(["--check", "--root", str(copy_of_the_tree)]) == 1

@@ -1,0 +1,131 @@
+"""docs/evidence.md, "The Llama-3-8B shape on a 24 GiB machine": the cases that
+bench/memory_llama3_8b.sh runs, the rows of bench/results/cpu/memory.json it wrote, and the
+estimates of bench/memory_estimate.py from the shape alone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bench import summary
+from bench.docgen.common import CPU, GIB, Results
+
+MODEL = "llama3-8b"
+SCRIPT = "bench/memory_llama3_8b.sh"
+SCRIPT_TEXT = (Path(__file__).resolve().parents[2] / SCRIPT).read_text  # code, not a result
+ES = 2  # bf16, as the script runs it
+WHAT = {"floor-params": "the parameters only", "lk-adalomo": "this project's AdaLomo",
+        "lk-golore": "r128, every matrix low-rank",
+        "lk-golore-embfull": "r128, embeddings and head full rank", "lk-galore": "r128",
+        "adamw": "torch, foreach", "adafactor": "torch, foreach"}
+
+
+def _shape() -> dict:
+    from lomo_kernels.finetune.model import MODEL_CONFIGS
+
+    return MODEL_CONFIGS[MODEL]
+
+
+def script_cases() -> list[tuple[str, int, int | None]]:
+    """(case, seq, loss chunk) in the order the script runs them, read from the script."""
+    text = SCRIPT_TEXT()
+    loop = re.search(r"for name in (.*?); do\s+case_ (\d+)", text, re.S)
+    cases = [(n, int(loop.group(2)), None) for n in loop.group(1).replace("\\", " ").split()]
+    for seq, name, flags in re.findall(r"^case_ (\d+) (\S+)(.*)$", text, re.M):
+        chunk = re.search(r"--loss-chunk (\d+)", flags)
+        cases.append((name, int(seq), int(chunk.group(1)) if chunk else None))
+    return cases
+
+
+def _estimate(case: str, seq: int, chunk: int | None) -> dict:
+    from bench.memory_estimate import estimate
+
+    shape = _shape()
+    return estimate(case, shape, vocab=shape["vocab_size"], seq=seq, batch=1, es=ES,
+                    checkpointing=True, loss_chunk=chunk)
+
+
+def _gib(x) -> str:
+    return f"{x / GIB:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def measured(res: Results) -> str:
+    """One line per row of memory.json for the 8B shape; the estimate beside each."""
+    data = res(f"{CPU}/memory.json")
+    rows = [r for r in data["rows"] if r.get("model_config") == MODEL]
+    if not rows:
+        return (f"Not measured yet: `{CPU}/memory.json` holds no {MODEL} row "
+                f"(`bash {SCRIPT}` writes them).")
+    table = []
+    for r in rows:
+        chunk = f", loss in {r['loss_chunk']}-token chunks" if r.get("loss_chunk") else ""
+        stepped = r.get("step_s") is not None or r["optimizer"] == "floor-params"
+        table.append([f"`{r['optimizer']}`{chunk}", r.get("seq_len", "-"),
+                      "ok" if r["status"] == "ok" else (r.get("note") or r["status"]),
+                      _gib(r.get("peak_bytes")) if r["status"] == "ok" and stepped else "-",
+                      _gib(r.get("alloc_peak_bytes")) if r["status"] == "ok" else "-",
+                      _gib(r.get("estimate_bytes") or _estimate(
+                          r["optimizer"], r.get("seq_len", 256), r.get("loss_chunk"))["total"]),
+                      f"{r['step_s']:.0f}" if r.get("step_s") else "-"])
+    loads = sorted(r["load_avg_1min_before"] for r in rows if "load_avg_1min_before" in r)
+    commits = ", ".join(dict.fromkeys(r["git_commit"] for r in rows if r.get("git_commit")))
+    dates = sorted(r["date"][:16].replace("T", " ") for r in rows if r.get("date"))
+    env = data["environment"]
+    head = (f"Measured on {env['device_name']}, {env['memory_total_gib']:.0f} GiB, torch "
+            f"{env['torch_version']}, commit {commits}, {dates[0]} to {dates[-1]} UTC, 1-minute "
+            f"load before each case {loads[0]}-{loads[-1]}.\n`bash {SCRIPT}`")
+    note = ("\n\nPeak RSS: the resident peak of the step above the process baseline; allocator: "
+            "torch's allocator peak of the profiled step (the only step of the one-step cases, "
+            "whose resident peak is therefore not a step's: \"-\").")
+    return (head + "\n\n" + summary.markdown(
+        ["case", "seq", "status", "peak RSS (GiB)", "allocator (GiB)", "estimate (GiB)",
+         "step (s)"], table) + note)
+
+
+def estimates(res: Results) -> str:
+    """bench/memory_estimate.py for every case of the script, one column per sequence length
+    (and loss chunking)."""
+    cases = script_cases()
+    cols = list(dict.fromkeys((seq, chunk) for _, seq, chunk in cases))
+    names = list(dict.fromkeys(c for c, _, _ in cases))
+    have = {(c, seq, chunk) for c, seq, chunk in cases}
+    head = ["case"] + [f"seq {s}" + (f", loss in {k}-token chunks" if k else "") for s, k in cols]
+    table = [[f"`{n}`" + (f" ({WHAT[n]})" if n in WHAT else "")] + [_gib(_estimate(n, s, k)["total"]) if (n, s, k) in have else ""
+                          for s, k in cols] for n in names]
+    p = _estimate("floor-params", 256, None)["total"]
+    return (f"Estimated from the shape alone (`bench/memory_estimate.py`, GiB; parameters "
+            f"{_gib(p)}), for the cases `{SCRIPT}` runs:\n\n" + summary.markdown(head, table))
+
+
+def activations(res: Results) -> str:
+    """What dominates at the longest sequence: the activations, the output layer's share, the
+    chunked loss, and the chunking's extra compute against the step's (8 N s FLOPs: forward,
+    backward and the checkpointing's recomputation)."""
+    from bench.memory_estimate import activation_bytes
+
+    shape, cases = _shape(), script_cases()
+    short = min(s for _, s, _ in cases)
+    long_ = max(s for _, s, _ in cases)
+    chunk = next(k for _, s, k in cases if k)
+    h, v = shape["hidden_size"], shape["vocab_size"]
+    act = {s: activation_bytes(shape, v, s, 1, ES, True) for s in (short, long_)}
+    logits = act[long_] - activation_bytes(shape, 0, long_, 1, ES, True)  # the vocabulary's
+    n = _estimate("floor-params", short, None)["params"] / ES
+    extra, step = 2 * long_ * h * v, 8 * n * long_
+    plain = _estimate("lk-adalomo", long_, None)["total"]
+    limit = float(re.search(r"--cpu-limit-gib (\d+)", SCRIPT_TEXT()).group(1))
+    fits = lambda b: ("under" if b / GIB < limit else "over") + f" the script's {limit:g} GiB limit"  # noqa: E731
+    chunked = _estimate("lk-adalomo", long_, chunk)["total"]
+    return (f"The activations grow from {act[short] / GIB:.2f} GiB at seq {short} to "
+            f"{act[long_] / GIB:.2f} GiB at seq {long_}, and {logits / GIB:.2f} GiB of those are "
+            f"the output layer's: {long_} positions x {v:,} vocabulary entries x "
+            f"{logits // (long_ * v)} bytes (the bf16 logits, the loss's float32 upcast and "
+            f"log-softmax, and the gradients of both on the way back). The decoder body with "
+            f"checkpointing is {(act[long_] - logits) / GIB:.2f} GiB. So AdaLomo at seq {long_} "
+            f"is estimated at {plain / GIB:.1f} GiB, {fits(plain)}. Computing the output layer and "
+            f"the loss over {chunk} positions at a time, each chunk's logits recomputed in the "
+            f"backward (`bench/chunked_loss.py`, `bench_memory.py --loss-chunk {chunk}`), keeps "
+            f"one chunk's logits alive: estimated {chunked / GIB:.1f} GiB, {fits(chunked)}. Its cost is one more forward of the output layer, "
+            f"2 x {long_} x {h} x {v:,} FLOPs = {extra / 1e12:.1f} TFLOPs, about "
+            f"{100 * extra / step:.0f}% of the step's ~{step / 1e12:.0f} TFLOPs (forward, "
+            f"backward and the checkpointing's recomputation, 8 x parameters x tokens)")

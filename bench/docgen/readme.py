@@ -1,0 +1,82 @@
+"""README.md: the opening claims and the results summary, from four results files."""
+
+from __future__ import annotations
+
+from bench import summary
+from bench.docgen.common import CPU, GIB, Results
+
+
+def _memory_peaks(res: Results) -> dict:
+    """The 1B shape's peaks (the file also holds other shapes' rows; rows without a sequence
+    length were measured at 256)."""
+    return {r["optimizer"]: r["peak_bytes"] / GIB for r in res(f"{CPU}/memory.json")["rows"]
+            if r["status"] == "ok" and r.get("model_config") == "1b"
+            and r.get("seq_len", 256) == 256 and not r.get("loss_chunk")}
+
+
+def _convergence(res: Results) -> dict:
+    runs = res(f"{CPU}/convergence.json")["runs"]
+    return {r["optimizer"]: r for r in runs if "error" not in r}
+
+
+def _microbench(res: Results) -> dict:
+    rows = res(f"{CPU}/results.json")["rows"]
+    return {(r["op"], r["backend"]): r for r in rows}
+
+
+def headline(res: Results) -> str:
+    """The README's opening claims, one bullet each, with where they were measured."""
+    peak, conv, micro = _memory_peaks(res), _convergence(res), _microbench(res)
+    ex = res(f"{CPU}/finetune_example.json")
+    mem_cfg = res(f"{CPU}/memory.json")["args"]
+    ada, adamw = conv["lk-adalomo"], conv["adamw"]
+    gap = 100 * (ada["final_eval_loss"] / adamw["final_eval_loss"] - 1)
+    share = 100 * ada["state_bytes"] / adamw["state_bytes"]
+    lomo_x = micro[("lomo_update", "native")]["speedup_vs_lomo_optim"]
+    ada_x = micro[("adalomo_update", "native")]["speedup_vs_lomo_optim"]
+    return "\n".join([
+        f"* **Memory**: one training step of a Llama-3.2-1B-shaped model ({mem_cfg['dtype']}, "
+        f"checkpointing) peaks at {peak['lk-adalomo']:.2f} GiB with AdaLomo, "
+        f"{peak['lomo_optim-adalomo']:.2f} GiB with lomo-optim's AdaLomo and "
+        f"{peak['adamw']:.2f} GiB with AdamW ({peak['adamw'] / peak['lk-adalomo']:.1f}x); "
+        f"the parameters alone are {peak['floor-params']:.2f} GiB.",
+        f"* **Quality**: on a short pre-training run AdaLomo ends {abs(gap):.1f}% "
+        f"{'below' if gap < 0 else 'above'} AdamW's held-out loss with {share:.1f}% of its "
+        f"optimizer state.",
+        f"* **Speed**: one bf16 update of a 4096 x 4096 parameter on 2 CPU cores is "
+        f"{lomo_x:.0f}x (LOMO) and {ada_x:.0f}x (AdaLomo) faster than lomo-optim's.",
+        f"* **End to end**: SmolLM2-135M-Instruct learns a date-formatting task offline on a "
+        f"CPU, exact match {100 * ex['exact_match_before']:.0f}% -> "
+        f"{100 * ex['exact_match_after']:.0f}% on {ex['exact_match_n']} held-out dates in "
+        f"{ex['steps']} steps.",
+        "",
+        "All measured on a shared 2-core AMD EPYC CPU; machine, load, commands and commits in "
+        "[docs/results.md](docs/results.md). No GPU has measured these kernels yet.",
+    ])
+
+
+def summary_table(res: Results) -> str:
+    """README's results summary: one line per question, the numbers from four results files."""
+    peak, conv, micro = _memory_peaks(res), _convergence(res), _microbench(res)
+    step = {(r["shape"], r["op"], r["backend"]): r["ratio_to_plain_backward"]
+            for r in res(f"{CPU}/results-backward.json")["rows"]}
+    base = conv["adamw"]["final_eval_loss"]
+    rows = [
+        ["peak memory, one step, Llama-3.2-1B shape (GiB)",
+         f"{peak['lk-adalomo']:.2f} (AdaLomo), {peak['lk-lomo']:.2f} (Lomo)",
+         f"{peak['lomo_optim-adalomo']:.2f} (lomo-optim AdaLomo), {peak['adamw']:.2f} (AdamW)"],
+        ["held-out loss vs AdamW, 18M Llama, 120 steps",
+         f"{100 * (conv['lk-adalomo']['final_eval_loss'] / base - 1):+.1f}% (AdaLomo), "
+         f"{100 * (conv['lk-galore']['final_eval_loss'] / base - 1):+.1f}% (GaLore)",
+         f"{100 * (conv['lomo_optim-adalomo']['final_eval_loss'] / base - 1):+.1f}% "
+         "(lomo-optim AdaLomo)"],
+        ["one 4096 x 4096 bf16 update (ms)",
+         f"{micro[('lomo_update', 'native')]['median_ms']:.2f} (LOMO), "
+         f"{micro[('adalomo_update', 'native')]['median_ms']:.2f} (AdaLomo)",
+         f"{micro[('lomo_update', 'lomo_optim')]['median_ms']:.1f}, "
+         f"{micro[('adalomo_update', 'lomo_optim')]['median_ms']:.1f} (lomo-optim)"],
+        ["forward + backward with AdaLomo, vs a plain one (125M model)",
+         f"{step[('bwd-medium', 'backward_adalomo', 'native')]:.2f}x",
+         f"{step[('bwd-medium', 'backward_adalomo', 'lomo_optim')]:.2f}x (lomo-optim)"],
+    ]
+    return summary.markdown(["measured (2-core CPU)", "lomo_kernels", "compared with"], rows)

@@ -1,0 +1,76 @@
+"""docs/results.md: one table per results file (and the fine-tuning example, also quoted by
+docs/finetune.md)."""
+
+from __future__ import annotations
+
+from bench import summary
+from bench.docgen.common import CPU, GIB, MIB, Results, source as _source
+
+
+def memory_table(res: Results) -> str:
+    return summary.memory(res.path(f"{CPU}/memory.json"))
+
+
+def convergence_table(res: Results) -> str:
+    return summary.convergence(res.path(f"{CPU}/convergence.json"))
+
+
+def step_time_table(res: Results) -> str:
+    return summary.step_time(res.path(f"{CPU}/results-backward.json"))
+
+
+def clip_modes_table(res: Results) -> str:
+    data = res(f"{CPU}/clip_modes.json")
+    env = data["environment"]
+    table = [[r["optimizer"], r["mode"], f"{r['median_ms']:.1f}",
+              f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
+              f"{r['ratio_to_unclipped']:.2f}x" if r["ratio_to_unclipped"] else "-",
+              f"{r['ratio_to_plain_backward']:.2f}x"] for r in data["rows"]]
+    cmd = (f"python bench/bench_clip_modes.py --device {env['device']} --model {env['model']} "
+           f"--dtype {env['dtype']} --clip-grad-norm {env['clip_grad_norm']} "
+           f"--threads {env['cpu_threads']}")
+    head = (f"Clipping modes ({env['model']}, {env['dtype']}, batch {env['batch']} x seq "
+            f"{env['seq']}, {env['cpu_threads']} thread): ")
+    return (head + _source(env, cmd, f"{env['load_avg_before'][0]} before, "
+                           f"{env['load_avg_after'][0]} after") + "\n\n"
+            + summary.markdown(["optimizer", "clipping", "median ms", "p20-p80 ms",
+                                "vs unclipped", "vs plain backward"], table))
+
+
+_LABELS = {"native": "lomo_kernels native", "torch": "lomo_kernels torch (reference)",
+           "lomo_optim": "lomo-optim's per-tensor math", "sgd_fused": "`SGD(fused=True)`",
+           "adafactor_foreach": "`Adafactor` (foreach)", "adafactor_single": "`Adafactor`"}
+
+
+def microbench_table(res: Results) -> str:
+    data = res(f"{CPU}/results.json")
+    env, meta = data["environment"], data["meta"]
+    rows = sorted(data["rows"], key=lambda r: (r["op"] != "lomo_update", r["median_ms"]))
+    table = [[r["op"], _LABELS.get(r["backend"], r["backend"]), f"{r['median_ms']:.2f}",
+              f"{r['gbps']:.1f}", f"{100 * r['frac_copy_same_size']:.0f}%",
+              f"{r['speedup_vs_lomo_optim']:.1f}x"] for r in rows]
+    shape = f"{rows[0]['shape']} {rows[0]['dtype']}" if rows else ""
+    return (f"One update of a {shape} parameter, {env['cpu_threads']} threads: "
+            + _source(env, "python bench/run.py " + " ".join(meta["argv"])) + "\n\n"
+            + summary.markdown(["op", "implementation", "median ms", "GB/s",
+                                "of a same-size copy", "vs lomo-optim"], table))
+
+
+_NAMES = {"adalomo": "AdaLomo", "lomo": "Lomo", "golore": "GoLore", "galore": "GaLore",
+          "adamw": "AdamW"}
+
+
+def finetune_example(res: Results) -> str:
+    d = res(f"{CPU}/finetune_example.json")
+    env = d["environment"]
+    return (f"Exact match on the {d['exact_match_n']} held-out dates: "
+            f"**{100 * d['exact_match_before']:.0f}% before -> {100 * d['exact_match_after']:.0f}% "
+            f"after** {d['steps']} {_NAMES.get(d['optimizer'], d['optimizer'])} steps (batch {d['batch_size']}; held-out loss "
+            f"{d['eval_loss_start']:.2f} -> {d['eval_loss_end']:.4f}); {d['n_params'] / 1e6:.0f}M "
+            f"parameters, peak memory {d['peak_memory_bytes'] / GIB:.1f} GiB (RSS), optimizer "
+            f"state {d['optimizer_state_bytes'] / MIB:.1f} MiB; {d['train_s']:.0f} s of training "
+            f"({d['step_s']:.0f} s per step, {d['tokens_per_s']:.0f} tokens/s, "
+            f"{d['torch_threads']} torch thread), {d['wall_s']:.0f} s in all, plus "
+            f"{d['conversion_s']:.0f} s converting the GGUF file once. "
+            + _source(env, d["command"], f"{d['load_avg_start'][0]} at the start, "
+                      f"{d['load_avg_end'][0]} at the end"))
