@@ -16,6 +16,7 @@ from conftest import requires_triton
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import lint_tickets  # noqa: E402
+import lint_tickets_cuda  # noqa: E402
 
 TOY = """
 __device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
@@ -67,7 +68,7 @@ def _lint_toy(tmp_path, old=None, new=None):
     assert old is None or text != TOY, old
     path = tmp_path / "toy.cuh"
     path.write_text(textwrap.dedent(text))
-    return lint_tickets.lint_native(tmp_path, [path])
+    return lint_tickets_cuda.lint_native(tmp_path, [path])
 
 
 def _line_of(needle, old=None, new=None):
@@ -76,7 +77,7 @@ def _line_of(needle, old=None, new=None):
 
 
 def test_the_cuda_source_passes_and_the_lint_sees_every_ticket():
-    lint = lint_tickets.lint_native()
+    lint = lint_tickets_cuda.lint_native()
     assert [str(f) for f in lint.findings] == []
     assert [(fn.name, atomic) for fn, _, atomic in lint.tickets] == [("last_arrival",
                                                                        "atomic_add_acq_rel")]
@@ -148,7 +149,7 @@ def test_bugs_injected_into_a_copy_of_the_kernels_are_found(tmp_path, bug):
     path = tmp_path / "csrc" / "cuda" / name
     assert old in path.read_text(), bug
     path.write_text(path.read_text().replace(old, new, 1))
-    found = [str(f) for f in lint_tickets.lint_native(tmp_path).findings]
+    found = [str(f) for f in lint_tickets_cuda.lint_native(tmp_path).findings]
     assert len(found) == 1 and found[0].startswith(where + ":") and words in found[0], found
 
 
