@@ -4,7 +4,8 @@ Triton documents the value of a masked-off lane of ``tl.load`` without ``other=`
 the interpreter happens to fill it with zeros, so a kernel that sums every lane, or stores a flag
 from every lane, passes on CPU and may not on a GPU. Two checks:
 
-* every masked ``tl.load`` of triton_kernels/ names its ``other=`` (read from the source);
+* every masked ``tl.load`` of triton_kernels/ names its ``other=``, and no call of a helper that
+  passes ``other`` on (``load_lanes``) gives it None (read from the source);
 * the kernels run in an interpreter whose masked lanes without ``other=`` read NaN (bf16: its NaN
   pattern, integers: -1), on sizes with partial tiles and rows, and still agree with the reference:
   no NaN in the parameter, the state or ``grad_sq``, and ``found_inf`` stays 0.
@@ -31,24 +32,47 @@ pytestmark = requires_triton
 TRITON_DIR = pathlib.Path(__file__).resolve().parent.parent / "triton_kernels"
 
 
-def _masked_loads_without_other(path: pathlib.Path):
+def _is_none(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+def _lane_loaders(trees) -> dict:
+    """{name: position of its ``other`` parameter} of the helpers that pass ``other`` on to a
+    masked load (rounding.load_lanes)."""
+    out = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                names = [a.arg for a in node.args.args]
+                if "other" in names and "mask" in names:
+                    out[node.name] = names.index("other")
+    return out
+
+
+def _masked_loads_without_other(path: pathlib.Path, loaders: dict):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
-        if not (isinstance(f, ast.Attribute) and f.attr == "load"
+        kw = {k.arg: k.value for k in node.keywords}
+        if (isinstance(f, ast.Attribute) and f.attr == "load"
                 and isinstance(f.value, ast.Name) and f.value.id == "tl"):
-            continue
-        names = {k.arg for k in node.keywords}
-        if "mask" in names and "other" not in names:
-            yield f"{path.name}:{node.lineno}"
+            if "mask" in kw and ("other" not in kw or _is_none(kw["other"])):
+                yield f"{path.name}:{node.lineno}"
+        elif isinstance(f, ast.Name) and f.id in loaders:
+            at = loaders[f.id]
+            other = node.args[at] if len(node.args) > at else kw.get("other")
+            if other is None or _is_none(other):
+                yield f"{path.name}:{node.lineno}"
 
 
 def test_every_masked_triton_load_names_its_other():
     files = sorted(TRITON_DIR.glob("*.py"))
     assert files, TRITON_DIR
-    missing = [where for path in files for where in _masked_loads_without_other(path)]
+    loaders = _lane_loaders(ast.parse(path.read_text()) for path in files)
+    assert "load_lanes" in loaders, loaders
+    missing = [where for path in files for where in _masked_loads_without_other(path, loaders)]
     assert not missing, f"masked tl.load without other= (masked lanes undefined): {missing}"
 
 
