@@ -15,6 +15,12 @@ import torch  # noqa: E402
 
 from lomo_kernels import ops  # noqa: E402
 
+if ops.available_backends()["triton"].startswith("loaded"):
+    import interpreter_poison
+
+    if interpreter_poison.enabled():  # masked lanes without other= read NaN in every test
+        interpreter_poison.install()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_triton = pytest.mark.skipif(
     not ops.available_backends()["triton"].startswith("loaded"),

@@ -4,18 +4,25 @@ Triton documents the value of a masked-off lane of ``tl.load`` without ``other=`
 the interpreter happens to fill it with zeros, so a kernel that sums every lane, or stores a flag
 from every lane, passes on CPU and may not on a GPU. Two checks:
 
-* every masked ``tl.load`` of triton_kernels/ names its ``other=`` (read from the source);
+* every masked ``tl.load`` of triton_kernels/ names its ``other=``, and no call of a helper that
+  passes ``other`` on (``load_lanes``) gives it None (read from the source);
 * the kernels run in an interpreter whose masked lanes without ``other=`` read NaN (bf16: its NaN
   pattern, integers: -1), on sizes with partial tiles and rows, and still agree with the reference:
   no NaN in the parameter, the state or ``grad_sq``, and ``found_inf`` stays 0.
+
+The poison is on for every test of the run (tests/conftest.py, interpreter_poison.py), so each
+Triton test fails on a missing ``other=`` whose lanes reach a result; the fixture below keeps these
+tests poisoned with the mode turned off.
 """
 
 import ast
 import pathlib
 
-import numpy as np
+import interpreter_poison
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import requires_triton, ulp_distance
 
 from lomo_kernels import ops
@@ -25,48 +32,81 @@ pytestmark = requires_triton
 TRITON_DIR = pathlib.Path(__file__).resolve().parent.parent / "triton_kernels"
 
 
-def _masked_loads_without_other(path: pathlib.Path):
+def _is_none(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+def _lane_loaders(trees) -> dict:
+    """{name: position of its ``other`` parameter} of the helpers that pass ``other`` on to a
+    masked load (rounding.load_lanes)."""
+    out = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                names = [a.arg for a in node.args.args]
+                if "other" in names and "mask" in names:
+                    out[node.name] = names.index("other")
+    return out
+
+
+def _masked_loads_without_other(path: pathlib.Path, loaders: dict):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
-        if not (isinstance(f, ast.Attribute) and f.attr == "load"
+        kw = {k.arg: k.value for k in node.keywords}
+        if (isinstance(f, ast.Attribute) and f.attr == "load"
                 and isinstance(f.value, ast.Name) and f.value.id == "tl"):
-            continue
-        names = {k.arg for k in node.keywords}
-        if "mask" in names and "other" not in names:
-            yield f"{path.name}:{node.lineno}"
+            if "mask" in kw and ("other" not in kw or _is_none(kw["other"])):
+                yield f"{path.name}:{node.lineno}"
+        elif isinstance(f, ast.Name) and f.id in loaders:
+            at = loaders[f.id]
+            other = node.args[at] if len(node.args) > at else kw.get("other")
+            if other is None or _is_none(other):
+                yield f"{path.name}:{node.lineno}"
 
 
 def test_every_masked_triton_load_names_its_other():
     files = sorted(TRITON_DIR.glob("*.py"))
     assert files, TRITON_DIR
-    missing = [where for path in files for where in _masked_loads_without_other(path)]
+    loaders = _lane_loaders(ast.parse(path.read_text()) for path in files)
+    assert "load_lanes" in loaders, loaders
+    missing = [where for path in files for where in _masked_loads_without_other(path, loaders)]
     assert not missing, f"masked tl.load without other= (masked lanes undefined): {missing}"
 
 
 @pytest.fixture
 def poisoned_masked_lanes(monkeypatch):
-    """Masked-off lanes of a tl.load without ``other=`` read NaN (or -1) in the interpreter."""
-    from triton.runtime import interpreter as interp
+    """Masked-off lanes of a tl.load without ``other=`` read NaN (or -1) in the interpreter (for
+    the whole run already, unless LOMO_KERNELS_TRITON_POISON=0)."""
+    if not interpreter_poison.installed():
+        from triton.runtime import interpreter as interp
 
-    original = interp.InterpreterBuilder.create_masked_load
+        builder = interp.InterpreterBuilder
+        monkeypatch.setattr(builder, "create_masked_load",
+                            interpreter_poison.poisoned(builder.create_masked_load))
 
-    def poisoned(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
-        if other is None:
-            dtype_tt = ptrs.get_element_ty()
-            dtype_np = interp._get_np_dtype(dtype_tt)
-            if dtype_tt == interp.tl.bfloat16:
-                fill = np.full_like(ptrs.data, 0x7FC0, dtype=dtype_np)
-            elif np.issubdtype(dtype_np, np.floating):
-                fill = np.full_like(ptrs.data, np.nan, dtype=dtype_np)
-            else:
-                fill = np.full_like(ptrs.data, -1, dtype=dtype_np)
-            other = interp.TensorHandle(fill, dtype_tt)
-        return original(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
 
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", poisoned)
+@triton.jit
+def _sum_of_masked_lanes(x_ptr, out_ptr, n, OTHER: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    if OTHER:
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    else:
+        x = tl.load(x_ptr + i, mask=i < n)
+    tl.store(out_ptr, tl.sum(x))
+
+
+@pytest.mark.skipif(not interpreter_poison.enabled(), reason="the interpreter's own zeros "
+                    f"({interpreter_poison.ENV}=0, or Triton runs on a GPU)")
+def test_every_test_sees_poisoned_masked_lanes():
+    """The mode tests/conftest.py sets: a sum over a masked load without other= is NaN."""
+    x, out = torch.ones(16), torch.zeros(1)
+    _sum_of_masked_lanes[(1,)](x, out, 5, OTHER=True, BLOCK=16)
+    assert out.item() == 5.0
+    _sum_of_masked_lanes[(1,)](x, out, 5, OTHER=False, BLOCK=16)
+    assert torch.isnan(out).all()
 
 
 def _impl(op, backend):
