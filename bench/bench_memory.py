@@ -449,28 +449,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-MARGIN = int(1.5 * 2**30)  # left free for the rest of the machine
-
-
-def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) -> tuple[int, str]:
-    """The address-space limit of a CPU case: ``limit_bytes``, unless less than that (plus a
-    margin) is free. A case whose estimate (x 1.2) would not fit in the free memory waits up to
-    ``wait_s`` for other processes to finish; then it runs with the lower limit, and says so."""
-    need = limit_bytes if not estimate_bytes else min(limit_bytes, int(1.2 * estimate_bytes))
-    deadline = time.monotonic() + wait_s
-    while True:
-        free = (memprobe.proc_meminfo_bytes("MemAvailable") or 0) - MARGIN
-        if free >= need or time.monotonic() >= deadline:
-            break
-        log(f"    waiting for memory: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} needed")
-        time.sleep(20)
-    if free >= limit_bytes:
-        return limit_bytes, ""
-    low = max(2**29, free)
-    return low, (f"limit lowered from {limit_bytes / 2**30:.1f} to {low / 2**30:.1f} GiB: "
-                 "the rest of the machine's memory was in use")
-
-
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` with every (model, sequence length, case) that ``new`` measured replaced."""
     return merge_by(old, new, lambda r: (r.get("model_config"), r.get("seq_len"), r["optimizer"],
@@ -523,7 +501,7 @@ def main(argv=None) -> dict:
             return run_case(case)
         note = ""
         if cpu:
-            limit, note = cpu_limit(int(args.cpu_limit_gib * 2**30), _estimate(case)["total"],
+            limit, note = memprobe.cpu_limit(int(args.cpu_limit_gib * 2**30), _estimate(case)["total"],
                                     args.wait_minutes * 60, log)
             case = {**case, "limit_bytes": limit}
         row = run_case_isolated(case, timeout=args.timeout)

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -184,3 +185,25 @@ def tensor_bytes(tensors: Iterable) -> int:
         elif isinstance(t, (list, tuple)):
             total += tensor_bytes(t)
     return total
+
+
+MARGIN = int(1.5 * 2**30)  # left free for the rest of the machine
+
+
+def cpu_limit(limit_bytes: int, estimate_bytes: int | None, wait_s: float, log) -> tuple[int, str]:
+    """The address-space limit of a CPU case: ``limit_bytes``, unless less than that (plus a
+    margin) is free. A case whose estimate (x 1.2) would not fit in the free memory waits up to
+    ``wait_s`` for other processes to finish; then it runs with the lower limit, and says so."""
+    need = limit_bytes if not estimate_bytes else min(limit_bytes, int(1.2 * estimate_bytes))
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = (proc_meminfo_bytes("MemAvailable") or 0) - MARGIN
+        if free >= need or time.monotonic() >= deadline:
+            break
+        log(f"    waiting for memory: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} needed")
+        time.sleep(20)
+    if free >= limit_bytes:
+        return limit_bytes, ""
+    low = max(2**29, free)
+    return low, (f"limit lowered from {limit_bytes / 2**30:.1f} to {low / 2**30:.1f} GiB: "
+                 "the rest of the machine's memory was in use")
