@@ -31,16 +31,22 @@ inline bool parse_rounding(const char* op, std::string_view rounding) {
   return rounding == "stochastic";
 }
 
-// param/grad: same supported dtype, shape and device, contiguous. clip_coef / found_inf: one
-// float32 element on param's device.
+// A gradient's dtype for a parameter of dtype dt: dt itself, or float32 for a 16-bit parameter
+// (an accumulation buffer, read as float32 by the update kernels).
+inline bool grad_dtype_ok(at::ScalarType grad, at::ScalarType dt) {
+  return grad == dt || (grad == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16));
+}
+
+// param/grad: supported dtypes (grad_dtype_ok), same shape and device, contiguous. clip_coef /
+// found_inf: one float32 element on param's device.
 inline void check_common(const char* op, const at::Tensor& param, const at::Tensor& grad,
                          const std::optional<at::Tensor>& clip_coef,
                          const std::optional<at::Tensor>& found_inf) {
   auto dt = param.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
               ": param must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(grad.scalar_type() == dt, op, ": grad dtype ", grad.scalar_type(),
-              " does not match param dtype ", dt);
+  TORCH_CHECK(grad_dtype_ok(grad.scalar_type(), dt), op, ": grad dtype ", grad.scalar_type(),
+              " must be param's (", dt, ") or float32 (an accumulation buffer)");
   TORCH_CHECK(grad.sizes() == param.sizes(), op, ": grad shape ", grad.sizes(),
               " != param shape ", param.sizes());
   TORCH_CHECK(grad.device() == param.device(), op, ": grad is on ", grad.device(),
@@ -150,7 +156,8 @@ inline void check_adalomo_state(const at::Tensor& param,
   }
 }
 
-// golore_update_: r float32 (projected mode) or param's dtype/shape/device (full-rank mode); the
+// golore_update_: r float32 (projected mode) or, full-rank mode, param's shape and device and a
+// dtype grad_dtype_ok allows (param's, or float32 for a 16-bit param); the
 // state tensors the inner optimizer needs, float32 of r's shape, the others None. Returns the
 // inner kind.
 inline Inner check_golore(const at::Tensor& r, const std::optional<at::Tensor>& param,
@@ -168,8 +175,9 @@ inline Inner check_golore(const at::Tensor& r, const std::optional<at::Tensor>& 
     auto dt = p.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
                 ": param must be float32, float16 or bfloat16, got ", dt);
-    TORCH_CHECK(r.scalar_type() == dt && r.sizes() == p.sizes() && r.device() == p.device(), op,
-                ": r (the gradient) must have param's dtype, shape and device: got ",
+    TORCH_CHECK(grad_dtype_ok(r.scalar_type(), dt) && r.sizes() == p.sizes() &&
+                    r.device() == p.device(),
+                op, ": r (the gradient) must have param's dtype (or float32), shape and device: got ",
                 r.scalar_type(), " ", r.sizes(), " on ", r.device(), ", param ", dt, " ",
                 p.sizes(), " on ", p.device());
     CHECK_CONTIGUOUS(op, p);

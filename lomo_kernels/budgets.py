@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 ARCH = "sm_90"
 
 # (pattern on the kernel name, registers per thread, why). Names: native kernels as
-# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16; grad_accumulate_kernel<buffer, gradient,
-# ...>), Triton kernels as
+# "<kernel><Fmt, ...template args>" (Fmt: F32, F16, BF16; the update kernels <parameter, gradient,
+# ...>, the gradient F32 for a float32 accumulation buffer of a 16-bit parameter;
+# grad_accumulate_kernel<buffer, gradient, ...>), Triton kernels as
 # "triton:<call>:<kernel>" (tests/test_triton_compile.py). The AdaLomo passes are one kernel each since the ticketed
 # finalisation (stats_kernel, unorm_kernel, apply_kernel; adalomo_flat_kernel for 0-d/1-d and
 # multi-tensor updates), which replaced tile_kernel / flat_kernel / state_kernel / finalize_*.
@@ -38,7 +39,7 @@ REGISTER_BUDGETS = [
     (r"^stats_kernel<", 80, "AdaLomo pass 1 (4 rows x 8 columns of g and p in flight, the "
                             "ticketed finishers): 3 blocks per SM"),
     (r"^unorm_kernel<", 80, "AdaLomo pass 2 (4 rows x 8 columns in flight): 3 blocks per SM"),
-    (r"^apply_kernel<\w+, \w+, true>", 80, "AdaLomo pass 3 with a non-power-of-two loss scale "
+    (r"^apply_kernel<\w+, \w+, \w+, true>", 80, "AdaLomo pass 3 with a non-power-of-two loss scale "
                                            "(IEEE division per element): 3 blocks per SM"),
     (r"^apply_kernel<", 64, "AdaLomo pass 3 (stochastic rounding included): full occupancy"),
     (r"^adalomo_flat_kernel<", 80, "AdaLomo 0-d/1-d and multi-tensor (4 packs of g, p, v in "
@@ -56,10 +57,10 @@ REGISTER_BUDGETS = [
 # AdaLomo stats tile handles one tile, unrolled; back edges in its SASS are the record search).
 VECTOR_RULES = [
     (r"^lomo_update_kernel<BF16,", True, True, "body"),
-    (r"^stats_kernel<BF16, (false|true)>", True, False, "loop"),
-    (r"^unorm_kernel<BF16, (false|true)>", True, False, "loop"),
-    (r"^apply_kernel<BF16, (false|true), (false|true)>", True, True, "loop"),
-    (r"^adalomo_flat_kernel<BF16, (false|true), (false|true)>", True, True, "body"),
+    (r"^stats_kernel<BF16, (BF16|F32), (false|true)>", True, False, "loop"),
+    (r"^unorm_kernel<BF16, (BF16|F32), (false|true)>", True, False, "loop"),
+    (r"^apply_kernel<BF16, (BF16|F32), (false|true), (false|true)>", True, True, "loop"),
+    (r"^adalomo_flat_kernel<BF16, (BF16|F32), (false|true), (false|true)>", True, True, "body"),
     (r"^grad_accumulate_kernel<(F32|BF16), BF16,", True, True, "body"),
     (r"^triton:lomo_bf16:_lomo_update_kernel$", True, True, "body"),
     (r"^triton:lomo_multi_bf16:_lomo_update_multi_kernel$", True, True, "body"),

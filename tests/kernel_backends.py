@@ -117,6 +117,8 @@ def cases(backends: Iterable[Backend], rows: Iterable, slow_if=large_on_emulatio
 def _id(value) -> str:
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
+    if isinstance(value, tuple) and value and all(isinstance(v, torch.dtype) for v in value):
+        return "-grad-".join(_id(v) for v in value)  # (parameter, gradient) dtypes
     if isinstance(value, tuple):
         return "x".join(str(v) for v in value) if value else "0d"
     return str(value)

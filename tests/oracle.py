@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import pytest
 import torch
 from conftest import ulp_distance
 
@@ -37,9 +38,54 @@ def _backends_here() -> list:
 
 BACKENDS_HERE = _backends_here()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: (parameter dtype, gradient dtype): a 16-bit parameter with a float32 gradient (the accumulation
+#: buffer the optimizers pass to the update ops, docs/accumulation.md); a "dtype" of the property
+#: tables next to DTYPES (dtypes_of splits it).
+F32_GRADS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+def dtypes_of(dtype) -> tuple:
+    """(parameter dtype, gradient dtype) of a property table's dtype: a torch.dtype is both."""
+    return tuple(dtype) if isinstance(dtype, tuple) else (dtype, dtype)
+
+
 # Shapes of LLM weights: the last dimension a multiple of 16 (the 16-byte vector paths), 1 x n and
 # m x 1, and a 3-D parameter with >= 32 slices of [m, n] (the serial-slice branch).
 LLM_SHAPES = [(4096,), (130, 4096), (3, 70, 512), (1, 4096), (4096, 1), (40, 8, 64)]
+
+
+# both spellings of a dtype: the Python checks' (torch.bfloat16) and the C++ checks' (BFloat16)
+DTYPE_NAMES = {torch.float32: r"(torch\.float32|Float)", torch.float16: r"(torch\.float16|Half)",
+               torch.bfloat16: r"(torch\.bfloat16|BFloat16)"}
+
+
+def grad_dtype_accepted(param_dtype, grad_dtype) -> bool:
+    """docs/spec.md: the gradient has the parameter's dtype, or float32 for a 16-bit parameter."""
+    return grad_dtype == param_dtype or (grad_dtype == torch.float32
+                                         and param_dtype != torch.float32)
+
+
+def grad_dtype_error(param_dtype, grad_dtype) -> str:
+    """The refusal's message, naming both dtypes (either spelling)."""
+    return (rf"grad dtype {DTYPE_NAMES[grad_dtype]} must be param's "
+            rf"\({DTYPE_NAMES[param_dtype]}\) or float32")
+
+
+def check_grad_dtype_rule(calls, param_dtype, grad_dtype, tensors) -> None:
+    """Each of ``calls`` (an update of ``tensors[0]``, the parameter, by a gradient of
+    ``grad_dtype``): an accepted pair of dtypes updates the parameter; any other is refused
+    naming both dtypes, none of ``tensors`` (parameter, state) changed."""
+    for call in calls:
+        before = [t.clone() for t in tensors]
+        if grad_dtype_accepted(param_dtype, grad_dtype):
+            call()
+            assert not torch.equal(tensors[0], before[0])
+            continue
+        with pytest.raises((TypeError, RuntimeError),
+                           match=grad_dtype_error(param_dtype, grad_dtype)):
+            call()
+        for t, b in zip(tensors, before):
+            assert torch.equal(t.view(torch.uint8), b.view(torch.uint8))
 
 
 def rand(shape, dtype, scale=1.0, seed=0):

@@ -10,19 +10,21 @@ The native kernels reduce in double over fixed partitions, the Triton kernels in
 reference in float32 (its ``torch.linalg.vector_norm`` of a 0.5M-element tensor is off by ~2e-5
 relative): they differ in the last bits of lr_t and rms(u). Where an update almost cancels the
 parameter, that shows as more than one ulp of the tiny result; those elements are checked against
-the size of the terms instead. Each backend keeps the tolerances its tests always had.
+the size of the terms instead. Each backend keeps the tolerances its tests always had. A table's
+dtype may be a pair (oracle.F32_GRADS): a 16-bit parameter with a float32 gradient, the
+accumulation buffer the optimizers update from.
 """
 
 import pytest
 import torch
 from conftest import ODD_SIZES, ulp_distance
-from kernel_backends import (ALL, KERNELS, assert_runs_close, cases, large_on_emulation, numel,
-                             runs_compare)
-from oracle import (DTYPES, EPS1, EPS2, LLM_SHAPES, adalomo_state, check_param, check_state,
-                    f64_adalomo, rand)
+from kernel_backends import (ALL, DISPATCHED, KERNELS, assert_runs_close, cases,
+                             large_on_emulation, numel, runs_compare)
+from oracle import (DTYPES, EPS1, EPS2, F32_GRADS, LLM_SHAPES, adalomo_state, check_param,
+                    check_grad_dtype_rule, check_state, dtypes_of, f64_adalomo, rand)
 
 import lomo_kernels
-from lomo_kernels import reference
+from lomo_kernels import ops, reference
 
 pytestmark = pytest.mark.adalomo
 
@@ -40,13 +42,14 @@ HYPER = {
 def _data(shape, dtype, h, recipe, zeros=False):
     """(p0, g, state0) of a recipe: ("n", s): small gradients (0.05) and a small state (1e-4,
     zeros for a first step); ("t", s): gradients at the loss scale and a state of size 1. The
-    seeds are s, s + 1, s + 2."""
+    seeds are s, s + 1, s + 2. ``dtype``: both tensors' dtype, or a (param, grad) pair."""
     kind, s = recipe
-    p0 = rand(shape, dtype, seed=s)
+    pd, gd = dtypes_of(dtype)
+    p0 = rand(shape, pd, seed=s)
     if kind == "n":
-        g = rand(shape, dtype, scale=0.05, seed=s + 1)
+        g = rand(shape, gd, scale=0.05, seed=s + 1)
         return p0, g, adalomo_state(shape, s + 2, scale=1e-4, offset=1e-6, zeros=zeros)
-    return p0, rand(shape, dtype, scale=h["ls"], seed=s + 1), adalomo_state(shape, s + 2)
+    return p0, rand(shape, gd, scale=h["ls"], seed=s + 1), adalomo_state(shape, s + 2)
 
 
 def _call(fn, p, g, st, h, device, rounding="nearest", found=None, seed=5, step=2):
@@ -118,6 +121,13 @@ _NEAREST = (
     + [(torch.bfloat16, (ODD_SIZES[3],), "scaled", ("t", 5)),
        (torch.float32, (67, 4099), "scaled", ("t", 5)),
        (torch.float16, (5, 61, 911), "scaled", ("t", 5))]
+    # a float32 gradient (an accumulation buffer) of a 16-bit parameter
+    + [(d, s, h, ("n", 1)) for d in F32_GRADS
+       for s in [(7,), (4097,), (ODD_SIZES[3],), (1, 4097), (4097, 1), (37, 129), (3, 17, 33),
+                 (), (130, 4096), (40, 8, 64)]
+       for h in ("first_step", "all", "clipped")]
+    + [(d, s, h, ("t", 0)) for d in F32_GRADS for s in _SHAPES_T
+       for h in ("plain", "all_normalised")]
 )
 
 
@@ -150,7 +160,7 @@ def test_matches_reference_and_float64(backend, dtype, shape, hname, recipe):
 
 
 @pytest.mark.parametrize("backend,dtype,shape", cases(
-    KERNELS, [(d, s) for d in (torch.bfloat16, torch.float16)
+    KERNELS, [(d, s) for d in [torch.bfloat16, torch.float16] + F32_GRADS
               for s in [(7,), (4097,), (37, 129), (3, 17, 33)]], None))
 def test_stochastic_rounding_matches_the_reference(backend, dtype, shape):
     # The rounding itself is bitwise the reference's (test_lomo_update.py); here the fp32 values
@@ -165,7 +175,7 @@ def test_stochastic_rounding_matches_the_reference(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend,dtype,shape", cases(
-    KERNELS, [(d, s) for d in (torch.float16, torch.bfloat16)
+    KERNELS, [(d, s) for d in [torch.float16, torch.bfloat16] + F32_GRADS
               for s in [(ODD_SIZES[3],), (37, 129), (3, 17, 33), (130, 4096), (40, 8, 64)]],
     _slow))
 def test_stochastic_rounding_rounds_the_fp32_result(backend, dtype, shape):
@@ -179,7 +189,7 @@ def test_stochastic_rounding_rounds_the_fp32_result(backend, dtype, shape):
     _call(op, out, g, st0, h, device, rounding="stochastic", seed=9, step=4)
     out32 = p0.float().to(device)
     _call(op, out32, g.float(), st0, h, device)
-    want = reference.round_to_dtype(out32.cpu(), dtype, "stochastic", 9, 4)
+    want = reference.round_to_dtype(out32.cpu(), p0.dtype, "stochastic", 9, 4)
     if backend.bitwise:
         assert torch.equal(out.cpu().view(torch.int16), want.view(torch.int16))
     else:
@@ -235,8 +245,9 @@ def test_is_deterministic(backend, dtype, rounding, shape, hname, recipe, seed, 
 # Inf, -Inf in gradients of size 1 with value clipping (which would make an Inf finite: it must
 # still count), stochastic rounding
 _NON_FINITE = (
-    [(d, s, "n", None) for d in DTYPES for s in [(4097,), (37, 129), (3, 17, 33), (130, 4096)]]
-    + [(d, s, "t", bad) for d in DTYPES for s in [(7,), (4097,), (37, 129), (3, 17, 33)]
+    [(d, s, "n", None) for d in DTYPES + F32_GRADS
+     for s in [(4097,), (37, 129), (3, 17, 33), (130, 4096)]]
+    + [(d, s, "t", bad) for d in DTYPES + F32_GRADS for s in [(7,), (4097,), (37, 129), (3, 17, 33)]
        for bad in (float("nan"), float("inf"), -float("inf"))]
 )
 
@@ -251,7 +262,7 @@ def test_non_finite_gradient_changes_nothing(backend, dtype, shape, layout, bad)
     else:
         h, rounding = HYPER["all_normalised"], "stochastic"
         p0, _, st0 = _data(shape, dtype, h, ("t", 0))
-        g = rand(shape, dtype, seed=9)
+        g = rand(shape, dtypes_of(dtype)[1], seed=9)
     g.view(-1)[g.numel() // 2] = bad
     out, ref = _run(backend, p0, g, st0, h, rounding, seed=0, step=1)
     for r in (out, ref):
@@ -280,6 +291,32 @@ def test_empty_is_a_no_op(backend, dtype):
            st.get("exp_avg_sq"), None, found, 1e-2, 0.0, 1.0, 0.0, 0.5, EPS1, EPS2, 1.0,
            "nearest", 0, 1)
         assert found.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", cases(ALL, [()], None))
+def test_the_gradient_dtype_rule(backend):
+    # As test_lomo_update.py's: every (param, grad) dtype pair, factored (2-d) and unfactored
+    # (1-d, also through the multi-tensor op), through the checked entry point and, dispatched,
+    # the op itself; accepted pairs update, the others are refused naming both dtypes, nothing
+    # changed (parameter and state).
+    device = backend.device
+    for shape in [(5, 7), (9,)]:
+        for pd in DTYPES:
+            for gd in DTYPES:
+                p, g = rand(shape, pd, seed=3).to(device), rand(shape, gd, seed=4).to(device)
+                st = {k: v.to(device) for k, v in adalomo_state(shape, 5).items()}
+                args = (st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"), st.get("exp_avg_sq"))
+                calls = [lambda: ops.adalomo_update_(
+                    p, g, exp_avg_sq_row=args[0], exp_avg_sq_col=args[1], exp_avg_sq=args[2],
+                    lr=0.1, beta=0.5, backend=backend.name)]
+                if len(shape) == 1:
+                    calls.append(lambda: ops.adalomo_update_multi_(
+                        [p], [g], [args[2]], lr=0.1, beta=0.5, backend=backend.name))
+                if backend in DISPATCHED:
+                    calls.append(lambda: backend.op("adalomo_update_")(
+                        p, g, *args, None, None, 0.1, 0.0, 1.0, 0.0, 0.5, EPS1, EPS2, 1.0,
+                        "nearest", 0, 1))
+                check_grad_dtype_rule(calls, pd, gd, [p, *st.values()])
 
 
 # ---------------------------------------------------------------- through the optimizer

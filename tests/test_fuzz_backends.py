@@ -523,8 +523,8 @@ _BAD_ADALOMO = [
 
 def _corrupt(what, p, g):
     """(p, g) made wrong as ``what`` says (new tensors; p, g themselves are kept to compare)."""
-    if what == "grad dtype":
-        other = torch.float16 if g.dtype != torch.float16 else torch.float32
+    if what == "grad dtype":  # (a float32 gradient of a 16-bit param is a valid buffer)
+        other = torch.float16 if g.dtype != torch.float16 else torch.bfloat16
         return p, g.to(other)
     if what == "grad shape":
         return p, torch.zeros(tuple(p.shape) + (2,), dtype=g.dtype)

@@ -5,7 +5,8 @@ Backends: the reference itself (against float64), the native CPU kernel (bitwise
 reference: same float32 operations in the same order), the Triton kernel in the interpreter
 (within 2 ulp: the interpreter does not fuse tl.fma) and the native CUDA kernel: in the SIMT emulation
 on CPU tensors (``cuda_emulated``) and, with a GPU, on the GPU, with the same tolerances.
-Modes: projected (``r`` is the float32 R, N written into it) and full rank (``param`` updated).
+Modes: projected (``r`` is the float32 R, N written into it) and full rank (``param`` updated; ``r``
+of its dtype, or float32 for a 16-bit ``param``: an accumulation buffer, oracle.F32_GRADS).
 """
 
 import os
@@ -15,7 +16,7 @@ import torch
 from conftest import (requires_cuda_emulation, requires_native, requires_triton, target_device,
                       target_op, ulp_distance)
 
-from oracle import f64_golore
+from oracle import F32_GRADS, dtypes_of, f64_golore
 
 from lomo_kernels import ops, reference
 
@@ -42,7 +43,8 @@ def _case(shape, inner, momentum, dtype=None, seed=0):
           for i, k in enumerate(ops.golore_state_names(inner, momentum))}
     if dtype is None:
         return _rand(shape, 0.1, seed), None, st
-    return _rand(shape, 0.1, seed).to(dtype), _rand(shape, 1.0, seed + 7).to(dtype), st
+    pd, gd = dtypes_of(dtype)  # a 16-bit param may have a float32 gradient (a buffer)
+    return _rand(shape, 0.1, seed).to(gd), _rand(shape, 1.0, seed + 7).to(pd), st
 
 
 def _call(fn, r, p, st, inner, momentum, device="cpu", coef=None, found=None, rounding="nearest",
@@ -130,7 +132,7 @@ def test_native_cpu_projected_is_the_reference(inner, momentum, shape):
 @requires_native
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("inner,momentum", INNERS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + F32_GRADS, ids=str)
 @pytest.mark.parametrize("shape", FULL, ids=str)
 def test_native_cpu_full_rank_is_the_reference(shape, dtype, inner, momentum, rounding):
     case = _case(shape, inner, momentum, dtype, seed=5)
@@ -145,7 +147,7 @@ def test_native_cpu_full_rank_is_the_reference(shape, dtype, inner, momentum, ro
 @requires_native
 @pytest.mark.parametrize("dtype,inner,momentum,rounding", [
     (torch.bfloat16, "adamw", 0.0, "stochastic"), (torch.float16, "sgd", 0.9, "nearest"),
-    (torch.float32, "sgd", 0.0, "nearest")], ids=str)
+    (torch.float32, "sgd", 0.0, "nearest"), (F32_GRADS[0], "adamw", 0.0, "stochastic")], ids=str)
 def test_native_cpu_full_rank_large(dtype, inner, momentum, rounding):
     # many work units: every unit's flags and hash offsets
     test_native_cpu_full_rank_is_the_reference((278011,), dtype, inner, momentum, rounding)
@@ -192,7 +194,7 @@ def test_triton_projected_matches_reference(shape, inner, momentum, device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("inner,momentum", INNERS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + F32_GRADS, ids=str)
 def test_triton_full_rank_matches_reference(dtype, inner, momentum, rounding, device):
     from lomo_kernels import triton_kernels
 
@@ -213,7 +215,7 @@ CUDA_TARGETS = [pytest.param("cuda_emulated", marks=requires_cuda_emulation)] + 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("inner,momentum", INNERS)
-@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
+@pytest.mark.parametrize("dtype", [None, *DTYPES, *F32_GRADS], ids=str)
 @pytest.mark.parametrize("shape", [(7,), (37, 129), (128, 4096), (278011,)], ids=str)
 def test_native_cuda_matches_reference(shape, dtype, inner, momentum, rounding, target):
     case = _case(shape, inner, momentum, dtype, seed=17)
@@ -243,12 +245,13 @@ def _backends():
 
 
 @pytest.mark.parametrize("backend,device", _backends())
-@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, F32_GRADS[0]], ids=str)  # None: projected
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("inner,momentum", INNERS)
-def test_non_finite_r_leaves_param_and_state_untouched(inner, momentum, bad, full, backend,
+def test_non_finite_r_leaves_param_and_state_untouched(inner, momentum, bad, dtype, backend,
                                                        device):
-    r, p, st = _case((33, 65), inner, momentum, torch.bfloat16 if full else None, seed=19)
+    full = dtype is not None
+    r, p, st = _case((33, 65), inner, momentum, dtype, seed=19)
     r[5, 7] = bad
     r, p = r.to(device), None if p is None else p.to(device)
     st = {k: v.to(device) for k, v in st.items()}

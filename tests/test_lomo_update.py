@@ -8,14 +8,17 @@ op schema checks) is in test_native_lomo_update.py and test_triton_lomo_update.p
 Cases come from two recipes (``n`` and ``t``: the data of the former per-backend files), so every
 case each backend ran before still runs, now on every backend; each backend keeps its tolerances
 (kernel_backends.py: ``native`` bitwise or 1e-6 of the terms, ``triton`` 2 ulp of an unfused fma).
+A table's dtype may be a pair (oracle.F32_GRADS): a 16-bit parameter with a float32 gradient, the
+accumulation buffer the optimizers update from; the gradient dtype rule is checked at the end.
 """
 
 import pytest
 import torch
 from conftest import ODD_SIZES, ulp_distance
-from kernel_backends import (ALL, KERNELS, Backend, assert_runs_close, cases, large_on_emulation,
-                             runs_compare)
-from oracle import DTYPES, LLM_SHAPES, bits, f64_lomo, rand
+from kernel_backends import (ALL, DISPATCHED, KERNELS, Backend, assert_runs_close, cases,
+                             large_on_emulation, runs_compare)
+from oracle import (DTYPES, F32_GRADS, LLM_SHAPES, bits, check_grad_dtype_rule, dtypes_of,
+                    f64_lomo, grad_dtype_accepted, grad_dtype_error, rand)
 
 import lomo_kernels
 from lomo_kernels import ops, reference
@@ -34,10 +37,12 @@ HYPER = {
 
 def _data(shape, dtype, h, recipe):
     """(p0, g): recipe "n" draws g at scale 3 (the loss scale then shrinks it), "t" at the loss
-    scale (an unscaled gradient of size 1)."""
+    scale (an unscaled gradient of size 1). ``dtype``: both tensors' dtype, or a (param, grad)
+    pair."""
+    pd, gd = dtypes_of(dtype)
     if recipe == "n":
-        return rand(shape, dtype, seed=1), rand(shape, dtype, scale=3.0, seed=2)
-    return rand(shape, dtype, seed=0), rand(shape, dtype, scale=max(h["ls"], 1.0), seed=1)
+        return rand(shape, pd, seed=1), rand(shape, gd, scale=3.0, seed=2)
+    return rand(shape, pd, seed=0), rand(shape, gd, scale=max(h["ls"], 1.0), seed=1)
 
 
 def _call(fn, p, g, h, device, rounding="nearest", seed=0, step=1, found=None):
@@ -90,6 +95,11 @@ _NEAREST = (
     + [(d, s, "all", "t") for d in DTYPES for s in [(1, 300), (300, 1), (37, 129), (3, 17, 33), ()]]
     + [(torch.float32, (ODD_SIZES[3],), "all", "t"), (torch.bfloat16, (ODD_SIZES[3],), "all", "t"),
        (torch.float16, (ODD_SIZES[3],), "pow2_scale_small_lr", "t")]
+    # a float32 gradient (an accumulation buffer) of a 16-bit parameter
+    + [(d, s, h, "n") for d in F32_GRADS
+       for s in [(n,) for n in ODD_SIZES] + [(37, 129), (3, 17, 33), (), (130, 4096)]
+       for h in ("plain", "all", "pow2_scale")]
+    + [(d, (n,), h, "t") for d in F32_GRADS for n in ODD_SIZES[:3] for h in ("wd", "clip")]
 )
 
 
@@ -118,6 +128,8 @@ _STOCHASTIC = (
     + [(d, (n,), h, "t", 12345, 7) for d in (torch.bfloat16, torch.float16)
        for n, h in [(1, "all"), (7, "plain"), (4097, "all"), (4097, "wd")]]
     + [(torch.bfloat16, (ODD_SIZES[3],), "clip", "t", 2**32 + 99, 2**33 + 3)]
+    + [(d, s, "all", "n", 11, 3) for d in F32_GRADS for s in [(ODD_SIZES[3],), (37, 129), (1,)]]
+    + [(d, (4097,), "wd", "t", 12345, 7) for d in F32_GRADS]
 )
 
 
@@ -198,8 +210,8 @@ _LAYOUTS = {"n": (4097, [0, 9, 4000, 4096], [float("nan"), float("inf"), -float(
             "t": (4096 + 100, [0, 17, 4095, 4096, 4195], [float("nan"), float("inf"),
                                                           -float("inf"), float("nan"),
                                                           float("inf")], (3, 4), "stochastic")}
-_NON_FINITE = [(d, "n", "all") for d in DTYPES] + [(d, "t", h) for d in DTYPES
-                                                  for h in ("plain", "all")]
+_NON_FINITE = [(d, "n", "all") for d in DTYPES + F32_GRADS] + [
+    (d, "t", h) for d in DTYPES + F32_GRADS for h in ("plain", "all")]
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter, Inf/NaN
@@ -207,9 +219,10 @@ _NON_FINITE = [(d, "n", "all") for d in DTYPES] + [(d, "t", h) for d in DTYPES
 def test_non_finite_gradients_keep_those_elements(backend, dtype, layout, hname):
     n, bad_at, bad_values, (pseed, gseed), rounding = _LAYOUTS[layout]
     h, device = HYPER[hname], backend.device
-    p0, g = rand((n,), dtype, seed=pseed), rand((n,), dtype, seed=gseed)
+    (pd, gd) = dtypes_of(dtype)
+    p0, g = rand((n,), pd, seed=pseed), rand((n,), gd, seed=gseed)
     bad = torch.tensor(bad_at)
-    g[bad] = torch.tensor(bad_values, dtype=dtype)
+    g[bad] = torch.tensor(bad_values, dtype=gd)
     found = torch.zeros(1, device=device)
     out = p0.to(device, copy=True)
     _call(backend.op("lomo_update_"), out, g.to(device), h, device, rounding, 1, 1, found)
@@ -229,7 +242,7 @@ def test_non_finite_gradients_keep_those_elements(backend, dtype, layout, hname)
         assert ulp_distance(out, ref).max().item() <= (0 if backend.bitwise else 1)
     # a flag already raised by another parameter stays raised by a clean one
     clean = p0.to(device, copy=True)
-    _call(backend.op("lomo_update_"), clean, rand((n,), dtype).to(device), h, device,
+    _call(backend.op("lomo_update_"), clean, rand((n,), gd).to(device), h, device,
           found=found)
     assert found.item() == 1.0
 
@@ -286,15 +299,18 @@ def _update_with_grad_sq(backend, p, g, n):
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter, Inf/NaN
 @pytest.mark.parametrize("backend,dtype,p_off,g_off", cases(
-    KERNELS, [(d, po, go) for d in (torch.bfloat16, torch.float32)
+    KERNELS, [(d, po, go) for d in (torch.bfloat16, torch.float32, F32_GRADS[0])
               for po, go in [(3, 3), (1, 1), (3, 5), (0, 2)]], None))
 def test_unaligned_views_update_like_aligned_tensors(backend, dtype, p_off, g_off):
-    # (3, 3), (1, 1): equally misaligned, a kernel may peel the head and vectorise the body;
-    # (3, 5), (0, 2): not peelable. Either way: bitwise the update of aligned copies, nothing
-    # outside the view touched, a non-finite gradient in the head and in the body skipped.
+    # (3, 3), (1, 1): equally misaligned, a kernel may peel the head and vectorise the body
+    # (a float32 gradient of a bf16 parameter too: its k-th element meets a 16-byte boundary
+    # where the parameter's does); (3, 5), (0, 2): not peelable. Either way: bitwise the update of
+    # aligned copies, nothing outside the view touched, a non-finite gradient in the head and in
+    # the body skipped.
     n, device = 2 * 4096 + 37, backend.device
-    base_p = rand((n + 16,), dtype, seed=21).to(device)
-    base_g = rand((n + 16,), dtype, seed=22).to(device)
+    pd, gd = dtypes_of(dtype)
+    base_p = rand((n + 16,), pd, seed=21).to(device)
+    base_g = rand((n + 16,), gd, seed=22).to(device)
     base_g[g_off + 1] = float("nan")
     base_g[g_off + 5000] = float("inf")
     p, g = base_p[p_off: p_off + n], base_g[g_off: g_off + n]
@@ -391,3 +407,39 @@ def test_optimizer_matches_the_torch_backend(backend, scenario, dtype, rounding)
             assert torch.equal(bits(a), bits(b))
         return
     assert_runs_close(losses, ref_losses, params, ref_params, dtype == torch.float32)
+
+
+# ---------------------------------------------------------------- the gradient dtype rule
+
+@pytest.mark.parametrize("backend", cases(ALL, [()], None))
+def test_the_gradient_dtype_rule(backend):
+    # Every (param, grad) dtype pair through the checked entry point of every backend and, for the
+    # dispatched ones, through the op itself (the C++ checks) and its fake (meta tensors): the
+    # accepted pairs update (single and multi-tensor op), the others are refused with both dtypes
+    # named and nothing changed.
+    device = backend.device
+    for pd in DTYPES:
+        for gd in DTYPES:
+            p, g = rand((5, 7), pd, seed=3).to(device), rand((5, 7), gd, seed=4).to(device)
+            calls = [lambda: ops.lomo_update_(p, g, lr=0.1, backend=backend.name),
+                     lambda: ops.lomo_update_multi_([p], [g], lr=0.1, backend=backend.name)]
+            if backend in DISPATCHED:
+                calls += [lambda: backend.op("lomo_update_")(p, g, None, None, 0.1, 0.0, 1.0, 0.0,
+                                                             "nearest", 0, 1),
+                          lambda: backend.op("lomo_update_multi_")(
+                              [p], [g], None, None, [0.1], [0.0], 1.0, [0.0], "nearest", [0],
+                              [1])]
+            check_grad_dtype_rule(calls, pd, gd, [p])
+    # the fakes (torch.compile, opcheck): meta tensors, once
+    if backend.family == "reference":
+        for pd in DTYPES:
+            for gd in DTYPES:
+                p, g = torch.zeros(4, 6, dtype=pd, device="meta"), torch.zeros(
+                    4, 6, dtype=gd, device="meta")
+                call = lambda: torch.ops.lomo_kernels.lomo_update_(  # noqa: E731
+                    p, g, None, None, 1e-2, 0.0, 1.0, 0.0, "nearest", 0, 1)
+                if grad_dtype_accepted(pd, gd):
+                    call()
+                else:
+                    with pytest.raises(RuntimeError, match=grad_dtype_error(pd, gd)):
+                        call()

@@ -22,11 +22,16 @@ def test_every_cuda_kernel_meets_its_static_budget():
     usages = budgets.native_usages()
     BUDGET_TABLES.append(budgets.format_table(usages, "native CUDA kernels"))
     names = {u.name for u in usages}
-    # every variant the entry points can launch is there (no budget passes on an empty read)
-    assert {"lomo_update_kernel<BF16, true, false, true>", "stats_kernel<BF16, false>",
-            "unorm_kernel<F16, true>", "apply_kernel<BF16, true, false>",
-            "adalomo_flat_kernel<BF16, true, false>", "empty_shard_kernel",
-            "golore_update_kernel<BF16, true, AdamW, true>"} <= names
+    # every variant the entry points can launch is there (no budget passes on an empty read),
+    # those that read a float32 gradient (an accumulation buffer) of a 16-bit parameter included
+    assert {"lomo_update_kernel<BF16, BF16, true, false, true>", "stats_kernel<BF16, BF16, false>",
+            "unorm_kernel<F16, F16, true>", "apply_kernel<BF16, BF16, true, false>",
+            "adalomo_flat_kernel<BF16, BF16, true, false>", "empty_shard_kernel",
+            "golore_update_kernel<BF16, BF16, true, AdamW, true>"} <= names
+    assert {"lomo_update_kernel<BF16, F32, true, false, true>", "stats_kernel<F16, F32, true>",
+            "unorm_kernel<BF16, F32, false>", "apply_kernel<BF16, F32, true, true>",
+            "adalomo_flat_kernel<F16, F32, false, false>",
+            "golore_update_kernel<BF16, F32, false, Sgd, true>"} <= names
     failed = [u for u in usages if u.violations]
     assert not failed, "\n".join(f"{u.name}: {'; '.join(u.violations)}" for u in failed)
     stale = budgets.unmatched_vector_rules(usages, triton=False)
@@ -35,7 +40,7 @@ def test_every_cuda_kernel_meets_its_static_budget():
 
 def test_the_checks_catch_what_they_are_for():
     # a spill, a register regression, a bf16 hot loop without 128-bit accesses: each names the kernel
-    bad = [budgets.Usage("apply_kernel<BF16, false, false>", registers=70, stack=16,
+    bad = [budgets.Usage("apply_kernel<BF16, BF16, false, false>", registers=70, stack=16,
                          local_ops=2, has_loops=True, ld128=True, st128=True,
                          ld128_in_loop=False, st128_in_loop=True),
            budgets.Usage("mystery_kernel", registers=8)]
@@ -45,12 +50,12 @@ def test_the_checks_catch_what_they_are_for():
     assert "spills: 16 stack bytes" in msg and "70 registers > budget 64" in msg
     assert "no 128-bit global load (LDG.E.128) in its hot loop" in msg
     assert "no register budget" in failed[1].violations[0]
-    assert re.search(r"apply_kernel<BF16, false, false>\s+70\s+64\s+16\s+2",
+    assert re.search(r"apply_kernel<BF16, BF16, false, false>\s+70\s+64\s+16\s+2",
                      budgets.format_table(bad, "t"))
     # a rule whose kernel was renamed checks nothing: it is reported, per kind of kernel
     stale = budgets.unmatched_vector_rules(bad, triton=False)
-    assert r"^apply_kernel<BF16, (false|true), (false|true)>" not in stale
-    assert r"^stats_kernel<BF16, (false|true)>" in stale
+    assert r"^apply_kernel<BF16, (BF16|F32), (false|true), (false|true)>" not in stale
+    assert r"^stats_kernel<BF16, (BF16|F32), (false|true)>" in stale
     triton = [budgets.Usage("triton:lomo_bf16:_lomo_update_kernel"),
               budgets.Usage("triton:lomo_multi_bf16:_lomo_update_multi_kernel")]
     assert budgets.unmatched_vector_rules(triton, triton=True) == [

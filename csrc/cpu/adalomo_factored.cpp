@@ -87,6 +87,7 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   using VF = typename Vec<W>::F;
   using VU = typename Vec<W>::U;
   using Gr = Group<F, W>;
+  using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
@@ -105,17 +106,17 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
     std::memset(colf, 0, sizeof(float) * static_cast<size_t>(ceil_div(w, kLanes) * kLanes));
     for (int64_t r = rb; r < re; ++r) {
       const int64_t row = t.s * geo.m + r;
-      const S* __restrict g = static_cast<const S*>(c.g) + row * n + t.c0;
+      const SG* __restrict g = static_cast<const SG*>(c.g) + row * n + t.c0;
       const S* __restrict p = static_cast<const S*>(c.p) + row * n + t.c0;
       DAcc<W> racc;
       for (int64_t b = 0; b < w; b += kBlock) {
         const int64_t be = std::min(w, b + kBlock);
         Lanes<W> fr, fp, fq;  // in Group's lane order until the block is added
         // 16 elements from gs / ps (column j of the tile); `rest` < 16: a zero-padded tail
-        const auto group = [&](const S* gs, const S* ps, int64_t j, int rest)
+        const auto group = [&](const SG* gs, const S* ps, int64_t j, int rest)
                                __attribute__((always_inline)) {
           VF gr[P], pr[P];
-          Gr::load(gs, gr);
+          group_load<K::GF, F, W>(gs, gr);
           Gr::load(ps, pr);
           for (int q = 0; q < P; ++q) {
             const VF graw = gr[q];
@@ -140,7 +141,7 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
         for (; j + kLanes <= be; j += kLanes) group(g + j, p + j, j, 0);
         if (j < be) {
           const int rest = static_cast<int>(be - j);
-          group(Padded<F>(g + j, rest).v, Padded<F>(p + j, rest).v, j, rest);
+          group(Padded<K::GF>(g + j, rest).v, Padded<F>(p + j, rest).v, j, rest);
         }
         racc.add(Gr::logical(fr));
         pp.add(Gr::logical(fp));
@@ -169,8 +170,7 @@ LOMO_CPU_CLONES(fac_stats)
 // ---- stage 2 pass: sum(u*u), u = (rfac * cfac) * g ------------------------------------------
 template <class K, int W>
 LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
-  constexpr Fmt F = K::F;
-  using S = storage_t<F>;
+  using SG = storage_t<K::GF>;
   using VF = typename Vec<W>::F;
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
@@ -182,16 +182,16 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
     const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
-    const S* __restrict g = static_cast<const S*>(c.g) + row * geo.n + t.c0;
+    const SG* __restrict g = static_cast<const SG*>(c.g) + row * geo.n + t.c0;
     for (int64_t b = 0; b < t.w; b += kBlock) {
       const int64_t be = std::min(t.w, b + kBlock);
       Lanes<W> fu;
-      const auto group = [&](const S* gs, const float* cs, int rest)
+      const auto group = [&](const SG* gs, const float* cs, int rest)
                              __attribute__((always_inline)) {
         for (int q = 0; q < P; ++q) {
           VF cv;
           std::memcpy(&cv, cs + q * W, sizeof cv);
-          VF u = (rf * cv) * pre(vload<F, W>(gs + q * W));
+          VF u = (rf * cv) * pre(vload<K::GF, W>(gs + q * W));
           if (rest) u = lane_ids<W>(q) < rest ? u : VF{};
           fu.v[q] += u * u;
         }
@@ -202,7 +202,7 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
         const int rest = static_cast<int>(be - j);
         float cbuf[kLanes] = {};
         std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
-        group(Padded<F>(g + j, rest).v, cbuf, rest);
+        group(Padded<K::GF>(g + j, rest).v, cbuf, rest);
       }
       uu.add(fu);
     }
@@ -218,6 +218,7 @@ template <class K, int W>
 LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   constexpr Fmt F = K::F;
   using S = storage_t<F>;
+  using SG = storage_t<K::GF>;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
   const float scale = c.s.scale, clip = c.s.clip, coef = c.coef;
@@ -233,11 +234,11 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
     const int64_t end = begin + t.w;
     const float* __restrict cfj = cf;
     // (rf * c_j) * g: u of element j
-    const auto u_of = [&](const S* __restrict g, int64_t j) __attribute__((always_inline)) {
-      return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<F>(g[j]), scale, clip, coef);
+    const auto u_of = [&](const SG* __restrict g, int64_t j) __attribute__((always_inline)) {
+      return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[j]), scale, clip, coef);
     };
     // 16 elements at a time in vectors (cpu_vec.h's Group), then the tail element by element
-    const auto clean_run = [&](S* __restrict p, const S* __restrict g, int64_t len, float dec)
+    const auto clean_run = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec)
                                __attribute__((always_inline)) {
       using G = Group<F, W>;
       using VF = typename Vec<W>::F;
@@ -247,7 +248,7 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       int64_t j = 0;
       for (; j + kLanes <= len; j += kLanes) {
         VF gv[G::P], pv[G::P], cv[G::P];
-        G::load(g + j, gv);
+        group_load<K::GF, F, W>(g + j, gv);
         G::load(p + j, pv);
         G::load_f32(cfj + j, cv);
         for (int q = 0; q < G::P; ++q) {
@@ -263,7 +264,7 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       const uint32_t hk = hash_high_key(key, static_cast<uint64_t>(begin));
       const uint32_t lo = static_cast<uint32_t>(begin);
       S* __restrict p = static_cast<S*>(c.p) + begin;
-      const S* __restrict g = static_cast<const S*>(c.g) + begin;
+      const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
       const int64_t len = stop - begin;
       if (clean && decay == 1.0f) {
         clean_run(p, g, len, 1.0f);
@@ -346,7 +347,8 @@ T sum_slots(const Slot* slots, int64_t n, Get get) {
 
 // The stages of a factored parameter, in one parallel region (parallel_phases): stage 0 runs the
 // three passes and stops after the first on a non-finite gradient; 1, 2, 3 run one pass each.
-void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
+void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype,
+                     at::ScalarType grad_dtype) {
   using Fn = void (*)(const FacCtx&, int64_t);
   enum Pass { kStats, kFinalize, kUnorm, kApply };
   const Geo& g = c.geo;
@@ -363,20 +365,21 @@ void factored_update(FacCtx& c, const AdaCall& a, at::ScalarType dtype) {
   Fn fn[4] = {};
   for (int k = 0; k < n; ++k) {
     if (pass[k] == kStats)
-      dispatch_flags<kUseDIV | kUseGSQ | kUseCLIP>(dtype, false, a.div, a.grad_sq != nullptr,
-                                                   false, a.clip,
-                                        [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); });
+      dispatch_flags<kUseDIV | kUseGSQ | kUseCLIP | kUseG32>(
+          dtype, false, a.div, a.grad_sq != nullptr, false, a.clip,
+          [&](auto f) { fn[k] = fac_stats_pick<decltype(f), FacCtx>(); }, grad_dtype);
     if (pass[k] == kFinalize) fn[k] = &fac_finalize;
     if (pass[k] == kUnorm)
-      dispatch_flags<kUseDIV | kUseCLIP>(dtype, false, a.div, false, false, a.clip,
-                              [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); });
+      dispatch_flags<kUseDIV | kUseCLIP | kUseG32>(
+          dtype, false, a.div, false, false, a.clip,
+          [&](auto f) { fn[k] = fac_unorm_pick<decltype(f), FacCtx>(); }, grad_dtype);
   }
   // Before the apply pass: its scalars and loop (update clipping inactive: no division).
   const auto prepare_apply = [&](int k) {
     c.st = step_scalars(c.s, h[0], h[2], a.numel_g);
-    dispatch_flags<kUseSR | kUseDIV | kUseDEN1 | kUseCLIP>(
+    dispatch_flags<kUseSR | kUseDIV | kUseDEN1 | kUseCLIP | kUseG32>(
         dtype, a.sr, a.div, false, c.st.denom == 1.0f, a.clip,
-        [&](auto f) { fn[k] = fac_apply_pick<decltype(f), FacCtx>(); });
+        [&](auto f) { fn[k] = fac_apply_pick<decltype(f), FacCtx>(); }, grad_dtype);
   };
   bool skip = false;  // a non-finite gradient: no further pass
   if (a.stage == 2) {  // the new c from the all-reduced column sums
@@ -439,7 +442,7 @@ void factored_adalomo(const AdaCall& a, const at::Tensor& param, const at::Tenso
   x.r = r;
   x.c = c;
   x.rows_g = global_rows ? global_rows : x.geo.m;
-  factored_update(x, a, param.scalar_type());
+  factored_update(x, a, param.scalar_type(), grad.scalar_type());
 }
 
 }  // namespace cpu

@@ -52,8 +52,9 @@ template <class K, int W>
 LOMO_CPU_INLINE void flat_stats(const FlatTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
   using S = storage_t<F>;
+  using SG = storage_t<K::GF>;
   const int64_t begin = unit * kChunk, len = std::min(c.n - begin, kChunk);
-  const S* __restrict g = static_cast<const S*>(c.g) + begin;
+  const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
   const S* __restrict p = static_cast<const S*>(c.p) + begin;
   const float* __restrict v = c.v + begin;
   const AdaLomoScalars s = c.s;  // a local copy: no aliasing with the staging stores
@@ -64,7 +65,7 @@ LOMO_CPU_INLINE void flat_stats(const FlatTensor& c, int64_t unit) {
   for (int64_t b = 0; b < len; b += kBlock) {
     const int64_t bl = std::min(kBlock, len - b);
     for (int64_t j = 0; j < bl; ++j) {
-      const float graw = to_f32<F>(g[b + j]);
+      const float graw = to_f32<K::GF>(g[b + j]);
       bad |= is_finite_f32(graw) ? 0u : 1u;
       float vn;
       ub[j] = flat_u<F, K::DIV>(s, coef, v[b + j], graw, &vn);
@@ -88,7 +89,7 @@ LOMO_CPU_INLINE void flat_apply(const FlatTensor& c, int64_t unit) {
   // kChunk divides 2**32: a chunk never crosses a change of the hash's high half.
   const uint32_t hk = hash_high_key(c.s.key, static_cast<uint64_t>(begin));
   const uint32_t lo = static_cast<uint32_t>(begin);
-  const S* __restrict g = static_cast<const S*>(c.g) + begin;
+  const storage_t<K::GF>* __restrict g = static_cast<const storage_t<K::GF>*>(c.g) + begin;
   S* __restrict p = static_cast<S*>(c.p) + begin;
   float* __restrict v = c.v + begin;
   const AdaLomoScalars s = c.s;
@@ -96,7 +97,7 @@ LOMO_CPU_INLINE void flat_apply(const FlatTensor& c, int64_t unit) {
   const float denom = c.st.denom, decay = c.st.decay, lr_t = c.st.lr_t;
   for (int64_t j = 0; j < len; ++j) {
     float vn;
-    const float u = flat_u<F, K::DIV>(s, coef, v[j], to_f32<F>(g[j]), &vn);
+    const float u = flat_u<F, K::DIV>(s, coef, v[j], to_f32<K::GF>(g[j]), &vn);
     v[j] = vn;
     const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
     p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u, bits);
@@ -149,19 +150,20 @@ FlatSums flat_sums(const FlatTensor& t, int64_t units) {
 
 // The stats and apply loops of one tensor for its dtype and the call's flags (apply: chosen
 // once denom is known).
-FlatFn pick_flat_stats(at::ScalarType dtype, bool div, bool gsq) {
+FlatFn pick_flat_stats(at::ScalarType dtype, at::ScalarType grad_dtype, bool div, bool gsq) {
   FlatFn fn = nullptr;
-  dispatch_flags<kUseDIV | kUseGSQ>(dtype, false, div, gsq, false, true, [&](auto k) {
-    fn = flat_stats_pick<decltype(k), FlatTensor>();
-  });
+  dispatch_flags<kUseDIV | kUseGSQ | kUseG32>(
+      dtype, false, div, gsq, false, true,
+      [&](auto k) { fn = flat_stats_pick<decltype(k), FlatTensor>(); }, grad_dtype);
   return fn;
 }
 
-FlatFn pick_flat_apply(at::ScalarType dtype, bool sr, bool div, bool den1) {
+FlatFn pick_flat_apply(at::ScalarType dtype, at::ScalarType grad_dtype, bool sr, bool div,
+                       bool den1) {
   FlatFn fn = nullptr;
-  dispatch_flags<kUseSR | kUseDIV | kUseDEN1>(dtype, sr, div, false, den1, true, [&](auto k) {
-    fn = flat_apply_pick<decltype(k), FlatTensor>();
-  });
+  dispatch_flags<kUseSR | kUseDIV | kUseDEN1 | kUseG32>(
+      dtype, sr, div, false, den1, true,
+      [&](auto k) { fn = flat_apply_pick<decltype(k), FlatTensor>(); }, grad_dtype);
   return fn;
 }
 
@@ -180,13 +182,13 @@ void flat_adalomo(const AdaCall& a, const at::Tensor& param, const at::Tensor& g
   const FlatScratch w = carve_tensors<FlatTensor, Slot>(cv, 1, units, false);
   double* uu = cv.take<double>(1);
   float* h = scratch.header();
-  const at::ScalarType dtype = param.scalar_type();
+  const at::ScalarType dtype = param.scalar_type(), grad_dtype = grad.scalar_type();
   FlatTensor t{a.s, a.coef, param.data_ptr(), grad.data_ptr(), v, numel, w.parts, AdaStep{},
                nullptr, nullptr};
   const int64_t first[2] = {0, units};
   const auto prepare_apply = [&] {
     t.st = step_scalars(a.s, h[0], h[2], a.numel_g);
-    t.apply = pick_flat_apply(dtype, a.sr, a.div, t.st.denom == 1.0f);
+    t.apply = pick_flat_apply(dtype, grad_dtype, a.sr, a.div, t.st.denom == 1.0f);
   };
   if (a.stage == 2) {
     h[2] = h[1] > 0 ? 0.0f : static_cast<float>(*uu);
@@ -198,7 +200,7 @@ void flat_adalomo(const AdaCall& a, const at::Tensor& param, const at::Tensor& g
     const bool apply[1] = {true};
     return run_flat(&t, first, 1, 1, apply, [](int) {});
   }
-  t.stats = pick_flat_stats(dtype, a.div, a.grad_sq != nullptr);
+  t.stats = pick_flat_stats(dtype, grad_dtype, a.div, a.grad_sq != nullptr);
   const bool apply[2] = {false, true};
   run_flat(&t, first, 1, a.stage == 0 ? 2 : 1, apply, [&](int i) {
     if (i == 1) return;
@@ -250,7 +252,9 @@ void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS) {
                              clip_threshold[i], seed[i], step[i]),
         coef, params[i].data_ptr(), grads[i].data_ptr(), exp_avg_sqs[i].data_ptr<float>(),
         params[i].numel(), w.parts + units, AdaStep{},
-        pick_flat_stats(params[i].scalar_type(), pre.divide, gs != nullptr), nullptr};
+        pick_flat_stats(params[i].scalar_type(), grads[i].scalar_type(), pre.divide,
+                        gs != nullptr),
+        nullptr};
     w.first[i] = units;
     units += ceil_div(params[i].numel(), kChunk);
   }
@@ -271,7 +275,8 @@ void adalomo_update_multi_cpu(ADALOMO_UPDATE_MULTI_PARAMS) {
       }
       t.st = step_scalars(t.s, static_cast<float>(sums.pp), static_cast<float>(sums.uu), t.n);
       const Preprocess pre = make_preprocess(loss_scale, clip_grad_value[i]);
-      t.apply = pick_flat_apply(params[i].scalar_type(), sr, pre.divide, t.st.denom == 1.0f);
+      t.apply = pick_flat_apply(params[i].scalar_type(), grads[i].scalar_type(), sr, pre.divide,
+                                t.st.denom == 1.0f);
     }
   });
   if (any_bad) set_found(found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr);

@@ -175,10 +175,12 @@ void parallel_phases(int n_phases, const Units& n_units, const Fn& fn, const Bet
 // loss scale (a division instead of an exact multiply), the gradient-norm side output, and
 // AdaLomo's update clipping being inactive (denom == 1: no division per element).
 // CLIP: value clipping or clip_coef is on (false: the preprocessing is the loss scale only).
+// GF: the gradient's storage format, F's own or F32 (a float32 accumulation buffer of a 16-bit
+// parameter).
 template <Fmt F_, bool SR_ = false, bool DIV_ = false, bool GSQ_ = false, bool DEN1_ = false,
-          bool CLIP_ = true>
+          bool CLIP_ = true, Fmt GF_ = F_>
 struct Flags {
-  static constexpr Fmt F = F_;
+  static constexpr Fmt F = F_, GF = GF_;
   static constexpr bool SR = SR_, DIV = DIV_, GSQ = GSQ_, DEN1 = DEN1_, CLIP = CLIP_;
 };
 
@@ -208,8 +210,10 @@ struct Flags {
   }
 
 // Which runtime choices a loop is compiled for (the others are false): a loop instantiates only
-// the variants it uses.
-enum Use : unsigned { kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8, kUseCLIP = 16 };
+// the variants it uses. kUseG32: a float32 gradient of a 16-bit parameter (GF = F32).
+enum Use : unsigned {
+  kUseSR = 1, kUseDIV = 2, kUseGSQ = 4, kUseDEN1 = 8, kUseCLIP = 16, kUseG32 = 32
+};
 
 namespace detail {
 // next(the flag's value) where the loop dispatches on it, else next(Default)
@@ -229,12 +233,14 @@ void with_flag(bool on, const Next& next) {
 
 // Calls body(Flags<...>{}) for the runtime choices, restricted to the flags in U (fp32 stores are
 // exact: stochastic rounding is off for them); a loop that does not dispatch on CLIP always
-// preprocesses in full.
+// preprocesses in full. grad_dtype: the gradient's dtype when it may differ from dtype (kUseG32:
+// float32 for a 16-bit dtype; anything else means dtype's own).
 template <unsigned U, class Body>
 void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1, bool clip,
-                    const Body& body) {
-  auto with_fmt = [&](auto f_tag) {
+                    const Body& body, at::ScalarType grad_dtype = at::ScalarType::Undefined) {
+  auto with_fmt = [&](auto f_tag, auto g_tag) {
     constexpr Fmt F = decltype(f_tag)::value;
+    constexpr Fmt GF = decltype(g_tag)::value;
     constexpr unsigned U2 = F == Fmt::F32 ? (U & ~unsigned{kUseSR}) : U;
     detail::with_flag<U2, kUseSR, false>(sr, [&](auto s) {
       detail::with_flag<U2, kUseDIV, false>(div, [&](auto d) {
@@ -242,22 +248,28 @@ void dispatch_flags(at::ScalarType dtype, bool sr, bool div, bool gsq, bool den1
           detail::with_flag<U2, kUseDEN1, false>(den1, [&](auto e) {
             detail::with_flag<U2, kUseCLIP, true>(clip, [&](auto c) {
               body(Flags<F, decltype(s)::value, decltype(d)::value, decltype(q)::value,
-                         decltype(e)::value, decltype(c)::value>{});
+                         decltype(e)::value, decltype(c)::value, GF>{});
             });
           });
         });
       });
     });
   };
+  auto with_grad = [&](auto f_tag) {
+    if constexpr ((U & kUseG32) != 0 && decltype(f_tag)::value != Fmt::F32) {
+      if (grad_dtype == at::kFloat) return with_fmt(f_tag, std::integral_constant<Fmt, Fmt::F32>{});
+    }
+    with_fmt(f_tag, f_tag);
+  };
   switch (dtype) {
     case at::kFloat:
-      with_fmt(std::integral_constant<Fmt, Fmt::F32>{});
+      with_grad(std::integral_constant<Fmt, Fmt::F32>{});
       break;
     case at::kHalf:
-      with_fmt(std::integral_constant<Fmt, Fmt::F16>{});
+      with_grad(std::integral_constant<Fmt, Fmt::F16>{});
       break;
     case at::kBFloat16:
-      with_fmt(std::integral_constant<Fmt, Fmt::BF16>{});
+      with_grad(std::integral_constant<Fmt, Fmt::BF16>{});
       break;
     default:
       TORCH_CHECK(false, "lomo_kernels: unsupported dtype ", dtype);

@@ -141,6 +141,16 @@ LOMO_CPU_INLINE bool any_non_finite(const storage_t<F>* a, const storage_t<F>* b
   return m >= inf;
 }
 
+// any_non_finite for operands of two formats (a float32 gradient next to a 16-bit parameter).
+template <Fmt FA, Fmt FB>
+LOMO_CPU_INLINE bool any_non_finite(const storage_t<FA>* a, const storage_t<FB>* b, int64_t len) {
+  if constexpr (FA == FB) {
+    return any_non_finite<FA>(a, b, len);
+  } else {
+    return any_non_finite<FA>(a, a, len) || any_non_finite<FB>(b, b, len);
+  }
+}
+
 // docs/spec.md's gradient preprocessing, as update_args.h's preprocess(), lane-wise, with the
 // scalars broadcast once (outside the loops).
 template <bool DIV, int W, bool CLIP = true>
@@ -333,6 +343,18 @@ struct Group {
     }
   }
 };
+
+// Group<F, W>::load of 16 elements stored in format GF: F's own, or float32 (a float32 gradient
+// of a 16-bit parameter, in the lane order of F's group).
+template <Fmt GF, Fmt F, int W>
+LOMO_CPU_INLINE void group_load(const storage_t<GF>* x, typename Vec<W>::F* v) {
+  if constexpr (GF == F) {
+    Group<F, W>::load(x, v);
+  } else {
+    static_assert(GF == Fmt::F32, "group_load: a gradient is float32 or the parameter's format");
+    Group<F, W>::load_f32(x, v);
+  }
+}
 
 }  // namespace cpu
 }  // namespace lomo

@@ -23,7 +23,7 @@ template <Inner I, bool FULL>
 struct GoloreCtx {
   GoloreScalars s;
   float coef;     // clip_coef, 1 when off
-  const void* r;  // float32 (projected) or the parameter's dtype (full rank: the gradient)
+  const void* r;  // float32 (projected) or, full rank, the gradient (param's dtype or float32)
   float* out;     // projected mode: N is written over r
   void* p;        // full-rank mode: the parameter
   float *m, *v, *buf;
@@ -34,13 +34,12 @@ struct GoloreCtx {
 // Pass 1 over one unit: a non-finite r element (checked on the raw value, before clip_coef).
 template <class K, int W, Inner I, bool FULL>
 LOMO_CPU_INLINE void golore_check_chunk(const GoloreCtx<I, FULL>& c, int64_t unit) {
-  constexpr Fmt F = K::F;
-  using S = storage_t<F>;
+  using SG = storage_t<K::GF>;
   const int64_t begin = unit * kChunk;
   const int64_t len = std::min(c.n, begin + kChunk) - begin;
-  const S* __restrict r = static_cast<const S*>(c.r) + begin;
+  const SG* __restrict r = static_cast<const SG*>(c.r) + begin;
   uint32_t bad = 0;
-  for (int64_t j = 0; j < len; ++j) bad |= is_finite_f32(to_f32<F>(r[j])) ? 0u : 1u;
+  for (int64_t j = 0; j < len; ++j) bad |= is_finite_f32(to_f32<K::GF>(r[j])) ? 0u : 1u;
   c.bad[unit] = static_cast<uint8_t>(bad);
 }
 LOMO_CPU_CLONES(golore_check_chunk)
@@ -60,7 +59,7 @@ LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
     const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
     const uint32_t hk = hash_high_key(s.key, static_cast<uint64_t>(begin));
     const uint32_t lo = static_cast<uint32_t>(begin);
-    const S* __restrict r = static_cast<const S*>(c.r) + begin;
+    const storage_t<K::GF>* __restrict r = static_cast<const storage_t<K::GF>*>(c.r) + begin;
     float* __restrict m = I == Inner::AdamW ? c.m + begin : nullptr;
     float* __restrict v = I == Inner::AdamW ? c.v + begin : nullptr;
     float* __restrict buf = I == Inner::SgdMomentum ? c.buf + begin : nullptr;
@@ -68,7 +67,7 @@ LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
     S* __restrict p = FULL ? static_cast<S*>(c.p) + begin : nullptr;
     const int64_t len = stop - begin;
     for (int64_t j = 0; j < len; ++j) {
-      const float g = to_f32<F>(r[j]) * coef;
+      const float g = to_f32<K::GF>(r[j]) * coef;
       float mj = 0.0f, vj = 0.0f, bj = 0.0f;
       if constexpr (I == Inner::AdamW) {
         mj = m[j];
@@ -95,10 +94,11 @@ LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
 LOMO_CPU_CLONES(golore_apply_chunk)
 
 template <Inner I, bool FULL>
-void run(const GoloreCtx<I, FULL>& ctx, at::ScalarType dtype, bool sr) {
+void run(const GoloreCtx<I, FULL>& ctx, at::ScalarType dtype, at::ScalarType grad_dtype,
+         bool sr) {
   const int64_t units = ceil_div(ctx.n, kChunk);
-  // golore_update_ has no loss scale: only the format and stochastic rounding vary.
-  dispatch_flags<kUseSR>(dtype, sr, false, false, false, true, [&](auto k) {
+  // golore_update_ has no loss scale: only the formats and stochastic rounding vary.
+  dispatch_flags<kUseSR | kUseG32>(dtype, sr, false, false, false, true, [&](auto k) {
     using K = decltype(k);
     using Ctx = GoloreCtx<I, FULL>;
     run_units(golore_check_chunk_pick<K, Ctx>(), ctx, units);
@@ -110,7 +110,7 @@ void run(const GoloreCtx<I, FULL>& ctx, at::ScalarType dtype, bool sr) {
       }
     }
     run_units(golore_apply_chunk_pick<K, Ctx>(), ctx, units);
-  });
+  }, grad_dtype);
 }
 
 }  // namespace
@@ -139,7 +139,7 @@ void golore_update_cpu(GOLORE_UPDATE_PARAMS) {
                                 float_ptr(momentum_buffer),
                                 n,
                                 bad.data()};
-    cpu::run(ctx, dtype, FULL && c.stochastic);
+    cpu::run(ctx, dtype, r.scalar_type(), FULL && c.stochastic);
   };
   auto with_full = [&](auto inner_tag) {
     if (full)

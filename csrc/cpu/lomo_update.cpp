@@ -46,6 +46,7 @@ template <class K, int W>
 LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
   using S = storage_t<F>;
+  using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
   const LomoScalars s = c.s;
   const float coef = c.coef;
   const int64_t begin = unit * kChunk;
@@ -54,21 +55,21 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   const uint32_t hk = hash_high_key(s.key, static_cast<uint64_t>(begin));
   const uint32_t lo = static_cast<uint32_t>(begin);
   S* __restrict p = static_cast<S*>(c.p) + begin;
-  const S* __restrict g = static_cast<const S*>(c.g) + begin;
+  const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
   uint32_t bad = 0;
   DAcc<W> gsq;
   const auto add_gsq = [&](Lanes<W>& acc, int64_t b, int64_t e, float scale)
                            __attribute__((always_inline)) {
     const VPre<K::DIV, W> pre(scale, s.clip, coef);
-    const auto add = [&](const S* x) __attribute__((always_inline)) {
+    const auto add = [&](const SG* x) __attribute__((always_inline)) {
       for (int q = 0; q < Lanes<W>::P; ++q) {
-        const auto u = pre.unscale(vload<F, W>(x + q * W));
+        const auto u = pre.unscale(vload<K::GF, W>(x + q * W));
         acc.v[q] += u * u;
       }
     };
     int64_t j = b;
     for (; j + kLanes <= e; j += kLanes) add(g + j);
-    if (j < e) add(Padded<F>(g + j, e - j).v);  // zeros add nothing
+    if (j < e) add(Padded<K::GF>(g + j, e - j).v);  // zeros add nothing
   };
   // A block without NaN/Inf: 16 elements at a time in vectors, the squared gradient summed in
   // the same pass; a literal 1 for scale / decay folds the multiply away (x * 1 == x).
@@ -82,7 +83,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     int64_t j = b;
     for (; j + kLanes <= e; j += kLanes) {
       VF gv[G::P], pv[G::P];
-      G::load(g + j, gv);
+      group_load<K::GF, F, W>(g + j, gv);
       G::load(p + j, pv);
       for (int q = 0; q < G::P; ++q) {
         const VF gu = pre.unscale(gv[q]);
@@ -92,7 +93,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
       G::store_not_nan(p + j, pv);
     }
     for (int64_t i = j; i < e; ++i) {  // the tail: the same element-wise formula
-      const float gv = preprocess<K::DIV, K::CLIP>(to_f32<F>(g[i]), scale, s.clip, coef);
+      const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), scale, s.clip, coef);
       p[i] = from_f32_not_nan<F>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * decay));
     }
     if constexpr (K::GSQ) {
@@ -104,7 +105,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   const bool scale1 = s.scale == 1.0f, decay1 = s.decay == 1.0f;
   for (int64_t b = 0; b < len; b += kBlock) {
     const int64_t bl = std::min(kBlock, len - b);
-    if (!K::SR && c.fast && !any_non_finite<F>(g + b, p + b, bl)) {
+    if (!K::SR && c.fast && !any_non_finite<K::GF, F>(g + b, p + b, bl)) {
       if (scale1 && decay1)
         clean_block(b, b + bl, 1.0f, 1.0f);
       else if (scale1)
@@ -115,7 +116,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
         clean_block(b, b + bl, s.scale, s.decay);
     } else {
       for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
-        const float graw = to_f32<F>(g[j]);
+        const float graw = to_f32<K::GF>(g[j]);
         const bool ok = is_finite_f32(graw);
         const float gv = preprocess<K::DIV, K::CLIP>(graw, s.scale, s.clip, coef);
         const float pv = to_f32<F>(p[j]);
@@ -137,12 +138,12 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
 }
 LOMO_CPU_CLONES(lomo_chunk)
 
-LomoFn pick_lomo(at::ScalarType dtype, bool sr, bool div, bool gsq, bool clip) {
+LomoFn pick_lomo(at::ScalarType dtype, at::ScalarType grad_dtype, bool sr, bool div, bool gsq,
+                 bool clip) {
   LomoFn fn = nullptr;
-  dispatch_flags<kUseSR | kUseDIV | kUseGSQ | kUseCLIP>(dtype, sr, div, gsq, false, clip,
-                                                      [&](auto k) {
-    fn = lomo_chunk_pick<decltype(k), LomoTensor>();
-  });
+  dispatch_flags<kUseSR | kUseDIV | kUseGSQ | kUseCLIP | kUseG32>(
+      dtype, sr, div, gsq, false, clip,
+      [&](auto k) { fn = lomo_chunk_pick<decltype(k), LomoTensor>(); }, grad_dtype);
   return fn;
 }
 
@@ -194,8 +195,8 @@ cpu::LomoTensor make_tensor(const LomoCommon& c, const at::Tensor& param, const 
   t.n = param.numel();
   t.gsq = gsq;
   t.found = found;
-  t.fn = cpu::pick_lomo(param.scalar_type(), c.sr, c.pre.divide, c.grad_sq != nullptr,
-                        c.clip);
+  t.fn = cpu::pick_lomo(param.scalar_type(), grad.scalar_type(), c.sr, c.pre.divide,
+                        c.grad_sq != nullptr, c.clip);
   t.fast = !c.sr && std::isfinite(t.s.neg_lr) && std::fabs(t.s.decay) <= 1.0f &&
            std::fabs(c.coef) <= 1.0f &&
            (c.pre.divide ? std::fabs(c.pre.scale) >= 1.0f : std::fabs(c.pre.scale) <= 1.0f);

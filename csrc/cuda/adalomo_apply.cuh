@@ -8,19 +8,21 @@ namespace lomo {
 namespace LOMO_CUDA_NS {
 namespace {
 
-template <Fmt F, bool SR, bool DIV, bool DIVIDE_U>
+template <Fmt F, Fmt GF, bool SR, bool DIV, bool DIVIDE_U>
 __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, const float* cf,
                                            float mean_r, float coef, float lr_t, float decay,
                                            float denom) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int N = Pack<S>::N;
   const Geom& geo = a.geo;
   S* p = static_cast<S*>(a.p);
-  const S* g = static_cast<const S*>(a.g);
+  const SG* g = static_cast<const SG*>(a.g);
   const bool active = t.c0 + N > 0 && t.c0 < geo.n;
   const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kApplyUnroll) {
-    Pack<S> gv[kApplyUnroll], pv[kApplyUnroll];
+    GradPack<SG, S> gv[kApplyUnroll];
+    Pack<S> pv[kApplyUnroll];
     float rf[kApplyUnroll];
 #pragma unroll
     for (int u = 0; u < kApplyUnroll; ++u) {
@@ -45,7 +47,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float gp =
-            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
+            clip_scale(unscale<DIV>(to_f32<GF>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
         float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
         if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
         const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u].v[k]), decay), __fmul_rn(lr_t, uval));
@@ -70,7 +72,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
 
 // 64 registers (4 blocks per SM); a non-power-of-two loss scale (an IEEE division per element)
 // needs more: 3 blocks.
-template <Fmt F, bool SR, bool DIV>
+template <Fmt F, Fmt GF, bool SR, bool DIV>
 __global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args a) {
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
@@ -88,9 +90,9 @@ __global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args
   float cf[N];
   const float mean_r = factors<N, false>(a, t, cf);
   if (denom == 1.0f)  // u / 1 == u exactly: no division per element
-    apply_rows<F, SR, DIV, false>(a, t, cf, mean_r, coef, lr_t, decay, denom);
+    apply_rows<F, GF, SR, DIV, false>(a, t, cf, mean_r, coef, lr_t, decay, denom);
   else
-    apply_rows<F, SR, DIV, true>(a, t, cf, mean_r, coef, lr_t, decay, denom);
+    apply_rows<F, GF, SR, DIV, true>(a, t, cf, mean_r, coef, lr_t, decay, denom);
   // commit the state (read by no block of this pass): r' by the first column block, c' by the
   // first row block
   const Geom& geo = a.geo;

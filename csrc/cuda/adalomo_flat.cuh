@@ -74,12 +74,13 @@ __device__ __forceinline__ float clip_scale(float g, float clip, float coef) {
   return g * coef;
 }
 
-template <typename S>
-__device__ __forceinline__ void load_flat(const S* src, Pack<S>& dst, int64_t e, int64_t n,
+// The elements of a Pack<S> (or of the Packs of a float32 gradient of a 16-bit parameter) from e.
+template <typename S, class PK>
+__device__ __forceinline__ void load_flat(const S* src, PK& dst, int64_t e, int64_t n,
                                           bool full) {
-  constexpr int N = Pack<S>::N;
+  constexpr int N = sizeof(PK::v) / sizeof(S);
   if (full) {
-    dst = load_pack(src + e);
+    load_into(dst, src + e);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) dst.v[k] = e + k < n ? src[e + k] : S(0);
@@ -97,11 +98,11 @@ __device__ __forceinline__ void load_v(const float* v, float* dst, int64_t e, in
   }
 }
 
-// The loads of one tile, all issued before any use: g, p (Pack<S>) and v (fp32) of kFlatUnroll
-// packs per thread; packs past n are left unloaded (callers skip them).
-template <typename S>
-__device__ __forceinline__ void load_flat_tile(const FlatTensor& t, const S* g, const S* p,
-                                               int64_t t0, Pack<S> (&gv)[kFlatUnroll],
+// The loads of one tile, all issued before any use: g (GradPack), p (Pack<S>) and v (fp32) of
+// kFlatUnroll packs per thread; packs past n are left unloaded (callers skip them).
+template <typename S, typename SG>
+__device__ __forceinline__ void load_flat_tile(const FlatTensor& t, const SG* g, const S* p,
+                                               int64_t t0, GradPack<SG, S> (&gv)[kFlatUnroll],
                                                Pack<S> (&pv)[kFlatUnroll],
                                                float (&vv)[kFlatUnroll][Pack<S>::N]) {
   constexpr int N = Pack<S>::N;
@@ -127,26 +128,28 @@ __device__ __forceinline__ float flat_u(const AdaLomoScalars& s, float gp, float
 }
 
 // Pass 1 of one tile: its partials (pp, uu, gsq, bad) into the call's slots.
-template <Fmt F, bool DIV>
+template <Fmt F, Fmt GF, bool DIV>
 __device__ void flat_stats_tile(const FlatCall& c, const FlatTensor& t, int tile, float coef,
                                 float* red) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int N = Pack<S>::N;
   const S* p = static_cast<const S*>(t.p);
-  const S* g = static_cast<const S*>(t.g);
+  const SG* g = static_cast<const SG*>(t.g);
   const int64_t n = t.n, t0 = tile * flat_tile<S>();
   float pp = 0.0f, uu = 0.0f, gsq = 0.0f;
   bool bad = false;
-  Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
+  GradPack<SG, S> gv[kFlatUnroll];
+  Pack<S> pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
-  load_flat_tile<S>(t, g, p, t0, gv, pv, vv);  // every load first
+  load_flat_tile<S, SG>(t, g, p, t0, gv, pv, vv);  // every load first
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (e + k < n) {
-        const float graw = to_f32<F>(gv[u].v[k]);
+        const float graw = to_f32<GF>(gv[u].v[k]);
         bad |= !is_finite_f32(graw);
         const float gu = unscale<DIV>(graw, t.s.scale);
         gsq += gu * gu;
@@ -172,17 +175,19 @@ __device__ void flat_stats_tile(const FlatCall& c, const FlatTensor& t, int tile
 }
 
 // Pass 3 of one tile (the header is complete and finite).
-template <Fmt F, bool SR, bool DIV, bool DIVIDE_U>
+template <Fmt F, Fmt GF, bool SR, bool DIV, bool DIVIDE_U>
 __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float lr_t, float decay,
                                 float denom) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;
   constexpr int N = Pack<S>::N;
   S* p = static_cast<S*>(t.p);
-  const S* g = static_cast<const S*>(t.g);
+  const SG* g = static_cast<const SG*>(t.g);
   const int64_t n = t.n, t0 = tile * flat_tile<S>();
-  Pack<S> gv[kFlatUnroll], pv[kFlatUnroll];
+  GradPack<SG, S> gv[kFlatUnroll];
+  Pack<S> pv[kFlatUnroll];
   float vv[kFlatUnroll][N];
-  load_flat_tile<S>(t, g, p, t0, gv, pv, vv);  // every load first
+  load_flat_tile<S, SG>(t, g, p, t0, gv, pv, vv);  // every load first
 #pragma unroll
   for (int u = 0; u < kFlatUnroll; ++u) {
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + fresh_thread_index()) * N;
@@ -193,7 +198,7 @@ __device__ void flat_apply_tile(const FlatTensor& t, int tile, float coef, float
     float vn[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float gp = clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), t.s.scale), t.s.clip, coef);
+      const float gp = clip_scale(unscale<DIV>(to_f32<GF>(gv[u].v[k]), t.s.scale), t.s.clip, coef);
       float uval = flat_u(t.s, gp, vv[u][k], vn[k]);
       if (DIVIDE_U) uval = __fdiv_rn(uval, denom);
       const float nv = __fsub_rn(__fmul_rn(to_f32<F>(pv[u].v[k]), decay), __fmul_rn(lr_t, uval));
@@ -225,7 +230,7 @@ __device__ __forceinline__ float rms_of(float sum_sq, double numel) {
 }
 
 // Every tile of tensor `t` from `first` on, `step` apart; nothing when the header says non-finite.
-template <Fmt F, bool SR, bool DIV>
+template <Fmt F, Fmt GF, bool SR, bool DIV>
 __device__ void flat_apply_tiles(const FlatCall& c, const FlatTensor& t, int first, int step,
                                  float coef) {
   const float* h = t.header;
@@ -238,15 +243,15 @@ __device__ void flat_apply_tiles(const FlatCall& c, const FlatTensor& t, int fir
   const float denom = adalomo_denom(t.s, rms_of(__ldcg(h + 2), t.gnumel));
   for (int tile = first; tile < t.tiles; tile += step) {
     if (denom == 1.0f)  // u / 1 == u exactly: no division per element
-      flat_apply_tile<F, SR, DIV, false>(t, tile, coef, lr_t, decay, denom);
+      flat_apply_tile<F, GF, SR, DIV, false>(t, tile, coef, lr_t, decay, denom);
     else
-      flat_apply_tile<F, SR, DIV, true>(t, tile, coef, lr_t, decay, denom);
+      flat_apply_tile<F, GF, SR, DIV, true>(t, tile, coef, lr_t, decay, denom);
   }
 }
 
 // The last tile of a tensor: the header from the partials in tile order, the tensor's grad_sq
 // (list order across the call), and (fused) the apply of every tile of the tensor.
-template <Fmt F, bool SR, bool DIV>
+template <Fmt F, Fmt GF, bool SR, bool DIV>
 __device__ void flat_finish(const FlatCall& c, const FlatTensor& t, float coef, double* dred,
                             int* flag) {
   const float* parts = c.parts + t.part;
@@ -269,12 +274,12 @@ __device__ void flat_finish(const FlatCall& c, const FlatTensor& t, float coef, 
   if (c.mode == kFlatFused) {
     __threadfence();
     __syncthreads();
-    flat_apply_tiles<F, SR, DIV>(c, t, 0, 1, coef);
+    flat_apply_tiles<F, GF, SR, DIV>(c, t, 0, 1, coef);
   }
 }
 
 // The one flat kernel: block b is tile (b - first) of the record whose range holds b.
-template <Fmt F, bool SR, bool DIV>
+template <Fmt F, Fmt GF, bool SR, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) adalomo_flat_kernel(const __grid_constant__ FlatCall c) {
   LOMO_SHARED(float, red, [32]);
   LOMO_SHARED(double, dred, [32]);
@@ -285,11 +290,11 @@ __global__ void __launch_bounds__(kThreads, 3) adalomo_flat_kernel(const __grid_
   const int tile = static_cast<int>(blockIdx.x) - t.first;
   const float coef = c.clip_coef ? *c.clip_coef : 1.0f;
   if (c.mode == kFlatApply) {
-    flat_apply_tiles<F, SR, DIV>(c, t, tile, t.tiles, coef);  // this tile only
+    flat_apply_tiles<F, GF, SR, DIV>(c, t, tile, t.tiles, coef);  // this tile only
     return;
   }
-  flat_stats_tile<F, DIV>(c, t, tile, coef, red);
-  if (last_arrival(t.ticket, t.tiles, &flag)) flat_finish<F, SR, DIV>(c, t, coef, dred, &flag);
+  flat_stats_tile<F, GF, DIV>(c, t, tile, coef, red);
+  if (last_arrival(t.ticket, t.tiles, &flag)) flat_finish<F, GF, SR, DIV>(c, t, coef, dred, &flag);
 }
 
 }  // namespace

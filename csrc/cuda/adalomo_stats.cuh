@@ -62,9 +62,10 @@ __device__ void finish_cols(const Args& a, const TilePos& t, int* flag) {
   }
 }
 
-template <Fmt F, bool DIV>
+template <Fmt F, Fmt GF, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
   LOMO_SHARED(float, col_smem, [kWarps * TC]);
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   const Geom& geo = a.geo;
   const TilePos t = tile_pos<TC, N>(a);
   const S* p = static_cast<const S*>(a.p);
-  const S* g = static_cast<const S*>(a.g);
+  const SG* g = static_cast<const SG*>(a.g);
   const bool active = t.c0 + N > 0 && t.c0 < geo.n;
   const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
@@ -86,7 +87,8 @@ __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
   float pp = 0.0f, gsq = 0.0f;
   bool bad = false;
   for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kWarps * kStatsUnroll) {
-    Pack<S> gv[kStatsUnroll], pv[kStatsUnroll];
+    GradPack<SG, S> gv[kStatsUnroll];
+    Pack<S> pv[kStatsUnroll];
 #pragma unroll
     for (int u = 0; u < kStatsUnroll; ++u) {  // every load of the step first
       const int64_t ru = r + u * kWarps;
@@ -96,7 +98,10 @@ __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
         load_cols(p + row0, pv[u], t.c0, geo.n, full);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) gv[u].v[k] = pv[u].v[k] = S(0);
+        for (int k = 0; k < N; ++k) {
+          gv[u].v[k] = SG(0);
+          pv[u].v[k] = S(0);
+        }
       }
     }
 #pragma unroll
@@ -106,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 3) stats_kernel(const Args a) {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (ru < t.rend && valid_col(t.c0 + k, geo.n)) {
-          const float graw = to_f32<F>(gv[u].v[k]);
+          const float graw = to_f32<GF>(gv[u].v[k]);
           bad |= !is_finite_f32(graw);
           const float gu = unscale<DIV>(graw, a.s.scale);
           gsq += gu * gu;

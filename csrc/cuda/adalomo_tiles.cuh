@@ -92,7 +92,8 @@ struct Args {
   Layout ws;
   float global_rows;    // the rows means divide by (float, as the reference's / int)
   double global_numel;  // the elements rms divides by
-  // 16-byte packs: n % N == 0 and p, g at the same offset modulo 16 bytes. Every row then starts
+  // 16-byte packs: n % N == 0 and p, g in the same 16-byte phase (vec.cuh's same_phase; N: p's
+  // elements per pack, a float32 g moves them as two packs). Every row then starts
   // `head` elements before a 16-byte boundary; the column grid is shifted left by shift =
   // (N - head) % N so that every pack but each row's first starts on a boundary (peeling).
   bool vec;
@@ -123,14 +124,15 @@ __device__ __forceinline__ TilePos tile_pos(const Args& a) {
 
 __device__ __forceinline__ bool valid_col(int64_t c, int64_t n) { return c >= 0 && c < n; }
 
-// The N columns from c0 of one row (`row` points at its column 0).
-// (Kept as a Pack: 16-bit values stay two to a register.)
-template <typename S>
-__device__ __forceinline__ void load_cols(const S* row, Pack<S>& dst, int64_t c0, int64_t n,
+// The N columns from c0 of one row (`row` points at its column 0), into a Pack<S> (or the Packs
+// of a float32 gradient of a 16-bit parameter). (Kept as a Pack: 16-bit values stay two to a
+// register.)
+template <typename S, class PK>
+__device__ __forceinline__ void load_cols(const S* row, PK& dst, int64_t c0, int64_t n,
                                           bool full) {
-  constexpr int N = Pack<S>::N;
+  constexpr int N = sizeof(PK::v) / sizeof(S);
   if (full) {
-    dst = load_pack(row + c0);
+    load_into(dst, row + c0);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) dst.v[k] = valid_col(c0 + k, n) ? row[c0 + k] : S(0);

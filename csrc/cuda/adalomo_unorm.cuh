@@ -8,9 +8,10 @@ namespace lomo {
 namespace LOMO_CUDA_NS {
 namespace {
 
-template <Fmt F, bool DIV>
+template <Fmt F, Fmt GF, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
   LOMO_SHARED(float, red, [32]);
@@ -19,7 +20,7 @@ __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   if (__ldcg(a.ws.header + 1) > 0.0f) return;  // the same in every block: no ticket taken
   const Geom& geo = a.geo;
   const TilePos t = tile_pos<TC, N>(a);
-  const S* g = static_cast<const S*>(a.g);
+  const SG* g = static_cast<const SG*>(a.g);
   const bool active = t.c0 + N > 0 && t.c0 < geo.n;
   const bool full = a.vec && t.c0 >= 0 && t.c0 + N <= geo.n;
   const float coef = a.clip_coef ? *a.clip_coef : 1.0f;
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
   const float mean_r = factors<N, true>(a, t, cf);
   float uu = 0.0f;
   for (int64_t r = t.r0 + t.warp; r - t.warp < t.rend; r += kRowStep) {
-    Pack<S> gv[kRowUnroll];
+    GradPack<SG, S> gv[kRowUnroll];
     float rf[kRowUnroll];
 #pragma unroll
     for (int u = 0; u < kRowUnroll; ++u) {
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
         rf[u] = __ldcg(a.ws.new_r + row);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) gv[u].v[k] = S(0);
+        for (int k = 0; k < N; ++k) gv[u].v[k] = SG(0);
       }
     }
 #pragma unroll
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float gp =
-            clip_scale(unscale<DIV>(to_f32<F>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
+            clip_scale(unscale<DIV>(to_f32<GF>(gv[u].v[k]), a.s.scale), a.s.clip, coef);
         const float uval = __fmul_rn(__fmul_rn(rs, cf[k]), gp);
         uu += valid_col(t.c0 + k, geo.n) ? uval * uval : 0.0f;
       }

@@ -81,18 +81,27 @@ struct Dispatch {
   bool sr, div;
 };
 
+// fn(f_tag, g_tag, sr_tag, div_tag): the parameter's and the gradient's formats (the gradient:
+// the parameter's, or float32 for a 16-bit parameter) and the flags.
 template <typename Fn>
-void with_format(at::ScalarType dtype, Dispatch d, const char* op, Fn&& fn) {
-  auto go = [&](auto f_tag) {
+void with_format(at::ScalarType dtype, at::ScalarType grad_dtype, Dispatch d, const char* op,
+                 Fn&& fn) {
+  auto flags = [&](auto f_tag, auto g_tag) {
     constexpr Fmt F = decltype(f_tag)::value;
     auto div = [&](auto sr_tag) {
-      if (d.div) fn(f_tag, sr_tag, std::true_type{});
-      else fn(f_tag, sr_tag, std::false_type{});
+      if (d.div) fn(f_tag, g_tag, sr_tag, std::true_type{});
+      else fn(f_tag, g_tag, sr_tag, std::false_type{});
     };
     if constexpr (F != Fmt::F32) {  // fp32 stores are exact: no stochastic variant
       if (d.sr) return div(std::true_type{});
     }
     div(std::false_type{});
+  };
+  auto go = [&](auto f_tag) {
+    if constexpr (decltype(f_tag)::value != Fmt::F32) {
+      if (grad_dtype == at::kFloat) return flags(f_tag, std::integral_constant<Fmt, Fmt::F32>{});
+    }
+    flags(f_tag, f_tag);
   };
   switch (dtype) {
     case at::kFloat: go(std::integral_constant<Fmt, Fmt::F32>{}); break;
@@ -127,16 +136,19 @@ at::Tensor workspace_or_scratch(const char* op, const std::optional<at::Tensor>&
   return scratch;
 }
 
-// Launches the flat kernel over `ts` (one dtype) in chunks of kMaxMulti records.
-void launch_flat(std::vector<FlatTensor>& ts, FlatCall call, at::ScalarType dtype, Dispatch d) {
+// Launches the flat kernel over `ts` (one param and one grad dtype) in chunks of kMaxMulti
+// records.
+void launch_flat(std::vector<FlatTensor>& ts, FlatCall call, at::ScalarType dtype,
+                 at::ScalarType grad_dtype, Dispatch d) {
   const Stream stream = current_stream();
   for (size_t b = 0; b < ts.size(); b += kMaxMulti) {
     FlatCall c = call;
     const int tiles = fill_records(c, ts, b, kMaxMulti);
-    with_format(dtype, d, "adalomo_update_", [&](auto f_tag, auto sr_tag, auto div_tag) {
-      constexpr Fmt F = decltype(f_tag)::value;
+    with_format(dtype, grad_dtype, d, "adalomo_update_",
+                [&](auto f_tag, auto g_tag, auto sr_tag, auto div_tag) {
+      constexpr Fmt F = decltype(f_tag)::value, GF = decltype(g_tag)::value;
       constexpr bool SR = decltype(sr_tag)::value, DIV = decltype(div_tag)::value;
-      LOMO_LAUNCH(adalomo_flat_kernel<F, SR, DIV>, tiles, kThreads, 0, stream, c);
+      LOMO_LAUNCH(adalomo_flat_kernel<F, GF, SR, DIV>, tiles, kThreads, 0, stream, c);
     });
   }
 }
@@ -162,7 +174,7 @@ FlatTensor flat_record(const at::Tensor& p, const at::Tensor& g, const at::Tenso
   return t;
 }
 
-template <Fmt F, bool SR, bool DIV>
+template <Fmt F, Fmt GF, bool SR, bool DIV>
 void run_factored(const Args& a, int stage) {
   const Stream stream = current_stream();
   const int64_t T = a.geo.T;
@@ -170,9 +182,9 @@ void run_factored(const Args& a, int stage) {
     LOMO_LAUNCH(empty_shard_kernel, 1, kThreads, 0, stream, a, stage);
     return;
   }
-  if (stage == 0 || stage == 1) LOMO_LAUNCH(stats_kernel<F, DIV>, T, kThreads, 0, stream, a);
-  if (stage == 0 || stage == 2) LOMO_LAUNCH(unorm_kernel<F, DIV>, T, kThreads, 0, stream, a);
-  if (stage == 0 || stage == 3) LOMO_LAUNCH(apply_kernel<F, SR, DIV>, T, kThreads, 0, stream, a);
+  if (stage == 0 || stage == 1) LOMO_LAUNCH(stats_kernel<F, GF, DIV>, T, kThreads, 0, stream, a);
+  if (stage == 0 || stage == 2) LOMO_LAUNCH(unorm_kernel<F, GF, DIV>, T, kThreads, 0, stream, a);
+  if (stage == 0 || stage == 3) LOMO_LAUNCH(apply_kernel<F, GF, SR, DIV>, T, kThreads, 0, stream, a);
 }
 
 }  // namespace
@@ -242,8 +254,8 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS) {
       return prod;
     }();
     const int64_t N = 16 / param.element_size(), size = param.element_size();
-    const auto pa = reinterpret_cast<uintptr_t>(a.p), ga = reinterpret_cast<uintptr_t>(a.g);
-    a.vec = n % N == 0 && pa % 16 == ga % 16 && pa % size == 0;
+    const auto pa = reinterpret_cast<uintptr_t>(a.p);
+    a.vec = n % N == 0 && same_phase(a.p, size, a.g, grad.element_size());
     const int64_t head = a.vec ? static_cast<int64_t>((16 - pa % 16) % 16) / size : 0;
     a.shift = static_cast<int>((N - head) % N);
     a.geo = make_geom(S, m, n, 32 * N, a.shift);
@@ -253,9 +265,10 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS) {
     carve(a.geo, Carver(ws.data_ptr<float>(), ws.numel()), &a.ws);
     a.global_rows = static_cast<float>(global_rows > 0 ? global_rows : m);
     a.global_numel = gnumel;
-    with_format(param.scalar_type(), d, op, [&](auto f_tag, auto sr_tag, auto div_tag) {
-      run_factored<decltype(f_tag)::value, decltype(sr_tag)::value, decltype(div_tag)::value>(
-          a, static_cast<int>(stage));
+    with_format(param.scalar_type(), grad.scalar_type(), d, op,
+                [&](auto f_tag, auto g_tag, auto sr_tag, auto div_tag) {
+      run_factored<decltype(f_tag)::value, decltype(g_tag)::value, decltype(sr_tag)::value,
+                   decltype(div_tag)::value>(a, static_cast<int>(stage));
     });
     return;
   }
@@ -289,16 +302,16 @@ void adalomo_update(ADALOMO_UPDATE_PARAMS) {
   if (stage == 2) return;  // sum(u*u) is in the header since stage 1
   if (stage == 0 && tiles <= kFuseTiles) {
     call.mode = kFlatFused;
-    launch_flat(ts, call, param.scalar_type(), d);
+    launch_flat(ts, call, param.scalar_type(), grad.scalar_type(), d);
     return;
   }
   if (stage != 3) {
     call.mode = kFlatStats;
-    launch_flat(ts, call, param.scalar_type(), d);
+    launch_flat(ts, call, param.scalar_type(), grad.scalar_type(), d);
   }
   if (stage != 1) {
     call.mode = kFlatApply;
-    launch_flat(ts, call, param.scalar_type(), d);
+    launch_flat(ts, call, param.scalar_type(), grad.scalar_type(), d);
   }
 }
 
@@ -352,11 +365,16 @@ void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS) {
   call.call_ticket = L.call_ticket;
   call.call_tensors = static_cast<int>(count);
   call.mode = kFlatFused;
-  // one launch per dtype (per kMaxMulti tensors), in order of first appearance
-  std::vector<at::ScalarType> dtypes;
+  // one launch per (param, grad) dtype pair (per kMaxMulti tensors), in order of first
+  // appearance
+  using Pair = std::pair<at::ScalarType, at::ScalarType>;
+  const auto pair_of = [&](size_t i) {
+    return Pair{params[i].scalar_type(), grads[i].scalar_type()};
+  };
+  std::vector<Pair> dtypes;
   for (size_t i : live)
-    if (std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) == dtypes.end())
-      dtypes.push_back(params[i].scalar_type());
+    if (std::find(dtypes.begin(), dtypes.end(), pair_of(i)) == dtypes.end())
+      dtypes.push_back(pair_of(i));
   int part = 0;
   std::vector<std::vector<FlatTensor>> groups(dtypes.size());
   for (int j = 0; j < count; ++j) {
@@ -368,12 +386,11 @@ void adalomo_update_multi(ADALOMO_UPDATE_MULTI_PARAMS) {
                                static_cast<double>(params[i].numel()), j, part,
                                L.headers + kHeader * j, L.tickets + j);
     part += t.tiles;
-    const size_t gi = std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) -
-                      dtypes.begin();
+    const size_t gi = std::find(dtypes.begin(), dtypes.end(), pair_of(i)) - dtypes.begin();
     groups[gi].push_back(t);
   }
   for (size_t gi = 0; gi < dtypes.size(); ++gi)
-    launch_flat(groups[gi], call, dtypes[gi], Dispatch{sr, pre.divide});
+    launch_flat(groups[gi], call, dtypes[gi].first, dtypes[gi].second, Dispatch{sr, pre.divide});
 }
 
 }  // namespace LOMO_CUDA_NS

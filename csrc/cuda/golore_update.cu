@@ -25,7 +25,7 @@ constexpr int kCheck = 0, kApply = 1;
 
 struct GoloreArgs {
   GoloreScalars s;
-  const void* r;  // float32 (projected mode) or the parameter's dtype (full rank: the gradient)
+  const void* r;  // float32 (projected mode) or, full rank, the gradient (param's dtype or float32)
   float* out;     // projected mode: N is written over r
   void* p;        // full-rank mode: the parameter
   float *m, *v, *buf;
@@ -35,16 +35,16 @@ struct GoloreArgs {
   int64_t n;
 };
 
-template <Fmt F, bool SR, Inner I, bool FULL>
+template <Fmt F, Fmt GF, bool SR, Inner I, bool FULL>
 __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, int pass) {
   using S = storage_t<F>;
   // not __restrict__: in projected mode N is written over r (a.out == a.r)
-  const S* r = static_cast<const S*>(a.r);
+  const storage_t<GF>* r = static_cast<const storage_t<GF>*>(a.r);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pass == kCheck) {
     bool ok = true;
-    for (int64_t i = tid; i < a.n; i += stride) ok &= is_finite_f32(to_f32<F>(r[i]));
+    for (int64_t i = tid; i < a.n; i += stride) ok &= is_finite_f32(to_f32<GF>(r[i]));
     if (!ok) *a.bad = 1;
     return;
   }
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
   // the stride is re-read from gridDim: kept live across the IEEE division's slow-path calls it
   // was spilled to the stack (sm_90)
   for (int64_t i = tid; i < a.n; i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float g = __fmul_rn(to_f32<F>(r[i]), coef);
+    const float g = __fmul_rn(to_f32<GF>(r[i]), coef);
     float m = 0.0f, v = 0.0f, b = 0.0f;
     if constexpr (I == Inner::AdamW) {
       m = a.m[i];
@@ -84,12 +84,12 @@ __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, i
 }
 
 // The one launcher: both passes, on the current stream.
-template <Fmt F, bool SR, Inner I, bool FULL>
+template <Fmt F, Fmt GF, bool SR, Inner I, bool FULL>
 void launch(const GoloreArgs& a) {
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(a.n, kThreads), sm_count() * 32));
   const Stream stream = current_stream();
   for (int pass : {kCheck, kApply})
-    LOMO_LAUNCH(golore_update_kernel<F, SR, I, FULL>, blocks, kThreads, 0, stream, a, pass);
+    LOMO_LAUNCH(golore_update_kernel<F, GF, SR, I, FULL>, blocks, kThreads, 0, stream, a, pass);
 }
 
 }  // namespace
@@ -115,26 +115,33 @@ void golore_update(GOLORE_UPDATE_PARAMS) {
                            bad.data_ptr<int>(),
                            float_ptr(found_inf),
                            n};
-  auto with_inner = [&](auto f_tag, auto sr_tag, auto full_tag) {
-    constexpr Fmt F = decltype(f_tag)::value;
+  auto with_inner = [&](auto f_tag, auto g_tag, auto sr_tag, auto full_tag) {
+    constexpr Fmt F = decltype(f_tag)::value, GF = decltype(g_tag)::value;
     constexpr bool SR = decltype(sr_tag)::value, FULL = decltype(full_tag)::value;
     switch (c.kind) {
-      case Inner::AdamW: launch<F, SR, Inner::AdamW, FULL>(a); break;
-      case Inner::SgdMomentum: launch<F, SR, Inner::SgdMomentum, FULL>(a); break;
-      case Inner::Sgd: launch<F, SR, Inner::Sgd, FULL>(a); break;
+      case Inner::AdamW: launch<F, GF, SR, Inner::AdamW, FULL>(a); break;
+      case Inner::SgdMomentum: launch<F, GF, SR, Inner::SgdMomentum, FULL>(a); break;
+      case Inner::Sgd: launch<F, GF, SR, Inner::Sgd, FULL>(a); break;
     }
+  };
+  // full rank with a 16-bit parameter: r is its gradient, of its dtype or a float32 buffer
+  auto with_grad = [&](auto f_tag, auto sr_tag) {
+    if (r.scalar_type() == at::kFloat)
+      with_inner(f_tag, std::integral_constant<Fmt, Fmt::F32>{}, sr_tag, std::true_type{});
+    else
+      with_inner(f_tag, f_tag, sr_tag, std::true_type{});
   };
   auto with_format = [&](auto f_tag) {
     constexpr Fmt F = decltype(f_tag)::value;
     if constexpr (F != Fmt::F32) {  // only full-rank updates store to bf16/fp16 (and round)
       if (c.stochastic)
-        with_inner(f_tag, std::true_type{}, std::true_type{});
+        with_grad(f_tag, std::true_type{});
       else
-        with_inner(f_tag, std::false_type{}, std::true_type{});
+        with_grad(f_tag, std::false_type{});
     } else if (full) {
-      with_inner(f_tag, std::false_type{}, std::true_type{});
+      with_inner(f_tag, f_tag, std::false_type{}, std::true_type{});
     } else {
-      with_inner(f_tag, std::false_type{}, std::false_type{});
+      with_inner(f_tag, f_tag, std::false_type{}, std::false_type{});
     }
   };
   switch (full ? param->scalar_type() : at::kFloat) {

@@ -1,10 +1,12 @@
 // LOMO on CUDA: p = p * (1 - lr * wd) - lr * g in one pass (6 bytes per bf16 element), fp32 math,
 // no host synchronisation. One kernel serves the single op (one record) and the multi-tensor op
 // (up to kMaxMulti records of one dtype per launch): block b is tile b - first of its record.
+// The gradient has the parameter's dtype, or float32 for a 16-bit parameter (GF = F32: an
+// accumulation buffer, read in Packs of the parameter's N elements).
 //
-// Alignment peeling: when p and g sit at the same offset modulo 16 bytes, the first `head` elements
-// (up to the 16-byte boundary) are done one by one by tile 0 and the body moves in 16-byte packs
-// from there; otherwise every element is scalar (same element-to-thread mapping).
+// Alignment peeling: when p and g are in the same 16-byte phase (vec.cuh's same_phase), the first
+// `head` elements (up to p's 16-byte boundary) are done one by one by tile 0 and the body moves in
+// 16-byte packs from there; otherwise every element is scalar (same element-to-thread mapping).
 // found_inf: a thread that meets a non-finite gradient stores 1 (no reduction needed).
 // grad_sq (only when asked): per-tile partial sums, the last tile of a tensor sums them in tile
 // order (integer ticket, reduce.cuh), the last tensor of the call adds the tensors' sums to grad_sq
@@ -74,9 +76,10 @@ __device__ __forceinline__ bool lomo_elem(storage_t<F>& p, float graw, const Lom
   return true;
 }
 
-template <Fmt F, bool SR, bool DIV, bool GSQ>
+template <Fmt F, Fmt GF, bool SR, bool DIV, bool GSQ>
 __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_constant__ LomoCall c) {
   using S = storage_t<F>;
+  using SG = storage_t<GF>;
   constexpr int N = Pack<S>::N;
   LOMO_SHARED(float, red, [32]);
   LOMO_SHARED(double, dred, [32]);
@@ -86,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_c
   const LomoTensor& t = c.t[i];
   const int tile = static_cast<int>(blockIdx.x) - t.first;
   S* p = static_cast<S*>(t.p);
-  const S* g = static_cast<const S*>(t.g);
+  const SG* g = static_cast<const SG*>(t.g);
   const int64_t n = t.n;
   const float coef = c.clip_coef ? *c.clip_coef : 1.0f;
   const unsigned tid = fresh_thread_index();
@@ -94,24 +97,25 @@ __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_c
   bool ok = true;
   if (tile == 0 && tid < static_cast<unsigned>(t.head)) {  // the peeled head
     S pv = p[tid];
-    if (lomo_elem<F, SR, DIV>(pv, to_f32<F>(g[tid]), t, c.scale, coef,
+    if (lomo_elem<F, SR, DIV>(pv, to_f32<GF>(g[tid]), t, c.scale, coef,
                               SR ? random_bits(t.key, tid) : 0u, gsq))
       p[tid] = pv;
     else
       ok = false;
   }
   const int64_t t0 = t.head + tile * lomo_tile<S>();
-  Pack<S> gv[kUnroll], pv[kUnroll];
+  GradPack<SG, S> gv[kUnroll];
+  Pack<S> pv[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {  // every load first
     const int64_t e = t0 + (static_cast<int64_t>(u) * kThreads + tid) * N;
     if (t.vec && e + N <= n) {
-      gv[u] = load_pack(g + e);
+      load_into(gv[u], g + e);
       pv[u] = load_pack(p + e);
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        gv[u].v[k] = e + k < n ? g[e + k] : S(0);
+        gv[u].v[k] = e + k < n ? g[e + k] : SG(0);
         pv[u].v[k] = e + k < n ? p[e + k] : S(0);
       }
     }
@@ -126,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_c
     if (full) {
 #pragma unroll
       for (int k = 0; k < N; ++k)
-        ok &= lomo_elem<F, SR, DIV>(pv[u].v[k], to_f32<F>(gv[u].v[k]), t, c.scale, coef,
+        ok &= lomo_elem<F, SR, DIV>(pv[u].v[k], to_f32<GF>(gv[u].v[k]), t, c.scale, coef,
                                     SR ? pack_bits(t.key, hk, e, k, crosses) : 0u, gsq);
       store_pack(p + e, pv[u]);
     } else {
@@ -134,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_c
       for (int k = 0; k < N; ++k) {
         if (e + k < n) {
           S v = pv[u].v[k];
-          if (lomo_elem<F, SR, DIV>(v, to_f32<F>(gv[u].v[k]), t, c.scale, coef,
+          if (lomo_elem<F, SR, DIV>(v, to_f32<GF>(gv[u].v[k]), t, c.scale, coef,
                                     SR ? pack_bits(t.key, hk, e, k, crosses) : 0u, gsq))
             p[e + k] = v;
           else
@@ -193,36 +197,43 @@ LomoTensor lomo_record(const at::Tensor& p, const at::Tensor& g, double lr, doub
   t.neg_lr = s.neg_lr;
   t.clip = s.clip;
   t.key = s.key;
-  const auto pa = reinterpret_cast<uintptr_t>(t.p), ga = reinterpret_cast<uintptr_t>(t.g);
+  const auto pa = reinterpret_cast<uintptr_t>(t.p);
   const int64_t size = p.element_size();
-  t.vec = pa % 16 == ga % 16 && pa % size == 0;
+  t.vec = same_phase(t.p, size, t.g, g.element_size());
   t.head = t.vec ? static_cast<int32_t>(std::min<int64_t>(((16 - pa % 16) % 16) / size, t.n)) : 0;
   t.tiles = static_cast<int32_t>(lomo_tiles(t.n, size, t.head));
   return t;
 }
 
-void launch_lomo(std::vector<LomoTensor>& ts, const LomoCall& call, at::ScalarType dtype, bool sr,
-                 bool div) {
+void launch_lomo(std::vector<LomoTensor>& ts, const LomoCall& call, at::ScalarType dtype,
+                 at::ScalarType grad_dtype, bool sr, bool div) {
   const Stream stream = current_stream();
   for (size_t b = 0; b < ts.size(); b += kLomoMulti) {
     LomoCall c = call;
     const int tiles = fill_records(c, ts, b, kLomoMulti);
-    auto go = [&](auto f_tag, auto sr_tag) {
-      constexpr Fmt F = decltype(f_tag)::value;
+    auto go = [&](auto f_tag, auto g_tag, auto sr_tag) {
+      constexpr Fmt F = decltype(f_tag)::value, GF = decltype(g_tag)::value;
       constexpr bool SR = decltype(sr_tag)::value;
       if (div) {
-        if (c.grad_sq) LOMO_LAUNCH(lomo_update_kernel<F, SR, true, true>, tiles, kThreads, 0, stream, c);
-        else LOMO_LAUNCH(lomo_update_kernel<F, SR, true, false>, tiles, kThreads, 0, stream, c);
+        if (c.grad_sq) LOMO_LAUNCH(lomo_update_kernel<F, GF, SR, true, true>, tiles, kThreads, 0, stream, c);
+        else LOMO_LAUNCH(lomo_update_kernel<F, GF, SR, true, false>, tiles, kThreads, 0, stream, c);
       } else {
-        if (c.grad_sq) LOMO_LAUNCH(lomo_update_kernel<F, SR, false, true>, tiles, kThreads, 0, stream, c);
-        else LOMO_LAUNCH(lomo_update_kernel<F, SR, false, false>, tiles, kThreads, 0, stream, c);
+        if (c.grad_sq) LOMO_LAUNCH(lomo_update_kernel<F, GF, SR, false, true>, tiles, kThreads, 0, stream, c);
+        else LOMO_LAUNCH(lomo_update_kernel<F, GF, SR, false, false>, tiles, kThreads, 0, stream, c);
       }
     };
-    auto fmt = [&](auto f_tag) {
+    auto with_sr = [&](auto f_tag, auto g_tag) {
       if constexpr (decltype(f_tag)::value != Fmt::F32) {  // fp32 stores are exact
-        if (sr) return go(f_tag, std::true_type{});
+        if (sr) return go(f_tag, g_tag, std::true_type{});
       }
-      go(f_tag, std::false_type{});
+      go(f_tag, g_tag, std::false_type{});
+    };
+    auto fmt = [&](auto f_tag) {  // the gradient: the parameter's format, or a float32 buffer
+      if constexpr (decltype(f_tag)::value != Fmt::F32) {
+        if (grad_dtype == at::kFloat)
+          return with_sr(f_tag, std::integral_constant<Fmt, Fmt::F32>{});
+      }
+      with_sr(f_tag, f_tag);
     };
     switch (dtype) {
       case at::kFloat: fmt(std::integral_constant<Fmt, Fmt::F32>{}); break;
@@ -304,7 +315,8 @@ void lomo_update(LOMO_UPDATE_PARAMS) {
   at::Tensor scratch;
   const LomoCall c =
       lomo_call(op, ts, param, clip_coef, found_inf, grad_sq, workspace, loss_scale, scratch);
-  launch_lomo(ts, c, param.scalar_type(), sr, make_preprocess(loss_scale, 0.0).divide);
+  launch_lomo(ts, c, param.scalar_type(), grad.scalar_type(), sr,
+              make_preprocess(loss_scale, 0.0).divide);
 }
 
 void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS) {
@@ -333,17 +345,22 @@ void lomo_update_multi(LOMO_UPDATE_MULTI_PARAMS) {
   at::Tensor scratch;
   const LomoCall c =
       lomo_call(op, ts, first, clip_coef, found_inf, grad_sq, workspace, loss_scale, scratch);
-  // one launch per dtype (per kLomoMulti tensors), in order of first appearance
-  std::vector<at::ScalarType> dtypes;
+  // one launch per (param, grad) dtype pair (per kLomoMulti tensors), in order of first
+  // appearance
+  using Pair = std::pair<at::ScalarType, at::ScalarType>;
+  const auto pair_of = [&](size_t i) {
+    return Pair{params[i].scalar_type(), grads[i].scalar_type()};
+  };
+  std::vector<Pair> dtypes;
   for (size_t i : live)
-    if (std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) == dtypes.end())
-      dtypes.push_back(params[i].scalar_type());
+    if (std::find(dtypes.begin(), dtypes.end(), pair_of(i)) == dtypes.end())
+      dtypes.push_back(pair_of(i));
   const bool div = make_preprocess(loss_scale, 0.0).divide;
-  for (at::ScalarType dt : dtypes) {
+  for (const Pair& dt : dtypes) {
     std::vector<LomoTensor> group;
     for (size_t j = 0; j < live.size(); ++j)
-      if (params[live[j]].scalar_type() == dt) group.push_back(ts[j]);
-    launch_lomo(group, c, dt, sr, div);
+      if (pair_of(live[j]) == dt) group.push_back(ts[j]);
+    launch_lomo(group, c, dt.first, dt.second, sr, div);
   }
 }
 

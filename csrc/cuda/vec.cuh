@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/device.cuh"
 #include "rounding.h"
@@ -58,6 +59,30 @@ __device__ __forceinline__ void store_packs(S* p, const Packs<S, N>& x) {
     for (int k = 0; k < Pack<S>::N; ++k) part.v[k] = x.v[i * Pack<S>::N + k];
     store_pack(p + i * Pack<S>::N, part);
   }
+}
+
+// The gradient of one Pack<S> of parameter elements, stored as SG: that Pack when SG is S, else
+// Packs of SG (a float32 accumulation buffer of a 16-bit parameter).
+template <typename SG, typename S>
+using GradPack = std::conditional_t<std::is_same<SG, S>::value, Pack<S>, Packs<SG, Pack<S>::N>>;
+
+// dst from 16-byte aligned p: a Pack, or Packs (whole 16-byte accesses).
+template <typename S>
+__device__ __forceinline__ void load_into(Pack<S>& dst, const S* p) {
+  dst = load_pack(p);
+}
+template <typename S, int N>
+__device__ __forceinline__ void load_into(Packs<S, N>& dst, const S* p) {
+  dst = load_packs<S, N>(p);
+}
+
+// Whether, with p's body moved in 16-byte packs from its first 16-byte boundary on, the same
+// elements of g (elements of g_size bytes) start 16-byte boundaries too.
+inline bool same_phase(const void* p, int64_t p_size, const void* g, int64_t g_size) {
+  const auto pa = reinterpret_cast<uintptr_t>(p), ga = reinterpret_cast<uintptr_t>(g);
+  if (pa % p_size != 0 || ga % g_size != 0) return false;
+  const auto head = static_cast<uintptr_t>((16 - pa % 16) % 16 / p_size);
+  return (ga + head * g_size) % 16 == 0;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

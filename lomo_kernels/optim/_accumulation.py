@@ -35,7 +35,6 @@ from ._guards import with_note
 from ._window import Window, WindowFullError, add_note
 
 _OP = "grad_accumulate_"
-_READS_FP32_GRAD = ("torch", "triton")  # backends whose updates take a float32 gradient
 
 
 class AccumulationMixin:
@@ -151,17 +150,10 @@ class AccumulationMixin:
         self._after_update(scaled=scaled)
 
     def _apply_param(self, p: torch.Tensor, buf: torch.Tensor, shard: Optional[Any]) -> None:
-        """Extension point: update ``p`` from its buffer (default: as from a gradient)."""
-        self._route(p, self._as_update_grad(p, buf), shard)
-
-    def _as_update_grad(self, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-        """The buffer as the update kernels' gradient. The reference and Triton kernels read a
-        float32 buffer of a 16-bit parameter directly; the native CPU/CUDA update kernels take the
-        parameter's dtype only, so there the sum is rounded once to it (as a K=1 gradient of that
-        dtype is), one parameter-sized 16-bit copy at a time (docs/accumulation.md)."""
-        if buf.dtype == p.dtype or self._backends.get(p.device) in _READS_FP32_GRAD:
-            return buf
-        return buf.to(p.dtype)
+        """Extension point: update ``p`` from its buffer (default: as from a gradient). Every
+        backend's update kernels read a float32 buffer of a 16-bit parameter as it is (no
+        rounding of the sum, no parameter-sized temporary)."""
+        self._route(p, buf, shard)
 
     def _window_squared_norm(self, params: List[torch.Tensor]) -> torch.Tensor:
         """The accumulated gradient's squared norm (FSDP2 shards' parts summed across ranks)."""
