@@ -10,6 +10,7 @@ namespace {
 
 template <Fmt F, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;

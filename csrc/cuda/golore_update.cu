@@ -37,6 +37,7 @@ struct GoloreArgs {
 
 template <Fmt F, bool SR, Inner I, bool FULL>
 __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, int pass) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   // not __restrict__: in projected mode N is written over r (a.out == a.r)
   const S* r = static_cast<const S*>(a.r);
