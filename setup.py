@@ -17,12 +17,18 @@ in the target environment, so the build must see that torch:
     backend ``cuda_emulated``: the CUDA code run on CPU tensors, for tests) when
     ``LOMO_KERNELS_CUDA_EMULATION=1`` (CI sets it); needs no CUDA toolkit.
 
+    The emulated kernels (every ``csrc/emulated/*.cpp`` but the emulator itself) are compiled
+    with every load and store instrumented (GCC/Clang ``-fsanitize=kernel-address`` with outline
+    callbacks that the emulator implements): the emulator's shared-memory checks (bounds, races,
+    initialisation) see each access.
+
 Environment: ``LOMO_KERNELS_PURE_PYTHON=1`` installs without the native extension, on purpose
 (no compiler, no torch at build time; ``backend="auto"`` then warns once at run time);
 ``LOMO_KERNELS_SKIP_CUDA_BUILD=1`` builds the CPU kernels only; ``LOMO_KERNELS_FORCE_BUILD=1``
 also fails when the CUDA kernels cannot be built (CI); ``MAX_JOBS`` limits parallel compile jobs;
 ``CUDA_HOME`` names the CUDA toolkit (otherwise found from the usual places, skipping an ``nvcc``
-wrapper script whose folder has no CUDA headers).
+wrapper script whose folder has no CUDA headers); ``LOMO_KERNELS_SANITIZE=1`` compiles and links
+the C++ (CPU and emulated) with AddressSanitizer and UndefinedBehaviorSanitizer (``.ci/sanitize``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ FORCE = os.environ.get("LOMO_KERNELS_FORCE_BUILD", "0") == "1"
 PURE_PYTHON = os.environ.get("LOMO_KERNELS_PURE_PYTHON", "0") == "1"
 SKIP_CUDA = os.environ.get("LOMO_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
 EMULATION = os.environ.get("LOMO_KERNELS_CUDA_EMULATION", "0") == "1"
+SANITIZE = os.environ.get("LOMO_KERNELS_SANITIZE", "0") == "1"
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200, PTX for newer GPUs
 # --fmad=false: like -ffp-contract=off for the host, the kernels call fmaf where torch fuses.
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--fmad=false"]
@@ -110,6 +117,31 @@ def _emulated_sources(cuda_sources):
     return sorted(glob.glob("csrc/emulated/*.cpp"))
 
 
+def _instrumented(source: str) -> bool:
+    """An emulated kernel file (csrc/emulated/<op>.cpp, probes.cpp): its memory accesses go through
+    the emulator's shared-memory checks; the emulator and the op registration are not."""
+    name = os.path.basename(source)
+    return (os.path.dirname(os.path.normpath(source)).endswith(os.path.join("csrc", "emulated"))
+            and not name.startswith("emulator") and name != "register.cpp")
+
+
+def _instrumentation_flags() -> list[str]:
+    """Every load and store as a call of __asan_{load,store}<n>_noabort (emulator_shared.cpp):
+    the kernel-address flavour needs no sanitizer runtime; no stack or global redzones; and
+    __SANITIZE_ADDRESS__ left undefined, so that torch's headers lay out their classes as in every
+    other file."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or cpp_extension.get_cxx_compiler()
+    params = ["asan-instrumentation-with-call-threshold=0", "asan-stack=0", "asan-globals=0"]
+    if "clang" in os.path.basename(compiler):
+        tuning = [f for p in params for f in ("-mllvm", "-" + p)]
+    else:
+        tuning = [f for p in params for f in ("--param", p)]
+    # the sanitizer build's -fsanitize=address is replaced here: a file takes one of the two
+    return ["-fno-sanitize=address", "-fsanitize=kernel-address", *tuning, "-U__SANITIZE_ADDRESS__"]
+
+
 def _arch_tokens(arch_list: str) -> str:
     """'8.0;9.0+PTX' -> 'sm_80+sm_90+compute_90' (nvcc splits -D values at commas)."""
     out = []
@@ -157,6 +189,12 @@ def _extensions():
     # like torch. -ffp-contract=off keeps a*b+c two roundings unless the code asks for fma (the
     # reference's torch.add(x, y, alpha) is one fma); -fno-math-errno lets sqrt vectorise.
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", *openmp]
+    link = list(openmp)
+    if SANITIZE:  # .ci/sanitize: every report an error (-fno-sanitize-recover), symbolised stacks
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx = [*cxx, "-O1", *sanitizers, "-fno-omit-frame-pointer", "-g"]
+        link += sanitizers
+        _log("LOMO_KERNELS_SANITIZE=1: compiled with AddressSanitizer and UndefinedBehaviorSanitizer")
     include_dirs = [os.path.join(HERE, "csrc")]
     # Some headers torch includes (cusparse.h, ...) live in the nvidia pip wheels, not the toolkit.
     for site in sys.path:
@@ -194,7 +232,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
-            extra_link_args=openmp,
+            extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -203,7 +241,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=openmp,
+            extra_link_args=link,
         )
     _announce(sources, cuda_sources if with_cuda else [])
     return [ext]
@@ -224,6 +262,38 @@ def _announce(sources, cuda_sources) -> None:
              f"{len(cuda_sources)} files, one pass per architecture")
 
 
+def _per_file_flags_build():
+    """torch's BuildExtension, with the emulated kernel files compiled apart with the
+    instrumentation flags (its compile step takes one set of flags for every file)."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class PerFileFlags(BuildExtension):
+        def build_extension(self, ext):
+            compile_all = self.compiler.compile
+
+            def compile_split(sources, *args, **kwargs):
+                special = [s for s in sources if _instrumented(s)]
+                rest = [s for s in sources if not _instrumented(s)]
+                objects = compile_all(rest, *args, **kwargs) if rest else []
+                if special:
+                    post = kwargs.get("extra_postargs")
+                    flags = _instrumentation_flags()
+                    if isinstance(post, dict):
+                        post = {**post, "cxx": [*post.get("cxx", []), *flags]}
+                    else:
+                        post = [*(post or []), *flags]
+                    objects += compile_all(special, *args, **{**kwargs, "extra_postargs": post})
+                return objects
+
+            self.compiler.compile = compile_split
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_all
+
+    return PerFileFlags
+
+
 class NativeBuildExt(build_ext):
     """torch's BuildExtension (ninja, MAX_JOBS); a failure stops the install with a clear
     message (see _fail)."""
@@ -232,10 +302,10 @@ class NativeBuildExt(build_ext):
         if not self.extensions:
             return
         try:
-            from torch.utils.cpp_extension import BuildExtension
+            build_cls = _per_file_flags_build()
         except Exception as exc:
             _fail(f"torch.utils.cpp_extension is not importable ({exc})")
-        impl = BuildExtension(self.distribution, use_ninja=shutil.which("ninja") is not None)
+        impl = build_cls(self.distribution, use_ninja=shutil.which("ninja") is not None)
         for attr in ("build_lib", "build_temp", "inplace", "force", "debug", "parallel",
                      "plat_name", "editable_mode"):
             if hasattr(self, attr):

@@ -5,9 +5,10 @@ against an independent Python computation: warp shuffles, votes and reductions e
 between lanes; barriers count; 3-D indices; per-block dynamic shared memory; integer atomics and a
 last-block-done ticket across blocks running concurrently on several OS threads; block orders.
 Then what it must reject (a GPU would hang, fault or compute garbage): deadlocks, exited lanes in
-a warp mask, mismatched warp collectives, misaligned or out-of-bounds 16-byte accesses, a missing
-barrier, a read of uninitialised shared memory, and (the memory model) a missing fence before a
-ticket or after it, a finisher's plain load. And what the kernels of this package cost in
+a warp mask, mismatched warp collectives, misaligned or out-of-bounds 16-byte accesses, shared
+memory out of bounds, shared-memory races (a missing barrier among them), a read of uninitialised
+shared memory, a block larger than the kernel's __launch_bounds__, and (the memory model) a missing
+fence before a ticket or after it, a finisher's plain load. And what the kernels of this package cost in
 launches.
 """
 
@@ -96,14 +97,65 @@ def test_atomics_and_last_block_ticket_across_concurrent_blocks(os_threads):
         assert out[48:52].view(torch.int32).item() == blocks  # every block took a ticket
 
 
-def test_a_missing_barrier_gives_wrong_results():
-    # The schedule variants (warp order and lane order per block) make a shared-memory read that
-    # lacks its barrier see stale values in some block, instead of passing by luck.
+def test_a_missing_barrier_is_a_race_and_without_the_check_gives_wrong_results(monkeypatch):
+    # The race check names the array, the index and both threads. Without it, the schedule
+    # variants (warp order and lane order per block) make a shared-memory read that lacks its
+    # barrier see stale values in some block, instead of passing by luck.
     blocks = 4
+    with pytest.raises(RuntimeError, match=r"missing_barrier_probe .*shared-memory race on "
+                                           r"'s'\[\d+\].* thread \(\d+,0,0\) (wrote|read) it"):
+        _probe("missing_barrier", torch.zeros(blocks, 256, dtype=torch.int32), blocks)
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_SHARED_CHECKS", "0")
     out = _probe("missing_barrier", torch.zeros(blocks, 256, dtype=torch.int32), blocks)
     want = torch.tensor([[b + (t + 37) % 256 + 1 for t in range(256)] for b in range(blocks)],
                         dtype=torch.int32)
     assert not torch.equal(out, want)
+
+
+@pytest.mark.parametrize("variant,index,message", [
+    (0, 32, r"store of 4 bytes at 's'\[32\] is past the end of 's' \(128 bytes"),
+    (1, -1, r"load of 4 bytes at 's'\[-1\] is before the start of 's'"),
+    (2, 64, r"store of 4 bytes at the dynamic shared memory, byte 256 is past the end of the "
+            r"dynamic shared memory \(256 bytes"),
+], ids=["static-write-past-end", "static-read-before-start", "dynamic-write-past-end"])
+def test_shared_memory_out_of_bounds_is_an_error(variant, index, message):
+    # On a GPU these read or overwrite a neighbouring array (or another block's memory) silently.
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"shared_bounds_probe .*block \(0,0,0\) thread "
+                                           r"\(0,0,0\): shared-memory " + message):
+        _probe("shared_bounds", out, variant, index)
+    _probe("shared_bounds", out, 3, 0)  # no bug: every access inside its array
+    assert out.tolist() == [t % 32 + t for t in range(64)]
+
+
+@pytest.mark.parametrize("variant,racy", [
+    (0, False), (1, True), (2, True), (3, True), (4, False), (5, True), (6, False), (7, True),
+], ids=["barrier", "read-after-write", "write-after-read", "write-after-write", "syncwarp",
+        "warp-without-syncwarp", "atomics", "plain-read-next-to-atomics"])
+def test_shared_memory_races_are_errors(variant, racy, os_threads):
+    # Two threads of a block on one address between two barriers, one of them writing (atomics
+    # against atomics excepted), unless a __syncwarp of both lanes orders them.
+    out = torch.zeros(2, 64, dtype=torch.int32)
+    if racy:
+        with pytest.raises(RuntimeError, match=r"shared_race_probe .*thread \(\d+,0,0\): "
+                                               r"shared-memory race on '(s|counter)'\[\d+\]: this "
+                                               r"thread (reads|writes|atomically updates) it, and "
+                                               r"thread \(\d+,0,0\) (wrote|read) it"):
+            _probe("shared_race", out, variant)
+        return
+    _probe("shared_race", out, variant)
+    want = {0: [(t + 1) % 64 for t in range(64)], 4: [t ^ 1 for t in range(64)], 6: [64] * 64}
+    assert out.tolist() == [want[variant]] * 2
+
+
+def test_launch_bounds_refuse_a_larger_block():
+    # bounded_probe is declared __launch_bounds__(64): a GPU refuses a launch of 65 threads or more
+    out = torch.zeros(2 * 128, dtype=torch.int32)
+    _probe("launch_bounds", out, 64)
+    assert out[:128].tolist() == [1] * 128
+    with pytest.raises(RuntimeError, match=r"bounded_probe .*a block of 96 threads launched for a "
+                                           r"kernel declared __launch_bounds__\(64\)"):
+        _probe("launch_bounds", out, 96)
 
 
 @pytest.mark.parametrize("variant", [0, 1, 2, 3],
@@ -149,12 +201,17 @@ def test_what_a_gpu_would_not_run_is_an_error(name, message):
 
 
 @pytest.mark.parametrize("blocks", [1, 5])
-def test_uninitialised_static_shared_memory_reads_the_poison(blocks, monkeypatch):
+def test_uninitialised_static_shared_memory_is_an_error_or_reads_the_poison(blocks, monkeypatch):
     # A kernel that never zeroes its shared counter: on a GPU it starts from whatever the SM's
-    # shared memory held. Here from the poison (-1) in every block, also in the first block an OS
-    # thread runs (fresh memory would be zero and the count right by luck) and in the blocks after
-    # it (the previous block's count would pile up).
+    # shared memory held. The initialisation check names the array and the thread that read it.
+    # Without it, the count starts from the poison (-1) in every block, also in the first block an
+    # OS thread runs (fresh memory would be zero and the count right by luck) and in the blocks
+    # after it (the previous block's count would pile up).
     monkeypatch.setenv("LOMO_KERNELS_EMULATION_THREADS", "1")
+    with pytest.raises(RuntimeError, match=r"uninitialised_shared_probe .*thread \(\d+,0,0\) read "
+                                           r"uninitialised shared memory: 'count'\[0\]"):
+        _probe("uninitialised_shared", torch.zeros(blocks, dtype=torch.int32), blocks)
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_SHARED_CHECKS", "0")
     out = _probe("uninitialised_shared", torch.zeros(blocks, dtype=torch.int32), blocks)
     assert out.tolist() == [64 - 1] * blocks
 
@@ -230,6 +287,7 @@ def test_bad_settings_are_rejected(monkeypatch):
                        ("LOMO_KERNELS_EMULATION_FIBERS", "threads"),
                        ("LOMO_KERNELS_EMULATION_SCHEDULE", "random"),
                        ("LOMO_KERNELS_EMULATION_MEMORY_MODEL", "yes"),
+                       ("LOMO_KERNELS_EMULATION_SHARED_CHECKS", "yes"),
                        ("LOMO_KERNELS_EMULATION_SEED", "0")]:
         monkeypatch.setenv(var, value)
         with pytest.raises(RuntimeError, match=var):
@@ -306,3 +364,24 @@ def test_lomo_grad_sq_through_tickets_matches_float64(multi):
         ops.lomo_update_(ps[0], gs[0], lr=0.1, grad_sq=acc, backend="cuda_emulated")
     want = 0.5 + sum(float(g.double().square().sum()) for g in gs)
     assert acc.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_every_kernel_states_its_launch_bounds_to_the_emulation():
+    # The emulation cannot read __launch_bounds__ (an attribute); each kernel repeats its bound as
+    # its first statement, LOMO_BOUNDS(n), which fails a larger block. Both must agree.
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+    kernels = 0
+    for path in sorted(csrc.glob("*.cu*")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("__global__"):
+                continue
+            m = re.match(r"__global__ void __launch_bounds__\(([^,)]+)[,)].*\{$", line)
+            assert m, f"{path.name}:{i + 1}: a kernel without __launch_bounds__: {line}"
+            assert lines[i + 1].strip() == f"LOMO_BOUNDS({m.group(1)});", (
+                f"{path.name}:{i + 2}: the first statement must be LOMO_BOUNDS({m.group(1)})")
+            kernels += 1
+    assert kernels >= 8

@@ -74,6 +74,7 @@ __device__ __forceinline__ void apply_rows(const Args& a, const TilePos& t, cons
 // needs more: 3 blocks.
 template <Fmt F, Fmt GF, bool SR, bool DIV>
 __global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args a) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   constexpr int N = Pack<S>::N;
   constexpr int TC = 32 * N;
@@ -114,6 +115,7 @@ __global__ void __launch_bounds__(kThreads, DIV ? 3 : 4) apply_kernel(const Args
 // A rank whose shard has no local rows (stages only): pass 1 zeroes its header contribution;
 // pass 2 computes c' from the reduced column sums; pass 3 commits c' (or sets found_inf).
 __global__ void __launch_bounds__(kThreads) empty_shard_kernel(const Args a, int pass) {
+  LOMO_BOUNDS(kThreads);
   const int64_t cols = a.geo.S * a.geo.n;
   const unsigned tid = fresh_thread_index();
   if (pass == 1) {

@@ -281,6 +281,7 @@ __device__ void flat_finish(const FlatCall& c, const FlatTensor& t, float coef, 
 // The one flat kernel: block b is tile (b - first) of the record whose range holds b.
 template <Fmt F, Fmt GF, bool SR, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) adalomo_flat_kernel(const __grid_constant__ FlatCall c) {
+  LOMO_BOUNDS(kThreads);
   LOMO_SHARED(float, red, [32]);
   LOMO_SHARED(double, dred, [32]);
   LOMO_SHARED(int, flag);

@@ -10,6 +10,7 @@ namespace {
 
 template <Fmt F, Fmt GF, bool DIV>
 __global__ void __launch_bounds__(kThreads, 3) unorm_kernel(const Args a) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   using SG = storage_t<GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int N = Pack<S>::N;

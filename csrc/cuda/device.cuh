@@ -7,8 +7,12 @@
 //       kernel<<<grid, block, smem, stream>>>(args...) plus the launch check; emulated: runs the
 //       grid on the CPU (and counts the launch).
 //   LOMO_DYNAMIC_SHARED(T, name)   `extern __shared__` memory of the launch, as a T*.
-//   LOMO_SHARED(T, name, [dims])   `__shared__ T name[dims]` (emulated: poisoned at every block
-//                                  start; a plain __shared__ does not compile there).
+//   LOMO_SHARED(T, name, [dims])   `__shared__ T name[dims]` (emulated: placed per block between
+//                                  redzones, poisoned, every access checked for bounds, races and
+//                                  initialisation; a plain __shared__ does not compile there).
+//   LOMO_BOUNDS(n)                 the first statement of a kernel declared __launch_bounds__(n, ...):
+//                                  nothing on the GPU (which refuses a larger block at launch);
+//                                  emulated, a block of more than n threads fails.
 //   LOMO_CHECK_DEVICE(op, x)       x is a CUDA tensor (emulated: a CPU tensor).
 //   atomic_add_acq_rel(p, v)       atomicAdd with acq_rel semantics at device (gpu) scope: the
 //                                  PTX atom.acq_rel.gpu (emulated: emu::atomic_add_acq_rel).
@@ -67,9 +71,14 @@ using emu::atomic_add_acq_rel;  // hooked: an acquire for the memory model (emul
 #define LOMO_CROSS_BLOCK_MEMORY(t) ::lomo::emu::cross_block_tensor(t)
 #define LOMO_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<T*>(::lomo::emu::dynamic_shared_memory())
-#define LOMO_SHARED(T, name, ...)          \
-  static thread_local T name __VA_ARGS__; \
-  ::lomo::emu::static_shared_memory(&name, sizeof(name), #name)
+#define LOMO_SHARED(T, name, ...)                                                          \
+  using lomo_shared_type_##name = T __VA_ARGS__;                                           \
+  static char lomo_shared_tag_##name; /* identifies the declaration */                      \
+  lomo_shared_type_##name& name = *static_cast<lomo_shared_type_##name*>(                  \
+      ::lomo::emu::static_shared_memory(&lomo_shared_tag_##name,                           \
+                                        sizeof(lomo_shared_type_##name),                   \
+                                        alignof(lomo_shared_type_##name), sizeof(T), #name))
+#define LOMO_BOUNDS(n) ::lomo::emu::check_launch_bounds(n)
 #else
 using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
@@ -104,6 +113,7 @@ __device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
   extern __shared__ __align__(16) unsigned char lomo_dynamic_smem[]; \
   T* name = reinterpret_cast<T*>(lomo_dynamic_smem)
 #define LOMO_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
+#define LOMO_BOUNDS(n) ((void)0)
 #endif
 
 }  // namespace LOMO_CUDA_NS

@@ -10,12 +10,15 @@
 //   * the threads of a block are fibers (user-level contexts, one stack each) on that OS thread; a
 //     thread runs until it reaches a barrier or a warp collective, then the next one runs, so
 //     __syncthreads() is a true barrier and warp collectives exchange values between 32 lanes;
-//   * shared memory is per block: static (LOMO_SHARED, a static thread_local that every fiber of
-//     the OS thread's current block sees) and dynamic (LOMO_DYNAMIC_SHARED) are both poisoned
-//     (0xFF bytes) at every block start, so a read before the block's first write reads NaN / -1,
-//     not zero nor the previous block's values;
+//   * shared memory is per block: static (LOMO_SHARED) and dynamic (LOMO_DYNAMIC_SHARED) arrays
+//     lie in an arena of the OS thread, each between redzones, poisoned (0xFF bytes) when the block
+//     starts; every load and store of the kernel files is instrumented (setup.py), and an access
+//     out of an array's bounds, two threads' accesses to one byte between barriers with a write
+//     among them (a race), or a read of a byte the block never wrote fails the launch
+//     (emulator_shared.cpp);
 //   * the launch limits of a GPU: static + dynamic shared memory within 48 KB unless the kernel
-//     opted in (cudaFuncSetAttribute, up to 227 KB), kernel parameters within 32764 bytes;
+//     opted in (cudaFuncSetAttribute, up to 227 KB), kernel parameters within 32764 bytes, no more
+//     threads per block than the kernel's __launch_bounds__ (its first statement LOMO_BOUNDS(n));
 //   * a memory model for the memory blocks exchange data through (emulator_model.cpp): stores
 //     published only by __threadfence(), relaxed atomics, __ldcg against a stale per-block L1;
 //     blocks start in reversed or shuffled orders;
@@ -36,7 +39,7 @@
 //
 // Not emulated: texture/surface memory, cooperative groups, dynamic parallelism, clusters,
 // spin-waits on another block's progress (blocks run to completion one at a time per OS thread),
-// launch limits (48 KB of shared memory without the opt-in, __launch_bounds__).
+// registers per thread (the static budgets of lomo_kernels/budgets.py read them from the SASS).
 #pragma once
 
 #define LOMO_CUDA_EMULATION 1
@@ -69,7 +72,7 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // the bound is checked by the kernel's LOMO_BOUNDS(n) (device.cuh)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory is declared with LOMO_SHARED (csrc/cuda/device.cuh), which the emulation
 // poisons per block; a plain __shared__ would keep the previous block's values.
@@ -123,9 +126,17 @@ constexpr size_t param_bytes() {
 
 // The opt-in of cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
 void set_max_dynamic_shared(const void* kernel, size_t bytes);
-// A static shared variable of the current block (LOMO_SHARED): the first thread of the block to
-// declare it poisons it; the block's static + dynamic shared memory is checked against the limit.
-void static_shared_memory(void* p, size_t bytes, const char* name);
+// A static shared array of the current block (LOMO_SHARED; `tag` identifies the declaration): the
+// first thread of the block to declare it places it in the block's arena between redzones,
+// poisoned; the block's static + dynamic shared memory is checked against the limit. Returns it.
+void* static_shared_memory(const void* tag, size_t bytes, size_t align, size_t elem,
+                           const char* name);
+// An atomic of `bytes` at `p` begins (depth 1) or ends (-1): on shared memory it is recorded as one
+// atomic access (atomics do not race with each other), not as the loads and stores it makes.
+void atomic_shared(const void* p, size_t bytes, int depth);
+// The first statement of a kernel declared __launch_bounds__(max_threads, ...) (LOMO_BOUNDS):
+// a block of more threads fails, as a GPU refuses its launch.
+void check_launch_bounds(int max_threads);
 
 // Warp collectives: every lane of `mask` contributes `value` and blocks until all of them have
 // arrived; the last one computes each lane's result (a shuffle: the value of the lane `src` it
@@ -156,10 +167,12 @@ void cross_block_tensor(const at::Tensor& t);
 struct AtomicHook {  // around one atomic read-modify-write of `bytes` at `p`
   AtomicHook(const void* p_, size_t bytes_, bool acquire_ = false)
       : p(p_), bytes(bytes_), acquire(acquire_) {
+    atomic_shared(p, bytes, 1);
     if (tls_model) model_atomic_begin(*tls_model, p, bytes);
   }
   ~AtomicHook() {
     if (tls_model) model_atomic_end(*tls_model, p, bytes, acquire);
+    atomic_shared(p, bytes, -1);
   }
   const void* p;
   size_t bytes;

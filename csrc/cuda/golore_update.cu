@@ -37,6 +37,7 @@ struct GoloreArgs {
 
 template <Fmt F, Fmt GF, bool SR, Inner I, bool FULL>
 __global__ void __launch_bounds__(kThreads) golore_update_kernel(GoloreArgs a, int pass) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   // not __restrict__: in projected mode N is written over r (a.out == a.r)
   const storage_t<GF>* r = static_cast<const storage_t<GF>*>(a.r);

@@ -59,6 +59,7 @@ __host__ __device__ constexpr int64_t acc_tile() {  // host (grid sizes) and dev
 
 template <Fmt BF, Fmt GF, bool SR, bool DIV, bool SQ>
 __global__ void __launch_bounds__(kThreads, 4) grad_accumulate_kernel(const AccArgs a) {
+  LOMO_BOUNDS(kThreads);
   using SB = storage_t<BF>;
   using SG = storage_t<GF>;
   constexpr int N = Pack<SG>::N;  // elements per thread step (the gradient is the narrower)

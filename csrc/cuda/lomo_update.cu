@@ -78,6 +78,7 @@ __device__ __forceinline__ bool lomo_elem(storage_t<F>& p, float graw, const Lom
 
 template <Fmt F, Fmt GF, bool SR, bool DIV, bool GSQ>
 __global__ void __launch_bounds__(kThreads, 4) lomo_update_kernel(const __grid_constant__ LomoCall c) {
+  LOMO_BOUNDS(kThreads);
   using S = storage_t<F>;
   using SG = storage_t<GF>;
   constexpr int N = Pack<S>::N;

@@ -18,7 +18,9 @@
 //
 // Environment: LOMO_KERNELS_EMULATION_THREADS=n (OS threads running blocks; default torch's
 // intra-op thread count, 1 to debug), LOMO_KERNELS_EMULATION_SCHEDULE=mixed|forward|reverse,
-// LOMO_KERNELS_EMULATION_MEMORY_MODEL=1|0 (default 1), LOMO_KERNELS_EMULATION_SEED=n (block order).
+// LOMO_KERNELS_EMULATION_MEMORY_MODEL=1|0 (default 1), LOMO_KERNELS_EMULATION_SEED=n (block order),
+// LOMO_KERNELS_EMULATION_SHARED_CHECKS=1|0 (default 1: bounds, races and initialisation of shared
+// memory, emulator_shared.cpp).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
@@ -88,11 +90,41 @@ lomo_emu_trampoline:
 #define LOMO_EMU_ASM_SWITCH 0
 #endif
 
+#if defined(__SANITIZE_ADDRESS__)  // the sanitizer build (.ci/sanitize): ASan is told of every switch
+#include <pthread.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace lomo {
 namespace emu {
 namespace detail {
 
 __thread BlockRun* tls_run = nullptr;
+
+// AddressSanitizer follows the fibers' stacks (its fiber API): before a switch, the stack it goes
+// to; after it, on the stack that runs again.
+#if defined(__SANITIZE_ADDRESS__)
+__thread const void* tls_main_stack = nullptr;
+__thread size_t tls_main_stack_size = 0;
+void asan_leaving(void** fake, const Fiber* to) {
+  if (!tls_main_stack) {  // the OS thread's own stack, where blocks start and end
+    pthread_attr_t a;
+    void* lo = nullptr;
+    pthread_getattr_np(pthread_self(), &a);
+    pthread_attr_getstack(&a, &lo, &tls_main_stack_size);
+    pthread_attr_destroy(&a);
+    tls_main_stack = lo;
+  }
+  if (to)
+    __sanitizer_start_switch_fiber(fake, to->stack_top - kStackBytes, kStackBytes);
+  else
+    __sanitizer_start_switch_fiber(fake, tls_main_stack, tls_main_stack_size);
+}
+void asan_arrived(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+#else
+inline void asan_leaving(void**, const Fiber*) {}
+inline void asan_arrived(void*) {}
+#endif
 
 BlockRun::~BlockRun() {
   if (stack_base) munmap(stack_base, stack_slots * stack_stride);
@@ -155,6 +187,8 @@ void switch_to(BlockRun& r, Fiber* from, Fiber* to) {
   r.cur = to;
   ++r.switches;
   threadIdx = to->tid;
+  void* fake = nullptr;
+  asan_leaving(&fake, to);
   if (r.switcher == Switcher::Asm) {
 #if LOMO_EMU_ASM_SWITCH
     lomo_emu_switch(&from->sp, to->sp);
@@ -162,11 +196,13 @@ void switch_to(BlockRun& r, Fiber* from, Fiber* to) {
   } else {
     swapcontext(from->uc, to->uc);
   }
+  asan_arrived(fake);
 }
 
 [[noreturn]] void switch_to_main(BlockRun& r) {
   Fiber* from = r.cur;
   r.cur = nullptr;
+  asan_leaving(nullptr, nullptr);  // this fiber's stack is left for good
   if (r.switcher == Switcher::Asm) {
 #if LOMO_EMU_ASM_SWITCH
     lomo_emu_switch(&from->sp, r.main_sp);
@@ -254,6 +290,7 @@ void release_block_barrier(BlockRun& r) {
   }
   r.arrived = 0;
   r.count = 0;
+  shared_barrier(r);  // a new interval for the race check
 }
 
 [[noreturn]] void exit_current(BlockRun& r) {
@@ -279,10 +316,12 @@ void release_block_barrier(BlockRun& r) {
     }
   }
   if (r.live > 0) fail_here(r, "deadlock after this thread exited (" + describe_waits(r) + ")");
+  shared_block_exit(r);
   switch_to_main(r);
 }
 
 void fiber_main(Fiber* f) {
+  asan_arrived(nullptr);
   BlockRun& r = *tls_run;
   (void)f;
   r.L->invoke(r.L->call);
@@ -331,9 +370,7 @@ void init_block(BlockRun& r, const Launch& L, int64_t b) {
       r.pos[t] = k++;
     }
   }
-  if (L.smem) std::memset(r.smem, 0xFF, L.smem);  // stale shared memory reads as NaN / -1
-  r.static_smem.clear();  // poisoned when the block first declares it (static_shared_memory)
-  r.static_smem_bytes = 0;
+  shared_block_start(r);  // arrays are placed (and poisoned) when the block first declares them
 }
 
 void run_block(BlockRun& r, Launch& L, int64_t k) {
@@ -346,6 +383,8 @@ void run_block(BlockRun& r, Launch& L, int64_t k) {
   r.cur = first;
   threadIdx = first->tid;
   ++r.switches;
+  void* fake = nullptr;
+  asan_leaving(&fake, first);
   if (r.switcher == Switcher::Asm) {
 #if LOMO_EMU_ASM_SWITCH
     lomo_emu_switch(&r.main_sp, first->sp);
@@ -353,6 +392,7 @@ void run_block(BlockRun& r, Launch& L, int64_t k) {
   } else {
     swapcontext(&r.main_uc, first->uc);
   }
+  asan_arrived(fake);
   if (r.failed) {
     std::lock_guard<std::mutex> lock(L.error_mutex);
     if (!L.failed.exchange(true)) L.error = r.error;
@@ -367,11 +407,7 @@ void worker(Launch& L, Switcher switcher) {
   r.L = &L;
   r.switcher = switcher;
   r.switches = 0;
-  if (L.smem) {
-    r.smem_buf.resize(L.smem + 16);
-    r.smem = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(r.smem_buf.data()) + 15) / 16 * 16);
-  }
+  shared_worker_begin(r);
   blockDim = L.block;
   gridDim = L.grid;
   int64_t blocks = 0;
@@ -381,6 +417,7 @@ void worker(Launch& L, Switcher switcher) {
   g_stats.blocks += blocks;
   g_stats.threads += blocks * L.nthreads;
   g_stats.switches += r.switches;
+  shared_worker_end();
   r.L = nullptr;
 }
 
@@ -487,6 +524,7 @@ void run_grid(const LaunchSite& site, const void* kernel, size_t param_bytes, di
   L.call = call;
   L.ranges = &tls_ranges;
   L.schedule = schedule_from_env();
+  L.shared_checks = shared_checks_enabled();
   const Switcher switcher = switcher_from_env();
   choose_block_order(L, launch);
   const MemoryModelPtr model = make_memory_model(tls_ranges);

@@ -1,7 +1,8 @@
 // The SIMT emulator's state shared by its parts (not seen by kernels): emulator.cpp (fibers, the
 // block scheduler, the grid launch), emulator_sync.cpp (barriers and warp collectives, called from
 // kernel code), emulator_memory.cpp (shared memory, vector-access checks, MemoryScope) and
-// emulator_model.cpp (the cross-block memory model).
+// emulator_shared.cpp (shared memory and its checks), emulator_model.cpp (the cross-block memory
+// model).
 #pragma once
 
 #include <ucontext.h>
@@ -29,6 +30,42 @@ constexpr size_t kDefaultShared = 48 * 1024;    // static + dynamic per block wi
 constexpr size_t kMaxParamBytes = 32764;        // kernel parameters (CUDA 12.1+, Volta and later)
 
 enum class Wait : uint8_t { None, Block, Warp, Exited };
+
+// Shared memory of the block an OS thread runs (emulator_shared.cpp): one arena holding the
+// launch's dynamic shared memory and each LOMO_SHARED array the block declares, every one of them
+// between redzones; what a block's threads did to each byte since the last barrier (the race and
+// initialisation checks).
+struct SharedArray {
+  const void* tag;  // the declaration (LOMO_SHARED's static tag); null: the dynamic shared memory
+  uintptr_t lo, hi;
+  const char* name;
+  size_t elem;  // element size (the dynamic shared memory: 1)
+};
+struct ByteShadow {  // one byte of the arena
+  uint32_t w_epoch = 0;  // barrier interval of its last write (before the block's first: never)
+  uint32_t r_epoch = 0;  // barrier interval of the reads recorded
+  uint32_t w_seq = 0;    // the writer's warp's __syncwarp count at the write
+  uint32_t r_seq[2] = {0, 0};
+  uint16_t w_tid = 0, r_tid[2] = {0, 0};  // linear thread ids: the last writer, two readers
+  uint8_t w_atomic = 0, readers = 0;
+};
+struct SharedMemory {
+  unsigned char* arena = nullptr;
+  size_t capacity = 0, used = 0;
+  std::vector<SharedArray> arrays;  // in address order
+  size_t static_bytes = 0;          // what the launch limit counts: the arrays, not the redzones
+  std::vector<ByteShadow> shadow;   // per arena byte, up to the high-water mark
+  uint32_t epoch = 0;               // the current barrier interval (grows across blocks)
+  uint32_t block_epoch = 0;         // the interval the block started in
+  bool checks = true;               // LOMO_KERNELS_EMULATION_SHARED_CHECKS
+  // The first read of a byte the block had not written: reported at the next barrier or the
+  // block's exit unless, before that, another thread's write in the same interval shows a race.
+  uintptr_t uninit_addr = 0;
+  int uninit_tid = -1;
+  std::vector<uint32_t> warp_seq;   // per warp: __syncwarp calls completed
+  std::vector<uint32_t> met;        // per warp, per lane pair: the last __syncwarp both were in
+  ~SharedMemory();
+};
 
 struct Fiber {
   void* sp = nullptr;            // asm switch: saved stack pointer
@@ -68,6 +105,7 @@ struct Launch {
   int schedule;  // 0 mixed, 1 forward, 2 reverse
   int64_t order_a = 1, order_c = 0;  // the k-th block to start is (order_a * k + order_c) % nblocks
   MemoryModel* model = nullptr;      // the cross-block memory model, if on for this launch
+  bool shared_checks = true;         // bounds, races and initialisation of shared memory
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -95,10 +133,7 @@ struct BlockRun {
   int64_t switches = 0;
   char* stack_base = nullptr;
   size_t stack_slots = 0, stack_stride = 0;
-  std::vector<unsigned char> smem_buf;
-  unsigned char* smem = nullptr;
-  std::vector<std::pair<void*, size_t>> static_smem;  // declared (and poisoned) in this block
-  size_t static_smem_bytes = 0;
+  SharedMemory shared;
 
   ~BlockRun();
   void reserve(int n);  // fiber stacks for n threads (kept between launches)
@@ -127,6 +162,18 @@ bool memory_model_enabled();        // LOMO_KERNELS_EMULATION_MEMORY_MODEL (defa
 
 // The opt-in of `kernel` to more dynamic shared memory (0: none).
 size_t max_dynamic_shared(const void* kernel);
+
+// Shared memory (emulator_shared.cpp): the block's arena with the dynamic shared memory poisoned
+// (at its start); a barrier's release (a new interval; the redzones checked); the block's exit (the
+// redzones checked); a completed __syncwarp (orders its lanes' shared accesses); the accesses of
+// the calling OS thread checked from worker_begin to worker_end.
+void shared_block_start(BlockRun& r);
+void shared_barrier(BlockRun& r);
+void shared_block_exit(BlockRun& r);
+void shared_syncwarp(BlockRun& r, int warp, unsigned mask);
+void shared_worker_begin(BlockRun& r);
+void shared_worker_end();
+bool shared_checks_enabled();  // LOMO_KERNELS_EMULATION_SHARED_CHECKS (default on)
 
 // Fails the launch with `what`, naming the current block and thread; never returns to the fiber.
 [[noreturn]] void fail_here(BlockRun& r, const std::string& what);

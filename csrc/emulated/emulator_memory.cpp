@@ -38,30 +38,6 @@ void set_max_dynamic_shared(const void* kernel, size_t bytes) {
   opt_ins[kernel] = bytes;
 }
 
-void static_shared_memory(void* p, size_t bytes, const char* name) {
-  BlockRun& r = *tls_run;
-  for (const auto& [q, n] : r.static_smem)
-    if (q == p) return;  // an earlier thread of this block declared (and poisoned) it
-  std::memset(p, 0xFF, bytes);  // read before the block writes it: NaN / -1, as stale memory
-  r.static_smem.emplace_back(p, bytes);
-  r.static_smem_bytes += bytes;
-  if (r.static_smem_bytes + r.L->smem > r.L->smem_limit) {
-    char buf[256];
-    std::snprintf(buf, sizeof(buf),
-                  "%zu bytes of static shared memory (up to '%s') and %zu dynamic exceed the %zu "
-                  "a block may use%s",
-                  r.static_smem_bytes, name, r.L->smem, r.L->smem_limit,
-                  r.L->smem_limit == kDefaultShared ? " without the opt-in" : "");
-    fail_here(r, buf);
-  }
-}
-
-unsigned char* dynamic_shared_memory() {
-  BlockRun& r = *tls_run;
-  if (!r.L->smem) fail_here(r, "dynamic shared memory used but the launch requested 0 bytes");
-  return r.smem;
-}
-
 void check_vector_access(const void* p, size_t bytes, bool store) {
   BlockRun& r = *tls_run;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);

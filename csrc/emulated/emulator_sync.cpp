@@ -90,6 +90,7 @@ uint64_t warp_collective(unsigned mask, Collective kind, uint64_t value, unsigne
     if (o.wait == Wait::Warp) o.wait = Wait::None;
   }
   w.arrived &= ~mask;
+  if (kind == Collective::SyncWarp) shared_syncwarp(r, f->warp, mask);  // orders shared accesses
   return f->wresult;
 }
 

@@ -163,6 +163,55 @@ __global__ void uninitialised_shared_probe(int* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = count;
 }
 
+// The shared-memory checks (emulator_shared.cpp), one bug per variant, at `index` (from the host,
+// so that the compiler cannot see the bug): 0, a static array of 32 ints written at index (32: one
+// past its end); 1, read at index (-1: one before its start); 2, the dynamic shared memory (64
+// ints) written at index (64).
+__global__ void shared_bounds_probe(int* out, int variant, int index) {
+  LOMO_SHARED(int, s, [32]);
+  LOMO_DYNAMIC_SHARED(int, d);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < 32) s[t] = t;
+  d[t] = t;
+  if (variant == 0 && t == 0) s[index] = t;
+  __syncthreads();
+  int v = s[t % 32] + d[t];
+  if (variant == 1 && t == 0) v += s[index];
+  if (variant == 2 && t == 0) d[index] = v;
+  out[t] = v;
+}
+
+// Shared accesses between barriers, by variant: racy ones (1 a read of another thread's write
+// without a barrier, 2 a write over what another thread reads, 3 every thread writing one word,
+// 5 lanes exchanging through shared memory with no __syncwarp, 7 a plain read next to atomics)
+// and ordered ones (0 with __syncthreads, 4 with __syncwarp, 6 atomics only).
+__global__ void shared_race_probe(int* out, int variant) {
+  LOMO_SHARED(int, s, [64]);
+  LOMO_SHARED(int, counter);
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  s[t] = t;
+  if (t == 0) counter = 0;
+  if (variant != 1 && variant != 4 && variant != 5) __syncthreads();
+  if (variant == 4) __syncwarp();
+  int v = 0;
+  switch (variant) {
+    case 0: case 1: v = s[(t + 1) % n]; break;
+    case 2: v = s[(t + 1) % n]; s[t] = v; break;
+    case 3: s[0] = t; break;
+    case 4: case 5: v = s[t ^ 1]; break;
+    case 6: atomicAdd(&counter, 1); break;
+    case 7: if (t == 0) v = counter; else atomicAdd(&counter, 1); break;
+  }
+  __syncthreads();
+  out[blockIdx.x * n + t] = v + (variant == 6 ? counter : 0);
+}
+
+// At most 64 threads per block: launched with more, it must fail as the GPU refuses it.
+__global__ void __launch_bounds__(64) bounded_probe(int* out) {
+  LOMO_BOUNDS(64);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
 // n ints of dynamic shared memory, written and summed; OPT_IN: the kernel raised its limit.
 template <bool OPT_IN>
 __global__ void dynamic_shared_probe(int* out, int n) {
@@ -252,6 +301,13 @@ void emulation_probe(const std::string& name, at::Tensor out, int64_t arg, int64
   } else if (name == "parameter_space") {
     static const ManyRecords records{};
     LOMO_LAUNCH(parameter_space_probe, 1, 32, 0, nullptr, records, out.data_ptr<int>());
+  } else if (name == "shared_bounds") {  // arg: the variant, arg2 the index
+    LOMO_LAUNCH(shared_bounds_probe, 1, 64, 64 * sizeof(int), nullptr, out.data_ptr<int>(),
+                static_cast<int>(arg), static_cast<int>(arg2));
+  } else if (name == "shared_race") {  // arg: the variant
+    LOMO_LAUNCH(shared_race_probe, 2, 64, 0, nullptr, out.data_ptr<int>(), static_cast<int>(arg));
+  } else if (name == "launch_bounds") {  // arg threads per block, 2 blocks
+    LOMO_LAUNCH(bounded_probe, 2, static_cast<unsigned>(arg), 0, nullptr, out.data_ptr<int>());
   } else if (name == "bad_block") {
     LOMO_LAUNCH(deadlock_probe, 1, 2048, 0, nullptr);
   } else {
