@@ -177,7 +177,9 @@ def test_memory_model_exposes_a_missing_fence_and_a_plain_load(variant, model, m
         assert out[blocks:blocks + 1].view(torch.int32).item() == 0  # the ticket is reset
 
 
-def test_blocks_start_in_reversed_and_shuffled_orders():
+def test_blocks_start_in_reversed_and_shuffled_orders(monkeypatch):
+    # one host thread: with two, blocks start two at a time and the recorded order interleaves
+    monkeypatch.setenv("LOMO_KERNELS_EMULATION_THREADS", "1")
     blocks = 50
     orders = []
     for _ in range(4):

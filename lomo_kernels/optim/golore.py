@@ -36,6 +36,11 @@ from ._subspace_window import SubspaceAccumulationMixin
 PROJECTIONS = ("random", "svd")
 
 
+# A window's update (no gradient left) makes U by this many blocks of rows: its scratch is 1/16 of
+# the weight, below the 1/8 the accumulation tests allow beside the buffers.
+_APPLY_CHUNKS = 16
+
+
 class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
     """GoLore (``projection="random"``) and GaLore (``projection="svd"``), in the backward pass.
 
@@ -310,13 +315,28 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
             n_mat.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             w.addmm_(*proj.back_factors(n_mat, pmat, side, w.dtype), alpha=-alpha)
             return
-        if g2 is None:  # accumulated in the subspace: no gradient left, one weight-sized scratch
-            g2 = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-        # (a float32 accumulation buffer of a 16-bit weight keeps U in float32)
-        g2.addmm_(*proj.back_factors(n_mat, pmat, side, g2.dtype), beta=0.0, alpha=alpha)
-        self._lomo_impl(w.device)(w, g2, None, found, 1.0, lr * wd, 1.0, 0.0,
-                                  self._rounding_for(w.dtype),
-                                  seed, state["step"])
+        a, b = proj.back_factors(n_mat, pmat, side, w.dtype if g2 is None else g2.dtype)
+        if g2 is not None:  # (a float32 accumulation buffer of a 16-bit weight keeps U in float32)
+            g2.addmm_(a, b, beta=0.0, alpha=alpha)
+            self._lomo(w, g2, found, lr * wd, seed, state["step"])
+            return
+        # Accumulated in the subspace: no gradient is left, and a weight-sized scratch would undo
+        # the point of rank-r buffers. U is made and applied by blocks of rows (W's rows are
+        # A's rows), each scratch 1/_APPLY_CHUNKS of W; block c > 0 draws its rounding bits
+        # from its own seed (the hash indexes elements within one call).
+        rows = w.shape[0]
+        step = max(1, -(-rows // _APPLY_CHUNKS))
+        scratch = torch.empty((min(step, rows), w.shape[1]), dtype=w.dtype, device=w.device)
+        for c, r0 in enumerate(range(0, rows, step)):
+            u = scratch[: min(step, rows - r0)]
+            u.addmm_(a[r0:r0 + u.shape[0]], b, beta=0.0, alpha=alpha)
+            self._lomo(w[r0:r0 + u.shape[0]], u, found, lr * wd,
+                       (seed + c * 0x9E3779B9) & 0xFFFFFFFF, state["step"])
+
+    def _lomo(self, w, u, found, decay, seed, step) -> None:
+        """W = round(W * (1 - decay) - U) with the fused LOMO kernel (non-finite guard, rounding)."""
+        self._lomo_impl(w.device)(w, u, None, found, 1.0, decay, 1.0, 0.0,
+                                  self._rounding_for(w.dtype), seed, step)
 
     def _lomo_impl(self, device):
         key = ("lomo_update_", device)
