@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # python bench/render_docs.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.docgen import (  # noqa: E402
-    accumulation, benchmarks, clipping, evidence, evidence_memory, golore, readme, results_page)
+    accumulation, benchmarks, clipping, distributed, evidence, evidence_memory, golore, readme,
+    results_page, spec)
 from bench.docgen.common import MissingResults, Results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,10 @@ GENERATORS = {
     "memory-llama3-8b": evidence_memory.measured,
     "memory-llama3-8b-estimates": evidence_memory.estimates,
     "memory-llama3-8b-activations": evidence_memory.activations,
+    # docs/distributed.md
+    "fsdp-prediction": distributed.fsdp_prediction, "fsdp-prediction-70b": distributed.seventy_b,
+    # docs/spec.md
+    "sum-accuracy": spec.sum_accuracy,
 }
 
 
