@@ -1,6 +1,8 @@
 """Shared fixtures and markers. Collection never touches a GPU."""
 
+import fnmatch
 import os
+from pathlib import Path
 
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors. The choice must be made
 # before triton (imported by lomo_kernels) decorates any kernel.
@@ -12,6 +14,8 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from default_run import SLOW_IN_DEFAULT_RUN  # noqa: E402
 
 from lomo_kernels import ops  # noqa: E402
 
@@ -103,6 +107,7 @@ _TARGET_BACKEND = {"cpu": "native", "cuda": "native", "cuda_emulated": "cuda_emu
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
+    _mark_slow_in_default_run(config, items)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         backend = params.get("backend")
@@ -111,6 +116,22 @@ def pytest_collection_modifyitems(config, items):
             name = _TARGET_BACKEND.get(params.get("target"))
         if isinstance(name, str) and name in ops.BACKENDS and name != "auto":
             item.add_marker(f"backend_{name}")
+
+
+def _mark_slow_in_default_run(config, items):
+    """tests/default_run.py's cases get the slow marker; a stale pattern is an error (only when
+    the whole tests/ folder is collected: a run of one file matches few patterns)."""
+    used = set()
+    for item in items:
+        for pattern in SLOW_IN_DEFAULT_RUN:
+            if fnmatch.fnmatchcase(item.nodeid, pattern):
+                item.add_marker(pytest.mark.slow)
+                used.add(pattern)
+    here = Path(__file__).resolve().parent
+    whole = [Path(a).resolve() for a in config.args] == [here]
+    stale = sorted(set(SLOW_IN_DEFAULT_RUN) - used)
+    if whole and stale:
+        raise pytest.UsageError(f"tests/default_run.py: patterns match no test: {stale}")
 
 
 # Tables of the static GPU budgets (lomo_kernels/budgets.py), filled by the tests that read compiled

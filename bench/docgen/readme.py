@@ -96,3 +96,16 @@ def summary_table(res: Results) -> str:
          f"{step[('bwd-medium', 'backward_adalomo', 'lomo_optim')]:.2f}x (lomo-optim)"],
     ]
     return summary.markdown(["measured (2-core CPU)", "lomo_kernels", "compared with"], rows)
+
+
+def build_time(res: Results) -> str:
+    """README's install time: each variant of bench/build_time.py, with its load and commit."""
+    d = res(f"{CPU}/build_time.json")
+    env = d["environment"]
+    parts = [f"{r['wall_s'] / 60:.0f} min for "
+             + ("the CPU kernels alone" if r["variant"] == "cpu"
+                else "everything (CPU, CUDA for sm_80/sm_90 and the emulation)")
+             + f" (load {r['load_avg_before'][0]:.1f})" for r in d["rows"]]
+    return (" and ".join(parts) + f" with `MAX_JOBS={d['rows'][0]['max_jobs']}` on "
+            f"{summary._machine(env).split(', load average')[0]}, commit {env['git_commit']}, "
+            f"{env['date'][:10]} (`bench/build_time.py`)")
