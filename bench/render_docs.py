@@ -38,7 +38,7 @@ OPENING = re.compile(r"<!-- results:([a-z0-9-]+) -->")
 GENERATORS = {
     # README.md
     "headline": readme.headline, "summary": readme.summary_table,
-    "build-time": readme.build_time,
+    "build-time": readme.build_time, "test-time": readme.test_time,
     # docs/results.md (finetune-example also in docs/finetune.md)
     "memory": results_page.memory_table, "convergence": results_page.convergence_table,
     "step-time": results_page.step_time_table, "clip-modes": results_page.clip_modes_table,

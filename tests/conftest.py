@@ -15,7 +15,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from default_run import SLOW_IN_DEFAULT_RUN  # noqa: E402
+from default_run import EXTENDED  # noqa: E402
 
 from lomo_kernels import ops  # noqa: E402
 
@@ -107,7 +107,7 @@ _TARGET_BACKEND = {"cpu": "native", "cuda": "native", "cuda_emulated": "cuda_emu
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
-    _mark_slow_in_default_run(config, items)
+    _mark_extended(config, items)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         backend = params.get("backend")
@@ -118,18 +118,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(f"backend_{name}")
 
 
-def _mark_slow_in_default_run(config, items):
-    """tests/default_run.py's cases get the slow marker; a stale pattern is an error (only when
+def _mark_extended(config, items):
+    """tests/default_run.py's cases get the extended marker; a stale pattern is an error (only when
     the whole tests/ folder is collected: a run of one file matches few patterns)."""
     used = set()
     for item in items:
-        for pattern in SLOW_IN_DEFAULT_RUN:
+        for pattern in EXTENDED:
             if fnmatch.fnmatchcase(item.nodeid, pattern):
-                item.add_marker(pytest.mark.slow)
+                item.add_marker(pytest.mark.extended)
                 used.add(pattern)
     here = Path(__file__).resolve().parent
     whole = [Path(a).resolve() for a in config.args] == [here]
-    stale = sorted(set(SLOW_IN_DEFAULT_RUN) - used)
+    stale = sorted(set(EXTENDED) - used)
     if whole and stale:
         raise pytest.UsageError(f"tests/default_run.py: patterns match no test: {stale}")
 

@@ -107,5 +107,17 @@ def build_time(res: Results) -> str:
                 else "everything (CPU, CUDA for sm_80/sm_90 and the emulation)")
              + f" (load {r['load_avg_before'][0]:.1f})" for r in d["rows"]]
     return (" and ".join(parts) + f" with `MAX_JOBS={d['rows'][0]['max_jobs']}` on "
-            f"{summary._machine(env).split(', load average')[0]}, commit {env['git_commit']}, "
-            f"{env['date'][:10]} (`bench/build_time.py`)")
+            f"{summary._machine(env).split(', load average')[0]} (`bench/build_time.py`)")
+
+
+def test_time(res: Results) -> str:
+    """README's test command: the default run's time from bench/test_time.py."""
+    rows = [r for r in res(f"{CPU}/test_time.json")["rows"]
+            if r["command"] == "python -m pytest -q -rs tests"]
+    r = rows[-1]
+    env = r["environment"]
+    wall = f"{r['wall_s'] // 60:.0f} min {r['wall_s'] % 60:.0f} s"
+    return (f"{wall} ({r['counts'].get('passed', 0)} passed; {r['cpu_s'] / 60:.1f} min of CPU) on "
+            f"{summary._machine(env).split(', load average')[0]}, load "
+            f"{r['load_avg_before'][0]:.1f} at the start and {r['load_avg_after'][0]:.1f} at the end "
+            "(`python bench/test_time.py`)")
