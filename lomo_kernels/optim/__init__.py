@@ -1,5 +1,5 @@
 from ._base import GradNormSpikeWarning, InBackwardOptimizer, NonFiniteGradientWarning
-from ._distributed import IndependentRanksWarning
+from ._sharding import IndependentRanksWarning
 from ._ownership import OptimizerReplacedWarning
 from .adalomo import AdaLomo
 from .golore import GaLore, GoLore

@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .._checks import choice, integer, number
-from . import _distributed
+from . import _distributed, _sharding
 from ._accumulation import AccumulationMixin
 from ._backward import BackwardMixin
 from ._batch import BatchingMixin
@@ -93,8 +93,8 @@ class InBackwardOptimizer(BackwardMixin, HooksMixin, KernelsMixin, BatchingMixin
         if not isinstance(independent_ranks, bool):
             raise TypeError(f"{name}: independent_ranks must be True or False, got "
                             f"{independent_ranks!r}")
-        # FSDP2-sharded parameters and the refusal of unsynchronised replicas (_distributed.py)
-        self._sharding = _distributed.Sharding(name, independent_ranks)
+        # FSDP2-sharded parameters and the refusal of unsynchronised replicas (_sharding.py)
+        self._sharding = _sharding.Sharding(name, independent_ranks)
         self._init_hooks()
         self.backend = choice(backend, f"{name}: backend", ops.BACKENDS)
         # None (the default): stochastic, which only 16-bit parameters use (_rounding_for)
