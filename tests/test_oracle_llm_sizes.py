@@ -26,8 +26,8 @@ from oracle import EPS1, EPS2, adalomo_state, f64_adalomo
 
 from lomo_kernels import ops
 
-# Every backend here is within 1e-7 of float64 in step scale and 3e-7 elementwise (measured: a
-# float32 sum over the embedding is 1.7e-3 off in step scale): the tolerances leave 10x margin.
+# Tolerances relative to the update; a float32 sum over the embedding is ~1e-3 off in step scale
+# (bench/norm_accuracy.py measures it), far outside them.
 STEP_RTOL = 1e-6
 UPDATE_RTOL = 1e-5
 STATE_RTOL = 2e-6
