@@ -40,6 +40,14 @@ def _exact_rss():
         yield
 
 
+def least_rise(fn, tries: int = 3):
+    """The smallest RSS rise of ``tries`` settled calls: a temporary the call makes shows in every
+    one; a one-off page fault of the process (a pool or arena first touched here, depending on
+    what ran before in a long run: once +2.2 MiB in a CI run) does not."""
+    rises = [peak_extra_bytes(fn, "cpu", settle=True) for _ in range(tries)]
+    return min(r for r, _ in rises) if rises[0][1] else None, rises[0][1]
+
+
 def kernel_backends() -> list[str]:
     """Every non-reference backend that loaded and runs on CPU tensors. Triton is left out: on
     CPU it runs only in its interpreter (NumPy emulation), whose allocations say nothing about
@@ -94,7 +102,7 @@ def test_fp32_norm_has_no_fp32_copy():
     assert abs(float(fp32_norm(g)) / float(want) - 1) < 1e-5
     trace = allocation_trace(lambda: fp32_norm(g))
     assert trace.largest <= BOUND and trace.peak <= BOUND, trace
-    rise, method = peak_extra_bytes(lambda: fp32_norm(g), "cpu", settle=True)
+    rise, method = least_rise(lambda: fp32_norm(g))
     assert method is None or rise <= RSS_BOUND, rise
     # control: the one-call float32 norm makes the copy the helper avoids
     assert allocation_trace(lambda: torch.linalg.vector_norm(g, dtype=torch.float32)).largest \
@@ -113,7 +121,7 @@ def test_grad_norm_pass_allocates_only_the_gradient(cls):
     opt.grad_norm(loss)  # warm-up
     trace = allocation_trace(lambda: opt.grad_norm(loss))
     assert trace.largest <= PARAM_BYTES and trace.peak <= PARAM_BYTES + BOUND, trace
-    rise, method = peak_extra_bytes(lambda: opt.grad_norm(loss), "cpu", settle=True)
+    rise, method = least_rise(lambda: opt.grad_norm(loss))
     assert method is None or rise <= PARAM_BYTES + RSS_BOUND, rise
     norm = float(opt.grad_norm(loss))
     assert norm == pytest.approx(float(torch.linalg.vector_norm(c.double())), rel=1e-5)
