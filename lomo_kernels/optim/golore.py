@@ -325,10 +325,10 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         # A's rows), each scratch 1/_APPLY_CHUNKS of W; block c > 0 draws its rounding bits
         # from its own seed (the hash indexes elements within one call).
         rows = w.shape[0]
-        step = max(1, -(-rows // _APPLY_CHUNKS))
-        scratch = torch.empty((min(step, rows), w.shape[1]), dtype=w.dtype, device=w.device)
-        for c, r0 in enumerate(range(0, rows, step)):
-            u = scratch[: min(step, rows - r0)]
+        block = -(-rows // _APPLY_CHUNKS)  # ceil: 1 <= block <= rows
+        scratch = torch.empty((block, w.shape[1]), dtype=w.dtype, device=w.device)
+        for c, r0 in enumerate(range(0, rows, block)):
+            u = scratch[: min(block, rows - r0)]
             u.addmm_(a[r0:r0 + u.shape[0]], b, beta=0.0, alpha=alpha)
             self._lomo(w[r0:r0 + u.shape[0]], u, found, lr * wd,
                        (seed + c * 0x9E3779B9) & 0xFFFFFFFF, state["step"])
