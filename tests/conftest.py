@@ -19,6 +19,15 @@ from default_run import EXTENDED  # noqa: E402
 
 from lomo_kernels import ops  # noqa: E402
 
+# .ci/sanitize runs the tests on an extension built apart: a run that imported another one would
+# pass without having checked anything.
+if os.environ.get("LOMO_KERNELS_EXPECT_EXTENSION"):
+    import lomo_kernels._C as _C
+
+    if os.path.realpath(_C.__file__) != os.path.realpath(os.environ["LOMO_KERNELS_EXPECT_EXTENSION"]):
+        raise pytest.UsageError(f"LOMO_KERNELS_EXPECT_EXTENSION: the tests imported {_C.__file__}, "
+                                f"not {os.environ['LOMO_KERNELS_EXPECT_EXTENSION']}")
+
 if ops.available_backends()["triton"].startswith("loaded"):
     import interpreter_poison
 

@@ -92,6 +92,7 @@ lomo_emu_trampoline:
 
 #if defined(__SANITIZE_ADDRESS__)  // the sanitizer build (.ci/sanitize): ASan is told of every switch
 #include <pthread.h>
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -121,9 +122,16 @@ void asan_leaving(void** fake, const Fiber* to) {
     __sanitizer_start_switch_fiber(fake, tls_main_stack, tls_main_stack_size);
 }
 void asan_arrived(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+// A fiber leaves its stack for good from inside its frames (switch_to_main), so their redzones stay
+// poisoned: a fresh fiber on the same stack clears them, or its first frames (ASan's own, in
+// __asan_handle_no_return) are reported as overflowing a previous block's stale redzone.
+void asan_fresh_stack(const Fiber& f) {
+  __asan_unpoison_memory_region(f.stack_top - kStackBytes, kStackBytes);
+}
 #else
 inline void asan_leaving(void**, const Fiber*) {}
 inline void asan_arrived(void*) {}
+inline void asan_fresh_stack(const Fiber&) {}
 #endif
 
 BlockRun::~BlockRun() {
@@ -216,6 +224,7 @@ void switch_to(BlockRun& r, Fiber* from, Fiber* to) {
 void ucontext_entry() { fiber_main(tls_run->cur); }
 
 void start_fiber(BlockRun& r, Fiber& f) {
+  asan_fresh_stack(f);
   if (r.switcher == Switcher::Asm) {
     void** sp = reinterpret_cast<void**>(f.stack_top - 72);
     sp[0] = sp[1] = sp[2] = nullptr;                      // r15 r14 r13
