@@ -141,7 +141,8 @@ def _new_state(params, device):
     return states
 
 
-def candidates(device, dtype, params, grads, backends):
+def candidates(device, dtype, params, grads, backends, rounding="nearest"):
+    """``rounding``: of the kernels' stores (bf16 / fp16; the references round to nearest)."""
     from lomo_kernels import ops
 
     flag = torch.zeros(1, dtype=torch.float32, device=device)
@@ -154,7 +155,7 @@ def candidates(device, dtype, params, grads, backends):
                 impl = ops.get_impl("adalomo_update_", b, device)  # what the optimizer's hook calls
                 buf = microbench.hook_buffers("adalomo_update_", params, b, device)
                 head = (None, flag, LR, 0.0, LOSS_SCALE, 0.0, beta, EPS[0], EPS[1], CLIP_THRESHOLD,
-                        "nearest", 0, STEP, buf["grad_sq"], buf["workspace"])
+                        rounding, 0, STEP, buf["grad_sq"], buf["workspace"])
 
                 def fn():
                     for p, g, s in zip(params, grads, states):

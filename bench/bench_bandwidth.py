@@ -21,6 +21,8 @@ examples:
   python bench/bench_bandwidth.py --dtypes bf16 fp16 fp32 --update-committed
         # what bench/results/cpu/bandwidth.json holds
   python bench/bench_bandwidth.py --threads 1 --clock thread    # CPU time: a loaded machine
+  python bench/bench_bandwidth.py --threads 1 --rounding nearest stochastic
+        # the 16-bit stores rounded both ways (stochastic: the optimizers' default for bf16/fp16)
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ def _quantiles(xs) -> tuple[float, float, float]:
 
 
 def measure_case(op_name: str, dtype, shape_token: str, threads: list[int], repeats: int,
-                 timing: dict) -> list[dict]:
+                 timing: dict, rounding: str = "nearest") -> list[dict]:
     """One row per thread count: the update against its same-bytes stream (module docstring)."""
     module = OPS[op_name]
     shape_name, shape_list = shapes.parse_shape(shape_token)
     params, grads = shapes.make_params(shape_list, dtype, "cpu", g_std=module.grad_std(dtype))
-    cand = next(c for c in module.candidates("cpu", dtype, params, grads, ["native"])
+    cand = next(c for c in module.candidates("cpu", dtype, params, grads, ["native"], rounding)
                 if c.backend == "native")
     fn, _ = cand.setup()
     ref = module.same_bytes_stream(params, grads)
@@ -85,6 +87,7 @@ def measure_case(op_name: str, dtype, shape_token: str, threads: list[int], repe
         rows.append({
             "op": module.OP, "backend": "native", "dtype": shapes.dtype_name(dtype),
             "shape": shape_name, "numel": shapes.numel_of(shape_list), "bytes_min": nbytes,
+            "rounding": rounding,
             "threads": t, "rounds": len(s["op"]),
             "op_ms": op_ms, "op_p20_ms": op_p20, "op_p80_ms": op_p80,
             "same_bytes_ms": sb_ms, "same_bytes_p20_ms": sb_p20, "same_bytes_p80_ms": sb_p80,
@@ -100,11 +103,13 @@ def measure_case(op_name: str, dtype, shape_token: str, threads: list[int], repe
 
 
 def format_rows(rows) -> str:
-    head = (f"{'op':<15} {'dtype':<5} {'shape':<10} {'thr':>3} {'op ms':>8} {'stream ms':>9} "
+    head = (f"{'op':<15} {'dtype':<5} {'rounding':<10} {'shape':<10} {'thr':>3} {'op ms':>8} "
+            f"{'stream ms':>9} "
             f"{'GB/s':>6} {'frac':>5} {'p20-p80':>10} {'load':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['op']:<15} {r['dtype']:<5} {r['shape']:<10} {r['threads']:>3} "
+        out.append(f"{r['op']:<15} {r['dtype']:<5} {r.get('rounding', 'nearest'):<10} "
+                   f"{r['shape']:<10} {r['threads']:>3} "
                    f"{r['op_ms']:>8.3f} {r['same_bytes_ms']:>9.3f} {r['gbps']:>6.1f} "
                    f"{r['frac_same_bytes']:>5.3f} "
                    f"{r['frac_same_bytes_p20']:.2f}-{r['frac_same_bytes_p80']:.2f} "
@@ -121,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bf16"], metavar="DTYPE")
     ap.add_argument("--shapes", nargs="+", default=["4096x4096"], metavar="SHAPE")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--rounding", nargs="+", default=["nearest"],
+                    choices=["nearest", "stochastic"],
+                    help="rounding of the 16-bit parameters' stores (default nearest)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved sessions per case and thread count (default 3)")
     ap.add_argument("--rep-ms", type=float, default=1500.0,
@@ -140,9 +148,10 @@ def main(argv=None) -> int:
     for op in a.ops:
         for dt in shapes.split_list(a.dtypes):
             for shape in shapes.split_list(a.shapes):
-                rows += measure_case(op, shapes.parse_dtype(dt), shape, a.threads, a.repeats,
-                                     timing)
-                print(f"# {op} {dt} {shape} done", file=sys.stderr, flush=True)
+                for rnd in a.rounding:
+                    rows += measure_case(op, shapes.parse_dtype(dt), shape, a.threads, a.repeats,
+                                         timing, rnd)
+                    print(f"# {op} {dt} {rnd} {shape} done", file=sys.stderr, flush=True)
     env = environment("cpu")
     meta = {"argv": sys.argv[1:] if argv is None else list(argv),
             "command": "python bench/bench_bandwidth.py " + " ".join(

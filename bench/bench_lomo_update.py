@@ -117,7 +117,8 @@ def candidate_names(device, dtype, backends=None) -> list[tuple[str, str]]:
     return names
 
 
-def candidates(device, dtype, params, grads, backends):
+def candidates(device, dtype, params, grads, backends, rounding="nearest"):
+    """``rounding``: of the kernels' stores (bf16 / fp16; the references round to nearest)."""
     from lomo_kernels import ops
 
     cfg = user_config(dtype, device)
@@ -128,7 +129,7 @@ def candidates(device, dtype, params, grads, backends):
             def setup(b=name):
                 impl = ops.get_impl("lomo_update_", b, device)  # what the optimizer's hook calls
                 buf = microbench.hook_buffers("lomo_update_", params, b, device)
-                args = (cfg["clip_coef"], flag, LR, 0.0, cfg["loss_scale"] or 1.0, 0.0, "nearest",
+                args = (cfg["clip_coef"], flag, LR, 0.0, cfg["loss_scale"] or 1.0, 0.0, rounding,
                         0, 1, buf["grad_sq"], buf["workspace"])
 
                 def fn():

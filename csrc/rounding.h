@@ -29,7 +29,9 @@ template <Fmt F> using storage_t = typename StorageOf<F>::type;
 // bits(i) = mix32(lo32(i) ^ mix32(hi32(i) ^ key)). The high half is hoisted by callers (it is
 // constant over any run of indices that does not cross a multiple of 2**32).
 // ------------------------------------------------------------------------------------------
-LOMO_HD uint32_t mix32(uint32_t x) {
+// U: a 32-bit word, or on the CPU a vector of them (cpu/cpu_vec.h: the hash in vector lanes).
+template <class U>
+LOMO_HD U mix32_words(U x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -37,6 +39,8 @@ LOMO_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
+
+LOMO_HD uint32_t mix32(uint32_t x) { return mix32_words(x); }
 
 LOMO_HD uint32_t hash_high_key(uint32_t key, uint64_t i) {
   return mix32(static_cast<uint32_t>(i >> 32) ^ key);

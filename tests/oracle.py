@@ -105,6 +105,18 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
+def sr_edge_values(n, seed=0):
+    """n finite float32 values on which every branch of the 16-bit stochastic roundings runs:
+    signed zeros, fp16 and fp32 subnormals, fp16's top (65504 <= |x| < 65520 clamps to 65504,
+    beyond rounds to Inf), bf16's top (a carry into Inf), and numbers of every exponent."""
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65510.0, -65519.99, 65520.0, -7e4, 1e5, 2.0**-24,
+                          -(2.0**-25), 3e-8, 6.1e-5, -6.1e-5, 1e-40, -1e-45, 2.0**-126, 3.3e38,
+                          3.3895e38, -3.4028e38, 1.0, -1.0, 1.0 + 2.0**-20])
+    gen = torch.Generator().manual_seed(seed)
+    rest = torch.exp(torch.randn(n, generator=gen) * 12) * torch.randn(n, generator=gen).sign()
+    return torch.cat([edges, rest[: n - 2 * len(edges)], edges])  # the edges at both ends
+
+
 def unaligned_view(base: torch.Tensor, offset: int, shape) -> torch.Tensor:
     """A contiguous view of ``shape`` starting ``offset`` elements into ``base``'s storage: its data
     pointer is not 16-byte aligned for 1..7 (fp16/bf16) or 1..3, 5..7 (fp32) elements."""

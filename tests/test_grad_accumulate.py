@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import requires_cuda_emulation, requires_native, requires_triton
-from oracle import bits, rand, unaligned_view
+from oracle import bits, rand, sr_edge_values, unaligned_view
 
 from lomo_kernels import ops, reference
 
@@ -98,6 +98,28 @@ def test_nonfinite_values_are_stored_and_flagged(backend, pair):
     clean = rand((5000,), gdtype, seed=8)
     found, _ = _call(backend, buf, clean, True, 1.0, _rounding(bdtype))
     assert found.item() == 0.0 and torch.isfinite(buf).all()  # a first write forgets them
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stochastic_sums_of_edge_values_are_bitwise_the_reference(backend, dtype):
+    # buf + g / 3 over edge values and NaN (with sign and payload) / Inf: every branch of the
+    # stochastic rounding, the canonical NaN included, in the CPU's vector lanes (16 at a time)
+    # and its scalar tail (11), at unaligned addresses.
+    n = 2 * 1024 + 16 * 7 + 11
+    buf = unaligned_view(torch.zeros(n + 8, dtype=dtype), 3, (n,))
+    buf.copy_(sr_edge_values(n, seed=1))
+    g = sr_edge_values(n, seed=2).roll(5).to(dtype)
+    for i in (2, 40, n - 20, n - 3):  # in vector groups and in the tail
+        g.view(torch.int16)[i] = -0x7F  # 0xFF81: a negative NaN with a payload
+        buf[i + 1] = float("inf")
+    g[0], buf[0] = 30.0, 65504.0  # 65514: the clamp to 65504 (fp16)
+    ref = buf.clone()
+    got = _call(backend, buf, g, False, 3.0, "stochastic", seed=0xDEADBEEF, step=2**31 + 5)
+    want = _call("torch", ref, g, False, 3.0, "stochastic", seed=0xDEADBEEF, step=2**31 + 5)
+    assert torch.equal(bits(buf), bits(ref))
+    assert got[0].item() == want[0].item() == 1.0
+    assert (bits(ref) == bits(torch.tensor(float("nan"), dtype=dtype))).sum() >= 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

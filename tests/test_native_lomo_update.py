@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import (NATIVE_TARGETS, requires_cuda, requires_cuda_emulation, requires_native,
                       results_per_cpu_isa, target_device, target_op, ulp_distance)
-from oracle import DTYPES, rand
+from oracle import DTYPES, rand, sr_edge_values, unaligned_view
 
 from lomo_kernels import reference
 
@@ -57,6 +57,39 @@ def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
     want = ((g.double() / ls) ** 2).sum()
     assert abs(sums[0].item() - want.item()) <= 1e-5 * want.item()
+
+
+
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stochastic_rounding_of_edge_values_is_bitwise_the_reference(target, dtype):
+    # p = 0 and a float32 gradient -x with lr 1: the new parameter is x itself, rounded. Finite
+    # inputs and multipliers of at most 1 take the CPU's vector path (the hash in vector lanes),
+    # 16 elements at a time and a tail of 11; single and multi-tensor calls, unaligned views.
+    device = target_device(target)
+    x = sr_edge_values(2 * 1024 + 16 * 7 + 11)
+    g = unaligned_view(torch.zeros(x.numel() + 8), 5, x.shape)
+    g.copy_(-x)
+    p = unaligned_view(torch.zeros(x.numel() + 8, dtype=dtype), 3, x.shape)
+    h = dict(lr=1.0, wd=0.0, ls=1.0, cgv=0.0, coef=None)
+    ref = p.clone()
+    reference.lomo_update_(ref, g, *_args(h, "cpu", "stochastic", 12345, 7))
+    out = p.to(device, copy=True)
+    target_op(target, "lomo_update_")(out, g.to(device), *_args(h, device, "stochastic", 12345, 7))
+    assert torch.equal(_bits(out.cpu()), _bits(ref))
+    small = torch.zeros(37, dtype=dtype)  # multi-tensor: the same rounding of each tensor
+    outs = [p.to(device, copy=True), small.to(device, copy=True)]
+    target_op(target, "lomo_update_multi_")(
+        outs, [g.to(device), -x[:37].to(device)], None, None, [1.0, 1.0], [0.0, 0.0], 1.0,
+        [0.0, 0.0], "stochastic", [12345, 3], [7, 8])
+    ref_small = small.clone()
+    reference.lomo_update_(ref_small, -x[:37], *_args(h, "cpu", "stochastic", 3, 8))
+    assert torch.equal(_bits(outs[0].cpu()), _bits(ref))
+    assert torch.equal(_bits(outs[1].cpu()), _bits(ref_small))
+    assert torch.isinf(ref.float()).any()  # the edges were reached: a rounding to Inf
+    if dtype == torch.float16:
+        assert (ref.float().abs() == 65504).any()
+        assert ((ref.float().abs() < 2.0**-14) & (ref != 0)).any()  # subnormals
 
 
 

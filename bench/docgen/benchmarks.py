@@ -24,6 +24,15 @@ def _command(data: dict) -> str:
     return "python bench/bench_bandwidth.py " + " ".join(argv)
 
 
+def _rounding(r: dict) -> str:
+    return r.get("rounding", "nearest")  # files written before --rounding existed: nearest
+
+
+def _op_label(r: dict) -> str:
+    name = OPS.get(r["op"], r["op"])
+    return name if _rounding(r) == "nearest" else f"{name}, {_rounding(r)} rounding"
+
+
 def load_range(res: Results) -> str:
     loads = [x for f in FILES for x in _loads(res(f))]
     return f"{min(loads):g}-{max(loads):g}"
@@ -36,9 +45,10 @@ def table(res: Results) -> str:
         data = res(f)
         clock = data["meta"]["timing"]["clock"]
         label = "thread CPU time" if clock == "thread" else "wall"
-        for r in sorted(data["rows"], key=lambda r: (r["threads"], r["op"] != "lomo_update")):
+        for r in sorted(data["rows"], key=lambda r: (r["threads"], r["op"] != "lomo_update",
+                                                     _rounding(r) != "nearest")):
             frac = f"{r['frac_same_bytes']:.2f}"
-            rows.append([f"{label}, {r['threads']}", OPS.get(r["op"], r["op"]), r["rounds"],
+            rows.append([f"{label}, {r['threads']}", _op_label(r), r["rounds"],
                          f"{r['op_ms']:.2f}", f"{r['same_bytes_ms']:.2f}",
                          f"**{frac}**" if clock == "thread" else frac,
                          f"{r['frac_same_bytes_p20']:.2f}-{r['frac_same_bytes_p80']:.2f}"])
@@ -52,7 +62,8 @@ def table(res: Results) -> str:
 
 
 def _one_thread(res: Results) -> dict:
-    return {(r["op"], f): r for f in FILES for r in res(f)["rows"] if r["threads"] == 1}
+    return {(r["op"], f): r for f in FILES for r in res(f)["rows"]
+            if r["threads"] == 1 and _rounding(r) == "nearest"}
 
 
 def stream_speed(res: Results) -> str:

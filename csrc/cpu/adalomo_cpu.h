@@ -49,23 +49,28 @@ inline AdaStep step_scalars(const AdaLomoScalars& s, float sum_pp, float sum_uu,
   return st;
 }
 
-// One element of the apply pass: p = p * decay - lr_t * (u / denom), rounded to the stored
-// dtype. The step scalars are passed by value: read through a pointer they could alias p.
+// One element of the apply pass in fp32: p * decay - lr_t * (u / denom). The step scalars are
+// passed by value: read through a pointer they could alias p.
+template <Fmt F, bool DEN1>
+LOMO_CPU_INLINE float apply_value(float denom, float decay, float lr_t, storage_t<F> p, float u) {
+  const float un = DEN1 ? u : u / denom;  // u / 1 == u exactly
+  return to_f32<F>(p) * decay - lr_t * un;
+}
+
+// apply_value rounded to the stored dtype.
 template <Fmt F, bool SR, bool DEN1>
 LOMO_CPU_INLINE storage_t<F> apply_one(float denom, float decay, float lr_t, storage_t<F> p,
                                        float u, uint32_t bits) {
-  const float un = DEN1 ? u : u / denom;  // u / 1 == u exactly
-  const float nv = to_f32<F>(p) * decay - lr_t * un;
-  return from_f32<F, SR>(nv, bits);
+  return from_f32<F, SR>(apply_value<F, DEN1>(denom, decay, lr_t, p, u), bits);
 }
 
-// apply_one for nearest rounding when nv cannot be NaN (AdaStep::clean); decay is a literal 1
-// in the caller when it is exactly 1 (the multiply folds away).
-template <Fmt F, bool DEN1>
+// apply_one when nv cannot be NaN (AdaStep::clean; cpu_vec.h's round_clean: idx, hk the
+// element's hash index); decay is a literal 1 in the caller when it is exactly 1 (the multiply
+// folds away).
+template <Fmt F, bool SR, bool DEN1>
 LOMO_CPU_INLINE storage_t<F> apply_one_clean(float denom, float decay, float lr_t, storage_t<F> p,
-                                             float u) {
-  const float un = DEN1 ? u : u / denom;
-  return from_f32_not_nan<F>(to_f32<F>(p) * decay - lr_t * un);
+                                             float u, uint32_t idx, uint32_t hk) {
+  return round_clean<F, SR>(apply_value<F, DEN1>(denom, decay, lr_t, p, u), idx, hk);
 }
 
 inline void set_found(float* found) {

@@ -212,8 +212,9 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
 LOMO_CPU_CLONES(fac_unorm)
 
 // ---- stage 3 pass: apply; commit this tile's share of the new state -------------------------
-// With nearest rounding and AdaStep::clean, the loop runs in explicit vectors with no NaN select,
-// and no multiply by a decay of exactly 1 (bitwise the same results).
+// With AdaStep::clean, the loop runs in explicit vectors with no NaN select (stochastic rounding:
+// the hash in the same vectors), and no multiply by a decay of exactly 1 (bitwise the same
+// results).
 template <class K, int W>
 LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   constexpr Fmt F = K::F;
@@ -226,7 +227,7 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   const uint32_t key = c.s.key;
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
-  const bool clean = !K::SR && c.st.clean;
+  const bool clean = c.st.clean;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
     const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
@@ -238,8 +239,8 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[j]), scale, clip, coef);
     };
     // 16 elements at a time in vectors (cpu_vec.h's Group), then the tail element by element
-    const auto clean_run = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec)
-                               __attribute__((always_inline)) {
+    const auto clean_run = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec,
+                               uint32_t lo, uint32_t hk) __attribute__((always_inline)) {
       using G = Group<F, W>;
       using VF = typename Vec<W>::F;
       const VPre<K::DIV, W, K::CLIP> pre(scale, clip, coef);
@@ -255,9 +256,11 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
           const VF u = (rfv * cv[q]) * pre(gv[q]);
           pv[q] = pv[q] * decv - lrv * (K::DEN1 ? u : u / den);
         }
-        G::store_not_nan(p + j, pv);
+        G::template store_clean<K::SR>(p + j, pv, lo + static_cast<uint32_t>(j), hk);
       }
-      for (; j < len; ++j) p[j] = apply_one_clean<F, K::DEN1>(denom, dec, lr_t, p[j], u_of(g, j));
+      for (; j < len; ++j)
+        p[j] = apply_one_clean<F, K::SR, K::DEN1>(denom, dec, lr_t, p[j], u_of(g, j),
+                                                  lo + static_cast<uint32_t>(j), hk);
     };
     while (begin < end) {  // split where the hash's high half changes
       const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
@@ -267,9 +270,9 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
       const int64_t len = stop - begin;
       if (clean && decay == 1.0f) {
-        clean_run(p, g, len, 1.0f);
+        clean_run(p, g, len, 1.0f, lo, hk);
       } else if (clean) {
-        clean_run(p, g, len, decay);
+        clean_run(p, g, len, decay, lo, hk);
       } else {
         for (int64_t j = 0; j < len; ++j) {
           const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;

@@ -80,7 +80,8 @@ LOMO_CPU_INLINE void flat_stats(const FlatTensor& c, int64_t unit) {
 }
 LOMO_CPU_CLONES(flat_stats)
 
-// Stage-3 pass of a chunk: recompute v' and u, store v' and p.
+// Stage-3 pass of a chunk: recompute v' and u, store v' and p (stochastic rounding: the new p in
+// fp32 blocks, rounded in vectors).
 template <class K, int W>
 LOMO_CPU_INLINE void flat_apply(const FlatTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
@@ -95,12 +96,16 @@ LOMO_CPU_INLINE void flat_apply(const FlatTensor& c, int64_t unit) {
   const AdaLomoScalars s = c.s;
   const float coef = c.coef;
   const float denom = c.st.denom, decay = c.st.decay, lr_t = c.st.lr_t;
-  for (int64_t j = 0; j < len; ++j) {
+  const auto new_p = [&](int64_t j) __attribute__((always_inline)) {  // and store v'
     float vn;
     const float u = flat_u<F, K::DIV>(s, coef, v[j], to_f32<K::GF>(g[j]), &vn);
     v[j] = vn;
-    const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-    p[j] = apply_one<F, K::SR, K::DEN1>(denom, decay, lr_t, p[j], u, bits);
+    return apply_value<F, K::DEN1>(denom, decay, lr_t, p[j], u);
+  };
+  if constexpr (K::SR) {
+    store_sr_blocks<F, W>(p, len, lo, hk, new_p);
+  } else {
+    for (int64_t j = 0; j < len; ++j) p[j] = from_f32<F, false>(new_p(j), 0u);
   }
 }
 LOMO_CPU_CLONES(flat_apply)

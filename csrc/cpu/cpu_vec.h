@@ -249,12 +249,86 @@ LOMO_CPU_INLINE void add_squares_block(DAcc<W>& acc, const float* __restrict x, 
 }
 
 // fma lane by lane (one rounding, as __builtin_fmaf; the clones' vectoriser makes it one vfmadd).
+// The lanes go through arrays: on the vectors' own elements GCC 12 left one of LOMO's two vectors
+// per group as eight scalar fmas and their shuffles (a third of its AVX2 loop).
 template <int W>
 LOMO_CPU_INLINE typename Vec<W>::F vfma(typename Vec<W>::F a, typename Vec<W>::F b,
                                         typename Vec<W>::F c) {
-  typename Vec<W>::F r;
-  for (int k = 0; k < W; ++k) r[k] = __builtin_fmaf(a[k], b[k], c[k]);
-  return r;
+  float x[W], y[W], z[W], r[W];
+  std::memcpy(x, &a, sizeof x);
+  std::memcpy(y, &b, sizeof y);
+  std::memcpy(z, &c, sizeof z);
+  for (int k = 0; k < W; ++k) r[k] = __builtin_fmaf(x[k], y[k], z[k]);
+  typename Vec<W>::F v;
+  std::memcpy(&v, r, sizeof v);
+  return v;
+}
+
+// ---- stochastic rounding (rounding.h) lane-wise, bitwise from_f32<F, true> for every input ----
+
+// f32_to_bf16_stochastic, with the result in the high half of each word. MAYBE_NAN: the lanes may
+// hold NaN (else the NaN select, three of the five vector operations, is left out).
+template <int W, bool MAYBE_NAN>
+LOMO_CPU_INLINE typename Vec<W>::U vbf16_sr(typename Vec<W>::F x, typename Vec<W>::U bits) {
+  using U = typename Vec<W>::U;
+  using I = typename Vec<W>::I;
+  const U b = (U)x;
+  if constexpr (!MAYBE_NAN) return b + (bits >> 16);
+  const U nan = U{} + (uint32_t{kBF16CanonicalNaN} << 16);
+  return (I)(b & 0x7FFFFFFFu) > 0x7F800000 ? nan : b + (bits >> 16);  // is_nan_bits
+}
+
+// 2**k in every lane (pow2i of rounding.h).
+template <int W>
+LOMO_CPU_INLINE typename Vec<W>::F vpow2(typename Vec<W>::I k) {
+  return (typename Vec<W>::F)((k + 127) << 23);
+}
+
+// f32_to_f16_bits (float_bits.h) of a non-negative x that is not NaN, from its bits a.
+template <int W>
+LOMO_CPU_INLINE typename Vec<W>::U vf16_abs_not_nan(typename Vec<W>::U a) {
+  using U = typename Vec<W>::U;
+  using I = typename Vec<W>::I;
+  const U sub = (U)((typename Vec<W>::F)a + 0.5f) - 0x3F000000u;
+  const U nor = (a + 0x0FFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  const I ai = (I)a;  // a < 2**31: signed compares, one instruction each on AVX2
+  const U h = ai < 0x38800000 ? sub : nor;
+  return ai >= 0x477FF000 ? U{} + 0x7C00u : h;  // |x| >= 65520 rounds to Inf
+}
+
+// f32_to_f16_stochastic, with the result in the low half of each word; the same exact steps.
+// MAYBE_NAN: the lanes may hold NaN (else the NaN select is left out).
+template <int W, bool MAYBE_NAN>
+LOMO_CPU_INLINE typename Vec<W>::U vf16_sr(typename Vec<W>::F x, typename Vec<W>::U bits) {
+  using U = typename Vec<W>::U;
+  using I = typename Vec<W>::I;
+  using VF = typename Vec<W>::F;
+  const U b = (U)x, a_bits = b & 0x7FFFFFFFu;
+  const VF a = (VF)a_bits, zero = {};
+  I k = (I)(a_bits >> 23) - (127 + 10);
+  k = k < -24 ? I{} - 24 : k;
+  k = k > 100 ? I{} + 100 : k;
+  const I in_range = a < 65520.0f;  // false for NaN
+  const VF q = in_range ? a * vpow2<W>(-k) : zero;
+  const VF f = __builtin_convertvector(__builtin_convertvector(q, I), VF);  // floor (q >= 0)
+  const VF r = __builtin_convertvector((I)(bits >> 8), VF) * 5.9604644775390625e-08f;
+  VF y = (f + (r < q - f ? zero + 1.0f : zero)) * vpow2<W>(k);
+  y = y < 65504.0f ? y : zero + 65504.0f;
+  // the exact y, or beyond the range x itself rounded to nearest (Inf); NaN: the canonical NaN
+  const U h = ((b >> 16) & 0x8000u) | vf16_abs_not_nan<W>(in_range ? (U)y : a_bits);
+  if constexpr (!MAYBE_NAN) return h;
+  return (I)a_bits > 0x7F800000 ? U{} + kF16CanonicalNaN : h;
+}
+
+// from_f32_not_nan, or with stochastic rounding from_f32<F, true> with the random bits of element
+// index idx (low word; hk: hash_high_key of the element's run).
+template <Fmt F, bool SR>
+LOMO_CPU_INLINE storage_t<F> round_clean(float x, uint32_t idx, uint32_t hk) {
+  if constexpr (SR) {
+    return from_f32<F, true>(x, mix32(idx ^ hk));
+  } else {
+    return from_f32_not_nan<F>(x);
+  }
 }
 
 // 16 consecutive elements <-> the P = 16 / W vectors of a clone, for the element-wise fast paths.
@@ -296,6 +370,22 @@ struct Group {
       for (int q = 0; q < P; ++q) std::memcpy(&v[q], x + q * W, sizeof(VF));
     }
   }
+  // 16-bit results in the high (HIGH) or low halves of r's words, stored in element order
+  template <bool HIGH>
+  static LOMO_CPU_INLINE void store16(S* x, const typename V::U* r) {
+    if constexpr (kUnpack && HIGH) {
+      const H16 h = __builtin_shufflevector((H16)r[0], (H16)r[1], 1, 3, 5, 7, 17, 19, 21, 23,
+                                            9, 11, 13, 15, 25, 27, 29, 31);
+      std::memcpy(x, &h, sizeof h);
+    } else {
+      static_assert(!kUnpack, "store16: bf16 lanes are stored from the high halves");
+      for (int q = 0; q < P; ++q) {
+        const typename V::H h =
+            __builtin_convertvector(HIGH ? r[q] >> 16 : r[q], typename V::H);
+        std::memcpy(x + q * W, &h, sizeof h);
+      }
+    }
+  }
   // from_f32_not_nan of every lane
   static LOMO_CPU_INLINE void store_not_nan(S* x, const VF* v) {
     if constexpr (F == Fmt::F32) {
@@ -306,19 +396,37 @@ struct Group {
         const typename V::U b = (typename V::U)v[q];
         r[q] = b + 0x7FFFu + ((b >> 16) & 1u);
       }
-      if constexpr (kUnpack) {  // the high halves, back in element order
-        const H16 h = __builtin_shufflevector((H16)r[0], (H16)r[1], 1, 3, 5, 7, 17, 19, 21, 23,
-                                              9, 11, 13, 15, 25, 27, 29, 31);
-        std::memcpy(x, &h, sizeof h);
-      } else {
-        for (int q = 0; q < P; ++q) {
-          const typename V::H h = __builtin_convertvector(r[q] >> 16, typename V::H);
-          std::memcpy(x + q * W, &h, sizeof h);
-        }
-      }
+      store16<true>(x, r);
     } else {
       for (int q = 0; q < P; ++q)
         for (int k = 0; k < W; ++k) x[q * W + k] = from_f32_not_nan<F>(v[q][k]);
+    }
+  }
+  // from_f32<F, true> of every lane with the random bits of its element: index idx + element(q,
+  // k) (low word; hk: hash_high_key of the run, which must not cross a multiple of 2**32).
+  // MAYBE_NAN: the lanes may hold NaN (false: they hold none, as store_not_nan's)
+  template <bool MAYBE_NAN>
+  static LOMO_CPU_INLINE void store_sr(S* x, const VF* v, uint32_t idx, uint32_t hk) {
+    if constexpr (F == Fmt::F32) {  // stored exactly
+      store_not_nan(x, v);
+    } else {
+      typename V::U r[P];
+      for (int q = 0; q < P; ++q) {
+        // rounding.h's mix32 in every lane (the 32-bit multiplies: one vpmulld each on AVX2)
+        const typename V::U bits = mix32_words(((typename V::U)ids(q) + idx) ^ hk);
+        r[q] = F == Fmt::BF16 ? vbf16_sr<W, MAYBE_NAN>(v[q], bits)
+                              : vf16_sr<W, MAYBE_NAN>(v[q], bits);
+      }
+      store16<F == Fmt::BF16>(x, r);
+    }
+  }
+  // store_not_nan, or with stochastic rounding store_sr (round_clean of every lane: no NaN)
+  template <bool SR>
+  static LOMO_CPU_INLINE void store_clean(S* x, const VF* v, uint32_t idx, uint32_t hk) {
+    if constexpr (SR) {
+      store_sr<false>(x, v, idx, hk);
+    } else {
+      store_not_nan(x, v);
     }
   }
   // the element (0..15) lane k of vector q holds
@@ -353,6 +461,35 @@ LOMO_CPU_INLINE void group_load(const storage_t<GF>* x, typename Vec<W>::F* v) {
   } else {
     static_assert(GF == Fmt::F32, "group_load: a gradient is float32 or the parameter's format");
     Group<F, W>::load_f32(x, v);
+  }
+}
+
+// p[j] = from_f32<F, true>(x[j], the random bits of element idx + j) for j in [0, len), NaN
+// included (x: an fp32 staging block): 16 at a time in vectors, then the tail.
+template <Fmt F, int W>
+LOMO_CPU_INLINE void store_sr_run(storage_t<F>* __restrict p, const float* __restrict x,
+                                  int64_t len, uint32_t idx, uint32_t hk) {
+  using G = Group<F, W>;
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    typename Vec<W>::F v[G::P];
+    G::load_f32(x + j, v);
+    G::template store_sr<true>(p + j, v, idx + static_cast<uint32_t>(j), hk);
+  }
+  for (; j < len; ++j) p[j] = round_clean<F, true>(x[j], idx + static_cast<uint32_t>(j), hk);
+}
+
+// p[j] = from_f32<F, true>(value(j), the random bits of element idx + j) for j in [0, len):
+// value() (which may read p[j] and update state) in a plain, auto-vectorised loop into an fp32
+// block of kBlock, then the block rounded by store_sr_run.
+template <Fmt F, int W, class Value>
+LOMO_CPU_INLINE void store_sr_blocks(storage_t<F>* p, int64_t len, uint32_t idx, uint32_t hk,
+                                     const Value& value) {
+  alignas(64) float x[kBlock];
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t bl = std::min(kBlock, len - b);
+    for (int64_t j = 0; j < bl; ++j) x[j] = value(b + j);
+    store_sr_run<F, W>(p + b, x, bl, idx + static_cast<uint32_t>(b), hk);
   }
 }
 

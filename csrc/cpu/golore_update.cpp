@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_vec.h"
 #include "ops.h"
 #include "update_args.h"
 
@@ -66,7 +67,8 @@ LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
     float* __restrict out = FULL ? nullptr : c.out + begin;
     S* __restrict p = FULL ? static_cast<S*>(c.p) + begin : nullptr;
     const int64_t len = stop - begin;
-    for (int64_t j = 0; j < len; ++j) {
+    // element j's new state and N
+    const auto direction = [&](int64_t j) __attribute__((always_inline)) {
       const float g = to_f32<K::GF>(r[j]) * coef;
       float mj = 0.0f, vj = 0.0f, bj = 0.0f;
       if constexpr (I == Inner::AdamW) {
@@ -80,13 +82,17 @@ LOMO_CPU_INLINE void golore_apply_chunk(const GoloreCtx<I, FULL>& c, int64_t uni
         v[j] = vj;
       }
       if constexpr (I == Inner::SgdMomentum) buf[j] = bj;
-      if constexpr (FULL) {
-        const float pv = __builtin_fmaf(nv, s.neg_lr_scale, to_f32<F>(p[j]) * s.decay);
-        const uint32_t bits = SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-        p[j] = from_f32<F, SR>(pv, bits);
-      } else {
-        out[j] = nv;
-      }
+      return nv;
+    };
+    const auto new_p = [&](int64_t j) __attribute__((always_inline)) {
+      return __builtin_fmaf(direction(j), s.neg_lr_scale, to_f32<F>(p[j]) * s.decay);
+    };
+    if constexpr (!FULL) {
+      for (int64_t j = 0; j < len; ++j) out[j] = direction(j);
+    } else if constexpr (SR) {  // the new p in fp32 blocks, rounded in vectors
+      store_sr_blocks<F, W>(p, len, lo, hk, new_p);
+    } else {
+      for (int64_t j = 0; j < len; ++j) p[j] = from_f32<F, false>(new_p(j), 0u);
     }
     begin = stop;
   }

@@ -53,14 +53,22 @@ LOMO_CPU_INLINE void accumulate_chunk(const AccTensor& c, int64_t unit) {
   DAcc<W> sq;
   for (int64_t b = 0; b < len; b += kBlock) {
     const int64_t bl = std::min(kBlock, len - b);
-    for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
+    const auto new_value = [&](int64_t j) __attribute__((always_inline)) {
       const float graw = to_f32<K::GF>(g[j]);
       const float gv = K::DIV ? graw / scale : graw * scale;
-      const float nv = K::FIRST ? gv : to_f32<K::BF>(buf[j]) + gv;
-      const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-      const SB out = from_f32<K::BF, K::SR>(nv, bits);
-      buf[j] = out;
-      bad |= is_finite_f32(to_f32<K::BF>(out)) ? 0u : 1u;
+      return K::FIRST ? gv : to_f32<K::BF>(buf[j]) + gv;
+    };
+    if constexpr (K::SR) {  // the sums in an fp32 block, rounded in vectors
+      alignas(64) float nv[kBlock];
+      for (int64_t j = 0; j < bl; ++j) nv[j] = new_value(b + j);  // auto-vectorised
+      store_sr_run<K::BF, W>(buf + b, nv, bl, lo + static_cast<uint32_t>(b), hk);
+      bad |= any_non_finite<K::BF>(buf + b, buf + b, bl) ? 1u : 0u;
+    } else {
+      for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
+        const SB out = from_f32<K::BF, false>(new_value(j), 0u);
+        buf[j] = out;
+        bad |= is_finite_f32(to_f32<K::BF>(out)) ? 0u : 1u;
+      }
     }
     if constexpr (K::SQ) {  // the block's new values are still in L1
       Lanes<W> acc;

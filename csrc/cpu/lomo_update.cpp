@@ -28,9 +28,9 @@ struct LomoTensor {
   double* gsq;              // [units] partial sums of (g / loss_scale)**2, when asked for
   std::atomic<int>* found;  // set to 1 when a gradient element is non-finite
   LomoFn fn;                // the chunk loop for this tensor's dtype and flags
-  // Nearest rounding, a finite fp32 lr and every multiplier of at most 1 in magnitude (loss
-  // scale, clip_coef, 1 - lr * weight_decay): finite p and g then give a finite or infinite nv
-  // (one fma of finite operands), never NaN.
+  // A finite fp32 lr and every multiplier of at most 1 in magnitude (loss scale, clip_coef,
+  // 1 - lr * weight_decay): finite p and g then give a finite or infinite nv (one fma of finite
+  // operands), never NaN.
   bool fast;
 };
 
@@ -40,8 +40,8 @@ struct LomoTensor {
 // g hold no NaN/Inf (checked on the stored words), nv cannot be NaN, so the block runs without
 // the per-element guard, flag and NaN select, in explicit vectors with the squared gradient summed
 // in the same pass (the same lanes and order as the separate sum of a guarded block); a multiplier
-// of exactly 1 (no loss scale, no weight decay) is left out. The results are bitwise those of the
-// guarded loop.
+// of exactly 1 (no loss scale, no weight decay) is left out; stochastic rounding hashes the
+// element indices in the same vectors. The results are bitwise those of the guarded loop.
 template <class K, int W>
 LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
@@ -90,11 +90,12 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
         if constexpr (K::GSQ) acc.v[q] += gu * gu;
         pv[q] = vfma<W>(pre.clip_coef(gu), neg_lr, pv[q] * dec);
       }
-      G::store_not_nan(p + j, pv);
+      G::template store_clean<K::SR>(p + j, pv, lo + static_cast<uint32_t>(j), hk);
     }
     for (int64_t i = j; i < e; ++i) {  // the tail: the same element-wise formula
       const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), scale, s.clip, coef);
-      p[i] = from_f32_not_nan<F>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * decay));
+      p[i] = round_clean<F, K::SR>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * decay),
+                                   lo + static_cast<uint32_t>(i), hk);
     }
     if constexpr (K::GSQ) {
       acc = G::logical(acc);
@@ -105,7 +106,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   const bool scale1 = s.scale == 1.0f, decay1 = s.decay == 1.0f;
   for (int64_t b = 0; b < len; b += kBlock) {
     const int64_t bl = std::min(kBlock, len - b);
-    if (!K::SR && c.fast && !any_non_finite<K::GF, F>(g + b, p + b, bl)) {
+    if (c.fast && !any_non_finite<K::GF, F>(g + b, p + b, bl)) {
       if (scale1 && decay1)
         clean_block(b, b + bl, 1.0f, 1.0f);
       else if (scale1)
@@ -197,7 +198,7 @@ cpu::LomoTensor make_tensor(const LomoCommon& c, const at::Tensor& param, const 
   t.found = found;
   t.fn = cpu::pick_lomo(param.scalar_type(), grad.scalar_type(), c.sr, c.pre.divide,
                         c.grad_sq != nullptr, c.clip);
-  t.fast = !c.sr && std::isfinite(t.s.neg_lr) && std::fabs(t.s.decay) <= 1.0f &&
+  t.fast = std::isfinite(t.s.neg_lr) && std::fabs(t.s.decay) <= 1.0f &&
            std::fabs(c.coef) <= 1.0f &&
            (c.pre.divide ? std::fabs(c.pre.scale) >= 1.0f : std::fabs(c.pre.scale) <= 1.0f);
   return t;
