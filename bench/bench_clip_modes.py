@@ -79,6 +79,7 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
     dtype = model_shapes.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     base, ids = build_model(model_name, dtype, device)
     variants = [(None, "plain backward")] + [(o, m) for o in ("lomo", "adalomo") for m in MODES]
+    timing = timing or bench_timing.timing_defaults(device, "small")
     load_before = os.getloadavg()
     with warnings.catch_warnings():
         # clip_mode="previous" flags steps whose norm is far above the threshold (the bench's
@@ -86,8 +87,7 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
         warnings.simplefilter("ignore", RuntimeWarning)
         steps = {v: make_step(v[0], v[1], copy.deepcopy(base), ids, backend=backend,
                               clip_grad_norm=clip_grad_norm) for v in variants}
-        timings = bench_timing.time_interleaved(
-            steps, device, **(timing or bench_timing.timing_defaults(device, "small")))
+        timings = bench_timing.time_interleaved(steps, device, **timing)
     load_after = os.getloadavg()
     plain = timings[variants[0]].median_ms
     rows = []
@@ -103,7 +103,7 @@ def run(device="cpu", model_name="bwd-small", dtype=torch.bfloat16, *, backend="
     m = BACKWARD_MODELS[model_name]
     env = environment.environment(device)
     env.update(model=model_name, batch=m["batch"], seq=m["seq"], dtype=model_shapes.dtype_name(dtype),
-               backend=backend, clip_grad_norm=clip_grad_norm,
+               backend=backend, clip_grad_norm=clip_grad_norm, rep_ms=timing["rep_ms"],
                load_avg_before=[round(x, 2) for x in load_before],
                load_avg_after=[round(x, 2) for x in load_after])
     return {"environment": env, "rows": rows}

@@ -45,7 +45,8 @@ GENERATORS = {
     "microbench": results_page.microbench_table, "finetune-example": results_page.finetune_example,
     # docs/accumulation.md
     "accumulation-k1": accumulation.measured_k1, "accumulation-memory": accumulation.memory_table,
-    "accumulation-logits": accumulation.logits,
+    "accumulation-logits": accumulation.logits, "accumulation-time": accumulation.buffer_time,
+    "accumulation-fp32": accumulation.fp32_table,
     # docs/benchmarks.md
     "bandwidth": benchmarks.table, "bandwidth-load": benchmarks.load_range,
     "bandwidth-wall-over-cpu": benchmarks.wall_over_cpu,

@@ -71,3 +71,55 @@ def logits(res: Results) -> str:
     v = shape["vocab_size"]
     out = activation_bytes(shape, v, SEQ, 1, 2, True) - activation_bytes(shape, 0, SEQ, 1, 2, True)
     return f"{v} x {SEQ} x {out // (v * SEQ)} bytes per sequence, {out / GB:.2f} GB"
+
+
+def buffer_time(res: Results) -> str:
+    """Inline: the step time of the buffered modes (clip_modes.json), per micro-batch, against an
+    unclipped step and against exact clipping's two backwards."""
+    data = res(f"{CPU}/clip_modes.json")
+    by = {(r["optimizer"], r["mode"]): r["ratio_to_unclipped"] for r in data["rows"]}
+
+    def span(mode: str) -> str:
+        xs = sorted(by[(o, mode)] for o in ("lomo", "adalomo"))
+        return f"{xs[0]:.2f}-{xs[-1]:.2f}x"
+
+    env = data["environment"]
+    return (f"`bench/bench_clip_modes.py` ({env['model']}, {env['dtype']}, docs/results.md) measures "
+            f"a step through the buffers at {span('window1')} an unclipped step (`window1`) and "
+            f"{span('acc4')} per micro-batch with K=4 (`acc4`), both clipped exactly; exact "
+            f"clipping with two backwards takes {span('exact')}")
+
+
+
+FP32 = f"{CPU}/memory_accumulation_fp32.json"
+
+
+def fp32_table(res: Results) -> str:
+    """The accumulation cases measured in one run with float32 parameters (one step after a
+    warm-up each): each peak, and its rise over the K=1 step beside the float32 buffers (4 bytes
+    per parameter) that the memory model says it adds."""
+    data = res(FP32)
+    by = {r["optimizer"]: r for r in data["rows"]}
+    k1 = by["lk-adalomo"]
+    rows = []
+    for case, label in {"lk-adalomo": "K=1, no buffers", **CASES}.items():
+        r = by.get(case)
+        if r is None:
+            continue
+        if r["status"] != "ok":
+            rows.append([f"{label} (`{case}`)", "-", "-", "-", r["status"]])
+            continue
+        buffers = 0 if case == "lk-adalomo" else 4 * r["n_params"]
+        rows.append([f"{label} (`{case}`)", f"{r['peak_bytes'] / GB:.2f} GB",
+                     f"{(r['peak_bytes'] - k1['peak_bytes']) / GB:+.2f} GB",
+                     f"{buffers / GB:.2f} GB", _step(r)])
+    a = data["args"]
+    cmd = (f"python bench/bench_memory.py --model-config {MODEL} --seq-len {a['seq_len']} --dtype "
+           f"{a['dtype']} --gradient-checkpointing --optimizers {','.join(a['cases'])}")
+    loads = [r["load_avg_1min_before"] for r in data["rows"] if "load_avg_1min_before" in r]
+    return (f"`{FP32}` (commit {k1['git_commit']}, {k1['date'][:10]}, "
+            f"{data['environment']['device_name']}, 1-minute load {min(loads):g}-{max(loads):g} "
+            f"before the cases; one step after a warm-up, peak above the process's baseline):\n"
+            f"`{cmd}`\n\n"
+            + summary.markdown(["AdaLomo step, 1B shape, float32", "peak", "over K=1",
+                                "buffers", "step time"], rows))

@@ -28,9 +28,10 @@ def clip_modes_table(res: Results) -> str:
               f"{r['ratio_to_plain_backward']:.2f}x"] for r in data["rows"]]
     cmd = (f"python bench/bench_clip_modes.py --device {env['device']} --model {env['model']} "
            f"--dtype {env['dtype']} --clip-grad-norm {env['clip_grad_norm']} "
-           f"--threads {env['cpu_threads']}")
+           f"--threads {env['cpu_threads']}" + (f" --rep-ms {env['rep_ms']:g}" if "rep_ms" in env else ""))
+    threads = f"{env['cpu_threads']} thread{'s' if env['cpu_threads'] != 1 else ''}"
     head = (f"Clipping modes ({env['model']}, {env['dtype']}, batch {env['batch']} x seq "
-            f"{env['seq']}, {env['cpu_threads']} thread): ")
+            f"{env['seq']}, {threads}; `acc4`: the median of its 4-micro-batch step, the ratios per micro-batch): ")
     return (head + _source(env, cmd, f"{env['load_avg_before'][0]} before, "
                            f"{env['load_avg_after'][0]} after") + "\n\n"
             + summary.markdown(["optimizer", "clipping", "median ms", "p20-p80 ms",
