@@ -14,6 +14,14 @@ def _memory_peaks(res: Results) -> dict:
             and r.get("seq_len", 256) == 256 and not r.get("loss_chunk")}
 
 
+def _memory_date(res: Results) -> str:
+    """The date of the 1B rows the summary reads (memory.json's own date is its last merge)."""
+    dates = {r["date"][:10] for r in res(f"{CPU}/memory.json")["rows"]
+             if r["status"] == "ok" and r.get("model_config") == "1b" and r["optimizer"] in
+             ("lk-adalomo", "lk-lomo", "lomo_optim-adalomo", "adamw")}
+    return ", ".join(sorted(dates))
+
+
 def _convergence(res: Results) -> dict:
     runs = res(f"{CPU}/convergence.json")["runs"]
     return {r["optimizer"]: r for r in runs if "error" not in r}
@@ -76,26 +84,36 @@ def summary_table(res: Results) -> str:
     peak, conv, micro = _memory_peaks(res), _convergence(res), _microbench(res)
     step = {(r["shape"], r["op"], r["backend"]): r["ratio_to_plain_backward"]
             for r in res(f"{CPU}/results-backward.json")["rows"]}
+
+    def when(name: str) -> str:  # the results file's date: the 2-core hosts have not all been one CPU
+        env = res(f"{CPU}/{name}")["environment"]
+        env = env[0] if isinstance(env, list) else env
+        return f"`{name}`, {env['date'][:10]}"
+
     base = conv["adamw"]["final_eval_loss"]
     rows = [
         ["peak memory, one step, Llama-3.2-1B shape (GiB)",
          f"{peak['lk-adalomo']:.2f} (AdaLomo), {peak['lk-lomo']:.2f} (Lomo)",
-         f"{peak['lomo_optim-adalomo']:.2f} (lomo-optim AdaLomo), {peak['adamw']:.2f} (AdamW)"],
+         f"{peak['lomo_optim-adalomo']:.2f} (lomo-optim AdaLomo), {peak['adamw']:.2f} (AdamW)",
+         f"`memory.json`, {_memory_date(res)}"],
         ["held-out loss vs AdamW, 18M Llama, 120 steps",
          f"{100 * (conv['lk-adalomo']['final_eval_loss'] / base - 1):+.1f}% (AdaLomo), "
          f"{100 * (conv['lk-galore']['final_eval_loss'] / base - 1):+.1f}% (GaLore)",
          f"{100 * (conv['lomo_optim-adalomo']['final_eval_loss'] / base - 1):+.1f}% "
-         "(lomo-optim AdaLomo)"],
+         "(lomo-optim AdaLomo)", when("convergence.json")],
         ["one 4096 x 4096 bf16 update (ms)",
          f"{micro[('lomo_update', 'native')]['median_ms']:.2f} (LOMO), "
          f"{micro[('adalomo_update', 'native')]['median_ms']:.2f} (AdaLomo)",
          f"{micro[('lomo_update', 'lomo_optim')]['median_ms']:.1f}, "
-         f"{micro[('adalomo_update', 'lomo_optim')]['median_ms']:.1f} (lomo-optim)"],
+         f"{micro[('adalomo_update', 'lomo_optim')]['median_ms']:.1f} (lomo-optim)",
+         when("results.json")],
         ["forward + backward with AdaLomo, vs a plain one (125M model)",
          f"{step[('bwd-medium', 'backward_adalomo', 'native')]:.2f}x",
-         f"{step[('bwd-medium', 'backward_adalomo', 'lomo_optim')]:.2f}x (lomo-optim)"],
+         f"{step[('bwd-medium', 'backward_adalomo', 'lomo_optim')]:.2f}x (lomo-optim)",
+         when("results-backward.json")],
     ]
-    return summary.markdown(["measured (2-core CPU)", "lomo_kernels", "compared with"], rows)
+    return summary.markdown(["measured (2-core CPU)", "lomo_kernels", "compared with",
+                             "results file (bench/results/cpu/), date"], rows)
 
 
 def build_time(res: Results) -> str:
