@@ -48,13 +48,13 @@ def microbench_table(res: Results) -> str:
     env, meta = data["environment"], data["meta"]
     rows = sorted(data["rows"], key=lambda r: (r["op"] != "lomo_update", r["median_ms"]))
     table = [[r["op"], _LABELS.get(r["backend"], r["backend"]), f"{r['median_ms']:.2f}",
-              f"{r['gbps']:.1f}", f"{100 * r['frac_copy_same_size']:.0f}%",
+              f"{r['gbps']:.1f}", f"{r['frac_same_bytes']:.2f}",
               f"{r['speedup_vs_lomo_optim']:.1f}x"] for r in rows]
     shape = f"{rows[0]['shape']} {rows[0]['dtype']}" if rows else ""
     return (f"One update of a {shape} parameter, {env['cpu_threads']} threads: "
             + _source(env, "python bench/run.py " + " ".join(meta["argv"])) + "\n\n"
             + summary.markdown(["op", "implementation", "median ms", "GB/s",
-                                "of a same-size copy", "vs lomo-optim"], table))
+                                "of the same-bytes stream", "vs lomo-optim"], table))
 
 
 _NAMES = {"adalomo": "AdaLomo", "lomo": "Lomo", "golore": "GoLore", "galore": "GaLore",
