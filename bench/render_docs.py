@@ -41,7 +41,8 @@ GENERATORS = {
     "build-time": readme.build_time, "test-time": readme.test_time,
     # docs/results.md (finetune-example also in docs/finetune.md)
     "memory": results_page.memory_table, "convergence": results_page.convergence_table,
-    "step-time": results_page.step_time_table, "clip-modes": results_page.clip_modes_table,
+    "step-time": results_page.step_time_table,
+    "whole-step": results_page.whole_step_table, "clip-modes": results_page.clip_modes_table,
     "microbench": results_page.microbench_table, "finetune-example": results_page.finetune_example,
     # docs/accumulation.md
     "accumulation-k1": accumulation.measured_k1, "accumulation-memory": accumulation.memory_table,

@@ -19,6 +19,25 @@ def step_time_table(res: Results) -> str:
     return summary.step_time(res.path(f"{CPU}/results-backward.json"))
 
 
+def whole_step_table(res: Results) -> str:
+    """The whole step on the real model (bench_backward.py --whole-step): each optimizer's step as
+    a ratio to a plain forward + backward timed in the same rounds."""
+    data = res(f"{CPU}/whole_step.json")
+    env, meta = data["environment"], data["meta"]
+    argv = list(meta["argv"])
+    if "--out" in argv:  # where the run wrote is not part of what reproduces it
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    rows = [[r["model"], r["dtype"], r["threads"], (f"`{r['optimizer']}`, {r['entry']}" if r["op"] != "backward_plain" else "plain forward + backward"),
+             f"{r['median_ms']:.0f}", f"{r['ratio_to_plain_backward']:.3f}x",
+             f"{r['ratio_to_plain_backward_p20']:.2f}-{r['ratio_to_plain_backward_p80']:.2f}",
+             r["rounds"]] for r in data["rows"]]
+    loads = meta["load_avg_1_5_15min_start"][0], meta["load_avg_1_5_15min_end"][0]
+    return (_source(env, "python bench/bench_backward.py " + " ".join(argv),
+                    f"{loads[0]} at the start, {loads[1]} at the end") + "\n\n"
+            + summary.markdown(["model", "dtype", "threads", "optimizer, entry", "median ms",
+                                "vs plain", "p20-p80", "rounds"], rows))
+
+
 def clip_modes_table(res: Results) -> str:
     data = res(f"{CPU}/clip_modes.json")
     env = data["environment"]
