@@ -75,7 +75,7 @@ if __package__ in (None, ""):  # python bench/bench_memory.py
 
 import torch
 
-from bench import memprobe, optimizers
+from bench import bf16_matmul, memprobe, optimizers
 from bench.environment import add_output_args, environment, output_dir, script_parser
 from bench.memory_estimate import estimate
 from bench.report import fmt_bytes, plot_memory, render_table, wrap
@@ -200,6 +200,7 @@ def run_case(case: dict) -> dict:
     row["estimate"] = _estimate(case)
     row["estimate_bytes"] = row["estimate"]["total"]
     model = opt = None
+    unpatch = bf16_matmul.patch() if case.get("bf16_matmul") == "float32-tiles" else None
     try:
         if name != "floor-params":
             _warm_up(case, device, dtype)
@@ -255,7 +256,7 @@ def run_case(case: dict) -> dict:
             losses.append(float(loss.detach()))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if i > 0:
+            if i > 0 or n == 1:  # --steps 0: the one step, state creation included
                 times.append(time.perf_counter() - t0)
         if "peak_bytes" not in row:
             row["peak_bytes"] = probe.peak() - (base if device.type == "cpu" else 0)
@@ -276,7 +277,8 @@ def run_case(case: dict) -> dict:
             micro = spec.micro_batches if spec is not None else 1
             row.update(step_s=med, step_s_min=min(times), step_s_max=max(times),
                        tokens_per_s=micro * case["batch_size"] * case["seq_len"] / med,
-                       step_profiled=trace is not None, micro_batches=micro)
+                       step_profiled=trace is not None, micro_batches=micro,
+                       step_is_first=n == 1)
         row["losses"] = losses
         row["finite"] = all(math.isfinite(x) for x in losses)
     except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -292,6 +294,8 @@ def run_case(case: dict) -> dict:
             optimizers.detach(opt)
         model = opt = None
         memprobe.free_memory(device)
+        if unpatch is not None:
+            unpatch()
     return row
 
 
@@ -410,6 +414,9 @@ def parse_args(argv=None):
                         + ", ".join(FLOORS + tuple(optimizers.OPTIMIZERS)))
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="lk-* update kernels")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bf16-matmul", choices=("native", "float32-tiles"), default="native",
+                   help="float32-tiles: bf16 linear layers computed in float32 tiles "
+                        "(bench/bf16_matmul.py; for CPUs whose bf16 matrix product is slow)")
     p.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--loss-chunk", type=int, default=None, metavar="N",
@@ -511,7 +518,7 @@ def main(argv=None) -> dict:
 
     base = dict(device=str(device), dtype=args.dtype, seq_len=seq_len, batch_size=args.batch_size,
                 steps=args.steps, gradient_checkpointing=args.gradient_checkpointing, lr=args.lr,
-                loss_chunk=args.loss_chunk,
+                loss_chunk=args.loss_chunk, bf16_matmul=args.bf16_matmul,
                 backend=args.backend, allocator_trace=not args.no_allocator_trace)
     env = environment(device)
     for mod in ("transformers", "lomo_optim"):
@@ -556,6 +563,7 @@ def main(argv=None) -> dict:
             load = os.getloadavg()[0]
             r = runner({**base, "optimizer": o, "shape": shape})
             r.update(model_config=config, seq_len=seq_len, loss_chunk=args.loss_chunk,
+                     bf16_matmul=args.bf16_matmul, steps=args.steps,
                      load_avg_1min_before=round(load, 2),
                      wall_s=round(time.perf_counter() - t0, 1), date=env["date"],
                      git_commit=env["git_commit"])

@@ -90,7 +90,6 @@ def buffer_time(res: Results) -> str:
             f"clipping with two backwards takes {span('exact')}")
 
 
-
 FP32 = f"{CPU}/memory_accumulation_fp32.json"
 
 

@@ -4,7 +4,7 @@ files) and the GPU predictions of bench/perf_model.py."""
 from __future__ import annotations
 
 from bench import summary
-from bench.docgen.common import CPU, Results
+from bench.docgen.common import CPU, Results, command
 
 FILES = (f"{CPU}/bandwidth-thread-clock.json", f"{CPU}/bandwidth.json")
 OPS = {"lomo_update": "`lomo_update_`", "adalomo_update": "`adalomo_update_`"}
@@ -17,11 +17,7 @@ def _loads(data: dict) -> list[float]:
 
 
 def _command(data: dict) -> str:
-    argv = [a for a in data["meta"]["argv"]]
-    if "--out" in argv:  # where this run wrote is not part of what reproduces it
-        i = argv.index("--out")
-        del argv[i:i + 2]
-    return "python bench/bench_bandwidth.py " + " ".join(argv)
+    return command("bench/bench_bandwidth.py", data["meta"]["argv"])
 
 
 def _rounding(r: dict) -> str:

@@ -34,6 +34,15 @@ class Results:
         return self._cache[rel]
 
 
+def command(script: str, argv: list[str]) -> str:
+    """The command line that reproduces a run: ``script`` with its recorded ``argv``, less
+    ``--out`` (where the run wrote is not part of what reproduces it)."""
+    argv = list(argv)
+    if "--out" in argv:
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    return " ".join([f"python {script}", *argv])
+
+
 def source(env: dict, command: str, load: str | None = None) -> str:
     """The line with every table: machine, load, commit, and the command that measured it.
     ``load`` replaces the environment's own load reading where the file has better ones."""

@@ -4,7 +4,7 @@ docs/finetune.md)."""
 from __future__ import annotations
 
 from bench import summary
-from bench.docgen.common import CPU, GIB, MIB, Results, source as _source
+from bench.docgen.common import CPU, GIB, MIB, Results, command, source as _source
 
 
 def memory_table(res: Results) -> str:
@@ -24,15 +24,14 @@ def whole_step_table(res: Results) -> str:
     a ratio to a plain forward + backward timed in the same rounds."""
     data = res(f"{CPU}/whole_step.json")
     env, meta = data["environment"], data["meta"]
-    argv = list(meta["argv"])
-    if "--out" in argv:  # where the run wrote is not part of what reproduces it
-        del argv[argv.index("--out"):argv.index("--out") + 2]
-    rows = [[r["model"], r["dtype"], r["threads"], (f"`{r['optimizer']}`, {r['entry']}" if r["op"] != "backward_plain" else "plain forward + backward"),
+    rows = [[r["model"], r["dtype"], r["threads"],
+             (f"`{r['optimizer']}`, {r['entry']}" if r["op"] != "backward_plain"
+              else "plain forward + backward"),
              f"{r['median_ms']:.0f}", f"{r['ratio_to_plain_backward']:.3f}x",
              f"{r['ratio_to_plain_backward_p20']:.2f}-{r['ratio_to_plain_backward_p80']:.2f}",
              r["rounds"]] for r in data["rows"]]
     loads = meta["load_avg_1_5_15min_start"][0], meta["load_avg_1_5_15min_end"][0]
-    return (_source(env, "python bench/bench_backward.py " + " ".join(argv),
+    return (_source(env, command("bench/bench_backward.py", meta["argv"]),
                     f"{loads[0]} at the start, {loads[1]} at the end") + "\n\n"
             + summary.markdown(["model", "dtype", "threads", "optimizer, entry", "median ms",
                                 "vs plain", "p20-p80", "rounds"], rows))
@@ -47,10 +46,12 @@ def clip_modes_table(res: Results) -> str:
               f"{r['ratio_to_plain_backward']:.2f}x"] for r in data["rows"]]
     cmd = (f"python bench/bench_clip_modes.py --device {env['device']} --model {env['model']} "
            f"--dtype {env['dtype']} --clip-grad-norm {env['clip_grad_norm']} "
-           f"--threads {env['cpu_threads']}" + (f" --rep-ms {env['rep_ms']:g}" if "rep_ms" in env else ""))
+           f"--threads {env['cpu_threads']}"
+           + (f" --rep-ms {env['rep_ms']:g}" if "rep_ms" in env else ""))
     threads = f"{env['cpu_threads']} thread{'s' if env['cpu_threads'] != 1 else ''}"
     head = (f"Clipping modes ({env['model']}, {env['dtype']}, batch {env['batch']} x seq "
-            f"{env['seq']}, {threads}; `acc4`: the median of its 4-micro-batch step, the ratios per micro-batch): ")
+            f"{env['seq']}, {threads}; `acc4`: the median of its 4-micro-batch step, the ratios "
+            "per micro-batch): ")
     return (head + _source(env, cmd, f"{env['load_avg_before'][0]} before, "
                            f"{env['load_avg_after'][0]} after") + "\n\n"
             + summary.markdown(["optimizer", "clipping", "median ms", "p20-p80 ms",
@@ -85,7 +86,8 @@ def finetune_example(res: Results) -> str:
     env = d["environment"]
     return (f"Exact match on the {d['exact_match_n']} held-out dates: "
             f"**{100 * d['exact_match_before']:.0f}% before -> {100 * d['exact_match_after']:.0f}% "
-            f"after** {d['steps']} {_NAMES.get(d['optimizer'], d['optimizer'])} steps (batch {d['batch_size']}; held-out loss "
+            f"after** {d['steps']} {_NAMES.get(d['optimizer'], d['optimizer'])} steps "
+            f"(batch {d['batch_size']}; held-out loss "
             f"{d['eval_loss_start']:.2f} -> {d['eval_loss_end']:.4f}); {d['n_params'] / 1e6:.0f}M "
             f"parameters, peak memory {d['peak_memory_bytes'] / GIB:.1f} GiB (RSS), optimizer "
             f"state {d['optimizer_state_bytes'] / MIB:.1f} MiB; {d['train_s']:.0f} s of training "
