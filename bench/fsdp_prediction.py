@@ -13,10 +13,12 @@ embeddings, the final norm and the output layer):
     largest gradient x 2            2 * 2 max(L1, R): a unit's unsharded gradient and its copy in
                                     the reduce-scatter buffer
     activations                     one micro-batch of s tokens, every layer checkpointed, SDPA:
-                                    the layer inputs (layers x s x h x 2 bytes), one layer's
-                                    recomputation (34 s h bytes, Korthikanti et al. 2022, no s^2
-                                    term with SDPA) and the logits (s x V x 10 bytes: bf16, and
-                                    fp32 for the loss and its gradient)
+                                    bench/memory_estimate.py's ``activation_bytes`` (the model
+                                    that the measured single-process peaks check): the layer
+                                    inputs (layers x s x h x 2 bytes), one layer's recomputation
+                                    and its gradients (2 x s x (6 h + 2 kv + 4 i) x 2 bytes, no
+                                    s^2 term with SDPA) and the logits (s x V x 20 bytes: bf16,
+                                    the loss's fp32 upcast and log-softmax, and the gradients)
     AdaLomo state                   float32: a matrix's row factors sharded (ceil(m / N)), its
                                     columns whole (n); a vector's ceil(n / N)
     FSDP + AdamW                    16 P / N (bf16 weights and gradients, fp32 master weights and
@@ -40,8 +42,6 @@ from bench import environment  # noqa: E402
 MODELS = {"llama2-7b": "Llama-2-7B", "llama2-13b": "Llama-2-13B", "llama2-70b": "Llama-2-70B",
           "llama3-70b": "Llama-3-70B"}
 RANKS, SEQ, ES = 8, 4096, 2  # GPUs, tokens per GPU (one sequence), bytes per bf16 element
-RECOMPUTE_BYTES_PER_TOKEN_AND_H = 34  # one checkpointed layer's recomputation
-LOGIT_BYTES = 10  # bf16 logits + the loss's fp32 copy and its gradient
 COMMITTED = environment.RESULTS / "model" / "fsdp_prediction.json"
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -64,10 +64,11 @@ def adalomo_state_bytes(shapes: dict[str, tuple], ranks: int) -> int:
 def predict(model: str, ranks: int = RANKS, seq: int = SEQ) -> dict:
     """The parts of one rank's memory, in bytes, for the MODEL_CONFIGS shape ``model``."""
     from bench.bench_golore import model_shapes
+    from bench.memory_estimate import activation_bytes
     from lomo_kernels.finetune.model import MODEL_CONFIGS
 
     cfg, shapes = MODEL_CONFIGS[model], model_shapes(model)
-    h, v, layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    v = cfg["vocab_size"]
     u = units(shapes)
     largest_layer = max(n for k, n in u.items() if k != "root")
     params = sum(u.values())
@@ -75,8 +76,7 @@ def predict(model: str, ranks: int = RANKS, seq: int = SEQ) -> dict:
         "shards": ES * params / ranks,
         "gathered": ES * (2 * largest_layer + u["root"]),
         "largest_gradient_x2": 2 * ES * max(u.values()),
-        "activations": (layers * seq * h * ES + RECOMPUTE_BYTES_PER_TOKEN_AND_H * seq * h
-                        + seq * v * LOGIT_BYTES),
+        "activations": activation_bytes(cfg, v, seq, 1, ES, checkpointing=True),
         "adalomo_state": adalomo_state_bytes(shapes, ranks),
     }
     total = sum(parts.values())

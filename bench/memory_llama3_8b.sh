@@ -4,7 +4,10 @@
 # (bench/bench_memory.py): seq 256 for every case, then seq 2048 for AdaLomo and Lomo, with the
 # model's own loss and with the loss computed in 256-token chunks. Needs ~20 GiB free and a quiet
 # machine; the free memory and the load are printed before each case. Results merge into
-# bench/results/cpu/memory.json (+ memory.png, memory-llama3-8b.png).
+# bench/results/cpu/memory.json (+ memory.png, memory-llama3-8b.png). One step per case (the
+# step is the measurement). MATMUL=float32-tiles (the default) computes the bf16 linear layers in
+# float32 tiles (bench/bf16_matmul.py), for CPUs without a fast bf16 matrix product; MATMUL=native
+# on one that has it (AVX-512 BF16 / AMX).
 #
 #   bash bench/memory_llama3_8b.sh                        # the committed results
 #   MODEL=tiny OUT=/tmp/dry bash bench/memory_llama3_8b.sh  # the same commands on a tiny model
@@ -13,21 +16,23 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-llama3-8b}
 if [ -n "${OUT:-}" ]; then dest=(--out "$OUT"); else dest=(--update-committed); fi
 PY=${PYTHON:-python}
+MATMUL=${MATMUL:-float32-tiles}
 case_() {  # seq, case, extra flags...
   local seq=$1 name=$2; shift 2
   echo "=== $(date -u +%H:%M:%S) $MODEL seq $seq $name $*; load $(cut -d' ' -f1-3 /proc/loadavg)"
   free -g | head -2
   PYTHONPATH=. "$PY" bench/bench_memory.py --device cpu --model-config "$MODEL" --seq-len "$seq" \
-    --gradient-checkpointing --optimizers "$name" --cpu-limit-gib 21 --wait-minutes 2 \
-    --merge --plot-model "$MODEL" "${dest[@]}" "$@"
+    --gradient-checkpointing --optimizers "$name" --cpu-limit-gib 21 --wait-minutes 0 \
+    --steps 0 --no-allocator-trace --bf16-matmul "$MATMUL" --merge --plot-model "$MODEL" \
+    "${dest[@]}" "$@"
 }
-for name in floor-params lk-adalomo lk-lomo lomo_optim-adalomo lomo_optim-lomo adamw adafactor \
-            lk-golore lk-golore-embfull lk-galore; do
-  case_ 256 "$name" --steps 1
+for name in floor-params lk-adalomo lk-lomo lomo_optim-adalomo lomo_optim-lomo adamw lk-golore \
+            adafactor lk-adalomo-acc4-bf16 floor-backward lk-galore lk-golore-embfull; do
+  case_ 256 "$name"
 done
-# seq 2048: one step each (the step is the measurement; ~8x the compute of seq 256)
-case_ 2048 lk-adalomo --steps 0
-case_ 2048 lk-adalomo --steps 0 --loss-chunk 256
-case_ 2048 lk-lomo --steps 0
-case_ 2048 lk-lomo --steps 0 --loss-chunk 256
+# seq 2048 (~8x the compute of seq 256)
+case_ 2048 lk-adalomo --loss-chunk 256
+case_ 2048 lk-adalomo
+case_ 2048 lk-lomo --loss-chunk 256
+case_ 2048 lk-lomo
 echo "=== done $(date -u +%H:%M:%S)"

@@ -73,6 +73,7 @@ GENERATORS = {
     "memory-llama3-8b": evidence_memory.measured,
     "memory-llama3-8b-estimates": evidence_memory.estimates,
     "memory-llama3-8b-activations": evidence_memory.activations,
+    "bf16-matmul-check": evidence_memory.tiles_check,
     # docs/distributed.md
     "fsdp-prediction": distributed.fsdp_prediction, "fsdp-prediction-70b": distributed.seventy_b,
     # docs/spec.md

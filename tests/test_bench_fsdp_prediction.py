@@ -27,7 +27,9 @@ def test_llama2_7b_by_hand():
     assert r["parameters"] == layers * layer + root
     assert r["gathered"] == 2 * (2 * layer + root)
     assert r["largest_gradient_x2"] == 4 * max(layer, root)
-    assert r["activations"] == layers * 4096 * h * 2 + 34 * 4096 * h + 4096 * v * 10
+    s, kv = 4096, 4096  # Llama-2-7B: 32 KV heads of 128
+    assert r["activations"] == (layers * s * h * 2 + 2 * s * (6 * h + 2 * kv + 4 * i) * 2
+                                + s * v * 20)
     cols = 4 * (4 * h + 2 * h + i)  # every matrix's columns, whole on each rank
     rows = 4 * (4 * h + 2 * i + h) // n  # row factors, sharded (these divide evenly)
     assert r["adalomo_state"] == layers * (cols + rows + 2 * 4 * h // n) + 2 * 4 * (v // n + h) \

@@ -60,7 +60,9 @@ def measured(res: Results) -> str:
     for r in rows:
         chunk = f", loss in {r['loss_chunk']}-token chunks" if r.get("loss_chunk") else ""
         stepped = r.get("step_s") is not None or r["optimizer"] == "floor-params"
+        matmul = r.get("bf16_matmul", "native") if r["optimizer"] != "floor-params" else "-"
         table.append([f"`{r['optimizer']}`{chunk}", r.get("seq_len", "-"),
+                      MATMUL.get(matmul, matmul),
                       "ok" if r["status"] == "ok" else (r.get("note") or r["status"]),
                       _gib(r.get("peak_bytes")) if r["status"] == "ok" and stepped else "-",
                       _gib(r.get("alloc_peak_bytes")) if r["status"] == "ok" else "-",
@@ -74,12 +76,35 @@ def measured(res: Results) -> str:
     head = (f"Measured on {env['device_name']}, {env['memory_total_gib']:.0f} GiB, torch "
             f"{env['torch_version']}, commit {commits}, {dates[0]} to {dates[-1]} UTC, 1-minute "
             f"load before each case {loads[0]}-{loads[-1]}.\n`bash {SCRIPT}`")
-    note = ("\n\nPeak RSS: the resident peak of the step above the process baseline; allocator: "
-            "torch's allocator peak of the profiled step (the only step of the one-step cases, "
-            "whose resident peak is therefore not a step's: \"-\").")
+    note = ("\n\nPeak RSS: the resident peak of the step above the process baseline (the first "
+            "step, optimizer state created in it); allocator: torch's allocator peak, where the "
+            "step was profiled; step: the wall time of that one step; bf16 matmul: `tiles`, "
+            "the linear layers computed in float32 tiles (below).")
     return (head + "\n\n" + summary.markdown(
-        ["case", "seq", "status", "peak RSS (GiB)", "allocator (GiB)", "estimate (GiB)",
-         "step (s)"], table) + note)
+        ["case", "seq", "bf16 matmul", "status", "peak RSS (GiB)", "allocator (GiB)",
+         "estimate (GiB)", "step (s)"], table) + note)
+
+
+MATMUL = {"float32-tiles": "tiles", "native": "native"}
+CHECK = f"{CPU}/bf16_matmul_check.json"
+
+
+def tiles_check(res: Results) -> str:
+    """The same small case with torch's bf16 matrix product and with the float32 tiles: what the
+    tiles change in the peak and in the step time."""
+    data = res(CHECK)
+    by = {(r["optimizer"], r["bf16_matmul"]): r for r in data["rows"]}
+    names = {"lk-adalomo": "this project's AdaLomo", "lomo_optim-adalomo": "lomo-optim's AdaLomo"}
+    parts = [f"{names.get(o, o)} {_gib(by[(o, 'native')]['peak_bytes'])} GiB native, "
+             f"{_gib(by[(o, 'float32-tiles')]['peak_bytes'])} GiB with tiles (step "
+             f"{by[(o, 'native')]['step_s']:.0f} s, {by[(o, 'float32-tiles')]['step_s']:.1f} s)"
+             for o in dict.fromkeys(o for o, _ in by)]
+    shape = next(iter(data["args"]["shapes"].values()))
+    env = data["environment"]
+    return (f"One decoder layer of the Llama-3.2-1B shape (hidden {shape['hidden_size']}, "
+            f"vocabulary {shape['vocab_size']:,}, seq {data['args']['seq_len']}), one step, peak "
+            f"above the baseline: " + "; ".join(parts) + f" (`{CHECK}`, {env['date'][:10]}, "
+            f"`{data['command']}`)")
 
 
 def estimates(res: Results) -> str:
@@ -90,8 +115,9 @@ def estimates(res: Results) -> str:
     names = list(dict.fromkeys(c for c, _, _ in cases))
     have = {(c, seq, chunk) for c, seq, chunk in cases}
     head = ["case"] + [f"seq {s}" + (f", loss in {k}-token chunks" if k else "") for s, k in cols]
-    table = [[f"`{n}`" + (f" ({WHAT[n]})" if n in WHAT else "")] + [_gib(_estimate(n, s, k)["total"]) if (n, s, k) in have else ""
-                          for s, k in cols] for n in names]
+    table = [[f"`{n}`" + (f" ({WHAT[n]})" if n in WHAT else "")]
+             + [_gib(_estimate(n, s, k)["total"]) if (n, s, k) in have else "" for s, k in cols]
+             for n in names]
     p = _estimate("floor-params", 256, None)["total"]
     return (f"Estimated from the shape alone (`bench/memory_estimate.py`, GiB; parameters "
             f"{_gib(p)}), for the cases `{SCRIPT}` runs:\n\n" + summary.markdown(head, table))
@@ -114,7 +140,9 @@ def activations(res: Results) -> str:
     extra, step = 2 * long_ * h * v, 8 * n * long_
     plain = _estimate("lk-adalomo", long_, None)["total"]
     limit = float(re.search(r"--cpu-limit-gib (\d+)", SCRIPT_TEXT()).group(1))
-    fits = lambda b: ("under" if b / GIB < limit else "over") + f" the script's {limit:g} GiB limit"  # noqa: E731
+    def fits(b: float) -> str:
+        return ("under" if b / GIB < limit else "over") + f" the script's {limit:g} GiB limit"
+
     chunked = _estimate("lk-adalomo", long_, chunk)["total"]
     return (f"The activations grow from {act[short] / GIB:.2f} GiB at seq {short} to "
             f"{act[long_] / GIB:.2f} GiB at seq {long_}, and {logits / GIB:.2f} GiB of those are "
@@ -125,7 +153,8 @@ def activations(res: Results) -> str:
             f"is estimated at {plain / GIB:.1f} GiB, {fits(plain)}. Computing the output layer and "
             f"the loss over {chunk} positions at a time, each chunk's logits recomputed in the "
             f"backward (`bench/chunked_loss.py`, `bench_memory.py --loss-chunk {chunk}`), keeps "
-            f"one chunk's logits alive: estimated {chunked / GIB:.1f} GiB, {fits(chunked)}. Its cost is one more forward of the output layer, "
+            f"one chunk's logits alive: estimated {chunked / GIB:.1f} GiB, {fits(chunked)}. "
+            f"Its cost is one more forward of the output layer, "
             f"2 x {long_} x {h} x {v:,} FLOPs = {extra / 1e12:.1f} TFLOPs, about "
             f"{100 * extra / step:.0f}% of the step's ~{step / 1e12:.0f} TFLOPs (forward, "
             f"backward and the checkpointing's recomputation, 8 x parameters x tokens)")

@@ -33,18 +33,32 @@ def _microbench(res: Results) -> dict:
 
 
 def _llama3_8b(res: Results) -> list[str]:
-    """The Llama-3-8B claim, once AdaLomo's step of that shape has run (none before)."""
-    rows = {r["optimizer"]: r for r in res(f"{CPU}/memory.json")["rows"]
+    """The Llama-3-8B claim, once AdaLomo's step of that shape has run (none before): its peak,
+    and what lomo-optim's AdaLomo and AdamW did in the same machine."""
+    data = res(f"{CPU}/memory.json")
+    rows = {r["optimizer"]: r for r in data["rows"]
             if r.get("model_config") == "llama3-8b" and r.get("seq_len", 256) == 256
-            and not r.get("loss_chunk") and r["status"] == "ok"}
-    if "lk-adalomo" not in rows or "floor-params" not in rows:
+            and not r.get("loss_chunk")}
+    ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    if "lk-adalomo" not in ok or "floor-params" not in ok:
         return []
-    total = res(f"{CPU}/memory.json")["environment"]["memory_total_gib"]
+    others = []
+    for name, label in (("lomo_optim-adalomo", "lomo-optim's AdaLomo"), ("adamw", "AdamW")):
+        r = rows.get(name)
+        if r is None:
+            continue
+        if r["status"] == "ok":
+            others.append(f"{label} peaks at {r['peak_bytes'] / GIB:.2f} GiB")
+        elif r["status"] == "does not fit":
+            others.append(f"{label} runs out of memory under a "
+                          f"{r['limit_bytes'] / GIB:.1f} GiB limit")
+    total = data["environment"]["memory_total_gib"]
     return [f"* **8B on a 24 GiB machine**: one AdaLomo training step of the Llama-3-8B shape "
             f"(bf16, checkpointing, sequence 256) peaks at "
-            f"{rows['lk-adalomo']['peak_bytes'] / GIB:.2f} GiB above the process's start on a "
+            f"{ok['lk-adalomo']['peak_bytes'] / GIB:.2f} GiB above the process's start on a "
             f"{total:.1f} GiB CPU machine; its parameters alone are "
-            f"{rows['floor-params']['peak_bytes'] / GIB:.2f} GiB."]
+            f"{ok['floor-params']['peak_bytes'] / GIB:.2f} GiB"
+            + (f"; {' and '.join(others)}" if others else "") + "."]
 
 
 def headline(res: Results) -> str:
