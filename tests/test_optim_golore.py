@@ -241,6 +241,25 @@ def test_projection_reads_the_gradient_in_blocks():
     assert tr.largest <= max((1 << 16) + 300 * 4, r.numel() * 4)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_back_projection_product_in_row_blocks(monkeypatch, beta, dtype):
+    """``back_into_``: out = beta out + alpha A B with float32 accumulation and one rounding to
+    out's dtype, made by row blocks on the CPU (several here, a short last one); beta = 0 does
+    not read out (a NaN there stays out of the result), as ``addmm_``."""
+    monkeypatch.setattr(proj, "BLOCK_BYTES", 7 * 301 * 4)
+    m, n, r, alpha = 45, 301, 8, -0.37
+    a, b = _rand((m, r), 3, dtype=dtype), _rand((r, n), 4, dtype=dtype)
+    out = _rand((m, n), 5, dtype=dtype)
+    if beta == 0.0:
+        out[3, 7] = float("nan")
+    want = alpha * (a.double() @ b.double()) + (beta * out.double() if beta else 0.0)
+    got = proj.back_into_(out, a, b, alpha=alpha, beta=beta)
+    assert got is out and got.dtype == dtype
+    # one rounding of a float32 result: within one ulp of the float64 value's rounding
+    assert (ulp_distance(got, want.to(dtype)) <= 1).all()
+
+
 # ---------------------------------------------------------------- random projections
 
 

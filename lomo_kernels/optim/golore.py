@@ -297,9 +297,9 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         """W = W * (1 - lr * wd) - lr * scale * back(N), in place, from N (``n_mat``; all NaN
         when the gradient was not finite).
 
-        Weight decay 0 with nearest rounding (or a float32 weight): one ``addmm_`` into W
-        (beta = 1, alpha = -lr * scale, fp32 accumulation, one rounding to W's dtype); a NaN N
-        is zeroed first, so a non-finite gradient adds exactly nothing.
+        Weight decay 0 with nearest rounding (or a float32 weight): one product into W
+        (``projector.back_into_``: beta = 1, alpha = -lr * scale, fp32 accumulation, one rounding
+        to W's dtype); a NaN N is zeroed first, so a non-finite gradient adds exactly nothing.
         Otherwise the gradient's own buffer (dead once R is computed) receives
         U = lr * scale * back(N) (one GEMM, rounded to W's dtype) and the fused LOMO kernel
         applies ``W = round(W * (1 - lr * wd) - U)``: element-wise non-finite guard (a NaN N
@@ -313,11 +313,12 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         stochastic = self._rounding_for(w.dtype) == "stochastic"
         if wd == 0.0 and not stochastic:
             n_mat.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-            w.addmm_(*proj.back_factors(n_mat, pmat, side, w.dtype), alpha=-alpha)
+            proj.back_into_(w, *proj.back_factors(n_mat, pmat, side, w.dtype), alpha=-alpha,
+                            beta=1.0)
             return
         a, b = proj.back_factors(n_mat, pmat, side, w.dtype if g2 is None else g2.dtype)
         if g2 is not None:  # (a float32 accumulation buffer of a 16-bit weight keeps U in float32)
-            g2.addmm_(a, b, beta=0.0, alpha=alpha)
+            proj.back_into_(g2, a, b, alpha=alpha, beta=0.0)
             self._lomo(w, g2, found, lr * wd, seed, state["step"])
             return
         # Accumulated in the subspace: no gradient is left, and a weight-sized scratch would undo
@@ -329,7 +330,7 @@ class GoLore(SubspaceAccumulationMixin, InBackwardOptimizer):
         scratch = torch.empty((block, w.shape[1]), dtype=w.dtype, device=w.device)
         for c, r0 in enumerate(range(0, rows, block)):
             u = scratch[: min(block, rows - r0)]
-            u.addmm_(a[r0:r0 + u.shape[0]], b, beta=0.0, alpha=alpha)
+            proj.back_into_(u, a[r0:r0 + u.shape[0]], b, alpha=alpha, beta=0.0)
             self._lomo(w[r0:r0 + u.shape[0]], u, found, lr * wd,
                        (seed + c * 0x9E3779B9) & 0xFFFFFFFF, state["step"])
 

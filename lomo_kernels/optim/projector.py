@@ -160,6 +160,30 @@ def back_factors(n_mat: torch.Tensor, p: torch.Tensor, side: str, dtype):
     return (a, b) if dtype == torch.float32 else (a.to(dtype), b.to(dtype))
 
 
+def back_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float,
+               beta: float) -> torch.Tensor:
+    """``out = beta * out + alpha * (a @ b)`` in place (``a``, ``b`` from ``back_factors``, in
+    ``out``'s dtype): float32 accumulation, one rounding to ``out``'s dtype. One ``addmm_`` where
+    the GEMM accumulates 16-bit operands in float32 at speed (CUDA) or ``out`` is float32; on the
+    CPU a 16-bit ``out`` is made by blocks of rows from the operands upcast (exactly) to float32,
+    each temporary at most ``BLOCK_BYTES`` and half of ``out``: torch's 16-bit CPU GEMM has no fast path on CPUs
+    without bf16 instructions (~100x slower than float32 there)."""
+    if out.dtype == torch.float32 or out.device.type != "cpu":
+        return out.addmm_(a, b, beta=beta, alpha=alpha)
+    b32 = b.float()
+    # float32 blocks of at most BLOCK_BYTES and half of out's own bytes: a caller that makes out
+    # by small blocks (the windowed apply) keeps its bound
+    m, n = out.shape
+    step = max(1, min(m, min(BLOCK_BYTES, out.numel() * out.element_size() // 2) // (4 * n)))
+    for i in range(0, out.shape[0], step):
+        blk, a32 = out[i:i + step], a[i:i + step].float()
+        if beta == 0.0:  # as addmm_: out's old values (NaN included) are not read
+            blk.copy_(torch.mm(a32, b32).mul_(alpha))
+        else:
+            blk.copy_(torch.addmm(blk.float(), a32, b32, beta=beta, alpha=alpha))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The SVD refresh: top-r singular vectors on the projected side, with a bounded float32 spike
 # ---------------------------------------------------------------------------------------------
