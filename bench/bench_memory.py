@@ -27,9 +27,12 @@ disturb the next). A case: build the model on the meta device and materialise it
 on the device (the model's own initialisation); one warm-up step (optimizer state is created);
 ``--steps`` timed steps (forward, loss, backward with the update), the last of which, on CPU, is
 recorded by torch.profiler for the allocator's peak (its time includes the profiler's overhead,
-a few per cent; the resident peak is read before it). On CPU the process may use at most ``--cpu-limit-gib``
+a few per cent; the resident peak is read before it). ``--steps 0``: the warm-up step alone is
+measured and timed (``step_is_first``). On CPU the process may use at most ``--cpu-limit-gib``
 above its baseline (an address-space limit; a case that needs more fails to allocate and is
-reported as "does not fit in N GiB", a result). Reported per case:
+reported as "does not fit in N GiB", a result). ``--bf16-matmul float32-tiles`` computes the bf16
+linear layers in float32 tiles (bench/bf16_matmul.py), for CPUs whose bf16 matrix product is
+slow. Reported per case:
 
     peak_bytes        CUDA: torch.cuda.max_memory_allocated over the steps. CPU: the peak
                       resident set over the steps before the profiled one (VmHWM) minus the

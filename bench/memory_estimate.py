@@ -35,7 +35,7 @@ alone (nothing measured): what bench_memory.py's measurements are checked agains
                          float32 moments of the rest (the projection's and the randomised SVD's
                          temporaries are O((m + n) r), not counted)
     lk-golore-embfull    the same with the embeddings and the output layer at full rank (full-size
-                         float32 moments)
+                         float32 moments); lk-golore-r64, lk-galore-r64: rank 64
 
 The activation term is rough (a few hundred MB at seq 256); it is the same for every optimizer,
 so the differences between optimizers are what the estimate predicts best.
@@ -107,8 +107,8 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         extra = max(A + gmax_live, fp32) if shape.get("tie_word_embeddings") else A + fp32
         return {"total": P + extra + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "fp32_copies": fp32, "state": state}
-    if optimizer in ("lk-golore", "lk-galore", "lk-golore-embfull"):
-        r = GOLORE["rank"]
+    if optimizer.startswith(("lk-golore", "lk-galore")):
+        r = int(optimizer.rsplit("-r", 1)[1]) if optimizer.endswith("-r64") else GOLORE["rank"]
         full = optimizer.endswith("embfull")  # vocabulary-sized matrices at full rank
         state = sum(4 * (min(s) * r + 2 * max(s) * r)
                     if len(s) == 2 and min(s) > r and not (full and vocab in s)

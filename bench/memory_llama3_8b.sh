@@ -27,7 +27,8 @@ case_() {  # seq, case, extra flags...
     "${dest[@]}" "$@"
 }
 for name in floor-params lk-adalomo lk-lomo lomo_optim-adalomo lomo_optim-lomo adamw lk-golore \
-            adafactor lk-adalomo-acc4-bf16 floor-backward lk-galore lk-golore-embfull; do
+            lk-golore-r64 lk-galore lk-galore-r64 adafactor lk-adalomo-acc4-bf16 floor-backward \
+            lk-golore-embfull; do
   case_ 256 "$name"
 done
 # seq 2048 (~8x the compute of seq 256)

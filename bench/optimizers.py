@@ -126,6 +126,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   _lk("GoLore", projection="svd", **GOLORE), True,
                   lr=1e-2, sweep=(3e-3, 1e-2, 3e-2), family="galore",
                   default_in=("memory", "convergence")),
+    # rank 64: half the state of rank 128 (what fits the Llama-3-8B shape in 21 GiB)
+    OptimizerSpec("lk-golore-r64", "GoLore (lomo_kernels, random, rank 64)",
+                  _lk("GoLore", projection="random", **{**GOLORE, "rank": 64}), True,
+                  lr=1e-2, family="golore"),
+    OptimizerSpec("lk-galore-r64", "GaLore (lomo_kernels, svd, rank 64)",
+                  _lk("GoLore", projection="svd", **{**GOLORE, "rank": 64}), True,
+                  lr=1e-2, family="galore"),
     # gradient accumulation (docs/accumulation.md): 4 micro-batches per step into float32 or
     # bf16 buffers, and one micro-batch per step through float32 buffers (exact clipping in one
     # backward); the step's batch is each micro-batch's

@@ -78,11 +78,20 @@ def memory(path: Path) -> str:
            f"{' / '.join(map(str, seqs))}"
            + (" --gradient-checkpointing" if args["gradient_checkpointing"] else "")
            + " --update-committed")
+    if any(r["model_config"] == "llama3-8b" for r in rows):
+        cmd += "`; the llama3-8b rows: `bash bench/memory_llama3_8b.sh"
     loads = sorted(r["load_avg_1min_before"] for r in rows if "load_avg_1min_before" in r)
     during = f"; 1-minute load during the cases {loads[0]}-{loads[-1]}" if loads else ""
+    # rows merged from several runs: each row records its commit and date
+    commits = list(dict.fromkeys(r["git_commit"] for r in rows if r.get("git_commit")))
+    dates = sorted(r["date"][:10] for r in rows if r.get("date"))
+    machine = _machine(data["environment"])
+    if len(commits) > 1 or (dates and dates[0] != dates[-1]):
+        machine = (machine[:machine.index(", commit ")] + f", commits {', '.join(commits)}, "
+                   + (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"))
     return (f"Memory (GiB above the process baseline; {args['dtype']}, seq "
             f"{' / '.join(map(str, seqs))} x "
-            f"batch {args['batch_size']}): {_machine(data['environment'])}{during}.\n`{cmd}`\n\n"
+            f"batch {args['batch_size']}): {machine}{during}.\n`{cmd}`\n\n"
             + markdown(headers, table))
 
 

@@ -17,6 +17,9 @@ ES = 2  # bf16, as the script runs it
 WHAT = {"floor-params": "the parameters only", "lk-adalomo": "this project's AdaLomo",
         "lk-golore": "r128, every matrix low-rank",
         "lk-golore-embfull": "r128, embeddings and head full rank", "lk-galore": "r128",
+        "lk-golore-r64": "r64, every matrix low-rank", "lk-galore-r64": "r64",
+        "lk-adalomo-acc4-bf16": "4 micro-batches, bf16 buffers",
+        "floor-backward": "a plain backward keeping every gradient",
         "adamw": "torch, foreach", "adafactor": "torch, foreach"}
 
 
