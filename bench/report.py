@@ -264,7 +264,10 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
 
     panels = list(dict.fromkeys((r["model_config"], r.get("seq_len", args["seq_len"]))
                                 for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    most = max(sum(1 for r in rows if (r["model_config"], r.get("seq_len", args["seq_len"])) == p)
+               for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 0.6 * most) * len(panels), 5.5),
+                             squeeze=False)
     gib = 2**30
     for ax, (config, seq_len) in zip(axes[0], panels):
         sel = [r for r in rows if r["model_config"] == config
@@ -281,18 +284,22 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
             elif r.get("limit_bytes"):
                 ax.bar(i, r["limit_bytes"] / gib, color="none", edgecolor=color, hatch="//")
-                ax.text(i, r["limit_bytes"] / gib, "does not\nfit", ha="center", va="bottom",
-                        fontsize=7)
+                ax.text(i, r["limit_bytes"] / gib / 2, "does not fit", ha="center",
+                        va="center", rotation=90, fontsize=8)
             if isinstance(r.get("alloc_peak_bytes"), int):
                 ax.plot(i, r["alloc_peak_bytes"] / gib, "o", color="black", markersize=4,
                         label="allocator peak (torch.profiler)" if i == 0 else None)
             if r.get("estimate_bytes"):
                 ax.plot(i, r["estimate_bytes"] / gib, "x", color="blue", markersize=7,
                         label="estimate from the shape" if i == 0 else None)
-        limits = [r["limit_bytes"] for r in sel if r.get("limit_bytes")]
-        if limits:
-            ax.axhline(min(limits) / gib, color="black", linestyle="--", linewidth=1,
-                       label=f"limit {min(limits) / gib:.1f} GiB")
+        # each case's own limit (lowered to the memory free when it started)
+        limited = [(i, r["limit_bytes"]) for i, r in enumerate(sel) if r.get("limit_bytes")]
+        for k, (i, lim) in enumerate(limited):
+            ax.hlines(lim / gib, i - 0.45, i + 0.45, color="black", linewidth=1.5,
+                      label="the case's memory limit" if k == 0 else None)
+        if env.get("memory_total_gib") and limited:
+            ax.axhline(env["memory_total_gib"], color="black", linestyle=":", linewidth=1,
+                       label=f"the machine's memory, {env['memory_total_gib']:.1f} GiB")
         n = next((r["n_params"] for r in sel if r.get("n_params")), None)
         ax.set_title(f"{config}" + (f" ({n / 1e9:.2f}B parameters)" if n else "")
                      + f", {args['dtype']}, seq {seq_len} x batch {args['batch_size']}"
