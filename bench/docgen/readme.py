@@ -54,7 +54,8 @@ def _llama3_8b(res: Results) -> list[str]:
                           f"{r['limit_bytes'] / GIB:.1f} GiB limit")
     total = data["environment"]["memory_total_gib"]
     return [f"* **8B on a 24 GiB machine**: one AdaLomo training step of the Llama-3-8B shape "
-            f"(bf16, checkpointing, sequence 256) peaks at "
+            f"(bf16, checkpointing, sequence 256; this CPU's linear layers computed in float32 "
+            f"tiles, [docs/evidence.md](docs/evidence.md)) peaks at "
             f"{ok['lk-adalomo']['peak_bytes'] / GIB:.2f} GiB above the process's start on a "
             f"{total:.1f} GiB CPU machine; its parameters alone are "
             f"{ok['floor-params']['peak_bytes'] / GIB:.2f} GiB"
