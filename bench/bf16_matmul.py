@@ -8,7 +8,7 @@ for bf16 CPU tensors with ``tiled_linear``: the weight is upcast a tile of rows 
 once, as a GPU's bf16 matrix product does. What autograd saves is what ``F.linear`` saves (the bf16
 input and weight), the weight's gradient is one bf16 tensor of the weight's shape, so memory
 measurements keep their meaning; the extra transient memory is one float32 tile plus float32
-copies of the input and of its gradient (bounded by ``transient_bytes``).
+copies of the input and of its gradient.
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ TILE_BYTES = 64 << 20
 
 def _tile_rows(in_features: int) -> int:
     return max(1, TILE_BYTES // (4 * in_features))
-
-
-def transient_bytes(tokens: int, in_features: int, out_features: int) -> int:
-    """Most float32 bytes ``tiled_linear`` holds beyond what ``F.linear`` would (forward or
-    backward): the input's and its gradient's copies, one weight tile, one output tile."""
-    rows = min(out_features, _tile_rows(in_features))
-    return 4 * (2 * tokens * in_features + rows * in_features + tokens * rows)
 
 
 class _TiledLinear(torch.autograd.Function):

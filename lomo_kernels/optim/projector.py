@@ -166,8 +166,8 @@ def back_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: fl
     ``out``'s dtype): float32 accumulation, one rounding to ``out``'s dtype. One ``addmm_`` where
     the GEMM accumulates 16-bit operands in float32 at speed (CUDA) or ``out`` is float32; on the
     CPU a 16-bit ``out`` is made by blocks of rows from the operands upcast (exactly) to float32,
-    each temporary at most ``BLOCK_BYTES`` and half of ``out``: torch's 16-bit CPU GEMM has no fast path on CPUs
-    without bf16 instructions (~100x slower than float32 there)."""
+    each temporary at most ``BLOCK_BYTES`` and half of ``out``: torch's 16-bit CPU GEMM has no
+    fast path on CPUs without bf16 instructions (~100x slower than float32 there)."""
     if out.dtype == torch.float32 or out.device.type != "cpu":
         return out.addmm_(a, b, beta=beta, alpha=alpha)
     b32 = b.float()
@@ -175,7 +175,7 @@ def back_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: fl
     # by small blocks (the windowed apply) keeps its bound
     m, n = out.shape
     step = max(1, min(m, min(BLOCK_BYTES, out.numel() * out.element_size() // 2) // (4 * n)))
-    for i in range(0, out.shape[0], step):
+    for i in range(0, m, step):
         blk, a32 = out[i:i + step], a[i:i + step].float()
         if beta == 0.0:  # as addmm_: out's old values (NaN included) are not read
             blk.copy_(torch.mm(a32, b32).mul_(alpha))
