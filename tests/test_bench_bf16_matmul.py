@@ -3,11 +3,16 @@ rounding (output and both gradients, over several tiles and odd sizes), and benc
 ``--bf16-matmul float32-tiles`` routes the model's layers through them and then restores
 ``F.linear``."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import bf16_matmul
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ (pytest -P too)
+
+from bench import bf16_matmul  # noqa: E402
 
 BF16_ULP = 2.0 ** -8
 
