@@ -108,7 +108,7 @@ def estimate(optimizer: str, shape: dict, *, vocab: int, seq: int, batch: int, e
         return {"total": P + extra + state, "params": P, "activations": A,
                 "largest_gradient": gmax_live, "fp32_copies": fp32, "state": state}
     if optimizer.startswith(("lk-golore", "lk-galore")):
-        r = int(optimizer.rsplit("-r", 1)[1]) if optimizer.endswith("-r64") else GOLORE["rank"]
+        r = 64 if optimizer.endswith("-r64") else GOLORE["rank"]
         full = optimizer.endswith("embfull")  # vocabulary-sized matrices at full rank
         state = sum(4 * (min(s) * r + 2 * max(s) * r)
                     if len(s) == 2 and min(s) > r and not (full and vocab in s)
