@@ -32,7 +32,10 @@ measured and timed (``step_is_first``). On CPU the process may use at most ``--c
 above its baseline (an address-space limit; a case that needs more fails to allocate and is
 reported as "does not fit in N GiB", a result). ``--bf16-matmul float32-tiles`` computes the bf16
 linear layers in float32 tiles (bench/bf16_matmul.py), for CPUs whose bf16 matrix product is
-slow. Reported per case:
+slow. ``--mmap-threshold-mib N`` (CPU) makes glibc serve every allocation of N MiB or more from
+its own mapping, unmapped when freed; by default glibc's threshold follows the largest block
+freed, up to 32 MiB, and freed blocks below it stay in its heap, which at long sequences holds
+gigabytes of resident memory that torch no longer uses. Reported per case:
 
     peak_bytes        CUDA: torch.cuda.max_memory_allocated over the steps. CPU: the peak
                       resident set over the steps before the profiled one (VmHWM) minus the
@@ -63,6 +66,7 @@ carries its date and commit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -78,7 +82,7 @@ if __package__ in (None, ""):  # python bench/bench_memory.py
 
 import torch
 
-from bench import bf16_matmul, memprobe, optimizers
+from bench import bf16_matmul, memprobe, optimizers, summary
 from bench.environment import add_output_args, environment, output_dir, script_parser
 from bench.memory_estimate import estimate
 from bench.report import fmt_bytes, plot_memory, render_table, wrap
@@ -204,6 +208,9 @@ def run_case(case: dict) -> dict:
     row["estimate_bytes"] = row["estimate"]["total"]
     model = opt = None
     unpatch = bf16_matmul.patch() if case.get("bf16_matmul") == "float32-tiles" else None
+    malloc = contextlib.ExitStack()
+    if case.get("mmap_threshold_mib") and device.type == "cpu":
+        malloc.enter_context(memprobe.exact_rss(int(case["mmap_threshold_mib"] * 2**20)))
     try:
         if name != "floor-params":
             _warm_up(case, device, dtype)
@@ -297,6 +304,7 @@ def run_case(case: dict) -> dict:
             optimizers.detach(opt)
         model = opt = None
         memprobe.free_memory(device)
+        malloc.close()
         if unpatch is not None:
             unpatch()
     return row
@@ -386,7 +394,7 @@ def format_rows(rows) -> str:
         if note and note not in notes:
             notes.append(note)
         st = r.get("step_s")
-        case = r["optimizer"] + (f" (loss/{r['loss_chunk']})" if r.get("loss_chunk") else "")
+        case = summary.memory_case(r)
         table.append([r.get("model_config", "") + (f" @{r['seq_len']}" if r.get("seq_len") else ""),
                       case, r["status"],
                       gib(r.get("peak_bytes")), gib(r.get("alloc_peak_bytes")),
@@ -429,6 +437,10 @@ def parse_args(argv=None):
     p.add_argument("--cpu-limit-gib", type=float, default=16.0,
                    help="CPU: memory a case may use above its baseline; a case needing more "
                         "does not fit (default 16 GiB; lowered to what is free, less 1.5 GiB)")
+    p.add_argument("--mmap-threshold-mib", type=float, default=None, metavar="N",
+                   help="CPU: glibc maps every allocation of N MiB or more on its own and "
+                        "unmaps it when freed (default: glibc's dynamic threshold, whose heap "
+                        "keeps freed blocks of up to 32 MiB resident)")
     p.add_argument("--wait-minutes", type=float, default=60,
                    help="CPU: how long a case waits for other processes to free the memory it "
                         "is estimated to need before it runs under a lower limit (default 60)")
@@ -460,9 +472,10 @@ def parse_args(argv=None):
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every (model, sequence length, case) that ``new`` measured replaced."""
+    """``old`` with every (model, sequence length, case, loss chunking, mmap threshold) that
+    ``new`` measured replaced."""
     return merge_by(old, new, lambda r: (r.get("model_config"), r.get("seq_len"), r["optimizer"],
-                                         r.get("loss_chunk")))
+                                         r.get("loss_chunk"), r.get("mmap_threshold_mib")))
 
 
 def _estimate(case: dict) -> dict:
@@ -522,6 +535,7 @@ def main(argv=None) -> dict:
     base = dict(device=str(device), dtype=args.dtype, seq_len=seq_len, batch_size=args.batch_size,
                 steps=args.steps, gradient_checkpointing=args.gradient_checkpointing, lr=args.lr,
                 loss_chunk=args.loss_chunk, bf16_matmul=args.bf16_matmul,
+                mmap_threshold_mib=args.mmap_threshold_mib if cpu else None,
                 backend=args.backend, allocator_trace=not args.no_allocator_trace)
     env = environment(device)
     for mod in ("transformers", "lomo_optim"):
@@ -567,6 +581,7 @@ def main(argv=None) -> dict:
             r = runner({**base, "optimizer": o, "shape": shape})
             r.update(model_config=config, seq_len=seq_len, loss_chunk=args.loss_chunk,
                      bf16_matmul=args.bf16_matmul, steps=args.steps,
+                     mmap_threshold_mib=base["mmap_threshold_mib"],
                      load_avg_1min_before=round(load, 2),
                      wall_s=round(time.perf_counter() - t0, 1), date=env["date"],
                      git_commit=env["git_commit"])

@@ -31,8 +31,14 @@ for name in floor-params lk-adalomo lk-lomo lomo_optim-adalomo lomo_optim-lomo a
             lk-golore-embfull; do
   case_ 256 "$name"
 done
-# seq 2048 (~8x the compute of seq 256)
+# two of them again with glibc unmapping every freed block of 1 MiB or more (bench_memory.py
+# --mmap-threshold-mib): what its default heap keeps resident
+case_ 256 lk-adalomo --mmap-threshold-mib 1
+case_ 256 lk-golore-r64 --mmap-threshold-mib 1
+# seq 2048 (~8x the compute of seq 256); with the loss chunked, once more with glibc unmapping
+# freed blocks (its default heap kept more than 3 GiB resident in this step)
 case_ 2048 lk-adalomo --loss-chunk 256
+case_ 2048 lk-adalomo --loss-chunk 256 --mmap-threshold-mib 1
 case_ 2048 lk-adalomo
 case_ 2048 lk-lomo --loss-chunk 256
 case_ 2048 lk-lomo

@@ -92,8 +92,9 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter
 def exact_rss(threshold: int = 128 * 1024):
     """glibc: while active, every allocation of ``threshold`` bytes or more is its own mapping,
     returned to the system when freed (no dynamic threshold, no reuse of kept heap), so the
-    resident-set probe sees each large temporary as fresh pages, to within a few pages. For
-    tests: programs that allocate large blocks over and over get slower. Afterwards the
+    resident-set probe sees each large temporary as fresh pages, to within a few pages, and
+    freed blocks do not stay resident (bench_memory.py --mmap-threshold-mib). Programs that
+    allocate large blocks over and over get slower. Afterwards the
     threshold is 32 MiB, the most glibc's dynamic threshold grows to."""
     malloc_trim()  # loads libc
     ok = bool(_LIBC) and _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold) == 1

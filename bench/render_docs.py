@@ -52,6 +52,7 @@ GENERATORS = {
     "bandwidth": benchmarks.table, "bandwidth-load": benchmarks.load_range,
     "bandwidth-wall-over-cpu": benchmarks.wall_over_cpu,
     "bandwidth-stream": benchmarks.stream_speed, "gpu-predictions": benchmarks.gpu_predictions,
+    "bandwidth-in-cache": benchmarks.in_cache,
     # docs/clipping.md
     "clip-cost": clipping.clip_cost, "clip-exact-cost": clipping.exact_cost,
     "clip-previous-cost": clipping.previous_cost, "spike-warning": clipping.spike_table,
@@ -74,6 +75,9 @@ GENERATORS = {
     "memory-llama3-8b-estimates": evidence_memory.estimates,
     "memory-llama3-8b-activations": evidence_memory.activations,
     "bf16-matmul-check": evidence_memory.tiles_check,
+    "memory-8b-depth4": evidence_memory.depth4,
+    "memory-8b-seq2048": evidence_memory.long_sequence,
+    "memory-8b-malloc": evidence_memory.malloc_effect,
     # docs/distributed.md
     "fsdp-prediction": distributed.fsdp_prediction, "fsdp-prediction-70b": distributed.seventy_b,
     # docs/spec.md

@@ -273,7 +273,9 @@ def plot_memory(path: Path, rows: Sequence[dict], env: dict, args: dict) -> bool
         sel = [r for r in rows if r["model_config"] == config
                and r.get("seq_len", args["seq_len"]) == seq_len]
         names = [r["optimizer"] + (f"\n(loss in {r['loss_chunk']}-token chunks)"
-                                   if r.get("loss_chunk") else "") for r in sel]
+                                   if r.get("loss_chunk") else "")
+                 + (f"\n(glibc mmap threshold {r['mmap_threshold_mib']:g} MiB)"
+                    if r.get("mmap_threshold_mib") else "") for r in sel]
         for i, r in enumerate(sel):
             color = ("tab:gray" if r["optimizer"].startswith("floor") else
                      "tab:green" if r["optimizer"].startswith("lk-") else

@@ -37,13 +37,20 @@ def _gib(x) -> str:
     return f"{x / GIB:.2f}" if isinstance(x, (int, float)) else "-"
 
 
+def memory_case(r: dict) -> str:
+    """A memory row's case: the optimizer, its loss chunking and glibc's mmap threshold."""
+    opts = [f"loss/{r['loss_chunk']}" if r.get("loss_chunk") else "",
+            f"mmap {r['mmap_threshold_mib']:g} MiB" if r.get("mmap_threshold_mib") else ""]
+    opts = ", ".join(o for o in opts if o)
+    return r["optimizer"] + (f" ({opts})" if opts else "")
+
+
 def memory(path: Path) -> str:
     data = json.loads(path.read_text())
     rows, args = data["rows"], data["args"]
     # a column group per (model, sequence length); a row per case (and loss chunking)
     col = lambda r: (r["model_config"], r.get("seq_len", args["seq_len"]))  # noqa: E731
-    case_of = lambda r: r["optimizer"] + (  # noqa: E731
-        f" (loss/{r['loss_chunk']})" if r.get("loss_chunk") else "")
+    case_of = memory_case
     configs = list(dict.fromkeys(col(r) for r in rows))
     cases = list(dict.fromkeys(case_of(r) for r in rows))
     by = {(col(r), case_of(r)): r for r in rows}

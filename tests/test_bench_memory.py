@@ -86,3 +86,41 @@ def test_merge_keeps_each_sequence_length_and_loss_chunking():
     new = [{"model_config": "8b", "seq_len": 2048, "optimizer": "a", "v": 3},
            {"model_config": "8b", "seq_len": 2048, "optimizer": "a", "loss_chunk": 256, "v": 4}]
     assert [r["v"] for r in bm.merge_rows(old, new)] == [1, 3, 4]
+
+
+def test_merge_keeps_each_mmap_threshold():
+    old = [{"model_config": "8b", "seq_len": 2048, "optimizer": "a", "loss_chunk": 256, "v": 1}]
+    new = [{"model_config": "8b", "seq_len": 2048, "optimizer": "a", "loss_chunk": 256,
+            "mmap_threshold_mib": 1.0, "v": 2}]
+    assert [r["v"] for r in bm.merge_rows(old, new)] == [1, 2]
+
+
+def test_a_case_runs_under_its_mmap_threshold(monkeypatch):
+    """--mmap-threshold-mib: the case runs inside memprobe.exact_rss with that many bytes (glibc
+    maps each such block on its own and unmaps it when freed), left again when the case ends,
+    and the row and its label say so."""
+    import contextlib
+
+    from bench import memprobe, summary
+
+    calls = []
+
+    @contextlib.contextmanager
+    def recording(threshold):
+        calls.append(("enter", threshold))
+        yield True
+        calls.append(("exit", threshold))
+
+    monkeypatch.setattr(memprobe, "exact_rss", recording)
+    case = dict(device="cpu", dtype="bf16", seq_len=8, batch_size=1, steps=0,
+                gradient_checkpointing=False, lr=1e-3, backend="auto", optimizer="lk-lomo",
+                allocator_trace=False, mmap_threshold_mib=1.5,
+                shape=bm.family_shape(64, 1, None))
+    row = bm.run_case(case)
+    assert row["status"] == "ok", row
+    assert calls == [("enter", 3 * 2**19), ("exit", 3 * 2**19)]
+    row.update(mmap_threshold_mib=1.5, loss_chunk=4)
+    assert summary.memory_case(row) == "lk-lomo (loss/4, mmap 1.5 MiB)"
+    calls.clear()
+    assert bm.run_case({**case, "mmap_threshold_mib": None})["status"] == "ok"
+    assert calls == []

@@ -97,3 +97,26 @@ def gpu_predictions(res: Results) -> str:
             f"plus {pm.LAUNCH_US:g} us per kernel launch of the native CUDA kernels):\n\n"
             + summary.markdown(["op (bf16)", "shape", "MB moved", "launches"]
                                + [f"{g} us (predicted)" for g in pm.GPUS], rows))
+
+
+IN_CACHE = f"{CPU}/bandwidth-in-cache.json"
+
+
+def in_cache(res: Results) -> str:
+    """The updates with their operands in the L3 cache (one core, thread CPU clock) against the
+    same-bytes stream from memory at 4096 x 4096: the arithmetic's own time per element."""
+    data = res(IN_CACHE)
+    big = _one_thread(res)
+    parts = []
+    for r in sorted(data["rows"], key=lambda r: r["op"] != "lomo_update"):
+        if r["threads"] != 1 or _rounding(r) != "nearest":
+            continue
+        mem = big[(r["op"], FILES[0])]
+        parts.append(f"{OPS[r['op']]} {1e6 * r['op_ms'] / r['numel']:.2f} ns per element in "
+                     f"cache, its stream {1e6 * mem['same_bytes_ms'] / mem['numel']:.2f} ns from "
+                     f"memory")
+    shape = data["rows"][0]["shape"].replace("x", " x ")
+    return (f"At {shape} (bf16 `p` and `g` of {data['rows'][0]['numel'] * 4 / 2**20:.0f} MiB, "
+            f"inside this CPU's 32 MiB L3 cache), one core: " + "; ".join(parts)
+            + f" (`{IN_CACHE}`, commit {data['environment']['git_commit']}, "
+            f"`{_command(data)}`)")

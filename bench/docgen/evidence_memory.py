@@ -62,6 +62,8 @@ def measured(res: Results) -> str:
     table = []
     for r in rows:
         chunk = f", loss in {r['loss_chunk']}-token chunks" if r.get("loss_chunk") else ""
+        if r.get("mmap_threshold_mib"):
+            chunk += f", glibc mmap threshold {r['mmap_threshold_mib']:g} MiB"
         stepped = r.get("step_s") is not None or r["optimizer"] == "floor-params"
         matmul = r.get("bf16_matmul", "native") if r["optimizer"] != "floor-params" else "-"
         table.append([f"`{r['optimizer']}`{chunk}", r.get("seq_len", "-"),
@@ -161,3 +163,49 @@ def activations(res: Results) -> str:
             f"2 x {long_} x {h} x {v:,} FLOPs = {extra / 1e12:.1f} TFLOPs, about "
             f"{100 * extra / step:.0f}% of the step's ~{step / 1e12:.0f} TFLOPs (forward, "
             f"backward and the checkpointing's recomputation, 8 x parameters x tokens)")
+
+
+DEPTH4 = f"{CPU}/memory_8b_depth4_seq2048.json"
+
+
+def _malloc(r: dict) -> str:
+    t = r.get("mmap_threshold_mib")
+    return f"`--mmap-threshold-mib {t:g}`" if t else "glibc's default"
+
+
+def depth4(res: Results) -> str:
+    """The seq-2048 step with 4 decoder layers, under glibc's default allocator and with a fixed
+    mmap threshold: the resident peak against the estimate."""
+    data = res(DEPTH4)
+    rows = sorted(data["rows"], key=lambda r: r.get("mmap_threshold_mib") or 0)
+    parts = [f"{_malloc(r)} {_gib(r['peak_bytes'])} GiB peak RSS (step {r['step_s']:.0f} s)"
+             for r in rows]
+    return (", ".join(parts) + f", against an estimate of {_gib(rows[0]['estimate_bytes'])} GiB "
+            f"(`{DEPTH4}`)")
+
+
+def long_sequence(res: Results) -> str:
+    """The 32-layer seq-2048 step with the loss chunked and a fixed mmap threshold: its row of
+    memory.json, in a sentence."""
+    rows = [r for r in res(f"{CPU}/memory.json")["rows"] if r.get("model_config") == MODEL
+            and r.get("seq_len") == 2048 and r.get("mmap_threshold_mib")]
+    if not rows:
+        return "not measured yet."
+    r = rows[0]
+    if r["status"] != "ok":
+        return f"{r.get('note') or r['status']} (table above)."
+    return (f"it fits, {_gib(r['peak_bytes'])} GiB peak RSS above the process's start against an "
+            f"estimate of {_gib(r['estimate_bytes'])} GiB, one step in {r['step_s']:.0f} s "
+            f"(table above).")
+
+
+def malloc_effect(res: Results) -> str:
+    """Each seq-256 case measured under both allocator settings: its peak with glibc's default,
+    with a fixed mmap threshold, and its estimate."""
+    rows = [r for r in res(f"{CPU}/memory.json")["rows"] if r.get("model_config") == MODEL
+            and r.get("seq_len") == 256 and r["status"] == "ok" and not r.get("loss_chunk")]
+    default = {r["optimizer"]: r for r in rows if not r.get("mmap_threshold_mib")}
+    parts = [f"`{r['optimizer']}` {_gib(default[r['optimizer']]['peak_bytes'])} -> "
+             f"{_gib(r['peak_bytes'])} GiB (estimate {_gib(r['estimate_bytes'])})"
+             for r in rows if r.get("mmap_threshold_mib") and r["optimizer"] in default]
+    return "; ".join(parts) if parts else "not measured yet"
