@@ -41,5 +41,6 @@ case_ 2048 lk-adalomo --loss-chunk 256
 case_ 2048 lk-adalomo --loss-chunk 256 --mmap-threshold-mib 1
 case_ 2048 lk-adalomo
 case_ 2048 lk-lomo --loss-chunk 256
+case_ 2048 lk-lomo --loss-chunk 256 --mmap-threshold-mib 1
 case_ 2048 lk-lomo
 echo "=== done $(date -u +%H:%M:%S)"
