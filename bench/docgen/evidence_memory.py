@@ -185,10 +185,11 @@ def depth4(res: Results) -> str:
 
 
 def long_sequence(res: Results) -> str:
-    """The 32-layer seq-2048 step with the loss chunked and a fixed mmap threshold: its row of
-    memory.json, in a sentence."""
+    """AdaLomo's 32-layer seq-2048 step with a fixed mmap threshold: its row of memory.json, in
+    a sentence."""
     rows = [r for r in res(f"{CPU}/memory.json")["rows"] if r.get("model_config") == MODEL
-            and r.get("seq_len") == 2048 and r.get("mmap_threshold_mib")]
+            and r["optimizer"] == "lk-adalomo" and r.get("seq_len") == 2048
+            and r.get("mmap_threshold_mib")]
     if not rows:
         return "not measured yet."
     r = rows[0]
