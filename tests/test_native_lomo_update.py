@@ -36,14 +36,14 @@ def _bits(t):
 @pytest.mark.parametrize("ls, wd", [(1.0, 0.0), (1.0, 0.05), (512.0, 0.0), (1000.0, 0.1)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
-    # The C++ loop takes a fast path on blocks of 1024 elements whose p and g are finite (nearest
+    # The C++ loop takes a fast path on runs of 128 elements whose p and g are finite (nearest
     # rounding, multipliers of at most 1): it must give bitwise the reference's parameters next
-    # to guarded blocks (a NaN gradient, an Inf parameter), with a multiplier of exactly 1 left
+    # to guarded runs (a NaN gradient, an Inf parameter), with a multiplier of exactly 1 left
     # out or not, and the same grad_sq as the guarded loop (stochastic rounding, clip_coef > 1).
     h = dict(lr=3e-3, wd=wd, ls=ls, cgv=0.0, coef=0.5)
     p0, g = rand((5003,), dtype, seed=7), rand((5003,), dtype, scale=3.0, seed=8)
     bad_g, bad_p = g.clone(), p0.clone()
-    bad_g[1500], bad_p[3000] = float("nan"), float("inf")
+    bad_g[1500], bad_p[3000], bad_p[4995] = float("nan"), float("inf"), float("-inf")
     for p_in, g_in in ((p0, g), (bad_p, bad_g)):
         out, ref = p_in.clone(), p_in.clone()
         OP(out, g_in, *_args(h, "cpu"))
@@ -54,7 +54,12 @@ def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
         acc = torch.zeros(1)
         OP(p0.clone(), g, *_args(dict(h, coef=coef), "cpu", rounding), acc)
         sums.append(acc)
-    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+    # guarded runs (an Inf parameter, one in the last run with its partial group) inside
+    # otherwise fast blocks: the squared gradient in the same lanes and order
+    acc = torch.zeros(1)
+    OP(bad_p.clone(), g, *_args(h, "cpu"), acc)
+    sums.append(acc)
+    assert all(torch.equal(sums[0], s) for s in sums[1:])
     want = ((g.double() / ls) ** 2).sum()
     assert abs(sums[0].item() - want.item()) <= 1e-5 * want.item()
 

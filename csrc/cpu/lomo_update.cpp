@@ -36,17 +36,24 @@ struct LomoTensor {
 
 // Chunk `unit` of one tensor. Elements whose raw gradient is NaN/Inf keep their value.
 //
-// Per block of kBlock elements: when the call allows it (LomoTensor::fast) and the block's p and
-// g hold no NaN/Inf (checked on the stored words), nv cannot be NaN, so the block runs without
-// the per-element guard, flag and NaN select, in explicit vectors with the squared gradient summed
-// in the same pass (the same lanes and order as the separate sum of a guarded block); a multiplier
-// of exactly 1 (no loss scale, no weight decay) is left out; stochastic rounding hashes the
-// element indices in the same vectors. The results are bitwise those of the guarded loop.
+// Per block of kBlock elements (the squared gradient's fp32 accumulation block), in runs of kRun
+// elements: when the call allows it (LomoTensor::fast) and the run's p and g hold no NaN/Inf
+// (checked on the stored words), nv cannot be NaN, so the run goes without the per-element guard,
+// flag and NaN select, in explicit vectors with the squared gradient summed in the same pass; a
+// multiplier of exactly 1 (no loss scale, no weight decay) is left out; stochastic rounding hashes
+// the element indices in the same vectors. A run with NaN/Inf takes the guarded loop. The check
+// runs per run, not per block, so that a run's reads (a few cache lines ahead of its arithmetic)
+// overlap the arithmetic of the run before instead of streaming a whole block first. Either way
+// the squared gradient goes into the same lanes in the same order: the results are bitwise those
+// of the guarded loop.
 template <class K, int W>
 LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
   using S = storage_t<F>;
   using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
+  using G = Group<F, W>;
+  using VF = typename Vec<W>::F;
+  constexpr int64_t kRun = 128;  // divides kBlock
   const LomoScalars s = c.s;
   const float coef = c.coef;
   const int64_t begin = unit * kChunk;
@@ -58,30 +65,14 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
   uint32_t bad = 0;
   DAcc<W> gsq;
-  const auto add_gsq = [&](Lanes<W>& acc, int64_t b, int64_t e, float scale)
-                           __attribute__((always_inline)) {
-    const VPre<K::DIV, W> pre(scale, s.clip, coef);
-    const auto add = [&](const SG* x) __attribute__((always_inline)) {
-      for (int q = 0; q < Lanes<W>::P; ++q) {
-        const auto u = pre.unscale(vload<K::GF, W>(x + q * W));
-        acc.v[q] += u * u;
-      }
-    };
-    int64_t j = b;
-    for (; j + kLanes <= e; j += kLanes) add(g + j);
-    if (j < e) add(Padded<K::GF>(g + j, e - j).v);  // zeros add nothing
-  };
-  // A block without NaN/Inf: 16 elements at a time in vectors, the squared gradient summed in
-  // the same pass; a literal 1 for scale / decay folds the multiply away (x * 1 == x).
-  const auto clean_block = [&](int64_t b, int64_t e, float scale, float decay)
-                               __attribute__((always_inline)) {
-    using G = Group<F, W>;
-    using VF = typename Vec<W>::F;
+  // The 16-element groups in [b, e) (a multiple of 16 long) without NaN/Inf, in vectors; the
+  // squared gradient into acc in Group's lane order; a literal 1 for scale / decay folds the
+  // multiply away (x * 1 == x).
+  const auto clean_groups = [&](Lanes<W>& acc, int64_t b, int64_t e, float scale, float decay)
+                                __attribute__((always_inline)) {
     const VPre<K::DIV, W, K::CLIP> pre(scale, s.clip, coef);
     const VF neg_lr = splat<W>(s.neg_lr), dec = splat<W>(decay);
-    Lanes<W> acc;
-    int64_t j = b;
-    for (; j + kLanes <= e; j += kLanes) {
+    for (int64_t j = b; j < e; j += kLanes) {
       VF gv[G::P], pv[G::P];
       group_load<K::GF, F, W>(g + j, gv);
       G::load(p + j, pv);
@@ -92,46 +83,72 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
       }
       G::template store_clean<K::SR>(p + j, pv, lo + static_cast<uint32_t>(j), hk);
     }
-    for (int64_t i = j; i < e; ++i) {  // the tail: the same element-wise formula
-      const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), scale, s.clip, coef);
-      p[i] = round_clean<F, K::SR>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * decay),
-                                   lo + static_cast<uint32_t>(i), hk);
+  };
+  // The guarded loop over [b, e): an element whose gradient is NaN/Inf keeps its value.
+  const auto guarded = [&](int64_t b, int64_t e) __attribute__((always_inline)) {
+    for (int64_t j = b; j < e; ++j) {  // auto-vectorised
+      const float graw = to_f32<K::GF>(g[j]);
+      const bool ok = is_finite_f32(graw);
+      const float gv = preprocess<K::DIV, K::CLIP>(graw, s.scale, s.clip, coef);
+      const float pv = to_f32<F>(p[j]);
+      const float nv = __builtin_fmaf(gv, s.neg_lr, pv * s.decay);
+      const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
+      const S out = from_f32<F, K::SR>(nv, bits);
+      p[j] = ok ? out : p[j];
+      bad |= ok ? 0u : 1u;
     }
-    if constexpr (K::GSQ) {
-      acc = G::logical(acc);
-      if (j < e) add_gsq(acc, j, e, scale);
-      gsq.add(acc);
+  };
+  // The squared gradient of the groups in [b, e) into acc in Group's lane order (the guarded
+  // runs: the same sums as clean_groups'); `add_tail`: a last partial group, in element order.
+  const VPre<K::DIV, W> unscale(s.scale, s.clip, coef);
+  const auto add_gsq = [&](Lanes<W>& acc, int64_t b, int64_t e) __attribute__((always_inline)) {
+    for (int64_t j = b; j < e; j += kLanes) {
+      VF gv[G::P];
+      group_load<K::GF, F, W>(g + j, gv);
+      for (int q = 0; q < G::P; ++q) {
+        const VF u = unscale.unscale(gv[q]);
+        acc.v[q] += u * u;
+      }
+    }
+  };
+  const auto add_tail = [&](Lanes<W>& acc, int64_t j, int64_t e) __attribute__((always_inline)) {
+    const auto u = Padded<K::GF>(g + j, e - j);  // zeros add nothing
+    for (int q = 0; q < Lanes<W>::P; ++q) {
+      const auto x = unscale.unscale(vload<K::GF, W>(u.v + q * W));
+      acc.v[q] += x * x;
     }
   };
   const bool scale1 = s.scale == 1.0f, decay1 = s.decay == 1.0f;
   for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t bl = std::min(kBlock, len - b);
-    if (c.fast && !any_non_finite<K::GF, F>(g + b, p + b, bl)) {
-      if (scale1 && decay1)
-        clean_block(b, b + bl, 1.0f, 1.0f);
-      else if (scale1)
-        clean_block(b, b + bl, 1.0f, s.decay);
-      else if (decay1)
-        clean_block(b, b + bl, s.scale, 1.0f);
-      else
-        clean_block(b, b + bl, s.scale, s.decay);
-    } else {
-      for (int64_t j = b; j < b + bl; ++j) {  // auto-vectorised
-        const float graw = to_f32<K::GF>(g[j]);
-        const bool ok = is_finite_f32(graw);
-        const float gv = preprocess<K::DIV, K::CLIP>(graw, s.scale, s.clip, coef);
-        const float pv = to_f32<F>(p[j]);
-        const float nv = __builtin_fmaf(gv, s.neg_lr, pv * s.decay);
-        const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;
-        const S out = from_f32<F, K::SR>(nv, bits);
-        p[j] = ok ? out : p[j];
-        bad |= ok ? 0u : 1u;
+    const int64_t e = std::min(kBlock, len - b) + b;
+    const int64_t full = b + (e - b) / kLanes * kLanes;  // the end of the whole groups
+    Lanes<W> acc;
+    for (int64_t r = b; r < e; r += kRun) {
+      const int64_t re = std::min(e, r + kRun), rf = std::min(full, re);
+      if (c.fast && !any_non_finite<K::GF, F>(g + r, p + r, re - r)) {
+        if (scale1 && decay1)
+          clean_groups(acc, r, rf, 1.0f, 1.0f);
+        else if (scale1)
+          clean_groups(acc, r, rf, 1.0f, s.decay);
+        else if (decay1)
+          clean_groups(acc, r, rf, s.scale, 1.0f);
+        else
+          clean_groups(acc, r, rf, s.scale, s.decay);
+        for (int64_t i = rf; i < re; ++i) {  // the tail: the same element-wise formula
+          const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), s.scale, s.clip,
+                                                       coef);
+          p[i] = round_clean<F, K::SR>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * s.decay),
+                                       lo + static_cast<uint32_t>(i), hk);
+        }
+      } else {
+        guarded(r, re);
+        if constexpr (K::GSQ) add_gsq(acc, r, rf);  // the run's g is still in L1
       }
-      if constexpr (K::GSQ) {  // the block's g is still in L1
-        Lanes<W> acc;
-        add_gsq(acc, b, b + bl, s.scale);
-        gsq.add(acc);
-      }
+    }
+    if constexpr (K::GSQ) {
+      acc = G::logical(acc);
+      if (full < e) add_tail(acc, full, e);
+      gsq.add(acc);
     }
   }
   if constexpr (K::GSQ) c.gsq[unit] = gsq.sum();
