@@ -232,14 +232,15 @@ STEP_VARIANTS = (("backward_plain", None, None),
 
 def load_real_model(name: str, device="cpu"):
     """(float32 model in train mode, token ids of the benchmark's batch) of ``REAL_MODELS``."""
-    import importlib
     import os
 
     from transformers import AutoModelForCausalLM
 
+    from lomo_kernels.finetune.tasks import example_model
+
     spec = REAL_MODELS[name]
-    folder = os.path.dirname(importlib.import_module(spec["package"]).__file__)
-    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))[0]
+    # found without importing the package (its __init__ needs llm, which the extra leaves out)
+    folder, gguf = os.path.split(example_model())
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     model.config.use_cache = False
     model = model.to(device).train()
@@ -286,13 +287,39 @@ def _q(xs, q):
     return timers.quantile(sorted(xs), q)
 
 
+def profile_steps(fn, steps: int) -> dict:
+    """Where one step's time goes: ``steps`` calls of ``fn``, each under torch's profiler; per
+    step the wall time and the time inside this library's ops (``lomo_kernels::*``, the updates
+    the hooks launch), as medians over the steps, and the ops' calls and per-op times."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    walls, inside, calls, per_op = [], [], [], {}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        ours = [k for k in prof.key_averages() if k.key.startswith("lomo_kernels::")]
+        inside.append(sum(k.cpu_time_total for k in ours) / 1e3)
+        calls.append(sum(k.count for k in ours))
+        for k in ours:
+            per_op.setdefault(k.key, []).append(k.cpu_time_total / 1e3)
+    return {"steps": steps, "step_ms": statistics.median(walls),
+            "update_ops_ms": statistics.median(inside), "update_ops_calls": max(calls),
+            "ops_ms": {k: statistics.median(v) for k, v in sorted(per_op.items())}}
+
+
 def whole_step(model_name: str, dtypes, threads, repeats: int, rounds: int, base=None, ids=None,
-               backend="native", progress=None) -> list[dict]:
+               backend="native", progress=None, profile: int = 0) -> list[dict]:
     """Step times of ``STEP_VARIANTS`` on ``model_name``, for each dtype and thread count:
     ``repeats`` sessions of ``rounds`` interleaved rounds (one step of every variant each), the
     thread counts taking turns; per round the ratio to the plain step of the same round, then
     the median and p20 / p80 of those ratios over all rounds (robust to load from other
-    processes). ``overhead_ms`` is the median per-round difference to the plain step."""
+    processes). ``overhead_ms`` is the median per-round difference to the plain step.
+    ``profile`` > 0: then that many steps of each variant under torch's profiler
+    (``profile_steps``), in each row's ``profile``."""
     import os
 
     if base is None:
@@ -335,6 +362,10 @@ def whole_step(model_name: str, dtypes, threads, repeats: int, rounds: int, base
                     "ratio_to_plain_backward_p80": _q(ratio, 0.8),
                     "overhead_ms": statistics.median(extra),
                     "load_1min_start_end": loads[t]})
+            if profile:
+                torch.set_num_threads(t)
+                for row in rows[-len(STEP_VARIANTS):]:
+                    row["profile"] = profile_steps(fns[row["op"]], profile)
         del fns
         memprobe.free_memory("cpu")
     return rows
@@ -349,6 +380,16 @@ def format_whole_step(rows) -> str:
                    f"{r['median_ms']:>9.1f} {r['ratio_to_plain_backward']:>7.3f} "
                    f"{r['ratio_to_plain_backward_p20']:.3f}-{r['ratio_to_plain_backward_p80']:.3f}"
                    f" {r['overhead_ms']:>7.1f} {load_range(r['load_1min_start_end']):>9}")
+    prof = [r for r in rows if r.get("profile")]
+    if prof:
+        head = (f"{'model':<13} {'dtype':<5} {'thr':>3} {'step (profiled)':<31} {'step ms':>9} "
+                f"{'in ops ms':>9} {'calls':>5}  (+ms over plain, timed above)")
+        out += ["", head, "-" * len(head)]
+        for r in prof:
+            p = r["profile"]
+            out.append(f"{r['model']:<13} {r['dtype']:<5} {r['threads']:>3} {r['op']:<31} "
+                       f"{p['step_ms']:>9.1f} {p['update_ops_ms']:>9.1f} "
+                       f"{p['update_ops_calls']:>5}  {r['overhead_ms']:.1f}")
     return "\n".join(out)
 
 
@@ -379,6 +420,9 @@ def main(argv=None) -> None:
                     help="--whole-step: sessions per dtype and thread count (default 3)")
     ap.add_argument("--rounds", type=int, default=4,
                     help="--whole-step: interleaved rounds per session (default 4)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="--whole-step: then STEPS steps of each variant under torch's profiler: "
+                         "the time inside this library's update ops (default 0: none)")
     ap.add_argument("--out", default=None, help="--whole-step: write whole_step.json here")
     a = ap.parse_args(argv)
     if a.whole_step:
@@ -389,7 +433,7 @@ def main(argv=None) -> None:
         else:
             base, ids = build_model(a.whole_step, torch.float32, "cpu")
         rows = whole_step(a.whole_step, shapes.split_list(a.dtypes), threads, a.repeats,
-                          a.rounds, base, ids,
+                          a.rounds, base, ids, profile=a.profile,
                           progress=lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
         from bench.environment import environment
 

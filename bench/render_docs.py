@@ -42,7 +42,8 @@ GENERATORS = {
     # docs/results.md (finetune-example also in docs/finetune.md)
     "memory": results_page.memory_table, "convergence": results_page.convergence_table,
     "step-time": results_page.step_time_table,
-    "whole-step": results_page.whole_step_table, "clip-modes": results_page.clip_modes_table,
+    "whole-step": results_page.whole_step_table,
+    "whole-step-profile": results_page.whole_step_profile, "clip-modes": results_page.clip_modes_table,
     "microbench": results_page.microbench_table, "finetune-example": results_page.finetune_example,
     # docs/accumulation.md
     "accumulation-k1": accumulation.measured_k1, "accumulation-memory": accumulation.memory_table,
@@ -52,7 +53,7 @@ GENERATORS = {
     "bandwidth": benchmarks.table, "bandwidth-load": benchmarks.load_range,
     "bandwidth-wall-over-cpu": benchmarks.wall_over_cpu,
     "bandwidth-stream": benchmarks.stream_speed, "gpu-predictions": benchmarks.gpu_predictions,
-    "bandwidth-in-cache": benchmarks.in_cache,
+    "bandwidth-in-cache": benchmarks.in_cache, "bandwidth-lomo-runs": benchmarks.lomo_runs,
     # docs/clipping.md
     "clip-cost": clipping.clip_cost, "clip-exact-cost": clipping.exact_cost,
     "clip-previous-cost": clipping.previous_cost, "spike-warning": clipping.spike_table,

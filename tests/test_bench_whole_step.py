@@ -41,3 +41,22 @@ def test_rows_are_ratios_to_the_plain_step_of_the_same_round():
         assert r["median_ms"] > 0 and r["ratio_to_plain_backward"] > 0
         assert len(r["load_1min_start_end"]) == 1
     assert "median ms" in bench_backward.format_whole_step(rows)
+
+
+def test_the_profile_finds_the_updates_inside_the_step():
+    # --profile: the time inside this library's ops, per step; the plain step launches none, the
+    # optimizer steps one update per parameter tensor (the small ones batched into fewer calls)
+    base, ids = bench_backward.build_model("bwd-tiny", torch.float32, "cpu")
+    rows = bench_backward.whole_step("bwd-tiny", ["fp32"], [1], repeats=1, rounds=1, base=base,
+                                     ids=ids, profile=2)
+    n = len(list(base.parameters()))
+    for r in rows:
+        p = r["profile"]
+        assert p["steps"] == 2 and p["step_ms"] > 0
+        if r["op"] == "backward_plain":
+            assert p["update_ops_ms"] == 0 and p["update_ops_calls"] == 0 and not p["ops_ms"]
+        else:
+            assert 0 < p["update_ops_ms"] < p["step_ms"]
+            assert 1 <= p["update_ops_calls"] <= n
+            assert all(k.startswith("lomo_kernels::") for k in p["ops_ms"])
+    assert "in ops ms" in bench_backward.format_whole_step(rows)

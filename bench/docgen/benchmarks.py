@@ -120,3 +120,26 @@ def in_cache(res: Results) -> str:
             f"inside this CPU's 32 MiB L3 cache), one core: " + "; ".join(parts)
             + f" (`{IN_CACHE}`, commit {data['environment']['git_commit']}, "
             f"`{_command(data)}`)")
+
+
+RUNS = {"per block of 1024": f"{CPU}/bandwidth-lomo-check-per-block.json",
+        "per run of 128": f"{CPU}/bandwidth-lomo-check-per-run.json"}
+
+
+def lomo_runs(res: Results) -> str:
+    """LOMO's fast path with its NaN/Inf check per block of 1024 elements (the earlier loop)
+    and per run of 128 (the loop now), the two builds measured back to back."""
+    rows = []
+    for label, f in RUNS.items():
+        data = res(f)
+        for r in sorted(data["rows"], key=lambda r: (_rounding(r) != "nearest", r["threads"])):
+            rows.append([label, _rounding(r), r["threads"], f"{r['op_ms']:.2f}",
+                         f"{r['same_bytes_ms']:.2f}", f"{r['frac_same_bytes']:.2f}",
+                         f"{r['frac_same_bytes_p20']:.2f}-{r['frac_same_bytes_p80']:.2f}"])
+    data = res(RUNS["per run of 128"])
+    env = data["environment"]
+    return (summary.markdown(["NaN/Inf check", "rounding", "threads", "update ms", "stream ms",
+                              "fraction", "p20-p80"], rows)
+            + f"\n\n`{'`, `'.join(RUNS.values())}`: {env['date'][:16].replace('T', ' ')} UTC, "
+            f"`{_command(data)}` with each build ("
+            + "; ".join(res(f)["meta"]["build"] for f in RUNS.values()) + ").")

@@ -32,6 +32,20 @@ def _microbench(res: Results) -> dict:
     return {(r["op"], r["backend"]): r for r in rows}
 
 
+def _others(rows: dict) -> list[str]:
+    """What lomo-optim's AdaLomo and AdamW did in ``rows`` ({case: memory.json row})."""
+    out = []
+    for name, label in (("lomo_optim-adalomo", "lomo-optim's AdaLomo"), ("adamw", "AdamW")):
+        r = rows.get(name)
+        if r is None:
+            continue
+        if r["status"] == "ok":
+            out.append(f"{label} peaks at {r['peak_bytes'] / GIB:.2f} GiB")
+        elif r["status"] == "does not fit":
+            out.append(f"{label} runs out of memory under a {r['limit_bytes'] / GIB:.1f} GiB limit")
+    return out
+
+
 def _llama3_8b(res: Results) -> list[str]:
     """The Llama-3-8B claim, once AdaLomo's step of that shape has run (none before): its peak,
     what lomo-optim's AdaLomo and AdamW did in the same machine, and AdaLomo's lowest peak at a
@@ -43,16 +57,7 @@ def _llama3_8b(res: Results) -> list[str]:
     ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
     if "lk-adalomo" not in ok or "floor-params" not in ok:
         return []
-    others = []
-    for name, label in (("lomo_optim-adalomo", "lomo-optim's AdaLomo"), ("adamw", "AdamW")):
-        r = rows.get(name)
-        if r is None:
-            continue
-        if r["status"] == "ok":
-            others.append(f"{label} peaks at {r['peak_bytes'] / GIB:.2f} GiB")
-        elif r["status"] == "does not fit":
-            others.append(f"{label} runs out of memory under a "
-                          f"{r['limit_bytes'] / GIB:.1f} GiB limit")
+    others = _others(rows)
     longer = [r for r in data["rows"] if r.get("model_config") == "llama3-8b"
               and r["optimizer"] == "lk-adalomo" and r.get("seq_len", 256) > 256
               and r["status"] == "ok"]
@@ -64,8 +69,13 @@ def _llama3_8b(res: Results) -> list[str]:
         if r.get("mmap_threshold_mib"):
             chunk += (f" and glibc unmapping every freed block of {r['mmap_threshold_mib']:g} "
                       f"MiB or more")
+        same = {x["optimizer"]: x for x in data["rows"] if x.get("model_config") == "llama3-8b"
+                and x.get("seq_len") == r["seq_len"] and x.get("loss_chunk") == r.get("loss_chunk")
+                and x.get("mmap_threshold_mib") == r.get("mmap_threshold_mib")}
+        there = _others(same)
         tail = (f" At sequence {r['seq_len']}{chunk}, AdaLomo peaks at "
-                f"{r['peak_bytes'] / GIB:.2f} GiB.")
+                f"{r['peak_bytes'] / GIB:.2f} GiB" + (f"; {' and '.join(there)}" if there else "")
+                + ".")
     total = data["environment"]["memory_total_gib"]
     return [f"* **8B on a 24 GiB machine**: one AdaLomo training step of the Llama-3-8B shape "
             f"(bf16, checkpointing, sequence 256; this CPU's linear layers computed in float32 "

@@ -21,20 +21,50 @@ def step_time_table(res: Results) -> str:
 
 def whole_step_table(res: Results) -> str:
     """The whole step on the real model (bench_backward.py --whole-step): each optimizer's step as
-    a ratio to a plain forward + backward timed in the same rounds."""
+    a ratio to a plain forward + backward timed in the same rounds; with --profile, the time over
+    the plain step beside the time inside the update ops."""
     data = res(f"{CPU}/whole_step.json")
     env, meta = data["environment"], data["meta"]
+    profiled = all(r.get("profile") for r in data["rows"])
     rows = [[r["model"], r["dtype"], r["threads"],
              (f"`{r['optimizer']}`, {r['entry']}" if r["op"] != "backward_plain"
               else "plain forward + backward"),
              f"{r['median_ms']:.0f}", f"{r['ratio_to_plain_backward']:.3f}x",
              f"{r['ratio_to_plain_backward_p20']:.2f}-{r['ratio_to_plain_backward_p80']:.2f}",
-             r["rounds"]] for r in data["rows"]]
+             r["rounds"]]
+            + ([f"{r['overhead_ms']:.0f}", f"{r['profile']['update_ops_ms']:.0f}",
+                r["profile"]["update_ops_calls"]] if profiled else [])
+            for r in data["rows"]]
     loads = meta["load_avg_1_5_15min_start"][0], meta["load_avg_1_5_15min_end"][0]
+    extra = ["ms over plain", "ms in update ops", "update calls"] if profiled else []
+    note = ("\n\nms over plain: the median per-round difference to the plain step; ms in update "
+            "ops: the time inside this library's update ops (`lomo_kernels::*`) in one step, "
+            f"the median of {data['rows'][0]['profile']['steps']} steps under torch's profiler "
+            "(`--profile`); update calls: those ops' calls per step." if profiled else "")
     return (_source(env, command("bench/bench_backward.py", meta["argv"]),
                     f"{loads[0]} at the start, {loads[1]} at the end") + "\n\n"
             + summary.markdown(["model", "dtype", "threads", "optimizer, entry", "median ms",
-                                "vs plain", "p20-p80", "rounds"], rows))
+                                "vs plain", "p20-p80", "rounds"] + extra, rows) + note)
+
+
+def whole_step_profile(res: Results) -> str:
+    """Where a fused step's time over the plain step goes (--profile): the time inside the update
+    ops, and the rate at which they move their fewest bytes (docs/spec.md: LOMO 3e, AdaLomo 6e
+    bytes per element for the matrices, which hold nearly all the parameters)."""
+    data = res(f"{CPU}/whole_step.json")
+    rows = [r for r in data["rows"] if r.get("profile") and r["entry"] == "fused_backward"]
+    if not rows:
+        return "Not profiled (`bench/bench_backward.py --whole-step ... --profile STEPS`)."
+    parts = []
+    for r in rows:
+        es = 4 if r["dtype"] == "fp32" else 2
+        moved = r["n_params"] * es * (3 if r["optimizer"] == "lomo" else 6)
+        ms = r["profile"]["update_ops_ms"]
+        parts.append(f"`{r['optimizer']}` at {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+                     f" {r['overhead_ms']:.0f} ms over the plain step, {ms:.0f} ms inside its "
+                     f"{r['profile']['update_ops_calls']} update calls ({moved / 1e9:.2f} GB at "
+                     f"{moved / ms / 1e6:.0f} GB/s)")
+    return "Per step, " + "; ".join(parts) + "."
 
 
 def clip_modes_table(res: Results) -> str:
