@@ -243,12 +243,17 @@ def test_is_deterministic(backend, dtype, rounding, shape, hname, recipe, seed, 
 
 # "n": one NaN (fp16) or Inf in the middle of small gradients, nearest rounding; "t": each of NaN,
 # Inf, -Inf in gradients of size 1 with value clipping (which would make an Inf finite: it must
-# still count), stochastic rounding
+# still count), stochastic rounding; "u": each of them with neither value clipping nor clip_coef
+# (the native kernels then find a bad element through its row's sum), in rows of one column tile
+# and of several (more than 4096 columns)
+_BAD = (float("nan"), float("inf"), -float("inf"))
 _NON_FINITE = (
     [(d, s, "n", None) for d in DTYPES + F32_GRADS
      for s in [(4097,), (37, 129), (3, 17, 33), (130, 4096)]]
     + [(d, s, "t", bad) for d in DTYPES + F32_GRADS for s in [(7,), (4097,), (37, 129), (3, 17, 33)]
-       for bad in (float("nan"), float("inf"), -float("inf"))]
+       for bad in _BAD]
+    + [(d, s, "u", bad) for d in DTYPES + F32_GRADS for s in [(37, 129), (3, 17, 33), (5, 4500)]
+       for bad in _BAD]
 )
 
 
@@ -259,6 +264,9 @@ def test_non_finite_gradient_changes_nothing(backend, dtype, shape, layout, bad)
         h, rounding = HYPER["all"], "nearest"
         p0, g, st0 = _data(shape, dtype, h, ("n", 7))
         bad = float("nan") if dtype == torch.float16 else float("inf")
+    elif layout == "u":
+        h, rounding = HYPER["scaled"], "nearest"
+        p0, g, st0 = _data(shape, dtype, h, ("n", 7))
     else:
         h, rounding = HYPER["all_normalised"], "stochastic"
         p0, _, st0 = _data(shape, dtype, h, ("t", 0))
@@ -270,7 +278,7 @@ def test_non_finite_gradient_changes_nothing(backend, dtype, shape, layout, bad)
         assert torch.equal(r["p"].view(torch.uint8), p0.view(torch.uint8))
         for k, v in st0.items():
             assert torch.equal(r["state"][k], v)
-    if layout == "t":
+    if layout != "n":
         return
     # and a clean gradient afterwards still updates (this data moves every element by many ulps)
     g.view(-1)[g.numel() // 2] = 0.01
@@ -278,6 +286,20 @@ def test_non_finite_gradient_changes_nothing(backend, dtype, shape, layout, bad)
     p = p0.to(backend.device, copy=True)
     _call(backend.op("adalomo_update_"), p, g, st0, h, backend.device, found=found)
     assert found.item() == 0.0 and not torch.equal(p.cpu(), p0)
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases(
+    ALL, [(d, s) for d in DTYPES + F32_GRADS if dtypes_of(d)[1] != torch.float16
+          for s in [(37, 129), (5, 4500)]], None))
+def test_a_finite_gradient_whose_square_overflows_is_not_non_finite(backend, dtype, shape):
+    # 3e19 is finite in float32 and bfloat16; its square (and its row's sum) is not. Without
+    # clipping the native kernels look at a row again when its sum is not finite: the gradient
+    # itself is, so nothing is flagged, as in the reference.
+    h = HYPER["plain"]
+    p0, g, st0 = _data(shape, dtype, h, ("n", 7))
+    g.view(-1)[g.numel() // 2] = 3e19
+    out, ref = _run(backend, p0, g, st0, h, "nearest", seed=0, step=1)
+    assert out["found"].item() == ref["found"].item() == 0.0
 
 
 @pytest.mark.parametrize("backend,dtype", cases(ALL, DTYPES, None))

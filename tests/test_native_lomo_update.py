@@ -36,19 +36,21 @@ def _bits(t):
 @pytest.mark.parametrize("ls, wd", [(1.0, 0.0), (1.0, 0.05), (512.0, 0.0), (1000.0, 0.1)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
-    # The C++ loop takes a fast path on runs of 128 elements whose p and g are finite (nearest
-    # rounding, multipliers of at most 1): it must give bitwise the reference's parameters next
-    # to guarded runs (a NaN gradient, an Inf parameter), with a multiplier of exactly 1 left
-    # out or not, and the same grad_sq as the guarded loop (stochastic rounding, clip_coef > 1).
+    # The C++ loop takes a fast path on runs of 128 elements whose p and g are finite
+    # (multipliers of at most 1; either rounding): it must give bitwise the reference's
+    # parameters next to guarded runs (a NaN gradient, an Inf parameter), with a multiplier of
+    # exactly 1 left out or not, and the same grad_sq as the stochastic fast path and the guarded
+    # loop (clip_coef > 1).
     h = dict(lr=3e-3, wd=wd, ls=ls, cgv=0.0, coef=0.5)
     p0, g = rand((5003,), dtype, seed=7), rand((5003,), dtype, scale=3.0, seed=8)
     bad_g, bad_p = g.clone(), p0.clone()
     bad_g[1500], bad_p[3000], bad_p[4995] = float("nan"), float("inf"), float("-inf")
     for p_in, g_in in ((p0, g), (bad_p, bad_g)):
-        out, ref = p_in.clone(), p_in.clone()
-        OP(out, g_in, *_args(h, "cpu"))
-        reference.lomo_update_(ref, g_in, *_args(h, "cpu"))
-        assert torch.equal(_bits(out), _bits(ref))
+        for rounding in ("nearest", "stochastic"):
+            out, ref = p_in.clone(), p_in.clone()
+            OP(out, g_in, *_args(h, "cpu", rounding))
+            reference.lomo_update_(ref, g_in, *_args(h, "cpu", rounding))
+            assert torch.equal(_bits(out), _bits(ref)), rounding
     sums = []
     for rounding, coef in (("nearest", 0.5), ("stochastic", 0.5), ("nearest", 1.5)):
         acc = torch.zeros(1)

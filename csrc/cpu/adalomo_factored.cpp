@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "cpu/adalomo_cpu.h"
+#include "cpu/bf16_pairs.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_vec.h"
 #include "cpu/cpu_workspace.h"
@@ -86,7 +87,7 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   using S = storage_t<F>;
   using VF = typename Vec<W>::F;
   using VU = typename Vec<W>::U;
-  using Gr = Group<F, W>;
+  using Gr = GroupOf<F, K::GF, W>;
   using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
@@ -97,10 +98,16 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
   double* __restrict colpart = c.w.colpart + (t.s * geo.nrb + t.rg) * n + t.c0;
   double* __restrict rowpart = c.w.rowpart + t.cb * geo.S * geo.m;
   // fp32 column sums of up to kFlushRows rows; each group of 16 columns in the lane order of
-  // Group (cpu_vec.h), put back in column order when flushed to colpart
+  // Gr (bf16_pairs.h), put back in column order when flushed to colpart
   alignas(64) float colf[kTileCols + kLanes];
   DAcc<W> pp, gq;
-  VU emax[P] = {};  // the largest exponent field seen: 0xFF marks NaN/Inf
+  // NaN/Inf in g. Without value clipping or clip_coef, a NaN/Inf gradient makes its G and so its
+  // row's sum non-finite (a float sum never turns finite again), so a finite row sum clears the
+  // row and only a non-finite one (a bad element, or an overflow of finite ones) is decided from
+  // the stored words. Clipping maps Inf to a finite value: then the largest exponent field seen
+  // (0xFF marks NaN/Inf) is tracked per element.
+  VU emax[P] = {};
+  uint32_t bad = 0;
   for (int64_t rb = t.r0; rb < t.r1; rb += kFlushRows) {
     const int64_t re = std::min(t.r1, rb + kFlushRows);
     std::memset(colf, 0, sizeof(float) * static_cast<size_t>(ceil_div(w, kLanes) * kLanes));
@@ -111,17 +118,19 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
       DAcc<W> racc;
       for (int64_t b = 0; b < w; b += kBlock) {
         const int64_t be = std::min(w, b + kBlock);
-        Lanes<W> fr, fp, fq;  // in Group's lane order until the block is added
+        Lanes<W> fr, fp, fq;  // in Gr's lane order until the block is added
         // 16 elements from gs / ps (column j of the tile); `rest` < 16: a zero-padded tail
         const auto group = [&](const SG* gs, const S* ps, int64_t j, int rest)
                                __attribute__((always_inline)) {
           VF gr[P], pr[P];
-          group_load<K::GF, F, W>(gs, gr);
+          group_of_load<F, K::GF, W>(gs, gr);
           Gr::load(ps, pr);
           for (int q = 0; q < P; ++q) {
             const VF graw = gr[q];
-            const VU e = (VU)graw & 0x7F800000u;
-            emax[q] = emax[q] > e ? emax[q] : e;
+            if constexpr (K::CLIP) {
+              const VU e = (VU)graw & 0x7F800000u;
+              emax[q] = emax[q] > e ? emax[q] : e;
+            }
             if constexpr (K::GSQ) {
               const VF gu = pre.unscale(graw);
               fq.v[q] += gu * gu;
@@ -147,7 +156,10 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
         pp.add(Gr::logical(fp));
         if constexpr (K::GSQ) gq.add(Gr::logical(fq));
       }
-      rowpart[row] = racc.sum();
+      const double rs = racc.sum();
+      rowpart[row] = rs;
+      if constexpr (!K::CLIP)
+        if (!std::isfinite(rs)) bad |= any_non_finite<K::GF>(g, g, w) ? 1u : 0u;
     }
     for (int64_t j0 = 0; j0 < w; j0 += kLanes) {  // column order again
       for (int q = 0; q < P; ++q) {
@@ -160,9 +172,9 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
       }
     }
   }
-  uint32_t bad = 0;
-  for (int q = 0; q < P; ++q)
-    for (int k = 0; k < W; ++k) bad |= emax[q][k] == 0x7F800000u ? 1u : 0u;
+  if constexpr (K::CLIP)
+    for (int q = 0; q < P; ++q)
+      for (int k = 0; k < W; ++k) bad |= emax[q][k] == 0x7F800000u ? 1u : 0u;
   c.w.slots[unit] = Slot{pp.sum(), K::GSQ ? gq.sum() : 0.0, 0.0, bad};
 }
 LOMO_CPU_CLONES(fac_stats)
@@ -238,7 +250,9 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
     const auto u_of = [&](const SG* __restrict g, int64_t j) __attribute__((always_inline)) {
       return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[j]), scale, clip, coef);
     };
-    // 16 elements at a time in vectors (cpu_vec.h's Group), then the tail element by element
+    // 16 elements at a time in vectors (cpu_vec.h's Group: its lane order loads the fp32 c_j
+    // with in-lane shuffles, where bf16_pairs.h's would need lane-crossing ones), then the tail
+    // element by element
     const auto clean_run = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec,
                                uint32_t lo, uint32_t hk) __attribute__((always_inline)) {
       using G = Group<F, W>;

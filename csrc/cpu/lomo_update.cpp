@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/bf16_pairs.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_vec.h"
 #include "cpu/cpu_workspace.h"
@@ -51,7 +52,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
   using S = storage_t<F>;
   using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
-  using G = Group<F, W>;
+  using G = GroupOf<F, K::GF, W>;  // bf16 p and g on AVX2: no shuffles (bf16_pairs.h)
   using VF = typename Vec<W>::F;
   constexpr int64_t kRun = 128;  // divides kBlock
   const LomoScalars s = c.s;
@@ -66,7 +67,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   uint32_t bad = 0;
   DAcc<W> gsq;
   // The 16-element groups in [b, e) (a multiple of 16 long) without NaN/Inf, in vectors; the
-  // squared gradient into acc in Group's lane order; a literal 1 for scale / decay folds the
+  // squared gradient into acc in G's lane order; a literal 1 for scale / decay folds the
   // multiply away (x * 1 == x).
   const auto clean_groups = [&](Lanes<W>& acc, int64_t b, int64_t e, float scale, float decay)
                                 __attribute__((always_inline)) {
@@ -74,7 +75,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     const VF neg_lr = splat<W>(s.neg_lr), dec = splat<W>(decay);
     for (int64_t j = b; j < e; j += kLanes) {
       VF gv[G::P], pv[G::P];
-      group_load<K::GF, F, W>(g + j, gv);
+      group_of_load<F, K::GF, W>(g + j, gv);
       G::load(p + j, pv);
       for (int q = 0; q < G::P; ++q) {
         const VF gu = pre.unscale(gv[q]);
@@ -98,13 +99,13 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
       bad |= ok ? 0u : 1u;
     }
   };
-  // The squared gradient of the groups in [b, e) into acc in Group's lane order (the guarded
+  // The squared gradient of the groups in [b, e) into acc in G's lane order (the guarded
   // runs: the same sums as clean_groups'); `add_tail`: a last partial group, in element order.
   const VPre<K::DIV, W> unscale(s.scale, s.clip, coef);
   const auto add_gsq = [&](Lanes<W>& acc, int64_t b, int64_t e) __attribute__((always_inline)) {
     for (int64_t j = b; j < e; j += kLanes) {
       VF gv[G::P];
-      group_load<K::GF, F, W>(g + j, gv);
+      group_of_load<F, K::GF, W>(g + j, gv);
       for (int q = 0; q < G::P; ++q) {
         const VF u = unscale.unscale(gv[q]);
         acc.v[q] += u * u;
