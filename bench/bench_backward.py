@@ -355,6 +355,10 @@ def whole_step(model_name: str, dtypes, threads, repeats: int, rounds: int, base
                     "batch": spec.get("batch"), "seq": spec.get("seq"),
                     "n_params": sum(p.numel() for p in base.parameters()),
                     "n_tensors": len(list(base.parameters())), "rounds": len(ts),
+                    # what one step's update ops must move (docs/spec.md), for the profile's rate
+                    "fewest_bytes": (shapes.fewest_bytes(
+                        f"{opt_name}_update", [tuple(p.shape) for p in base.parameters()], dtype)
+                        if opt_name in ("lomo", "adalomo") else None),
                     "median_ms": statistics.median(ts), "p20_ms": _q(ts, 0.2),
                     "p80_ms": _q(ts, 0.8),
                     "ratio_to_plain_backward": statistics.median(ratio),

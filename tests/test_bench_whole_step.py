@@ -40,6 +40,15 @@ def test_rows_are_ratios_to_the_plain_step_of_the_same_round():
         assert r["rounds"] == 2 and r["threads"] == 1 and r["dtype"] == "fp32"
         assert r["median_ms"] > 0 and r["ratio_to_plain_backward"] > 0
         assert len(r["load_1min_start_end"]) == 1
+    # the bytes the step's update ops must move: the spec's count over the model's own tensors
+    # (a 1-d tensor's AdaLomo update moves its factored-less state too)
+    shapes = [tuple(p.shape) for p in base.parameters()]
+    n = sum(p.numel() for p in base.parameters())
+    n1 = sum(p.numel() for p in base.parameters() if p.dim() < 2)
+    assert plain["fewest_bytes"] is None
+    for r in rows[1:]:
+        want = 12 * n if r["optimizer"] == "lomo" else 24 * (n - n1) + (20 + 12) * n1
+        assert r["fewest_bytes"] == want, (r["op"], shapes)
     assert "median ms" in bench_backward.format_whole_step(rows)
 
 

@@ -49,8 +49,9 @@ def whole_step_table(res: Results) -> str:
 
 def whole_step_profile(res: Results) -> str:
     """Where a fused step's time over the plain step goes (--profile): the time inside the update
-    ops, and the rate at which they move their fewest bytes (docs/spec.md: LOMO 3e, AdaLomo 6e
-    bytes per element for the matrices, which hold nearly all the parameters)."""
+    ops, and the rate at which they move their fewest bytes (the row's ``fewest_bytes``; rows
+    measured before it was recorded: LOMO 3e, AdaLomo 6e bytes per element, docs/spec.md's count
+    for the matrices, which hold nearly all the parameters)."""
     data = res(f"{CPU}/whole_step.json")
     rows = [r for r in data["rows"] if r.get("profile") and r["entry"] == "fused_backward"]
     if not rows:
@@ -58,7 +59,7 @@ def whole_step_profile(res: Results) -> str:
     parts = []
     for r in rows:
         es = 4 if r["dtype"] == "fp32" else 2
-        moved = r["n_params"] * es * (3 if r["optimizer"] == "lomo" else 6)
+        moved = r.get("fewest_bytes") or r["n_params"] * es * (3 if r["optimizer"] == "lomo" else 6)
         ms = r["profile"]["update_ops_ms"]
         parts.append(f"`{r['optimizer']}` at {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
                      f" {r['overhead_ms']:.0f} ms over the plain step, {ms:.0f} ms inside its "
