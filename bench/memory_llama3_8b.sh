@@ -3,7 +3,7 @@
 # per optimizer on a 24 GiB CPU machine, each case in a fresh process under an address-space limit
 # (bench/bench_memory.py): seq 256 for every case, then seq 2048 for AdaLomo and Lomo, with the
 # model's own loss and with the loss computed in 256-token chunks, and for lomo-optim's AdaLomo and
-# AdamW in the setting where AdaLomo fits. Needs ~20 GiB free and a quiet
+# Lomo, AdamW, GoLore and GaLore (rank 64) in the setting where AdaLomo fits. Needs ~20 GiB free and a quiet
 # machine; the free memory and the load are printed before each case. Results merge into
 # bench/results/cpu/memory.json (+ memory.png, memory-llama3-8b.png). One step per case (the
 # step is the measurement). MATMUL=float32-tiles (the default) computes the bf16 linear layers in
@@ -44,7 +44,9 @@ case_ 2048 lk-adalomo
 case_ 2048 lk-lomo --loss-chunk 256
 case_ 2048 lk-lomo --loss-chunk 256 --mmap-threshold-mib 1
 case_ 2048 lk-lomo
-# lomo-optim's AdaLomo and AdamW at seq 2048 in the setting where AdaLomo fits
-case_ 2048 lomo_optim-adalomo --loss-chunk 256 --mmap-threshold-mib 1
-case_ 2048 adamw --loss-chunk 256 --mmap-threshold-mib 1
+# lomo-optim's AdaLomo and Lomo, AdamW, and GoLore / GaLore at rank 64 at seq 2048 in the setting
+# where AdaLomo fits (Adafactor, which runs out of memory at seq 256, is left out there)
+for name in lomo_optim-adalomo adamw lomo_optim-lomo lk-golore-r64 lk-galore-r64; do
+  case_ 2048 "$name" --loss-chunk 256 --mmap-threshold-mib 1
+done
 echo "=== done $(date -u +%H:%M:%S)"
