@@ -136,11 +136,11 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p = torch.randn(shape).to(dtype); g = (torch.randn(shape) * 3).to(dtype)
         st = {{k: torch.rand(s) + 0.1 for k, s in ops.adalomo_state_shapes(shape).items()}}
         acc = torch.zeros(1)
-        for coef, cgv in ((torch.tensor(0.37), 0.7), (None, 0.0)):  # with and without clipping
+        for coef, cgv, rounding in ((torch.tensor(0.37), 0.7, "stochastic"),  # clipping
+                                    (None, 0.0, "stochastic"), (None, 0.0, "nearest")):
             torch.ops.lomo_kernels.adalomo_update_(
                 p, g, st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"), st.get("exp_avg_sq"),
-                coef, None, 3e-3, 0.1, 1000.0, cgv, 0.3, 1e-30, 1e-3, 0.05, "stochastic", 5, 2,
-                acc)
+                coef, None, 3e-3, 0.1, 1000.0, cgv, 0.3, 1e-30, 1e-3, 0.05, rounding, 5, 2, acc)
             out += [p.float().flatten(), acc.clone()] + [v.flatten() for v in st.values()]
 torch.save(torch.cat(out), {path!r})
 """

@@ -147,7 +147,13 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
           }
         };
         int64_t j = b;
-        for (; j + kLanes <= be; j += kLanes) group(g + j, p + j, j, 0);
+        for (; j + kLanes <= be; j += kLanes) {
+          if ((j & (kPrefetchRun - 1)) == 0) {  // cpu_vec.h
+            prefetch_run_ahead<0>(g + j);
+            prefetch_run_ahead<0>(p + j);
+          }
+          group(g + j, p + j, j, 0);
+        }
         if (j < be) {
           const int rest = static_cast<int>(be - j);
           group(Padded<K::GF>(g + j, rest).v, Padded<F>(p + j, rest).v, j, rest);
@@ -184,12 +190,24 @@ template <class K, int W>
 LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
   using SG = storage_t<K::GF>;
   using VF = typename Vec<W>::F;
+  using Gr = GroupOf<K::F, K::GF, W>;
   constexpr int P = Lanes<W>::P;
   const Geo& geo = c.geo;
   const Tile t = tile_of(geo, unit);
   const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
+  // this tile's c_j in Gr's lane order (bf16_pairs.h: even columns of each 16, then odd), so
+  // that c_j and g load without shuffles; a zero-padded tail group
+  alignas(64) float cg[kTileCols + kLanes];
+  for (int64_t j = 0; j < t.w; j += kLanes) {
+    const int rest = static_cast<int>(std::min<int64_t>(kLanes, t.w - j));
+    float cbuf[kLanes] = {};
+    std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
+    VF v[P];
+    Gr::load_f32(cbuf, v);
+    std::memcpy(cg + j, v, sizeof v);
+  }
   DAcc<W> uu;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
@@ -197,26 +215,25 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
     const SG* __restrict g = static_cast<const SG*>(c.g) + row * geo.n + t.c0;
     for (int64_t b = 0; b < t.w; b += kBlock) {
       const int64_t be = std::min(t.w, b + kBlock);
-      Lanes<W> fu;
-      const auto group = [&](const SG* gs, const float* cs, int rest)
-                             __attribute__((always_inline)) {
+      Lanes<W> fu;  // in Gr's lane order until the block is added
+      const auto group = [&](const SG* gs, int64_t j, int rest) __attribute__((always_inline)) {
+        VF gv[P], cv[P];
+        group_of_load<K::F, K::GF, W>(gs, gv);
+        std::memcpy(cv, cg + j, sizeof cv);
         for (int q = 0; q < P; ++q) {
-          VF cv;
-          std::memcpy(&cv, cs + q * W, sizeof cv);
-          VF u = (rf * cv) * pre(vload<K::GF, W>(gs + q * W));
-          if (rest) u = lane_ids<W>(q) < rest ? u : VF{};
+          VF u = (rf * cv[q]) * pre(gv[q]);
+          if (rest) u = Gr::ids(q) < rest ? u : VF{};
           fu.v[q] += u * u;
         }
       };
       int64_t j = b;
-      for (; j + kLanes <= be; j += kLanes) group(g + j, cf + j, 0);
-      if (j < be) {
-        const int rest = static_cast<int>(be - j);
-        float cbuf[kLanes] = {};
-        std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
-        group(Padded<K::GF>(g + j, rest).v, cbuf, rest);
+      for (; j + kLanes <= be; j += kLanes) {
+        if ((j & (kPrefetchRun - 1)) == 0) prefetch_run_ahead<0>(g + j);  // cpu_vec.h
+        group(g + j, j, 0);
       }
-      uu.add(fu);
+      if (j < be) group(Padded<K::GF>(g + j, static_cast<int>(be - j)).v, j,
+                        static_cast<int>(be - j));
+      uu.add(Gr::logical(fu));
     }
   }
   c.w.slots[unit].uu = uu.sum();
@@ -240,6 +257,20 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
   const bool clean = c.st.clean;
+  // bf16 p and g on AVX2: bf16_pairs.h's word pairs, with this tile's c_j copied once into the
+  // same lane order (even columns of each 16, then odd), so no load in the loop shuffles; the
+  // other formats and clones: cpu_vec.h's Group, which loads the fp32 c_j in its own order.
+  constexpr bool kPairs = kBf16Pairs<F, K::GF, W>;
+  alignas(64) float cpair[kPairs ? kTileCols : 1];
+  if constexpr (kPairs) {
+    if (clean) {
+      for (int64_t j = 0; j + kLanes <= t.w; j += kLanes) {
+        typename Vec<W>::F v[2];
+        Bf16Pairs<W>::load_f32(cf + j, v);
+        std::memcpy(cpair + j, v, sizeof v);
+      }
+    }
+  }
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
     const float rf = 1.0f / std::sqrt(c.w.newr[row] / mean);
@@ -250,22 +281,32 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
     const auto u_of = [&](const SG* __restrict g, int64_t j) __attribute__((always_inline)) {
       return (rf * cfj[j]) * preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[j]), scale, clip, coef);
     };
-    // 16 elements at a time in vectors (cpu_vec.h's Group: its lane order loads the fp32 c_j
-    // with in-lane shuffles, where bf16_pairs.h's would need lane-crossing ones), then the tail
-    // element by element
-    const auto clean_run = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec,
-                               uint32_t lo, uint32_t hk) __attribute__((always_inline)) {
-      using G = Group<F, W>;
+    // 16 elements at a time in vectors (the group G: Bf16Pairs reading c_j from cpair, or Group
+    // reading it from cfj), then the tail element by element
+    const auto clean_run = [&](auto pairs, S* __restrict p, const SG* __restrict g, int64_t len,
+                               float dec, uint32_t lo, uint32_t hk) __attribute__((always_inline)) {
+      constexpr bool PAIRS = decltype(pairs)::value;
+      using G = std::conditional_t<PAIRS, Bf16Pairs<8>, Group<F, W>>;
       using VF = typename Vec<W>::F;
       const VPre<K::DIV, W, K::CLIP> pre(scale, clip, coef);
       const VF rfv = splat<W>(rf), den = splat<W>(denom), decv = splat<W>(dec);
       const VF lrv = splat<W>(lr_t);
       int64_t j = 0;
       for (; j + kLanes <= len; j += kLanes) {
+        if ((j & (kPrefetchRun - 1)) == 0) {  // cpu_vec.h
+          prefetch_run_ahead<0>(g + j);
+          prefetch_run_ahead<1>(p + j);
+        }
         VF gv[G::P], pv[G::P], cv[G::P];
-        group_load<K::GF, F, W>(g + j, gv);
-        G::load(p + j, pv);
-        G::load_f32(cfj + j, cv);
+        if constexpr (PAIRS) {
+          G::load(g + j, gv);
+          G::load(p + j, pv);
+          std::memcpy(cv, cpair + j, sizeof cv);
+        } else {
+          group_load<K::GF, F, W>(g + j, gv);
+          G::load(p + j, pv);
+          G::load_f32(cfj + j, cv);
+        }
         for (int q = 0; q < G::P; ++q) {
           const VF u = (rfv * cv[q]) * pre(gv[q]);
           pv[q] = pv[q] * decv - lrv * (K::DEN1 ? u : u / den);
@@ -276,6 +317,14 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
         p[j] = apply_one_clean<F, K::SR, K::DEN1>(denom, dec, lr_t, p[j], u_of(g, j),
                                                   lo + static_cast<uint32_t>(j), hk);
     };
+    // a whole row of the tile (not split by the hash's key below) can use cpair
+    const auto clean_any = [&](S* __restrict p, const SG* __restrict g, int64_t len, float dec,
+                               uint32_t lo, uint32_t hk) __attribute__((always_inline)) {
+      if (kPairs && len == t.w)
+        clean_run(std::bool_constant<kPairs>{}, p, g, len, dec, lo, hk);
+      else
+        clean_run(std::false_type{}, p, g, len, dec, lo, hk);
+    };
     while (begin < end) {  // split where the hash's high half changes
       const int64_t stop = std::min(end, ((begin >> 32) + 1) << 32);
       const uint32_t hk = hash_high_key(key, static_cast<uint64_t>(begin));
@@ -284,9 +333,9 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
       const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
       const int64_t len = stop - begin;
       if (clean && decay == 1.0f) {
-        clean_run(p, g, len, 1.0f, lo, hk);
+        clean_any(p, g, len, 1.0f, lo, hk);
       } else if (clean) {
-        clean_run(p, g, len, decay, lo, hk);
+        clean_any(p, g, len, decay, lo, hk);
       } else {
         for (int64_t j = 0; j < len; ++j) {
           const uint32_t bits = K::SR ? mix32((lo + static_cast<uint32_t>(j)) ^ hk) : 0u;

@@ -54,11 +54,7 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
   using G = GroupOf<F, K::GF, W>;  // bf16 p and g on AVX2: no shuffles (bf16_pairs.h)
   using VF = typename Vec<W>::F;
-  constexpr int64_t kRun = 128;  // divides kBlock
-  // Each run asks for the run kAhead elements further on (4 KiB of bf16 p ahead): measured on a
-  // 2-core EPYC, two threads at 4096 x 4096 went from 0.75-0.78 to 0.88 of the same-bytes stream
-  // (one thread within its spread), where the hardware prefetcher alone fell behind.
-  constexpr int64_t kAhead = 2048;
+  constexpr int64_t kRun = kPrefetchRun;
   const LomoScalars s = c.s;
   const float coef = c.coef;
   const int64_t begin = unit * kChunk;
@@ -130,14 +126,8 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     Lanes<W> acc;
     for (int64_t r = b; r < e; r += kRun) {
       const int64_t re = std::min(e, r + kRun), rf = std::min(full, re);
-      {  // the software prefetch (kAhead): a hint, which past the tensor's end never faults
-        const uintptr_t pa = reinterpret_cast<uintptr_t>(p + r) + kAhead * sizeof(S);
-        const uintptr_t ga = reinterpret_cast<uintptr_t>(g + r) + kAhead * sizeof(SG);
-        for (int64_t o = 0; o < kRun * int64_t{sizeof(S)}; o += 64)
-          __builtin_prefetch(reinterpret_cast<const void*>(pa + o), 1, 3);
-        for (int64_t o = 0; o < kRun * int64_t{sizeof(SG)}; o += 64)
-          __builtin_prefetch(reinterpret_cast<const void*>(ga + o), 0, 3);
-      }
+      prefetch_run_ahead<1>(p + r);  // cpu_vec.h
+      prefetch_run_ahead<0>(g + r);
       if (c.fast && !any_non_finite<K::GF, F>(g + r, p + r, re - r)) {
         if (scale1 && decay1)
           clean_groups(acc, r, rf, 1.0f, 1.0f);
