@@ -67,6 +67,31 @@ def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
 
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fast_run_that_overflows(dtype, rounding):
+    # Finite p and g whose new value overflows, inside a run the fast path takes (it rounds
+    # without the NaN select): the parameters must be the reference's bitwise (the Inf
+    # included), the squared gradient the same as without the overflow, and found_inf left
+    # alone (no gradient was non-finite).
+    big = torch.finfo(dtype).max
+    h = dict(lr=big / 256, wd=0.0, ls=1.0, cgv=0.0, coef=None)
+    p0, g = rand((1000,), dtype, seed=3), rand((1000,), dtype, seed=4)
+    g[200] = -1.0
+    tall = p0.clone()
+    tall[200] = big
+    sums = []
+    for p_in in (p0, tall):
+        out, ref, acc, found = p_in.clone(), p_in.clone(), torch.zeros(1), torch.zeros(1)
+        OP(out, g, *_args(h, "cpu", rounding, found_inf=found), acc)
+        reference.lomo_update_(ref, g, *_args(h, "cpu", rounding))
+        assert torch.equal(_bits(out), _bits(ref))
+        assert found.item() == 0.0
+        sums.append(acc)
+    assert torch.isinf(out[200]) and torch.isfinite(out[:200]).all()
+    assert torch.equal(sums[0], sums[1])
+
+
 @pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_stochastic_rounding_of_edge_values_is_bitwise_the_reference(target, dtype):

@@ -185,6 +185,23 @@ LOMO_CPU_INLINE void fac_stats(const FacCtx& c, int64_t unit) {
 }
 LOMO_CPU_CLONES(fac_stats)
 
+// The tile's w <= kTileCols column factors c_j copied to out in the lane order of the group G
+// (bf16_pairs.h's word pairs: even columns of each 16, then odd), so that the passes load c_j
+// next to g and p without shuffles; a last partial 16 zero-padded (out: kTileCols floats).
+template <class G, int W>
+LOMO_CPU_INLINE void cols_in_lane_order(float* __restrict out, const float* __restrict cf,
+                                        int64_t w) {
+  static_assert(kTileCols % kLanes == 0, "the padded tail must fit in kTileCols");
+  for (int64_t j = 0; j < w; j += kLanes) {
+    const int64_t rest = std::min<int64_t>(kLanes, w - j);
+    float cbuf[kLanes] = {};
+    std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
+    typename Vec<W>::F v[kLanes / W];
+    G::load_f32(cbuf, v);
+    std::memcpy(out + j, v, sizeof v);
+  }
+}
+
 // ---- stage 2 pass: sum(u*u), u = (rfac * cfac) * g ------------------------------------------
 template <class K, int W>
 LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
@@ -197,17 +214,8 @@ LOMO_CPU_INLINE void fac_unorm(const FacCtx& c, int64_t unit) {
   const VPre<K::DIV, W, K::CLIP> pre(c.s.scale, c.s.clip, c.coef);
   const float mean = mean_r(c, t.s);
   const float* __restrict cf = c.w.cfac + t.s * geo.n + t.c0;
-  // this tile's c_j in Gr's lane order (bf16_pairs.h: even columns of each 16, then odd), so
-  // that c_j and g load without shuffles; a zero-padded tail group
-  alignas(64) float cg[kTileCols + kLanes];
-  for (int64_t j = 0; j < t.w; j += kLanes) {
-    const int rest = static_cast<int>(std::min<int64_t>(kLanes, t.w - j));
-    float cbuf[kLanes] = {};
-    std::memcpy(cbuf, cf + j, static_cast<size_t>(rest) * sizeof(float));
-    VF v[P];
-    Gr::load_f32(cbuf, v);
-    std::memcpy(cg + j, v, sizeof v);
-  }
+  alignas(64) float cg[kTileCols];  // this tile's c_j in Gr's lane order, its tail padded
+  cols_in_lane_order<Gr, W>(cg, cf, t.w);
   DAcc<W> uu;
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
@@ -263,13 +271,7 @@ LOMO_CPU_INLINE void fac_apply(const FacCtx& c, int64_t unit) {
   constexpr bool kPairs = kBf16Pairs<F, K::GF, W>;
   alignas(64) float cpair[kPairs ? kTileCols : 1];
   if constexpr (kPairs) {
-    if (clean) {
-      for (int64_t j = 0; j + kLanes <= t.w; j += kLanes) {
-        typename Vec<W>::F v[2];
-        Bf16Pairs<W>::load_f32(cf + j, v);
-        std::memcpy(cpair + j, v, sizeof v);
-      }
-    }
+    if (clean) cols_in_lane_order<Bf16Pairs<W>, W>(cpair, cf, t.w);
   }
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const int64_t row = t.s * geo.m + r;
