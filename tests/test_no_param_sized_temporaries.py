@@ -24,6 +24,7 @@ from conftest import requires_native
 
 from bench.memprobe import allocation_trace, exact_rss, peak_extra_bytes
 from lomo_kernels import AdaLomo, Lomo, ops
+from lomo_kernels.optim import _batch
 from lomo_kernels.optim._norm import fp32_norm
 
 SHAPE = (2048, 2048)
@@ -107,6 +108,19 @@ def test_fp32_norm_has_no_fp32_copy():
     # control: the one-call float32 norm makes the copy the helper avoids
     assert allocation_trace(lambda: torch.linalg.vector_norm(g, dtype=torch.float32)).largest \
         >= 2 * PARAM_BYTES
+
+
+def test_add_grad_sq_has_no_fp32_copy():
+    """The squared norm the optimizers add with torch operations (GoLore, sharded updates)."""
+    g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(15)).to(DTYPE)
+    acc = torch.zeros(1)
+    _batch.add_grad_sq(acc, g, 1.0)
+    want = g.double().square().sum()
+    assert abs(acc.double().item() / want.item() - 1) < 1e-5
+    trace = allocation_trace(lambda: _batch.add_grad_sq(acc, g, 1.0))
+    assert trace.largest <= BOUND and trace.peak <= BOUND, trace
+    rise, method = least_rise(lambda: _batch.add_grad_sq(acc, g, 1.0))
+    assert method is None or rise <= RSS_BOUND, rise
 
 
 @pytest.mark.parametrize("cls", [Lomo, AdaLomo])

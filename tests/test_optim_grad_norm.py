@@ -25,6 +25,20 @@ from lomo_kernels.optim import _batch
 NORM_RTOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-3}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_side_norm_is_accurate_for_a_large_gradient(dtype):
+    # The norm the optimizers take with torch operations (grad_norm's pass, GoLore's and the
+    # sharded updates' grad_sq): a 2**25-element gradient within 1e-5 of float64. One
+    # vector_norm call on CPU sums in float32 and is off by about 2e-3 at this size (torch 2.14).
+    from lomo_kernels.optim._norm import fp32_norm
+    g = torch.randn(2**25, generator=torch.Generator().manual_seed(5)).to(dtype)
+    want = g.double().square().sum()
+    assert abs(fp32_norm(g).double().item() ** 2 / want.item() - 1) < 1e-5
+    acc = torch.zeros(1)
+    _batch.add_grad_sq(acc, g, 4.0)
+    assert abs(acc.double().item() * 16.0 / want.item() - 1) < 1e-5
+
+
 @pytest.mark.parametrize("backend", OPT_BACKENDS)
 @pytest.mark.parametrize("cls", [Lomo, AdaLomo])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

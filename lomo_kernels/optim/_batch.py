@@ -26,6 +26,7 @@ import torch
 
 from .. import ops, reference
 from ._failures import state_restored_on_error
+from ._norm import fp32_norm
 
 SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOTS = 1 + len(SMALL_DTYPES)  # [updated in the hook, small fp32, small fp16, small bf16]
@@ -154,9 +155,9 @@ def kernel_adds_grad_sq(op: str, backend: str, impl, device: torch.device) -> bo
 
 
 def add_grad_sq(acc: torch.Tensor, g: torch.Tensor, loss_scale: float) -> None:
-    """``acc += sum((g / loss_scale)**2)`` with torch operations, for kernels that cannot: one
-    float32 reduction of ``g`` (no temporary of its size), on the device, no host sync."""
-    n = torch.linalg.vector_norm(g, dtype=torch.float32)
+    """``acc += sum((g / loss_scale)**2)`` with torch operations, for kernels that cannot:
+    ``_norm.fp32_norm`` (no temporary of ``g``'s size), on the device, no host sync."""
+    n = fp32_norm(g)
     if loss_scale != 1.0:
         n = n / reference.f32(loss_scale)
     acc.add_(n.square())
