@@ -3,12 +3,12 @@
 # per optimizer on a 24 GiB CPU machine, each case in a fresh process under an address-space limit
 # (bench/bench_memory.py): seq 256 for every case, then seq 2048 for AdaLomo and Lomo, with the
 # model's own loss and with the loss computed in 256-token chunks, and for lomo-optim's AdaLomo and
-# Lomo, AdamW, GoLore and GaLore (rank 64) in the setting where AdaLomo fits. Needs ~20 GiB free and a quiet
-# machine; the free memory and the load are printed before each case. Results merge into
-# bench/results/cpu/memory.json (+ memory.png, memory-llama3-8b.png). One step per case (the
-# step is the measurement). MATMUL=float32-tiles (the default) computes the bf16 linear layers in
-# float32 tiles (bench/bf16_matmul.py), for CPUs without a fast bf16 matrix product; MATMUL=native
-# on one that has it (AVX-512 BF16 / AMX).
+# Lomo, AdamW, GoLore (rank 64 and 128) and GaLore (rank 64) in the setting where AdaLomo fits.
+# Needs ~20 GiB free and a quiet machine; the free memory and the load are printed before each
+# case. Results merge into bench/results/cpu/memory.json (+ memory.png, memory-llama3-8b.png).
+# One step per case (the step is the measurement). MATMUL=float32-tiles (the default) computes the
+# bf16 linear layers in float32 tiles (bench/bf16_matmul.py), for CPUs without a fast bf16 matrix
+# product; MATMUL=native on one that has it (AVX-512 BF16 / AMX).
 #
 #   bash bench/memory_llama3_8b.sh                        # the committed results
 #   MODEL=tiny OUT=/tmp/dry bash bench/memory_llama3_8b.sh  # the same commands on a tiny model
@@ -44,9 +44,10 @@ case_ 2048 lk-adalomo
 case_ 2048 lk-lomo --loss-chunk 256
 case_ 2048 lk-lomo --loss-chunk 256 --mmap-threshold-mib 1
 case_ 2048 lk-lomo
-# lomo-optim's AdaLomo and Lomo, AdamW, and GoLore / GaLore at rank 64 at seq 2048 in the setting
-# where AdaLomo fits (Adafactor, which runs out of memory at seq 256, is left out there)
-for name in lomo_optim-adalomo adamw lomo_optim-lomo lk-golore-r64 lk-galore-r64; do
+# lomo-optim's AdaLomo and Lomo, AdamW, GoLore at rank 64 and 128 and GaLore at rank 64 at seq
+# 2048 in the setting where AdaLomo fits (Adafactor, which runs out of memory at seq 256, is left
+# out there)
+for name in lomo_optim-adalomo adamw lomo_optim-lomo lk-golore-r64 lk-galore-r64 lk-golore; do
   case_ 2048 "$name" --loss-chunk 256 --mmap-threshold-mib 1
 done
 echo "=== done $(date -u +%H:%M:%S)"

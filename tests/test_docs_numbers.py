@@ -80,3 +80,18 @@ def test_check_fails_on_an_unknown_or_unclosed_block(copy_of_the_tree, capsys):
     assert render_docs.main(["--check", "--root", str(copy_of_the_tree)]) == 1
     err = capsys.readouterr().err
     assert "unknown results block 'nope'" in err and "has no closing marker" in err
+
+
+def test_the_8b_estimates_cover_every_case_the_script_runs():
+    # bench/memory_llama3_8b.sh runs cases in loops and one by one; the estimate table is built
+    # from the script, so every case the script runs is read from it, each loop's included
+    from bench.docgen import evidence_memory
+
+    script = (ROOT / "bench" / "memory_llama3_8b.sh").read_text()
+    runs = len(re.findall(r"^\s*case_ ", script, re.M))
+    loops = re.findall(r"for name in (.*?); do", script, re.S)
+    want = runs - len(loops) + sum(len(x.replace("\\", " ").split()) for x in loops)
+    cases = evidence_memory.script_cases()
+    assert len(cases) == want
+    assert ("lomo_optim-adalomo", 2048, 256) in cases  # a case of the seq-2048 loop
+    assert ("lk-lomo", 2048, None) in cases

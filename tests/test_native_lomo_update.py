@@ -66,7 +66,6 @@ def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
     assert abs(sums[0].item() - want.item()) <= 1e-5 * want.item()
 
 
-
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_fast_run_that_overflows(dtype, rounding):
@@ -122,8 +121,6 @@ def test_stochastic_rounding_of_edge_values_is_bitwise_the_reference(target, dty
     if dtype == torch.float16:
         assert (ref.float().abs() == 65504).any()
         assert ((ref.float().abs() < 2.0**-14) & (ref != 0)).any()  # subnormals
-
-
 
 
 @pytest.mark.parametrize("target", ["cpu", pytest.param("cuda_emulated",

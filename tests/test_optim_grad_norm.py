@@ -17,6 +17,7 @@ from lomo_kernels import (
     AdaLomo, GradNormSpikeWarning, InBackwardOptimizer, Lomo, NonFiniteGradientWarning,
 )
 from lomo_kernels.optim import _batch
+from lomo_kernels.optim._norm import fp32_norm
 
 
 # relative tolerance of last_grad_norm against the float64 norm of the same gradients: the
@@ -30,7 +31,6 @@ def test_torch_side_norm_is_accurate_for_a_large_gradient(dtype):
     # The norm the optimizers take with torch operations (grad_norm's pass, GoLore's and the
     # sharded updates' grad_sq): a 2**25-element gradient within 1e-5 of float64. One
     # vector_norm call on CPU sums in float32 and is off by about 2e-3 at this size (torch 2.14).
-    from lomo_kernels.optim._norm import fp32_norm
     g = torch.randn(2**25, generator=torch.Generator().manual_seed(5)).to(dtype)
     want = g.double().square().sum()
     assert abs(fp32_norm(g).double().item() ** 2 / want.item() - 1) < 1e-5

@@ -32,9 +32,14 @@ def _shape() -> dict:
 def script_cases() -> list[tuple[str, int, int | None]]:
     """(case, seq, loss chunk) in the order the script runs them, read from the script."""
     text = SCRIPT_TEXT()
-    loop = re.search(r"for name in (.*?); do\s+case_ (\d+)", text, re.S)
-    cases = [(n, int(loop.group(2)), None) for n in loop.group(1).replace("\\", " ").split()]
-    for seq, name, flags in re.findall(r"^case_ (\d+) (\S+)(.*)$", text, re.M):
+    found = []  # (offset in the script, case, seq, flags): the loops' cases and the single ones
+    for loop in re.finditer(r"for name in (.*?); do\s+case_ (\d+) \S+([^\n]*)", text, re.S):
+        found += [(loop.start(), n, loop.group(2), loop.group(3))
+                  for n in loop.group(1).replace("\\", " ").split()]
+    for one in re.finditer(r"^case_ (\d+) (\S+)(.*)$", text, re.M):
+        found.append((one.start(), one.group(2), one.group(1), one.group(3)))
+    cases = []
+    for _, name, seq, flags in sorted(found, key=lambda f: f[0]):
         chunk = re.search(r"--loss-chunk (\d+)", flags)
         cases.append((name, int(seq), int(chunk.group(1)) if chunk else None))
     return cases
