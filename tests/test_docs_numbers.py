@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import render_docs  # noqa: E402
+from bench.docgen import evidence_memory  # noqa: E402
 
 
 def test_docs_match_the_results_files(capsys):
@@ -85,8 +86,6 @@ def test_check_fails_on_an_unknown_or_unclosed_block(copy_of_the_tree, capsys):
 def test_the_8b_estimates_cover_every_case_the_script_runs():
     # bench/memory_llama3_8b.sh runs cases in loops and one by one; the estimate table is built
     # from the script, so every case the script runs is read from it, each loop's included
-    from bench.docgen import evidence_memory
-
     script = (ROOT / "bench" / "memory_llama3_8b.sh").read_text()
     runs = len(re.findall(r"^\s*case_ ", script, re.M))
     loops = re.findall(r"for name in (.*?); do", script, re.S)
