@@ -66,6 +66,34 @@ def test_cpu_fast_and_guarded_blocks_agree(dtype, ls, wd):
     assert abs(sums[0].item() - want.item()) <= 1e-5 * want.item()
 
 
+@pytest.mark.parametrize("ls, wd", [(1.0, 0.0), (1.0, 0.05), (512.0, 0.0), (1000.0, 0.1)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fast_run_with_non_finite_values_is_redone_guarded(dtype, ls, wd):
+    # Without value clipping the C++ fast path computes a run before it knows whether the run
+    # held NaN/Inf; a run that did gets its p back and takes the guarded loop. Bad values in the
+    # middle of runs, two in one run, in the first and last element of a run and in the partial
+    # group at the end: the parameters bitwise the reference's, found_inf set by a bad gradient
+    # only, and the squared gradient of finite gradients unchanged by a bad parameter.
+    h = dict(lr=3e-3, wd=wd, ls=ls, cgv=0.0, coef=None)
+    p0, g = rand((5003,), dtype, seed=17), rand((5003,), dtype, scale=3.0, seed=18)
+    cases = {"g": [(1500, "nan"), (1510, "inf"), (2048, "-inf"), (2175, "nan")],
+             "p": [(128, "nan"), (3000, "inf"), (3001, "nan"), (4995, "-inf")]}
+    for rounding in ("nearest", "stochastic"):
+        sums = {}
+        for which in ("none", "g", "p"):
+            p_in, g_in = p0.clone(), g.clone()
+            for i, v in cases.get(which, []):
+                (g_in if which == "g" else p_in)[i] = float(v)
+            out, ref = p_in.clone(), p_in.clone()
+            acc, found = torch.zeros(1), torch.zeros(1)
+            OP(out, g_in, *_args(h, "cpu", rounding, found_inf=found), acc)
+            reference.lomo_update_(ref, g_in, *_args(h, "cpu", rounding))
+            assert torch.equal(_bits(out), _bits(ref)), (rounding, which)
+            assert found.item() == (1.0 if which == "g" else 0.0), (rounding, which)
+            sums[which] = acc
+        assert torch.equal(sums["none"], sums["p"]) and not torch.isfinite(sums["g"]).all()
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_fast_run_that_overflows(dtype, rounding):

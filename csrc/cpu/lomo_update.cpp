@@ -3,6 +3,7 @@
 // the same partials, so a tensor gets bitwise the same update either way.
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -16,6 +17,18 @@
 namespace lomo {
 namespace cpu {
 namespace {
+
+// Whether any lane of a is NaN (one test per run of the fast path, not per element).
+template <int W>
+LOMO_CPU_INLINE bool any_nan_lane(const Lanes<W>& a) {
+  typename Vec<W>::F s = a.v[0];
+  for (int q = 1; q < Lanes<W>::P; ++q) s += a.v[q];
+  float x[W];
+  std::memcpy(x, &s, sizeof x);
+  float t = 0.0f;
+  for (int k = 0; k < W; ++k) t += x[k];  // NaN iff some lane is (the lanes hold 0 or NaN)
+  return t != t;
+}
 
 struct LomoTensor;
 using LomoFn = void (*)(const LomoTensor&, int64_t);
@@ -37,16 +50,19 @@ struct LomoTensor {
 
 // Chunk `unit` of one tensor. Elements whose raw gradient is NaN/Inf keep their value.
 //
-// Per block of kBlock elements (the squared gradient's fp32 accumulation block), in runs of kRun
-// elements: when the call allows it (LomoTensor::fast) and the run's p and g hold no NaN/Inf
-// (checked on the stored words), nv cannot be NaN, so the run goes without the per-element guard,
-// flag and NaN select, in explicit vectors with the squared gradient summed in the same pass; a
-// multiplier of exactly 1 (no loss scale, no weight decay) is left out; stochastic rounding hashes
-// the element indices in the same vectors. A run with NaN/Inf takes the guarded loop. The check
-// runs per run, not per block, so that a run's reads (a few cache lines ahead of its arithmetic)
-// overlap the arithmetic of the run before instead of streaming a whole block first. Either way
-// the squared gradient goes into the same lanes in the same order: the results are bitwise those
-// of the guarded loop.
+// Per block of kBlock elements (the squared gradient's fp32 accumulation block): when the call
+// allows it (LomoTensor::fast), the block's whole groups of 16 go in explicit vectors without the
+// per-element guard, flag and NaN select, with the squared gradient summed in the same pass; a
+// multiplier of exactly 1 (no loss scale, no weight decay) is left out; stochastic rounding
+// hashes the element indices in the same vectors. Whether the block held NaN/Inf is decided after
+// it: without value clipping a NaN/Inf in p or g makes its new value NaN/Inf (as does an overflow
+// of finite ones), and z = fma(new, 0, z) turns NaN then. The block's p as loaded is kept (one
+// vector store per group, from the register the loop loads anyway); a block whose z is NaN gets
+// it back and takes the guarded loop. Value clipping maps Inf to a finite value, so there each
+// run of kRun elements is checked on the stored words first. Deciding after the block leaves out
+// that scan (two loads and four vector operations per 16 elements) and the per-run bookkeeping,
+// together a fifth of the instructions (bf16, AVX2). Either way the squared gradient goes into the
+// same lanes in the same order: the results are bitwise those of the guarded loop.
 template <class K, int W>
 LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   constexpr Fmt F = K::F;
@@ -54,6 +70,8 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   using SG = storage_t<K::GF>;  // the gradient: S, or float32 (an accumulation buffer)
   using G = GroupOf<F, K::GF, W>;  // bf16 p and g on AVX2: no shuffles (bf16_pairs.h)
   using VF = typename Vec<W>::F;
+  // one group's stored words as one value (a vector store, where memcpy made two 16-byte copies)
+  typedef S SV __attribute__((vector_size(kLanes * sizeof(S))));
   constexpr int64_t kRun = kPrefetchRun;
   const LomoScalars s = c.s;
   const float coef = c.coef;
@@ -66,24 +84,40 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
   const SG* __restrict g = static_cast<const SG*>(c.g) + begin;
   uint32_t bad = 0;
   DAcc<W> gsq;
-  // The 16-element groups in [b, e) (a multiple of 16 long) without NaN/Inf, in vectors; the
+  // The 16-element groups in [b, e) (a multiple of 16 long) as if they held no NaN/Inf, in
+  // vectors, in runs of kRun elements that each prefetch the run kPrefetchAhead further on; the
   // squared gradient into acc in G's lane order; a literal 1 for scale / decay folds the
-  // multiply away (x * 1 == x).
-  const auto clean_groups = [&](Lanes<W>& acc, int64_t b, int64_t e, float scale, float decay)
-                                __attribute__((always_inline)) {
+  // multiply away (x * 1 == x). Without value clipping, also p as loaded into `save` and
+  // z = fma(new p, 0, z) per lane (NaN once a new value is NaN/Inf).
+  const auto clean_groups = [&](Lanes<W>& acc, Lanes<W>& z, SV* save, int64_t b, int64_t e,
+                                float scale, float decay) __attribute__((always_inline)) {
     const VPre<K::DIV, W, K::CLIP> pre(scale, s.clip, coef);
-    const VF neg_lr = splat<W>(s.neg_lr), dec = splat<W>(decay);
-    for (int64_t j = b; j < e; j += kLanes) {
-      VF gv[G::P], pv[G::P];
-      group_of_load<F, K::GF, W>(g + j, gv);
-      G::load(p + j, pv);
-      for (int q = 0; q < G::P; ++q) {
-        const VF gu = pre.unscale(gv[q]);
-        if constexpr (K::GSQ) acc.v[q] += gu * gu;
-        pv[q] = vfma<W>(pre.clip_coef(gu), neg_lr, pv[q] * dec);
+    const VF neg_lr = splat<W>(s.neg_lr), dec = splat<W>(decay), zero{};
+    Lanes<W> a = acc, y = z;  // locals stay in registers (save's stores could alias acc and z)
+    for (int64_t r = b; r < e; r += kRun) {
+      prefetch_run_ahead<1>(p + r);  // cpu_vec.h
+      prefetch_run_ahead<0>(g + r);
+      const int64_t re = std::min(e, r + kRun);
+      for (int64_t j = r; j < re; j += kLanes) {
+        VF gv[G::P], pv[G::P];
+        group_of_load<F, K::GF, W>(g + j, gv);
+        if constexpr (!K::CLIP) {
+          SV w;
+          std::memcpy(&w, p + j, sizeof w);
+          *save++ = w;
+        }
+        G::load(p + j, pv);
+        for (int q = 0; q < G::P; ++q) {
+          const VF gu = pre.unscale(gv[q]);
+          if constexpr (K::GSQ) a.v[q] += gu * gu;
+          pv[q] = vfma<W>(pre.clip_coef(gu), neg_lr, pv[q] * dec);
+          if constexpr (!K::CLIP) y.v[q] = vfma<W>(pv[q], zero, y.v[q]);
+        }
+        G::template store_clean<K::SR>(p + j, pv, lo + static_cast<uint32_t>(j), hk);
       }
-      G::template store_clean<K::SR>(p + j, pv, lo + static_cast<uint32_t>(j), hk);
     }
+    acc = a;
+    z = y;
   };
   // The guarded loop over [b, e): an element whose gradient is NaN/Inf keeps its value.
   const auto guarded = [&](int64_t b, int64_t e) __attribute__((always_inline)) {
@@ -120,32 +154,52 @@ LOMO_CPU_INLINE void lomo_chunk(const LomoTensor& c, int64_t unit) {
     }
   };
   const bool scale1 = s.scale == 1.0f, decay1 = s.decay == 1.0f;
+  const auto clean = [&](Lanes<W>& acc, Lanes<W>& z, SV* save, int64_t b, int64_t e)
+                         __attribute__((always_inline)) {
+    if (scale1 && decay1)
+      clean_groups(acc, z, save, b, e, 1.0f, 1.0f);
+    else if (scale1)
+      clean_groups(acc, z, save, b, e, 1.0f, s.decay);
+    else if (decay1)
+      clean_groups(acc, z, save, b, e, s.scale, 1.0f);
+    else
+      clean_groups(acc, z, save, b, e, s.scale, s.decay);
+  };
+  // the partial group at the end of a block: the element-wise formula, or the guarded loop
+  const auto tail = [&](int64_t b, int64_t e) __attribute__((always_inline)) {
+    if (any_non_finite<K::GF, F>(g + b, p + b, e - b)) return guarded(b, e);
+    for (int64_t i = b; i < e; ++i) {
+      const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), s.scale, s.clip, coef);
+      p[i] = round_clean<F, K::SR>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * s.decay),
+                                   lo + static_cast<uint32_t>(i), hk);
+    }
+  };
   for (int64_t b = 0; b < len; b += kBlock) {
     const int64_t e = std::min(kBlock, len - b) + b;
     const int64_t full = b + (e - b) / kLanes * kLanes;  // the end of the whole groups
-    Lanes<W> acc;
-    for (int64_t r = b; r < e; r += kRun) {
-      const int64_t re = std::min(e, r + kRun), rf = std::min(full, re);
-      prefetch_run_ahead<1>(p + r);  // cpu_vec.h
-      prefetch_run_ahead<0>(g + r);
-      if (c.fast && !any_non_finite<K::GF, F>(g + r, p + r, re - r)) {
-        if (scale1 && decay1)
-          clean_groups(acc, r, rf, 1.0f, 1.0f);
-        else if (scale1)
-          clean_groups(acc, r, rf, 1.0f, s.decay);
-        else if (decay1)
-          clean_groups(acc, r, rf, s.scale, 1.0f);
-        else
-          clean_groups(acc, r, rf, s.scale, s.decay);
-        for (int64_t i = rf; i < re; ++i) {  // the tail: the same element-wise formula
-          const float gv = preprocess<K::DIV, K::CLIP>(to_f32<K::GF>(g[i]), s.scale, s.clip,
-                                                       coef);
-          p[i] = round_clean<F, K::SR>(__builtin_fmaf(gv, s.neg_lr, to_f32<F>(p[i]) * s.decay),
-                                       lo + static_cast<uint32_t>(i), hk);
+    Lanes<W> acc, z;
+    if (c.fast && !K::CLIP) {
+      SV save[kBlock / kLanes];
+      clean(acc, z, save, b, full);
+      if (any_nan_lane(z)) [[unlikely]] {
+        // NaN/Inf in the block: its p back, then the guarded loop (the sums are in acc)
+        std::memcpy(p + b, save, static_cast<size_t>(full - b) * sizeof(S));
+        guarded(b, full);
+      }
+      if (full < e) tail(full, e);
+    } else {
+      for (int64_t r = b; r < e; r += kRun) {
+        const int64_t re = std::min(e, r + kRun), rf = std::min(full, re);
+        // value clipping (it maps Inf to a finite value): the stored words checked first
+        if (K::CLIP && c.fast && !any_non_finite<K::GF, F>(g + r, p + r, re - r)) {
+          clean(acc, z, nullptr, r, rf);  // prefetches its run
+          if (rf < re) tail(rf, re);
+        } else {
+          prefetch_run_ahead<1>(p + r);
+          prefetch_run_ahead<0>(g + r);
+          guarded(r, re);
+          if constexpr (K::GSQ) add_gsq(acc, r, rf);  // the run's g is still in L1
         }
-      } else {
-        guarded(r, re);
-        if constexpr (K::GSQ) add_gsq(acc, r, rf);  // the run's g is still in L1
       }
     }
     if constexpr (K::GSQ) {
