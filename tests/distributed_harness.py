@@ -44,6 +44,11 @@ class Ctx:
 
 def _worker(module: str, cases: list, rank: int, world_size: int, tmpdir: str, path: list):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.1 only
+    # Bitwise checks across runs (a resumed run against an uninterrupted one): MKL's AVX-512
+    # kernels (QR, GEMM) may round differently with the operands' memory alignment, which
+    # differs between two runs; its conditional numerical reproducibility mode does not. Set
+    # before this process's first MKL call.
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
     sys.path[:0] = [p for p in path if p not in sys.path]
     import torch
     import torch.distributed as dist

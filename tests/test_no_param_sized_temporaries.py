@@ -142,6 +142,18 @@ def test_grad_norm_pass_allocates_only_the_gradient(cls):
     opt.remove_hooks()
 
 
+def _largest_gradient_transient(model) -> int:
+    """What torch itself allocates to compute the model's largest weight gradient alone (the
+    backward's ``grad_out.t() @ input`` of 16 tokens): the gradient, plus on some CPUs a float32
+    result that its bf16 matrix product allocates and frees inside ``aten::mm`` (twice the
+    gradient on an AVX-512 Xeon, none on an AVX2 EPYC). A fused backward holds at most this."""
+    w = max(model.parameters(), key=lambda p: p.numel() * p.element_size())
+    a = torch.randn(16, w.shape[0]).to(w.dtype).t()
+    b = torch.randn(16, w.shape[1]).to(w.dtype)
+    torch.mm(a, b)  # warm-up
+    return max(allocation_trace(lambda: torch.mm(a, b)).peak, w.numel() * w.element_size())
+
+
 def _small_llama():
     pytest.importorskip("transformers")
     from lomo_kernels.finetune import build_config, build_model
@@ -157,17 +169,19 @@ def _small_llama():
 @pytest.mark.parametrize("cls", [Lomo, AdaLomo])
 def test_fused_backward_peak_is_the_largest_gradient(cls):
     """A whole fused backward of a small Llama (2 layers, 8.9M bf16 parameters, largest 4 MiB):
-    what it allocates beyond the parameters and the forward's activations stays below the
-    largest gradient + 1/8 of it (the activation gradients of 16 tokens are ~0.3 MiB). A plain
-    backward keeping every gradient allocates all of them (the control)."""
+    what it allocates beyond the parameters and the forward's activations stays below what
+    torch allocates to compute the largest gradient alone + 1/8 of that gradient (the
+    activation gradients of 16 tokens are ~0.3 MiB). A plain backward keeping every gradient
+    allocates all of them (the control)."""
     model, ids = _small_llama()
     grads = [p.numel() * p.element_size() for p in model.parameters()]
     largest = max(grads)
+    transient = _largest_gradient_transient(model)
     opt = cls(model, lr=1e-3)
     opt.fused_backward(model(input_ids=ids, labels=ids).loss, 1e-3)  # warm-up: state
     loss = model(input_ids=ids, labels=ids).loss
     trace = allocation_trace(lambda: opt.fused_backward(loss, 1e-3))
-    assert trace.peak <= largest * (1 + BOUND_FRACTION), (trace, largest)
+    assert trace.peak <= transient + largest * BOUND_FRACTION, (trace, largest, transient)
     assert all(p.grad is None for p in model.parameters())
     opt.remove_hooks()
 
@@ -188,9 +202,10 @@ def test_an_accumulation_window_adds_only_its_buffers(cls):
     window's norm, the clip coefficient, every update from the float32 buffers of the bf16
     parameters) nothing parameter-sized: the update kernels read the buffers as they are. The
     first window is the one that allocates the float32 buffers: 4 bytes per parameter (the
-    control)."""
+    control). "The largest gradient" is what torch allocates to compute it alone."""
     model, ids = _small_llama()
     largest = max(p.numel() * p.element_size() for p in model.parameters())
+    transient = _largest_gradient_transient(model)
     smallest = min(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
     buffers = sum(4 * p.numel() for p in model.parameters())
     opt = cls(model, lr=1e-3, clip_grad_norm=1.0, accumulation_steps=2, backend="native")
@@ -202,7 +217,7 @@ def test_an_accumulation_window_adds_only_its_buffers(cls):
     for _ in range(2):
         loss = model(input_ids=ids, labels=ids).loss / 2
         trace = allocation_trace(lambda: loss.backward())
-        assert trace.peak <= largest * (1 + BOUND_FRACTION), (trace, largest)
+        assert trace.peak <= transient + largest * BOUND_FRACTION, (trace, largest, transient)
         assert all(p.grad is None for p in model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
     trace = allocation_trace(opt.step)
