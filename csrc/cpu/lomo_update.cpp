@@ -18,7 +18,7 @@ namespace lomo {
 namespace cpu {
 namespace {
 
-// Whether any lane of a is NaN (one test per run of the fast path, not per element).
+// Whether any lane of a is NaN (one test per block of the fast path, not per element).
 template <int W>
 LOMO_CPU_INLINE bool any_nan_lane(const Lanes<W>& a) {
   typename Vec<W>::F s = a.v[0];
